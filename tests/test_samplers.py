@@ -1,0 +1,320 @@
+"""Samplers against closed forms: convergence order, distributions, mixtures, both ends, API."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import analytic, samplers, schedules
+
+DIM = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian():
+    rng = np.random.default_rng(0)
+    return analytic.DiagonalGaussian(rng.normal(size=DIM) * 0.5, rng.uniform(0.05, 1.0, DIM))
+
+
+def _exact_output(gaussian, sched, noise, times):
+    """What a sampler with no discretisation error returns from ``noise`` on ``times``: the exact
+    probability-flow ODE solution at the last network time, then the final step to clean data
+    (which every method takes as x0_hat there)."""
+    t0, t_last = float(times[0]), float(times[-2])
+    x_start = noise * jnp.sqrt(sched.alpha(t0) ** 2 + sched.sigma(t0) ** 2)
+    x_last = gaussian.ode_solution(sched, x_start, t0, t_last)
+    return gaussian.denoiser(sched)(x_last, jnp.full(noise.shape[:1], t_last, noise.dtype))
+
+
+# (schedule, grid): a discrete VP schedule, zero-terminal-SNR cosine, EDM and rectified flow.
+CONVERGENCE_CASES = [
+    ("ddpm_linear", "logsnr"),
+    ("cosine", "logsnr"),
+    ("edm", "karras"),
+    ("rectified_flow", "logsnr"),
+]
+ORDER = {"euler": 1.0, "ddim": 1.0, "heun": 2.0, "dpmpp_2m": 2.0}
+
+
+@pytest.mark.parametrize("schedule,grid", CONVERGENCE_CASES)
+@pytest.mark.parametrize("method", sorted(ORDER))
+def test_deterministic_samplers_converge_to_the_exact_ode_solution(x64, schedule, grid, method):
+    gaussian = _gaussian()
+    sched = schedules.get(schedule)
+    denoise = gaussian.denoiser(sched)
+    noise = jax.random.normal(jax.random.key(0), (16, DIM), jnp.float64)
+    errors, nfes = [], []
+    for steps in (16, 32, 64, 128):
+        result = samplers.sample(
+            denoise, noise, schedule=sched, method=method, num_steps=steps, grid=grid, snap=False
+        )
+        exact = _exact_output(gaussian, sched, noise, result.times)
+        errors.append(float(jnp.sqrt(jnp.mean((result.samples - exact) ** 2))))
+        nfes.append(result.nfe)
+    slope = -np.polyfit(np.log(nfes), np.log(errors), 1)[0]
+    assert np.all(np.diff(errors) < 0), errors
+    assert abs(slope - ORDER[method]) < 0.25 * ORDER[method], (slope, errors)
+
+
+def test_first_order_methods_coincide(x64):
+    """Euler in (sigmabar, x/alpha) is DDIM with eta = 0; Euler ancestral is DDIM with the same eta
+    (k-diffusion's sigma_up equals DDIM's sigma_t); DDPM's posterior is eta = 1."""
+    gaussian = _gaussian()
+    sched = schedules.get("ddpm_linear")
+    denoise = gaussian.denoiser(sched)
+    noise = jax.random.normal(jax.random.key(0), (8, DIM), jnp.float64)
+    run = functools.partial(samplers.sample, denoise, noise, schedule=sched, num_steps=25)
+    np.testing.assert_allclose(
+        run(method="euler").samples, run(method="ddim").samples, rtol=1e-12, atol=1e-12
+    )
+    key = jax.random.key(3)
+    for eta in (0.3, 1.0):
+        np.testing.assert_allclose(
+            run(method="euler_ancestral", eta=eta, key=key).samples,
+            run(method="ddim", eta=eta, key=key).samples,
+            rtol=1e-12, atol=1e-12,
+        )
+    np.testing.assert_allclose(
+        run(method="ddpm", key=key).samples, run(method="ddim", eta=1.0, key=key).samples,
+        rtol=1e-12, atol=1e-12,
+    )
+
+
+def _w2_baseline(gaussian, num):
+    """W2 of exact samples of the same size: the floor set by finite sampling alone."""
+    return float(np.mean([
+        analytic.gaussian_w2(gaussian.sample(jax.random.key(100 + i), num), gaussian.mean,
+                             gaussian.var)
+        for i in range(4)
+    ]))
+
+
+@pytest.mark.parametrize(
+    "schedule,method,options",
+    [
+        ("ddpm_linear", "ddpm", {}),
+        ("cosine", "euler_ancestral", {"eta": 1.0}),
+        ("edm", "ddim", {"eta": 0.5}),
+        ("rectified_flow", "heun", {"s_churn": 40.0}),
+    ],
+)
+def test_stochastic_samplers_reproduce_the_gaussian(schedule, method, options):
+    gaussian = _gaussian()
+    num = 4096
+    sched = schedules.get(schedule)
+    denoise = gaussian.denoiser(sched)
+    noise = jax.random.normal(jax.random.key(1), (num, DIM), jnp.float32)
+    floor = _w2_baseline(gaussian, num)
+    result = samplers.sample(
+        denoise, noise, schedule=sched, method=method, num_steps=1000, key=jax.random.key(2),
+        **options,
+    )
+    w2 = analytic.gaussian_w2(result.samples, gaussian.mean, gaussian.var)
+    assert w2 < 1.5 * floor, (w2, floor)
+    # The same sampler with few steps is measurably off: the check can fail.
+    coarse = samplers.sample(
+        denoise, noise, schedule=sched, method=method, num_steps=8, key=jax.random.key(2),
+        **options,
+    )
+    assert analytic.gaussian_w2(coarse.samples, gaussian.mean, gaussian.var) > 2 * floor
+
+
+MIXTURE = analytic.GaussianMixture(
+    weights=np.array([0.5, 0.3, 0.2]),
+    means=np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]]),
+    var=np.array([0.05, 0.1, 0.05]),
+)
+
+
+@pytest.mark.parametrize(
+    "schedule,method,steps,options",
+    [
+        ("ddpm_linear", "ddpm", 500, {}),
+        ("cosine", "dpmpp_2m", 50, {}),
+        ("edm", "heun", 40, {}),
+        ("rectified_flow", "euler", 200, {}),
+    ],
+)
+def test_mixture_mode_weights(schedule, method, steps, options):
+    num = 8000
+    sched = schedules.get(schedule)
+    noise = jax.random.normal(jax.random.key(5), (num, 2), jnp.float32)
+    result = samplers.sample(
+        MIXTURE.denoiser(sched), noise, schedule=sched, method=method, num_steps=steps,
+        key=jax.random.key(6), **options,
+    )
+    counts = np.bincount(MIXTURE.assign(result.samples), minlength=3) / num
+    # Multinomial standard deviation is at most 0.0056 here; allow about 4 of them.
+    np.testing.assert_allclose(counts, MIXTURE.weights, atol=0.022)
+    # Samples sit on the modes, not between them.
+    nearest = np.asarray(MIXTURE.means)[MIXTURE.assign(result.samples)]
+    spread = np.mean(np.sum((np.asarray(result.samples) - nearest) ** 2, axis=1))
+    expected = float(np.sum(MIXTURE.weights * MIXTURE.var) * 2)
+    assert spread < 1.5 * expected, (spread, expected)
+
+
+_ZERO_SNR_LINEAR = schedules.get("scaled_linear", zero_terminal_snr=True)
+STABILITY_CASES = [(schedules.get("cosine"), grid) for grid in samplers.GRIDS] + [
+    (_ZERO_SNR_LINEAR, "uniform"),
+    (_ZERO_SNR_LINEAR, "trailing"),
+    (schedules.get("rectified_flow"), "logsnr"),
+    (schedules.get("rectified_flow"), "karras"),
+    (schedules.get("sigmoid"), "trailing"),
+    (schedules.get("shifted_cosine", resolution=128), "logsnr"),
+    (schedules.get("ve"), "uniform"),
+    (schedules.get("edm"), "karras"),
+    (schedules.get("ddpm_linear"), "uniform"),
+]
+
+
+@pytest.mark.parametrize(
+    "sched,grid", STABILITY_CASES, ids=[f"{s.name}-{g}" for s, g in STABILITY_CASES]
+)
+def test_every_method_is_finite_at_both_ends_in_float32(sched, grid):
+    """Zero terminal SNR at the start, sigma -> 0 at the end, few steps, float32."""
+    gaussian = _gaussian()
+    denoise = gaussian.denoiser(sched)
+    noise = jax.random.normal(jax.random.key(0), (4, DIM), jnp.float32)
+    data_rms = float(np.sqrt(np.mean(gaussian.mean**2 + gaussian.var)))
+    for method in samplers.METHODS:
+        options = {"s_churn": 10.0} if method == "heun" else {}
+        result = samplers.sample(
+            denoise, noise, schedule=sched, method=method, num_steps=7, grid=grid,
+            key=jax.random.key(1), return_trajectory=True, **options,
+        )
+        assert result.samples.dtype == jnp.float32
+        assert np.all(np.isfinite(result.trajectory)), (sched.name, grid, method)
+        # Nothing blew up on the way: the output is on the data's scale, not the prior's.
+        rms = float(jnp.sqrt(jnp.mean(result.samples**2)))
+        assert rms < 3 * data_rms, (sched.name, grid, method, rms)
+
+
+def test_zero_terminal_snr_starts_from_pure_noise(x64):
+    """At alpha(1) = 0 the first step must use the noise itself as eps_hat: x_1 = alpha' x0_hat +
+    sigma' * noise for DDIM."""
+    sched = schedules.get("cosine")
+    gaussian = _gaussian()
+    denoise = gaussian.denoiser(sched)
+    noise = jax.random.normal(jax.random.key(0), (3, DIM), jnp.float64)
+    result = samplers.sample(denoise, noise, schedule=sched, method="ddim", num_steps=10,
+                             return_trajectory=True)
+    t1 = result.times[1]
+    x0_hat = denoise(noise, jnp.ones(3))
+    np.testing.assert_allclose(x0_hat, np.broadcast_to(gaussian.mean, x0_hat.shape), atol=1e-12)
+    expected = sched.alpha(t1) * x0_hat + sched.sigma(t1) * noise
+    np.testing.assert_allclose(result.trajectory[1], expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_reported_nfe_counts_real_evaluations(method):
+    sched = schedules.get("cosine")
+    gaussian = _gaussian()
+    calls = []
+
+    def record(batch):
+        calls.append(batch)
+
+    def denoise(x, t):
+        jax.experimental.io_callback(record, None, x.shape[0], ordered=True)
+        return gaussian.denoiser(sched)(x, t)
+
+    noise = jnp.ones((2, DIM), jnp.float32)
+    result = samplers.sample(denoise, noise, schedule=sched, method=method, num_steps=6,
+                             key=jax.random.key(0))
+    jax.effects_barrier()
+    assert len(calls) == result.nfe
+    # Heun adds one correction evaluation per step except the first (zero SNR) and the last.
+    expected = 6 + 4 if method == "heun" else 6
+    assert result.nfe == expected
+
+
+def test_trajectory_and_times():
+    sched = schedules.get("edm")
+    gaussian = _gaussian()
+    noise = jax.random.normal(jax.random.key(0), (2, DIM), jnp.float32)
+    result = samplers.sample(gaussian.denoiser(sched), noise, schedule=sched, method="heun",
+                             num_steps=5, return_trajectory=True)
+    assert result.trajectory.shape == (6, 2, DIM)
+    np.testing.assert_allclose(result.trajectory[0], noise * np.sqrt(1 + 80.0**2), rtol=1e-6)
+    np.testing.assert_array_equal(result.trajectory[-1], result.samples)
+    np.testing.assert_allclose(result.times[:-1], np.linspace(1, 0, 5))
+    assert result.times[-1] == 0.0 and result.nfe == 9
+    assert samplers.sample(gaussian.denoiser(sched), noise, schedule=sched, method="euler",
+                           num_steps=5).trajectory is None
+
+
+def test_time_grids():
+    ddpm = schedules.get("ddpm_linear")
+    # diffusers' "trailing" spacing: round(arange(T, 0, -T/N)) - 1 as timesteps, t = (k + 1) / T.
+    for n in (7, 10, 50):
+        times = samplers.time_grid(ddpm, n, "trailing")
+        expected = (np.round(np.arange(1000, 0, -1000 / n)) - 1 + 1) / 1000
+        np.testing.assert_allclose(times[:-1], expected, atol=1e-12)
+    uniform = samplers.time_grid(ddpm, 10, "uniform")
+    np.testing.assert_allclose(uniform[:-1] * 1000, np.round(np.linspace(1000, 1, 10)))
+    assert uniform[-1] == 0
+    cosine = schedules.get("cosine")
+    lam = np.asarray(cosine.logsnr(jnp.asarray(samplers.time_grid(cosine, 12, "logsnr")[1:-1])))
+    np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-3)
+    edm = schedules.get("edm")
+    karras = samplers.time_grid(edm, 18, "karras")
+    np.testing.assert_allclose(karras[:-1], np.linspace(1, 0, 18), atol=1e-6)
+    with pytest.raises(ValueError, match="not strictly decreasing|strictly decreasing"):
+        samplers.time_grid(ddpm, 2000, "uniform")
+    with pytest.raises(ValueError, match="unknown time grid 'linear'"):
+        samplers.time_grid(ddpm, 10, "linear")
+
+
+def test_explicit_time_grid():
+    sched = schedules.get("ddpm_linear")
+    gaussian = _gaussian()
+    noise = jnp.ones((2, DIM), jnp.float32)
+    result = samplers.sample(gaussian.denoiser(sched), noise, schedule=sched, method="ddim",
+                             time_grid=[0.9, 0.5, 0.1])
+    np.testing.assert_allclose(result.times, [0.9, 0.5, 0.1, 0.0])
+    assert result.nfe == 3
+    with pytest.raises(ValueError, match="sigma = 0"):
+        samplers.sample(gaussian.denoiser(sched), noise, schedule=sched, method="ddim",
+                        time_grid=[0.9, 0.5, 0.0])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        samplers.sample(gaussian.denoiser(sched), noise, schedule=sched, method="ddim",
+                        time_grid=[0.5, 0.9])
+
+
+def test_clear_errors():
+    sched = schedules.get("cosine")
+    denoise = _gaussian().denoiser(sched)
+    noise = jnp.ones((2, DIM), jnp.float32)
+    with pytest.raises(ValueError, match="unknown sampler method 'dpm'.*choose one of"):
+        samplers.sample(denoise, noise, schedule=sched, method="dpm", num_steps=5)
+    with pytest.raises(ValueError, match="sampler 'ddim' got unknown option.*'s_churn'"):
+        samplers.sample(denoise, noise, schedule=sched, method="ddim", num_steps=5, s_churn=1.0)
+    with pytest.raises(ValueError, match="stochastic: pass key="):
+        samplers.sample(denoise, noise, schedule=sched, method="ddpm", num_steps=5)
+    with pytest.raises(ValueError, match="eta must be in"):
+        samplers.sample(denoise, noise, schedule=sched, method="ddim", num_steps=5, eta=2.0)
+    with pytest.raises(ValueError, match="give num_steps"):
+        samplers.sample(denoise, noise, schedule=sched, method="euler")
+    with pytest.raises(ValueError, match="infinite one at t_min"):
+        samplers.sample(denoise, noise, schedule=sched, method="euler", num_steps=4,
+                        grid="karras", t_min=0.0)
+
+
+def test_sample_inside_a_users_jit_with_parameters_as_arguments():
+    """The usual pattern: parameters flow in as jit arguments and the denoiser closes over them."""
+    sched = schedules.get("ddpm_linear")
+
+    @jax.jit
+    def generate(params, noise):
+        def denoise(x, t):
+            return params["scale"] * x / (1 + t[:, None])
+
+        return samplers.sample(denoise, noise, schedule=sched, method="dpmpp_2m",
+                               num_steps=4).samples
+
+    noise = jnp.ones((2, 3), jnp.float32)
+    a = generate({"scale": jnp.float32(0.5)}, noise)
+    b = generate({"scale": jnp.float32(0.25)}, noise)
+    assert np.all(np.isfinite(a)) and not np.allclose(a, b)
