@@ -94,7 +94,7 @@ def classifier_free_guidance(
 
     def denoise_fn(x_t, t):
         batch = x_t.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (batch,))
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x_t.dtype, jnp.float32)), (batch,))
         x0_both = model_fn(
             jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0), both
         )

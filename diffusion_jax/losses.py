@@ -175,10 +175,12 @@ def make_loss_fn(
     def loss_fn(params, batch, key):
         if data_key not in batch:
             raise KeyError(f"batch has no {data_key!r} entry (keys: {sorted(batch)})")
-        x0 = batch[data_key]
+        # Noising and the loss run in at least float32 even for bfloat16 data.
+        dtype = jnp.promote_types(batch[data_key].dtype, jnp.float32)
+        x0 = batch[data_key].astype(dtype)
         cond = {k: v for k, v in batch.items() if k != data_key}
         key_t, key_noise, key_model = jax.random.split(key, 3)
-        t = draw_time(key_t, x0.shape[0], x0.dtype)
+        t = draw_time(key_t, x0.shape[0], dtype)
         eps = jax.random.normal(key_noise, x0.shape, x0.dtype)
         alpha_t, sigma_t, logsnr = schedule.alpha(t), schedule.sigma(t), schedule.logsnr(t)
         alpha = param_lib.broadcast_to(alpha_t, x0)
@@ -187,13 +189,10 @@ def make_loss_fn(
         x_in, noise_input = parameterization.network_inputs(x_t, t, alpha_t, sigma_t, logsnr)
         output = apply_fn(params, x_in, noise_input, cond, key_model)
         target = jax.lax.stop_gradient(parameterization.target(x0, eps, x_t, alpha, sigma))
-        # Reduce in at least float32 even when the network computes in bfloat16.
-        loss_dtype = jnp.promote_types(x0.dtype, jnp.float32)
         axes = tuple(range(1, x0.ndim))
-        error = output.astype(loss_dtype) - target.astype(loss_dtype)
-        mse = jnp.mean(jnp.square(error), axis=axes)
+        mse = jnp.mean(jnp.square(output.astype(dtype) - target), axis=axes)
         weight = loss_weight(logsnr, weighting, parameterization, **weight_params)
-        per_example = weight.astype(loss_dtype) * mse
+        per_example = weight.astype(dtype) * mse
         aux = {
             "loss_per_example": per_example,
             "mse_per_example": mse,

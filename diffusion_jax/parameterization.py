@@ -186,13 +186,17 @@ def make_denoise_fn(
     parameterization = get(parameterization)
 
     def denoise_fn(x_t, t, *args, **kwargs):
-        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+        # Times and coefficients in at least float32, whatever the data dtype.
+        dtype = jnp.promote_types(x_t.dtype, jnp.float32)
+        x = x_t.astype(dtype)
+        t = jnp.broadcast_to(jnp.asarray(t, dtype), x_t.shape[:1])
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
         logsnr = schedule.logsnr(t)
-        x_in, noise_input = parameterization.network_inputs(x_t, t, alpha, sigma, logsnr)
+        x_in, noise_input = parameterization.network_inputs(x, t, alpha, sigma, logsnr)
         output = apply_fn(x_in, noise_input, *args, **kwargs)
-        return parameterization.to_x0(
-            output.astype(x_t.dtype), x_t, broadcast_to(alpha, x_t), broadcast_to(sigma, x_t)
+        x0_hat = parameterization.to_x0(
+            output.astype(dtype), x, broadcast_to(alpha, x), broadcast_to(sigma, x)
         )
+        return x0_hat.astype(x_t.dtype)
 
     return denoise_fn

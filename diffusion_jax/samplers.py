@@ -120,7 +120,9 @@ def _make_time_grid(
         times = t_max * (1.0 - np.arange(num_steps) / num_steps)
     else:
         lam_hi = float(_eager(schedule.logsnr, t_min))
-        lam_lo = max(float(_eager(schedule.logsnr, t_max)), min(_GRID_LOGSNR_FLOOR, lam_hi - 1.0))
+        lam_lo = float(_eager(schedule.logsnr, t_max))
+        if not np.isfinite(lam_lo):
+            lam_lo = min(_GRID_LOGSNR_FLOOR, lam_hi - 1.0)
         if grid == "logsnr":
             lam = np.linspace(lam_lo, lam_hi, num_steps)
         else:
@@ -173,6 +175,7 @@ class _Static:
     method: str
     options: tuple
     return_trajectory: bool
+    output_dtype: Any
 
 
 def _grid_coefficients(schedule, times, dtype):
@@ -182,10 +185,6 @@ def _grid_coefficients(schedule, times, dtype):
     sigma = schedule.sigma(t).at[-1].set(0.0)
     logsnr = schedule.logsnr(t).at[-1].set(jnp.inf)
     return t, alpha, sigma, logsnr
-
-
-def _bc(v, x):
-    return jnp.asarray(v, x.dtype)
 
 
 def _eps_hat(x, x0_hat, alpha, sigma):
@@ -230,7 +229,9 @@ def _sample_impl(static: _Static, noise, key, grid_arrays):
     schedule, method = static.schedule, static.method
     options = dict(static.options)
     denoise_fn = static.denoise_fn
-    dtype = noise.dtype
+    # The state and the grid coefficients stay in at least float32 even for bfloat16 noise.
+    dtype = jnp.promote_types(noise.dtype, jnp.float32)
+    noise = noise.astype(dtype)
     times, flags = grid_arrays
     num_steps = times.shape[0] - 1
     t, alpha, sigma, logsnr = _grid_coefficients(schedule, times, dtype)
@@ -257,7 +258,7 @@ def _sample_impl(static: _Static, noise, key, grid_arrays):
     }
 
     if method in ("ddpm", "ddim", "euler", "euler_ancestral"):
-        stochastic = not (method == "euler" or (method == "ddim" and options["eta"] == 0.0))
+        stochastic = _is_stochastic(method, options)
         scale = options.get("s_noise", 1.0)
 
         def step(carry, s):
@@ -281,36 +282,36 @@ def _sample_impl(static: _Static, noise, key, grid_arrays):
         s_noise = options["s_noise"]
         gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
-        def step(carry, s):
-            """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x."""
-            x = carry
+        def churn(x, s):
+            """Raise the noise level to sigmahat = (1 + gamma) sigmabar by adding fresh noise
+            (EDM Algorithm 2, lines 4-6), clipped to the schedule's range. Returns
+            (x_hat, t_hat, alpha_hat, sigma_hat)."""
             sigmabar = jnp.exp(-0.5 * s["logsnr"])
-            churn = (
-                (gamma_max > 0)
-                & jnp.isfinite(sigmabar)
-                & (sigmabar >= s_min)
-                & (sigmabar <= s_max)
-            )
-            gamma = jnp.where(churn, gamma_max, 0.0)
-            # Raise the noise level to sigmahat = (1 + gamma) sigmabar (clipped to the schedule).
+            active = jnp.isfinite(sigmabar) & (sigmabar >= s_min) & (sigmabar <= s_max)
+            gamma = jnp.where(active, gamma_max, 0.0)
             t_hat = jnp.where(
-                churn,
+                active,
                 schedule.t_from_logsnr(s["logsnr"] - 2.0 * jnp.log1p(gamma)).astype(dtype),
                 s["t"],
             )
-            alpha_hat = jnp.where(churn, schedule.alpha(t_hat), s["alpha"])
-            sigma_hat = jnp.where(churn, schedule.sigma(t_hat), s["sigma"])
+            alpha_hat = jnp.where(active, schedule.alpha(t_hat), s["alpha"])
+            sigma_hat = jnp.where(active, schedule.sigma(t_hat), s["sigma"])
+            z = jax.random.normal(s["key"], x.shape, dtype)
+            # xhat = alpha_hat (x / alpha + sqrt(sigmahat^2 - sigmabar^2) z): the noise term is
+            # sqrt(sigma_hat^2 - (alpha_hat sigmabar)^2), which needs no division by alpha_hat.
+            sigmabar_safe = jnp.where(active, sigmabar, 0.0)
+            extra = jnp.sqrt(jnp.maximum(sigma_hat**2 - (alpha_hat * sigmabar_safe) ** 2, 0.0))
+            alpha_safe = jnp.where(active, s["alpha"], 1.0)
+            x_hat = jnp.where(active, x * (alpha_hat / alpha_safe) + extra * s_noise * z, x)
+            return x_hat, t_hat, alpha_hat, sigma_hat
+
+        def step(carry, s):
+            """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x."""
+            x = carry
             if gamma_max > 0:
-                z = jax.random.normal(s["key"], x.shape, dtype)
-                safe_alpha = jnp.where(churn, s["alpha"], 1.0)
-                sigmabar_safe = jnp.where(churn, sigmabar, 0.0)
-                # alpha_hat * sqrt(sigmahat^2 - sigmabar^2), written without dividing by alpha_hat.
-                extra = jnp.sqrt(jnp.maximum(sigma_hat**2 - (alpha_hat * sigmabar_safe) ** 2, 0.0))
-                x_hat = jnp.where(
-                    churn, x * (alpha_hat / safe_alpha) + extra * s_noise * z, x
-                )
+                x_hat, t_hat, alpha_hat, sigma_hat = churn(x, s)
             else:
-                x_hat = x
+                x_hat, t_hat, alpha_hat, sigma_hat = x, s["t"], s["alpha"], s["sigma"]
             x0_hat = evaluate(x_hat, t_hat)
             eps_hat = _eps_hat(x_hat, x0_hat, alpha_hat, sigma_hat)
             x_next = s["alpha_next"] * x0_hat + s["sigma_next"] * eps_hat  # Euler step
@@ -350,10 +351,11 @@ def _sample_impl(static: _Static, noise, key, grid_arrays):
 
     final, path = jax.lax.scan(step, carry, per_step)
     samples = final[0] if isinstance(final, tuple) else final
+    out_dtype = static.output_dtype
     trajectory = None
     if static.return_trajectory:
-        trajectory = jnp.concatenate([x_init[None], path], axis=0)
-    return samples, trajectory
+        trajectory = jnp.concatenate([x_init[None], path], axis=0).astype(out_dtype)
+    return samples.astype(out_dtype), trajectory
 
 
 _sample_jit = jax.jit(_sample_impl, static_argnums=0)
@@ -440,7 +442,8 @@ def sample(
         :func:`diffusion_jax.guidance.classifier_free_guidance`. The compiled program is cached
         per function object, so build it once and reuse it.
       noise: standard normal, shape [batch, ...]; it is scaled to the schedule's prior
-        (by sqrt(alpha(t_max)^2 + sigma(t_max)^2)). Its dtype is the computation dtype.
+        (by sqrt(alpha(t_max)^2 + sigma(t_max)^2)). The samples come back in its dtype; the
+        sampler's own arithmetic runs in float32 at least (float64 when the noise is float64).
       schedule: a :class:`~diffusion_jax.schedules.Schedule` or a schedule name.
       method: one of :data:`METHODS`:
         ``ddpm`` ancestral sampling from the DDPM posterior (Ho et al. 2020);
@@ -493,9 +496,11 @@ def sample(
         method=method,
         options=tuple(sorted(merged.items())),
         return_trajectory=bool(return_trajectory),
+        output_dtype=jnp.dtype(noise.dtype),
     )
+    time_dtype = jnp.promote_types(noise.dtype, jnp.float32)
     samples, trajectory = _sample_jit(
-        static, noise, key, (jnp.asarray(times, noise.dtype), jnp.asarray(flags))
+        static, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags))
     )
     return SampleResult(
         samples=samples,

@@ -81,17 +81,6 @@ class Schedule:
         """(alpha(t), sigma(t)) in one call."""
         return self.alpha(t), self.sigma(t)
 
-    def prior_std(self):
-        """Standard deviation of the sampler's starting point for unit-variance data:
-        sqrt(alpha(t_max)^2 + sigma(t_max)^2) (1 for variance-preserving schedules, about sigma_max
-        for variance-exploding ones)."""
-        alpha, sigma = self.alpha_sigma(jnp.asarray(self.t_max, jnp.float32))
-        return float(jnp.sqrt(alpha**2 + sigma**2))
-
-    @property
-    def variance_preserving(self) -> bool:
-        return True
-
 
 # --------------------------------------------------------------------------------------------
 # Discrete-time DDPM tables mapped exactly onto t = i / T.
@@ -388,10 +377,6 @@ class Sigmoid(Schedule):
 class _AlphaOne(Schedule):
     """Shared code for schedules with alpha(t) = 1 and a given sigma(t)."""
 
-    @property
-    def variance_preserving(self) -> bool:
-        return False
-
     def alpha(self, t):
         return jnp.ones_like(_as_float(t))
 
@@ -400,6 +385,12 @@ class _AlphaOne(Schedule):
 
     def sigma_from_logsnr(self, logsnr):
         return jnp.exp(-0.5 * _as_float(logsnr))
+
+    def _check_sigma_range(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,10 +407,7 @@ class VarianceExploding(_AlphaOne):
     name: str = "ve"
 
     def __post_init__(self):
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(
-                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}"
-            )
+        self._check_sigma_range()
 
     def sigma(self, t):
         t = _as_float(t)
@@ -438,24 +426,20 @@ class VarianceExploding(_AlphaOne):
 class EDM(_AlphaOne):
     """EDM (Karras et al. 2022): alpha = 1 and sigma(t) interpolates sigma^(1/rho) linearly,
     sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho (Eq. 5 read
-    backwards), so a uniform grid in t is exactly the paper's time discretisation.
-
-    ``sigma_data`` is the data standard deviation used by EDM's preconditioning and loss weighting.
+    backwards), so a uniform grid in t is exactly the paper's time discretisation. EDM's
+    preconditioning and its sigma_data belong to the prediction target
+    (``parameterization.get("edm", sigma_data=0.5)``), not to the schedule.
     """
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    sigma_data: float = 0.5
     t_min: float = 0.0
     t_max: float = 1.0
     name: str = "edm"
 
     def __post_init__(self):
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(
-                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}"
-            )
+        self._check_sigma_range()
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
 
@@ -488,10 +472,6 @@ class RectifiedFlow(Schedule):
     def __post_init__(self):
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
-
-    @property
-    def variance_preserving(self) -> bool:
-        return False
 
     def _shifted(self, t):
         t = _as_float(t)

@@ -28,7 +28,16 @@ def _fixed_times(values):
 ENDS = [0.0, 1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6, 1.0]
 
 
-@pytest.mark.parametrize("schedule", sorted(schedules.SCHEDULES))
+LOSS_SCHEDULES = [schedules.get(name) for name in sorted(schedules.SCHEDULES)] + [
+    schedules.get("scaled_linear", zero_terminal_snr=True)
+]
+
+
+@pytest.mark.parametrize(
+    "schedule", LOSS_SCHEDULES,
+    ids=[s.name + ("_zero_snr" if getattr(s, "zero_terminal_snr", False) else "")
+         for s in LOSS_SCHEDULES],
+)
 @pytest.mark.parametrize("target", P.TARGETS)
 def test_finite_loss_and_gradients_at_both_ends(schedule, target):
     params = {"w": jnp.float32(0.3), "b": jnp.float32(0.1)}
@@ -44,7 +53,7 @@ def test_finite_loss_and_gradients_at_both_ends(schedule, target):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch, jax.random.key(1)
         )
-        label = f"{schedule}/{target}/{weighting}"
+        label = f"{schedule.name}/{target}/{weighting}"
         assert np.all(np.isfinite(aux["loss_per_example"])), (label, aux["loss_per_example"])
         assert np.isfinite(loss), label
         assert all(np.isfinite(g) for g in jax.tree_util.tree_leaves(grads)), (label, grads)
@@ -181,3 +190,15 @@ def test_bad_loss_configuration():
     loss_fn = losses.make_loss_fn(_linear_model, schedule="cosine")
     with pytest.raises(KeyError, match="no 'x' entry"):
         loss_fn({"w": 1.0, "b": 0.0}, {"image": jnp.ones((2, 3))}, jax.random.key(0))
+
+
+def test_bfloat16_data_gives_a_float32_loss():
+    loss_fn = losses.make_loss_fn(_linear_model, schedule="cosine", parameterization="v",
+                                  weighting="min_snr")
+    params = {"w": jnp.float32(0.3), "b": jnp.float32(0.1)}
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+    loss16, aux = loss_fn(params, {"x": x.astype(jnp.bfloat16)}, jax.random.key(1))
+    loss32, _ = loss_fn(params, {"x": x.astype(jnp.bfloat16).astype(jnp.float32)},
+                        jax.random.key(1))
+    assert loss16.dtype == jnp.float32 and aux["t"].dtype == jnp.float32
+    np.testing.assert_allclose(loss16, loss32, rtol=1e-6)
