@@ -1,0 +1,148 @@
+"""Diffusion Transformer (Peebles & Xie 2023): patchify, adaLN-Zero blocks, class conditioning.
+
+The image (or latent) is cut into p x p patches, linearly embedded and given fixed 2-D sine-cosine
+position embeddings; each block is self-attention and an MLP whose LayerNorms are modulated by
+shift, scale and a gate computed from the noise-level (+ class) embedding, all initialised to zero
+so every block starts as the identity ("adaLN-Zero", Section 3.2). Sizes S/B/L/XL follow Table 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models.layers import MultiHeadSelfAttention, NoiseLevelEmbedding
+
+__all__ = ["DiT", "DIT_SIZES", "dit", "sincos_position_embedding"]
+
+Dtype = Any
+_zeros = nn.initializers.zeros
+
+# name: (hidden size, depth, heads), Peebles & Xie 2023, Table 1.
+DIT_SIZES = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+def sincos_position_embedding(dim: int, height: int, width: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine embedding [height * width, dim]: half the channels encode the row,
+    half the column (as in MAE and DiT)."""
+    if dim % 4:
+        raise ValueError(f"position embedding dimension must be a multiple of 4, got {dim}")
+
+    def one_axis(positions, d):
+        freqs = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        args = positions[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(height, dtype=np.float64),
+                             np.arange(width, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(rows.reshape(-1), dim // 2),
+                          one_axis(cols.reshape(-1), dim // 2)], axis=1)
+    return emb.astype(np.float32)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    hidden: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cond):
+        mods = nn.Dense(6 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
+                        name="adaln")(nn.silu(cond))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
+        h = _modulate(norm("norm_0")(x), shift_a, scale_a)
+        x = x + gate_a[:, None, :] * MultiHeadSelfAttention(
+            self.num_heads, dtype=self.dtype, name="attention")(h)
+        h = _modulate(norm("norm_1")(x), shift_m, scale_m)
+        h = nn.Dense(int(self.hidden * self.mlp_ratio), dtype=self.dtype, name="mlp_0")(h)
+        h = nn.Dense(self.hidden, dtype=self.dtype, name="mlp_1")(nn.gelu(h, approximate=True))
+        return x + gate_m[:, None, :] * h
+
+
+class DiT(nn.Module):
+    """``DiT(...)(x, noise_level, labels=None, train=False)`` on NHWC inputs.
+
+    Attributes:
+      patch_size, hidden, depth, num_heads: the architecture (see :data:`DIT_SIZES`).
+      num_classes: enables class conditioning; label ``num_classes`` is the null label.
+      out_channels: output channels (default: the input's; DiT's learned-variance models use 2x).
+      noise_scale: factor applied to the noise level before the sinusoidal embedding.
+      dropout: dropout on the attention and MLP outputs is not used by DiT; kept at 0.
+    """
+
+    patch_size: int = 2
+    hidden: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: Optional[int] = None
+    out_channels: Optional[int] = None
+    noise_scale: float = 1000.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, noise_level, labels=None, train: bool = False):
+        del train  # no dropout in DiT
+        if x.ndim != 4:
+            raise ValueError(f"DiT expects NHWC inputs [batch, height, width, channels], got {x.shape}")
+        batch, height, width, channels = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input size {(height, width)} is not divisible by patch size {p}")
+        out_channels = self.out_channels or channels
+        rows, cols = height // p, width // p
+
+        tokens = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                         name="patch_embedding")(x.astype(self.dtype))
+        tokens = tokens.reshape(batch, rows * cols, self.hidden)
+        tokens = tokens + jnp.asarray(sincos_position_embedding(self.hidden, rows, cols),
+                                      self.dtype)[None]
+
+        noise_level = jnp.broadcast_to(noise_level, (batch,))
+        cond = NoiseLevelEmbedding(self.hidden, 256, self.noise_scale, dtype=self.dtype,
+                                   name="noise_embedding")(noise_level)
+        if self.num_classes is not None:
+            if labels is None:
+                labels = jnp.full((batch,), self.num_classes, jnp.int32)
+            cond = cond + nn.Embed(self.num_classes + 1, self.hidden, dtype=self.dtype,
+                                   name="class_embedding")(labels)
+        elif labels is not None:
+            raise ValueError("labels were given but the DiT has no num_classes")
+
+        for i in range(self.depth):
+            tokens = DiTBlock(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                              name=f"block_{i}")(tokens, cond)
+
+        shift, scale = jnp.split(
+            nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
+                     name="final_adaln")(nn.silu(cond)), 2, axis=-1)
+        tokens = _modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                                        dtype=self.dtype, name="final_norm")(tokens), shift, scale)
+        tokens = nn.Dense(p * p * out_channels, dtype=self.dtype, kernel_init=_zeros,
+                          name="final_linear")(tokens)
+        out = tokens.reshape(batch, rows, cols, p, p, out_channels)
+        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, out_channels)
+        return out.astype(jnp.float32)
+
+
+def dit(size: str, patch_size: int = 2, **kwargs) -> DiT:
+    """``dit("B", 2, num_classes=10)`` builds DiT-B/2."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    hidden, depth, heads = DIT_SIZES[size]
+    return DiT(patch_size=patch_size, hidden=hidden, depth=depth, num_heads=heads, **kwargs)
