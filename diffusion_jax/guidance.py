@@ -13,6 +13,7 @@ default, or ``"eps"`` / ``"v"`` (which need the schedule).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -46,11 +47,42 @@ def _concat_batch(a, b):
     return jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
 
 
+@functools.lru_cache(maxsize=None)
+def _guided(rescale_space, schedule):
+    """The guided denoiser for one static configuration (cached: equal settings give the same
+    function object, so samplers reuse their compiled programs)."""
+
+    def guided(model_fn, both, scale, rescale, x_t, t):
+        batch = x_t.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x_t.dtype, jnp.float32)), (batch,))
+        x0_both = model_fn(
+            jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0), both
+        )
+        x0_cond, x0_uncond = x0_both[:batch], x0_both[batch:]
+        guided_x0 = combine(x0_cond, x0_uncond, scale.astype(x0_cond.dtype))
+        if rescale_space is None:
+            return guided_x0
+        phi = rescale.astype(x0_cond.dtype)
+        if rescale_space == "x0":
+            return rescale_guidance(guided_x0, x0_cond, phi)
+        alpha = param_lib.broadcast_to(schedule.alpha(t), x_t)
+        sigma = param_lib.broadcast_to(schedule.sigma(t), x_t)
+        space = param_lib.get(rescale_space)
+        out_guided = space.from_x0(guided_x0, x_t, alpha, sigma)
+        out_cond = space.from_x0(x0_cond, x_t, alpha, sigma)
+        rescaled = space.to_x0(rescale_guidance(out_guided, out_cond, phi), x_t, alpha, sigma)
+        # Where alpha = 0 an eps (or v at sigma = 1) prediction no longer determines x0: keep the
+        # plain guided estimate there instead of dividing by zero.
+        return jnp.where(alpha > 0, rescaled, guided_x0)
+
+    return guided
+
+
 def classifier_free_guidance(
     model_fn: Callable[..., jax.Array],
     *,
     cond: Any,
-    uncond: Any,
+    uncond: Any = None,
     scale,
     rescale: float = 0.0,
     negative: Any = None,
@@ -61,19 +93,22 @@ def classifier_free_guidance(
 
     Args:
       model_fn: ``model_fn(x_t, t, cond) -> x0_hat``; ``cond`` is any pytree whose leaves have the
-        batch as their first axis.
+        batch as their first axis. A ``jax.tree_util.Partial`` (e.g. from
+        :func:`~diffusion_jax.parameterization.make_denoise_fn`) keeps its parameters as data.
       cond: the condition (class labels, text embeddings, ...), batch-aligned with x_t.
       uncond: the same structure holding the "no condition" input (null label, empty prompt).
       scale: guidance scale w: 0 gives the unconditional denoiser, 1 the conditional one,
-        > 1 pushes samples towards the condition. May be a traced value.
+        > 1 pushes samples towards the condition.
       rescale: guidance rescale phi in [0, 1] (Lin et al. 2023); 0 disables it.
-      negative: optional negative condition; when given it replaces ``uncond`` so that guidance
-        moves away from it (negative prompting).
+      negative: optional negative condition; when given it takes the place of ``uncond`` so that
+        guidance moves away from it (negative prompting).
       rescale_space: "x0", "eps" or "v": the prediction whose standard deviation is rescaled.
       schedule: required when ``rescale_space`` is "eps" or "v".
 
-    Each call of the returned function makes exactly one ``model_fn`` call on a batch of twice the
-    size: conditional inputs first, then unconditional.
+    The result is a ``jax.tree_util.Partial`` whose leaves are the conditions, the scale and the
+    rescale factor, so samplers reuse their compiled program when those change. Each call makes
+    exactly one ``model_fn`` call on a batch of twice the size: conditional inputs first, then
+    unconditional.
     """
     if rescale_space not in _RESCALE_SPACES:
         raise ValueError(f"rescale_space must be one of {_RESCALE_SPACES}, got {rescale_space!r}")
@@ -81,34 +116,21 @@ def classifier_free_guidance(
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if rescale and rescale_space != "x0" and schedule is None:
         raise ValueError(f"rescale_space={rescale_space!r} needs the schedule (schedule=...)")
-    if schedule is not None:
-        schedule = schedules_lib.get(schedule)
     other = uncond if negative is None else negative
-    cond_leaves = jax.tree_util.tree_structure(cond)
-    if jax.tree_util.tree_structure(other) != cond_leaves:
+    if other is None:
+        raise ValueError("give the unconditional input (uncond=...) or a negative condition")
+    cond_structure = jax.tree_util.tree_structure(cond)
+    if jax.tree_util.tree_structure(other) != cond_structure:
         raise ValueError(
             "cond and the unconditional/negative input must have the same structure, got "
-            f"{cond_leaves} and {jax.tree_util.tree_structure(other)}"
+            f"{cond_structure} and {jax.tree_util.tree_structure(other)}"
         )
     both = _concat_batch(cond, other)
-
-    def denoise_fn(x_t, t):
-        batch = x_t.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x_t.dtype, jnp.float32)), (batch,))
-        x0_both = model_fn(
-            jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0), both
-        )
-        x0_cond, x0_uncond = x0_both[:batch], x0_both[batch:]
-        guided = combine(x0_cond, x0_uncond, jnp.asarray(scale, x0_cond.dtype))
-        if not rescale:
-            return guided
-        if rescale_space == "x0":
-            return rescale_guidance(guided, x0_cond, rescale)
-        alpha = param_lib.broadcast_to(schedule.alpha(t), x_t)
-        sigma = param_lib.broadcast_to(schedule.sigma(t), x_t)
-        space = param_lib.get(rescale_space)
-        out_guided = space.from_x0(guided, x_t, alpha, sigma)
-        out_cond = space.from_x0(x0_cond, x_t, alpha, sigma)
-        return space.to_x0(rescale_guidance(out_guided, out_cond, rescale), x_t, alpha, sigma)
-
-    return denoise_fn
+    space = None
+    if rescale:
+        space = rescale_space
+    impl = _guided(space, schedules_lib.get(schedule) if space not in (None, "x0") else None)
+    dynamic = (both, jnp.asarray(scale, jnp.float32), jnp.asarray(rescale, jnp.float32))
+    if isinstance(model_fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(impl, model_fn, *dynamic)
+    return jax.tree_util.Partial(functools.partial(impl, model_fn), *dynamic)

@@ -20,6 +20,12 @@ weighting      weight on the x0 squared error (SNR = exp(logSNR))           refe
 ``sigmoid``    SNR * sigmoid(bias - logSNR), i.e. the eps MSE times sigmoid  Kingma & Gao 2023
 =============  ===========================================================  =========================
 
+Every weight applies per sample of t: with uniform t, a weight w here is Kingma & Gao's w(lambda)
+times the density of t in lambda. Their own parameterisation multiplies by -d logSNR / dt as well,
+which makes the objective independent of the schedule; to get it, sample times whose density in
+log-SNR is what you want (e.g. ``logit_normal``) rather than rescaling by the derivative, which is
+unbounded at the ends of most schedules.
+
 Time sampling (t in [0, 1]): ``uniform``; ``stratified`` (one uniform offset, evenly spaced over
 the batch: Kingma et al. 2021's low-discrepancy sampler); ``antithetic`` (pairs t, 1 - t);
 ``logit_normal`` (t = sigmoid(mean + std * n), Esser et al. 2024); ``edm_lognormal``
@@ -95,6 +101,7 @@ def sample_time(key, batch_size: int, method: str = "uniform", *, schedule=None,
     # edm_lognormal
     if schedule is None:
         raise ValueError("edm_lognormal time sampling needs the schedule")
+    schedule = schedules_lib.get(schedule)
     n = jax.random.normal(key, (batch_size,), dtype)
     log_sigmabar = params["p_mean"] + params["p_std"] * n
     return jnp.clip(schedule.t_from_logsnr(-2.0 * log_sigmabar), 0.0, 1.0).astype(dtype)

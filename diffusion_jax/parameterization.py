@@ -15,7 +15,8 @@ name      network output                                        reference
 
 Every conversion is written to stay finite at the ends of a schedule (sigma = 0 or alpha = 0),
 except that an ``eps`` prediction cannot determine ``x0`` where alpha = 0 (zero terminal SNR;
-Lin et al. 2023 recommend ``v`` there): ``alpha`` is floored at 1e-6 so the result stays finite.
+Lin et al. 2023 recommend ``v`` there): ``alpha`` is floored at 1e-6 so the result stays finite,
+and :func:`make_denoise_fn` refuses that combination.
 
 :func:`make_denoise_fn` turns a network's apply function into the ``denoise_fn(x_t, t) -> x0_hat``
 that samplers and guidance use.
@@ -24,6 +25,7 @@ that samplers and guidance use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -107,8 +109,10 @@ class Parameterization:
             return (alpha * eps - sigma * x0) / r
         if self.name == "flow":
             return eps - x0
-        _, c_skip, c_out = self.edm_coefficients(alpha, sigma)
-        return (x0 - c_skip * x_t) / _safe(c_out, jnp.finfo(x_t.dtype).tiny)
+        # EDM's F = (x0 - c_skip x_t) / c_out with x_t expanded, so that nothing is divided by
+        # sigma: F = (sigma x0 - alpha sd^2 eps) / (sd sqrt(sigma^2 + alpha^2 sd^2)).
+        sd = self.sigma_data
+        return (sigma * x0 - alpha * sd**2 * eps) / (sd * jnp.sqrt(sigma**2 + (alpha * sd) ** 2))
 
     def to_x0(self, output, x_t, alpha, sigma):
         """x0 estimate from a network output."""
@@ -126,6 +130,9 @@ class Parameterization:
 
     def from_x0(self, x0_hat, x_t, alpha, sigma):
         """The network output that corresponds to the estimate ``x0_hat`` at ``x_t``."""
+        if self.name == "edm":
+            _, c_skip, c_out = self.edm_coefficients(alpha, sigma)
+            return (x0_hat - c_skip * x_t) / _safe(c_out, jnp.finfo(x_t.dtype).tiny)
         eps_hat = eps_from_x0(x0_hat, x_t, alpha, sigma)
         return self.target(x0_hat, eps_hat, x_t, alpha, sigma)
 
@@ -170,22 +177,12 @@ def convert(output, *, source, target, x_t, alpha, sigma):
     return target.from_x0(x0_hat, x_t, alpha, sigma)
 
 
-def make_denoise_fn(
-    apply_fn: Callable[..., Any],
-    schedule,
-    parameterization,
-) -> Callable[..., jax.Array]:
-    """Wrap a network into ``denoise_fn(x_t, t, *args, **kwargs) -> x0_hat``.
+@functools.lru_cache(maxsize=None)
+def _denoiser(schedule, parameterization):
+    """The denoising function for one (schedule, target) pair; cached so that equal settings give
+    the same function object and therefore reuse compiled samplers."""
 
-    ``apply_fn(x_in, noise_input, *args, **kwargs)`` is the network with its parameters bound
-    (e.g. ``functools.partial(model.apply, params)``); extra arguments such as class labels are
-    passed through. ``t`` has shape [batch] (a scalar is broadcast). See
-    :meth:`Parameterization.network_inputs` for what the network receives.
-    """
-    schedule = schedules_lib.get(schedule)
-    parameterization = get(parameterization)
-
-    def denoise_fn(x_t, t, *args, **kwargs):
+    def denoise(apply_fn, x_t, t, *args, **kwargs):
         # Times and coefficients in at least float32, whatever the data dtype.
         dtype = jnp.promote_types(x_t.dtype, jnp.float32)
         x = x_t.astype(dtype)
@@ -194,9 +191,50 @@ def make_denoise_fn(
         logsnr = schedule.logsnr(t)
         x_in, noise_input = parameterization.network_inputs(x, t, alpha, sigma, logsnr)
         output = apply_fn(x_in, noise_input, *args, **kwargs)
+        if output.shape != x_t.shape:
+            raise ValueError(
+                f"the network returned shape {output.shape} for input {x_t.shape}; a denoiser "
+                "must predict one value per input element"
+            )
         x0_hat = parameterization.to_x0(
             output.astype(dtype), x, broadcast_to(alpha, x), broadcast_to(sigma, x)
         )
         return x0_hat.astype(x_t.dtype)
 
-    return denoise_fn
+    return denoise
+
+
+def make_denoise_fn(
+    apply_fn: Callable[..., Any],
+    schedule,
+    parameterization,
+) -> Callable[..., jax.Array]:
+    """Wrap a network into ``denoise_fn(x_t, t, *args, **kwargs) -> x0_hat``.
+
+    ``apply_fn(x_in, noise_input, *args, **kwargs)`` is the network with its parameters bound;
+    extra arguments such as class labels are passed through. ``t`` has shape [batch] (a scalar is
+    broadcast). See :meth:`Parameterization.network_inputs` for what the network receives.
+
+    Bind the parameters with ``jax.tree_util.Partial(model.apply, params)``: the result is then a
+    ``Partial`` whose leaves are the parameters, and samplers treat them as data, so new
+    parameters (a later checkpoint, the EMA copy) reuse the compiled sampler instead of being
+    baked into a new one. Any other callable works too but is compiled once per function object.
+
+    An ``eps`` prediction cannot determine x0 where alpha = 0, so it is refused for schedules with
+    zero terminal SNR at their ``t_max`` (Lin et al. 2023 use ``v`` there).
+    """
+    schedule = schedules_lib.get(schedule)
+    parameterization = get(parameterization)
+    if parameterization.name == "eps":
+        with jax.ensure_compile_time_eval():
+            terminal_alpha = float(schedule.alpha(jnp.asarray(schedule.t_max, jnp.float32)))
+        if terminal_alpha == 0.0:
+            raise ValueError(
+                f"an eps-predicting network cannot denoise at t_max={schedule.t_max} of schedule "
+                f"{schedule.name!r}, where alpha = 0 (zero terminal SNR): predict 'v', 'flow' or "
+                "'x0' instead, or use a schedule whose t_max keeps alpha > 0"
+            )
+    impl = _denoiser(schedule, parameterization)
+    if isinstance(apply_fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(impl, apply_fn)
+    return jax.tree_util.Partial(functools.partial(impl, apply_fn))

@@ -102,6 +102,8 @@ def _make_time_grid(
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
+    if grid == "trailing" and t_min is not None:
+        raise ValueError("the 'trailing' grid runs down to clean data; it takes no t_min")
     t_min = float(schedule.t_min if t_min is None else t_min)
     t_max = float(schedule.t_max if t_max is None else t_max)
     if not 0.0 <= t_min < t_max <= 1.0:
@@ -170,7 +172,7 @@ def _finish_grid(schedule, network_times, what):
 class _Static:
     """Everything about a sampling run that fixes the compiled program."""
 
-    denoise_fn: Callable[..., Any]
+    denoise_fn: Optional[Callable[..., Any]]  # None: passed as a pytree argument instead
     schedule: Any
     method: str
     options: tuple
@@ -225,10 +227,10 @@ def _method_noise_fraction(method, options, logsnr, logsnr_next):
     raise AssertionError(method)
 
 
-def _sample_impl(static: _Static, noise, key, grid_arrays):
+def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
     schedule, method = static.schedule, static.method
     options = dict(static.options)
-    denoise_fn = static.denoise_fn
+    denoise_fn = static.denoise_fn or dynamic_denoise_fn
     # The state and the grid coefficients stay in at least float32 even for bfloat16 noise.
     dtype = jnp.promote_types(noise.dtype, jnp.float32)
     noise = noise.astype(dtype)
@@ -241,6 +243,11 @@ def _sample_impl(static: _Static, noise, key, grid_arrays):
 
     def evaluate(x, t_value):
         x0_hat = denoise_fn(x, jnp.full((batch,), t_value, dtype))
+        if x0_hat.shape != x.shape:
+            raise ValueError(
+                f"denoise_fn returned shape {x0_hat.shape} for x_t of shape {x.shape}; it must "
+                "return x0_hat shaped like x_t"
+            )
         return x0_hat.astype(dtype)
 
     keys = jax.random.split(key, num_steps) if key is not None else jnp.zeros((num_steps,))
@@ -439,8 +446,10 @@ def sample(
     Args:
       denoise_fn: ``denoise_fn(x_t, t) -> x0_hat`` with ``t`` of shape [batch]; see
         :func:`diffusion_jax.parameterization.make_denoise_fn` and
-        :func:`diffusion_jax.guidance.classifier_free_guidance`. The compiled program is cached
-        per function object, so build it once and reuse it.
+        :func:`diffusion_jax.guidance.classifier_free_guidance`. When it is a
+        ``jax.tree_util.Partial`` (both of those return one) its leaves, such as parameters,
+        labels or the guidance scale, are passed as data and the compiled sampler is reused when
+        they change; any other function is compiled once per function object.
       noise: standard normal, shape [batch, ...]; it is scaled to the schedule's prior
         (by sqrt(alpha(t_max)^2 + sigma(t_max)^2)). The samples come back in its dtype; the
         sampler's own arithmetic runs in float32 at least (float64 when the noise is float64).
@@ -451,7 +460,9 @@ def sample(
         ``euler`` Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1);
         ``euler_ancestral`` (options ``eta`` = 1, ``s_noise`` = 1);
         ``heun`` EDM's Algorithm 2 (options ``s_churn`` = 0, ``s_min`` = 0, ``s_max`` = inf,
-        ``s_noise`` = 1; the thresholds compare with sigmabar = sigma / alpha);
+        ``s_noise`` = 1; the thresholds compare with sigmabar = sigma / alpha; the raised noise
+        level is capped at the schedule's largest, so a step that starts at t = 1 gets no churn,
+        where EDM's code would evaluate the network above sigma_max);
         ``dpmpp_2m`` DPM-Solver++(2M) (Lu et al. 2022b).
       num_steps: number of steps N (the final step to clean data included).
       key: PRNG key; required by stochastic settings.
@@ -473,6 +484,12 @@ def sample(
             f"of shape {noise.shape}"
         )
     if time_grid is not None:
+        ignored = {"grid": grid != "uniform", "t_min": t_min is not None,
+                   "t_max": t_max is not None, "rho": rho != 7.0, "snap": snap is not None}
+        if any(ignored.values()):
+            raise ValueError(
+                f"time_grid fixes the times; do not also pass {[k for k, v in ignored.items() if v]}"
+            )
         times = _finish_grid(schedule, time_grid, "time_grid")
         if num_steps is not None and num_steps != len(times) - 1:
             raise ValueError(
@@ -490,8 +507,11 @@ def sample(
         key = None
 
     flags = _step_flags(method, times, schedule)
+    # A jax.tree_util.Partial travels as data (its leaves, e.g. parameters, are jit arguments),
+    # so new parameters reuse the compiled program; any other callable is part of the program.
+    dynamic_fn = denoise_fn if isinstance(denoise_fn, jax.tree_util.Partial) else None
     static = _Static(
-        denoise_fn=denoise_fn,
+        denoise_fn=None if dynamic_fn is not None else denoise_fn,
         schedule=schedule,
         method=method,
         options=tuple(sorted(merged.items())),
@@ -500,7 +520,7 @@ def sample(
     )
     time_dtype = jnp.promote_types(noise.dtype, jnp.float32)
     samples, trajectory = _sample_jit(
-        static, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags))
+        static, dynamic_fn, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags))
     )
     return SampleResult(
         samples=samples,

@@ -46,10 +46,11 @@ __all__ = [
 
 
 def _as_float(t):
+    """Times as an array of at least float32 (bfloat16 cannot resolve t near 0 or 1)."""
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.result_type(float))
-    return t
+        return t.astype(jnp.result_type(float))
+    return t.astype(jnp.promote_types(t.dtype, jnp.float32))
 
 
 class Schedule:
@@ -341,12 +342,21 @@ class Sigmoid(Schedule):
             raise ValueError(f"sigmoid schedule needs tau > 0, got {self.tau}")
 
     def _parts(self, t):
+        """(v_end - g(t), g(t) - v_start, v_end - v_start), each a difference of two sigmoids
+        written as sigmoid(b) - sigmoid(a) = sinh((b - a)/2) / (2 cosh(a/2) cosh(b/2)) with b - a
+        formed exactly, so that neither end loses precision to cancellation."""
         t = _as_float(t)
-        v_start = jax.nn.sigmoid(jnp.asarray(self.start / self.tau, t.dtype))
-        v_end = jax.nn.sigmoid(jnp.asarray(self.end / self.tau, t.dtype))
-        g = jax.nn.sigmoid((self.start + t * (self.end - self.start)) / self.tau)
-        # alpha-bar numerator and sigma^2 numerator; both >= 0.
-        return jnp.maximum(v_end - g, 0.0), jnp.maximum(g - v_start, 0.0), v_end - v_start
+        lo, hi = self.start / self.tau, self.end / self.tau
+        mid = (self.start + t * (self.end - self.start)) / self.tau
+
+        def difference(b, a, half_gap):
+            return jnp.sinh(half_gap) / (2.0 * jnp.cosh(a / 2.0) * jnp.cosh(b / 2.0))
+
+        span = (self.end - self.start) / self.tau
+        alpha_num = difference(hi, mid, 0.5 * span * (1.0 - t))
+        sigma_num = difference(mid, lo, 0.5 * span * t)
+        total = math.sinh(0.5 * span) / (2.0 * math.cosh(lo / 2.0) * math.cosh(hi / 2.0))
+        return alpha_num, sigma_num, total
 
     def alpha(self, t):
         num, _, den = self._parts(t)
@@ -473,21 +483,18 @@ class RectifiedFlow(Schedule):
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
-    def _shifted(self, t):
-        t = _as_float(t)
-        if self.shift == 1.0:
-            return t
-        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
-
     def alpha(self, t):
-        return 1.0 - self._shifted(t)
+        # 1 - shift t / (1 + (shift - 1) t), written without the cancellation near t = 1.
+        t = _as_float(t)
+        return (1.0 - t) / (1.0 + (self.shift - 1.0) * t)
 
     def sigma(self, t):
-        return self._shifted(t)
+        t = _as_float(t)
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
     def logsnr(self, t):
-        s = self._shifted(t)
-        return 2.0 * (jnp.log1p(-s) - jnp.log(s))
+        t = _as_float(t)
+        return 2.0 * (jnp.log1p(-t) - jnp.log(t) - math.log(self.shift))
 
     def t_from_logsnr(self, logsnr):
         s = jax.nn.sigmoid(-0.5 * _as_float(logsnr))

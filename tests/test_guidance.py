@@ -144,3 +144,19 @@ def test_bad_guidance_arguments():
                                           rescale_space="eps")
     with pytest.raises(ValueError, match="same structure"):
         guidance.classifier_free_guidance(model, cond=cond, uncond=jnp.zeros(4), scale=2)
+
+
+def test_rescale_in_eps_space_at_zero_terminal_snr(x64):
+    """At alpha = 0 the eps of a prediction no longer determines x0: rescaling in eps space keeps
+    the plain guided estimate there instead of collapsing it to zero."""
+    sched = schedules.get("scaled_linear", zero_terminal_snr=True)
+    model = _toy_model()
+    x, _, cond, uncond = _inputs()
+    x = x.astype(jnp.float64)
+    t = jnp.ones(4)
+    plain = guidance.classifier_free_guidance(model, cond=cond, uncond=uncond, scale=5.0)(x, t)
+    rescaled = guidance.classifier_free_guidance(
+        model, cond=cond, uncond=uncond, scale=5.0, rescale=0.7, rescale_space="eps",
+        schedule=sched)(x, t)
+    np.testing.assert_allclose(rescaled, plain)
+    assert float(jnp.max(jnp.abs(plain))) > 1.0

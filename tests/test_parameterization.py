@@ -122,3 +122,12 @@ def test_bad_target():
         P.get("noise")
     with pytest.raises(ValueError, match="unknown parameter"):
         P.get("eps", gamma=2)
+
+
+def test_eps_prediction_is_refused_at_zero_terminal_snr():
+    apply_fn = lambda x, t: x  # noqa: E731
+    with pytest.raises(ValueError, match="eps-predicting network cannot denoise.*alpha = 0"):
+        P.make_denoise_fn(apply_fn, "cosine", "eps")
+    P.make_denoise_fn(apply_fn, "cosine", "v")
+    P.make_denoise_fn(apply_fn, schedules.Cosine(t_max=0.999), "eps")
+    P.make_denoise_fn(apply_fn, "ddpm_linear", "eps")

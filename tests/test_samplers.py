@@ -58,28 +58,71 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution(x64, schedule
     assert abs(slope - ORDER[method]) < 0.25 * ORDER[method], (slope, errors)
 
 
-def test_first_order_methods_coincide(x64):
-    """Euler in (sigmabar, x/alpha) is DDIM with eta = 0; Euler ancestral is DDIM with the same eta
-    (k-diffusion's sigma_up equals DDIM's sigma_t); DDPM's posterior is eta = 1."""
+def test_first_order_methods_match_their_papers(x64):
+    """Each first-order update written out independently, in its paper's own variables:
+    Euler on xbar = x / alpha against sigmabar (Karras et al. 2022, Algorithm 1), DDPM's posterior
+    mean and variance (Ho et al. 2020, Eq. 6-7), DDIM with eta (Song et al. 2021, Eq. 12 and 16) and
+    k-diffusion's Euler ancestral (sigma_up / sigma_down), fed the sampler's per-step noise."""
     gaussian = _gaussian()
     sched = schedules.get("ddpm_linear")
     denoise = gaussian.denoiser(sched)
-    noise = jax.random.normal(jax.random.key(0), (8, DIM), jnp.float64)
-    run = functools.partial(samplers.sample, denoise, noise, schedule=sched, num_steps=25)
-    np.testing.assert_allclose(
-        run(method="euler").samples, run(method="ddim").samples, rtol=1e-12, atol=1e-12
-    )
+    noise = jax.random.normal(jax.random.key(0), (4, DIM), jnp.float64)
     key = jax.random.key(3)
-    for eta in (0.3, 1.0):
-        np.testing.assert_allclose(
-            run(method="euler_ancestral", eta=eta, key=key).samples,
-            run(method="ddim", eta=eta, key=key).samples,
-            rtol=1e-12, atol=1e-12,
-        )
-    np.testing.assert_allclose(
-        run(method="ddpm", key=key).samples, run(method="ddim", eta=1.0, key=key).samples,
-        rtol=1e-12, atol=1e-12,
-    )
+    n = 12
+    run = functools.partial(samplers.sample, denoise, noise, schedule=sched, num_steps=n,
+                            return_trajectory=True)
+    times = samplers.time_grid(sched, n)
+    alpha = np.append(np.asarray(sched.alpha(jnp.asarray(times[:-1]))), 1.0)
+    sigma = np.append(np.asarray(sched.sigma(jnp.asarray(times[:-1]))), 0.0)
+    z = [np.asarray(jax.random.normal(k, noise.shape, jnp.float64))
+         for k in jax.random.split(key, n)]
+
+    def reference(update):
+        x = np.asarray(noise)
+        path = [x]
+        for i in range(n):
+            x0 = np.asarray(denoise(jnp.asarray(x), jnp.full((4,), times[i])))
+            x = update(i, x, x0)
+            path.append(x)
+        return np.stack(path)
+
+    def euler(i, x, x0):
+        xbar, sbar = x / alpha[i], sigma[i] / alpha[i]
+        sbar_next = sigma[i + 1] / alpha[i + 1]
+        return alpha[i + 1] * (xbar + (sbar_next - sbar) * (xbar - x0) / sbar)
+
+    def ddpm(i, x, x0):
+        ab, ab_prev = alpha[i] ** 2, alpha[i + 1] ** 2
+        beta = 1 - ab / ab_prev
+        mean = (np.sqrt(ab_prev) * beta / (1 - ab) * x0
+                + np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * x)
+        return mean + np.sqrt((1 - ab_prev) / (1 - ab) * beta) * z[i]
+
+    def ddim(eta):
+        def update(i, x, x0):
+            ab, ab_prev = alpha[i] ** 2, alpha[i + 1] ** 2
+            eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+            s = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+            return np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - s**2) * eps + s * z[i]
+        return update
+
+    def euler_ancestral(eta):
+        def update(i, x, x0):
+            xbar, sbar = x / alpha[i], sigma[i] / alpha[i]
+            sbar_next = sigma[i + 1] / alpha[i + 1]
+            up = min(sbar_next, eta * np.sqrt(sbar_next**2 * (sbar**2 - sbar_next**2) / sbar**2))
+            down = np.sqrt(sbar_next**2 - up**2)
+            return alpha[i + 1] * (xbar + (down - sbar) * (xbar - x0) / sbar + up * z[i])
+        return update
+
+    check = lambda ours, ref: np.testing.assert_allclose(  # noqa: E731
+        ours.trajectory, reference(ref), rtol=1e-9, atol=1e-9)
+    check(run(method="euler"), euler)
+    check(run(method="ddpm", key=key), ddpm)
+    for eta in (0.0, 0.5, 1.0):
+        check(run(method="ddim", eta=eta, key=key), ddim(eta))
+    for eta in (0.5, 1.0):
+        check(run(method="euler_ancestral", eta=eta, key=key), euler_ancestral(eta))
 
 
 def _w2_baseline(gaussian, num):
@@ -369,3 +412,42 @@ def test_heun_with_churn_is_edm_algorithm_2(x64):
             d_prime = (x_next - d_of(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         np.testing.assert_allclose(result.trajectory[i + 1], x_next, rtol=1e-9, atol=1e-9)
+
+
+def test_new_parameters_reuse_the_compiled_sampler():
+    """A Partial-bound network is data to the sampler: new parameters or guidance scales do not
+    retrace it."""
+    from diffusion_jax import guidance, parameterization
+
+    traces = []
+
+    def apply(params, x, noise_level, labels):
+        traces.append(1)
+        return params["w"] * x + params["b"][labels][:, None]
+
+    noise = jnp.ones((2, 3), jnp.float32)
+    labels, null = jnp.array([0, 1]), jnp.array([2, 2])
+    for seed in range(3):
+        params = {"w": jnp.float32(0.1 * seed), "b": jnp.arange(3.0) * seed}
+        model = parameterization.make_denoise_fn(jax.tree_util.Partial(apply, params), "cosine",
+                                                 "v")
+        guided = guidance.classifier_free_guidance(model, cond=labels, uncond=null,
+                                                   scale=1.0 + seed)
+        out = samplers.sample(guided, noise, schedule="cosine", method="ddim", num_steps=4)
+        assert np.all(np.isfinite(out.samples))
+    assert len(traces) == 1
+
+
+def test_wrong_denoiser_output_shape_is_reported():
+    with pytest.raises(ValueError, match=r"returned shape \(2, 1\)"):
+        samplers.sample(lambda x, t: x[:, :1], jnp.ones((2, 3)), schedule="cosine",
+                        method="euler", num_steps=3)
+
+
+def test_conflicting_grid_arguments():
+    denoise = _gaussian().denoiser("cosine")
+    with pytest.raises(ValueError, match="time_grid fixes the times.*'grid'"):
+        samplers.sample(denoise, jnp.ones((2, DIM)), schedule="cosine", method="euler",
+                        time_grid=[0.9, 0.1], grid="karras")
+    with pytest.raises(ValueError, match="takes no t_min"):
+        samplers.time_grid("cosine", 5, "trailing", t_min=0.5)
