@@ -1,0 +1,24 @@
+"""Input pipelines: data sources and grain iterators of host-local numpy batches."""
+
+from diffusion_jax.data.pipeline import ToModelInputs, make_iterator
+from diffusion_jax.data.sources import (
+    FASHION_MNIST_CLASSES,
+    DataError,
+    FashionMNIST,
+    Shapes,
+    TFDSSource,
+    Toy2D,
+    read_idx,
+)
+
+__all__ = [
+    "DataError",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "Shapes",
+    "TFDSSource",
+    "Toy2D",
+    "ToModelInputs",
+    "make_iterator",
+    "read_idx",
+]

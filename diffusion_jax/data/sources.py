@@ -1,0 +1,236 @@
+"""Random-access data sources: Fashion-MNIST from IDX files, TFDS datasets, procedural data.
+
+A source has ``len(source)`` and ``source[i] -> dict`` of numpy values (``image`` uint8 HWC or
+``x`` float32 vectors, and ``label`` where the data has classes), which is what grain's
+``DataLoader`` reads. Nothing here downloads anything: files come from the Debian package
+``dataset-fashion-mnist``, from a path the user gives, or from a TFDS ``data_dir`` prepared
+beforehand; procedural datasets are generated from their index and seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "read_idx",
+    "FashionMNIST",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DEFAULT_PATH",
+    "TFDSSource",
+    "Toy2D",
+    "Shapes",
+]
+
+FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """A dataset is missing or unreadable; the message says what to do."""
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format; gzip-compressed when the name ends in .gz).
+
+    Header: two zero bytes, a type code, the number of dimensions, then one big-endian uint32 per
+    dimension.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad header {data[:4]!r})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated inside its header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(
+            f"{path} holds {len(data) - header} data bytes but its header {shape} needs {expected}"
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def _find(directory, stem):
+    for name in (stem + ".gz", stem):
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+class FashionMNIST:
+    """Fashion-MNIST (Xiao et al. 2017): 28x28 grayscale garments in 10 classes, 60,000 train and
+    10,000 test images, read from its four IDX files.
+
+    ``path`` defaults to where Debian's ``dataset-fashion-mnist`` package puts them.
+    """
+
+    def __init__(self, split: str = "train", path: Optional[str] = None):
+        if split not in ("train", "test"):
+            raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        path = path or FASHION_MNIST_DEFAULT_PATH
+        prefix = "train" if split == "train" else "t10k"
+        files = {key: _find(path, f"{prefix}-{key}-idx{nd}-ubyte")
+                 for key, nd in (("images", 3), ("labels", 1))}
+        missing = [k for k, v in files.items() if v is None]
+        if missing:
+            raise DataError(
+                f"Fashion-MNIST {split} {' and '.join(missing)} not found in {path}. Install them "
+                "with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files go to "
+                f"{FASHION_MNIST_DEFAULT_PATH}) or set config.data.path to a folder holding "
+                f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]."
+            )
+        images = read_idx(files["images"])
+        labels = read_idx(files["labels"])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"Fashion-MNIST files in {path} disagree: images {images.shape}, labels "
+                f"{labels.shape}"
+            )
+        self.images = images[..., None]
+        self.labels = labels.astype(np.int32)
+        self.num_classes = len(FASHION_MNIST_CLASSES)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+    def __repr__(self):
+        return f"FashionMNIST(num_records={len(self)})"
+
+
+class TFDSSource:
+    """Any TensorFlow Datasets dataset through ``tfds.data_source`` (array_record files; no
+    TensorFlow needed). The data must already be prepared in ``data_dir``."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
+                 image_key: str = "image", label_key: Optional[str] = "label"):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as err:
+            raise DataError(
+                f"reading the TFDS dataset {name!r} needs `pip install tensorflow-datasets`"
+            ) from err
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as err:  # tfds raises several types for a missing dataset
+            raise DataError(
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir={data_dir!r}: "
+                f"{err}. Prepare it where the internet is reachable (`tfds build {name} "
+                "--file_format=array_record --data_dir DIR`), copy DIR here and set "
+                "config.data.data_dir to it."
+            ) from err
+        self.image_key, self.label_key = image_key, label_key
+        self.name = name
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        record = self._source[index]
+        out = {"image": np.asarray(record[self.image_key])}
+        if self.label_key is not None:
+            out["label"] = np.int32(record[self.label_key])
+        return out
+
+    def __repr__(self):
+        return f"TFDSSource(name={self.name!r}, num_records={len(self)})"
+
+
+def _rng(seed, index):
+    return np.random.default_rng([seed, index])
+
+
+class Toy2D:
+    """2-D toy distributions for quick checks: ``"mixture"`` (8 Gaussians on a circle, labels
+    are the components), ``"checkerboard"`` and ``"swiss_roll"``. Point i is generated from
+    (seed, i), so the dataset is the same on every machine."""
+
+    KINDS = ("mixture", "checkerboard", "swiss_roll")
+
+    def __init__(self, kind: str = "mixture", size: int = 100_000, seed: int = 0):
+        if kind not in self.KINDS:
+            raise DataError(f"unknown 2-D toy dataset {kind!r}; choose one of {self.KINDS}")
+        self.kind, self.size, self.seed = kind, int(size), int(seed)
+        self.num_classes = 8 if kind == "mixture" else None
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = _rng(self.seed, index)
+        if self.kind == "mixture":
+            k = int(rng.integers(8))
+            angle = 2 * math.pi * k / 8
+            x = np.array([math.cos(angle), math.sin(angle)]) * 2.0 + 0.1 * rng.standard_normal(2)
+            return {"x": x.astype(np.float32), "label": np.int32(k)}
+        if self.kind == "checkerboard":
+            while True:
+                x = rng.uniform(-2.0, 2.0, 2)
+                if (math.floor(x[0]) + math.floor(x[1])) % 2 == 0:
+                    return {"x": x.astype(np.float32)}
+        turn = 1.5 * math.pi * (1 + 2 * rng.uniform())
+        x = np.array([turn * math.cos(turn), turn * math.sin(turn)]) / 5.0
+        return {"x": (x + 0.05 * rng.standard_normal(2)).astype(np.float32)}
+
+    def __repr__(self):
+        return f"Toy2D(kind={self.kind!r}, size={self.size}, seed={self.seed})"
+
+
+class Shapes:
+    """Procedural RGB images of one filled shape (label 0 circle, 1 square, 2 triangle) in a random
+    colour, size and position on a random background colour. Image i is generated from (seed, i)."""
+
+    CLASSES = ("circle", "square", "triangle")
+
+    def __init__(self, size: int = 50_000, resolution: int = 32, seed: int = 0):
+        if resolution < 8:
+            raise DataError(f"Shapes resolution must be at least 8, got {resolution}")
+        self.size, self.resolution, self.seed = int(size), int(resolution), int(seed)
+        self.num_classes = len(self.CLASSES)
+        grid = (np.arange(resolution) + 0.5) / resolution
+        self._yy, self._xx = np.meshgrid(grid, grid, indexing="ij")
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = _rng(self.seed, index)
+        label = int(rng.integers(3))
+        radius = rng.uniform(0.18, 0.32)
+        cy, cx = rng.uniform(radius, 1 - radius, 2)
+        dy, dx = self._yy - cy, self._xx - cx
+        if label == 0:
+            mask = dy**2 + dx**2 <= radius**2
+        elif label == 1:
+            mask = (np.abs(dy) <= radius * 0.8) & (np.abs(dx) <= radius * 0.8)
+        else:  # upward triangle: below the apex, inside both slanted edges
+            mask = (dy <= radius * 0.7) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+        background = rng.integers(0, 256, 3)
+        colour = (background + rng.integers(80, 176, 3)) % 256  # keep a visible contrast
+        image = np.where(mask[..., None], colour, background).astype(np.uint8)
+        return {"image": image, "label": np.int32(label)}
+
+    def __repr__(self):
+        return f"Shapes(size={self.size}, resolution={self.resolution}, seed={self.seed})"

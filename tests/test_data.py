@@ -1,0 +1,145 @@
+"""Data: IDX reading, Fashion-MNIST, procedural sources, deterministic / sharded / resumable
+grain iterators, and clear errors for missing data."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax import data
+
+
+def _write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    labels = (np.arange(50) % 10).astype(np.uint8)
+    _write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images)
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), labels)  # uncompressed works too
+    return tmp_path, images, labels
+
+
+def test_fashion_mnist_from_idx_files(fake_fashion_mnist):
+    path, images, labels = fake_fashion_mnist
+    source = data.FashionMNIST("train", path=str(path))
+    assert len(source) == 50 and source.num_classes == 10
+    record = source[7]
+    np.testing.assert_array_equal(record["image"][..., 0], images[7])
+    assert record["image"].shape == (28, 28, 1) and record["label"] == labels[7]
+
+
+def test_missing_and_corrupt_data_say_what_to_do(tmp_path, fake_fashion_mnist):
+    with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+        data.FashionMNIST("test", path=str(tmp_path / "nowhere"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
+    (bad / "train-labels-idx1-ubyte").write_bytes(b"PK\x03\x04")
+    with pytest.raises(data.DataError, match="truncated|not an IDX file"):
+        data.FashionMNIST("train", path=str(bad))
+    truncated = tmp_path / "short.gz"
+    _write_idx(str(truncated), np.zeros((4, 3), np.uint8))
+    with gzip.open(truncated, "rb") as f:
+        content = f.read()
+    with gzip.open(truncated, "wb") as f:
+        f.write(content[:-2])
+    with pytest.raises(data.DataError, match="holds 10 data bytes but its header"):
+        data.read_idx(str(truncated))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(data.sources.FASHION_MNIST_DEFAULT_PATH,
+                                                    "t10k-labels-idx1-ubyte.gz")),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_package():
+    test = data.FashionMNIST("test")
+    assert len(test) == 10_000
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_procedural_sources_are_deterministic():
+    shapes = data.Shapes(size=100, resolution=16, seed=3)
+    again = data.Shapes(size=100, resolution=16, seed=3)
+    np.testing.assert_array_equal(shapes[42]["image"], again[42]["image"])
+    assert shapes[42]["image"].shape == (16, 16, 3) and shapes[42]["image"].dtype == np.uint8
+    assert not np.array_equal(shapes[42]["image"], data.Shapes(100, 16, seed=4)[42]["image"])
+    labels = [int(shapes[i]["label"]) for i in range(100)]
+    assert set(labels) == {0, 1, 2}
+    for kind in data.Toy2D.KINDS:
+        toy = data.Toy2D(kind, size=500, seed=1)
+        points = np.stack([toy[i]["x"] for i in range(500)])
+        assert points.shape == (500, 2) and np.all(np.abs(points) < 4)
+        np.testing.assert_array_equal(points[10], data.Toy2D(kind, 500, seed=1)[10]["x"])
+    with pytest.raises(data.DataError, match="unknown 2-D toy dataset 'moons'"):
+        data.Toy2D("moons")
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_iterator_batches_are_model_inputs():
+    batch = next(data.make_iterator(data.Shapes(64, 16), batch_size=8, seed=0))
+    assert batch["x"].shape == (8, 16, 16, 3) and batch["x"].dtype == np.float32
+    assert batch["x"].min() >= -1 and batch["x"].max() <= 1
+    assert batch["label"].dtype == np.int32
+
+
+def test_iterator_is_deterministic_and_resumes_at_the_same_example():
+    source = data.Toy2D("mixture", size=200, seed=0)
+    a = _take(data.make_iterator(source, batch_size=16, seed=7), 30)  # crosses epochs
+    b = _take(data.make_iterator(source, batch_size=16, seed=7), 30)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["x"], y["x"])
+    c = _take(data.make_iterator(source, batch_size=16, seed=8), 1)
+    assert not np.array_equal(a[0]["x"], c[0]["x"])
+
+    first = data.make_iterator(source, batch_size=16, seed=7)
+    _take(first, 17)
+    state = first.get_state()
+    resumed = data.make_iterator(source, batch_size=16, seed=7)
+    resumed.set_state(state)
+    for expected, got in zip(a[17:], _take(resumed, 13)):
+        np.testing.assert_array_equal(expected["x"], got["x"])
+        np.testing.assert_array_equal(expected["label"], got["label"])
+
+
+def test_each_process_reads_its_own_share():
+    source = data.Toy2D("mixture", size=64, seed=0)
+    seen = []
+    for shard in range(2):
+        iterator = data.make_iterator(source, batch_size=8, seed=0, shard_index=shard,
+                                      shard_count=2, num_epochs=1, shuffle=False)
+        seen.append(np.concatenate([b["x"] for b in iterator]))
+    all_points = np.stack([source[i]["x"] for i in range(64)])
+    assert len(seen[0]) == len(seen[1]) == 32
+    combined = np.concatenate(seen)
+    assert len({tuple(p) for p in combined}) == 64
+    np.testing.assert_array_equal(np.sort(combined, axis=0), np.sort(all_points, axis=0))
+
+
+def test_iterator_argument_errors():
+    with pytest.raises(ValueError, match="too few"):
+        data.make_iterator(data.Toy2D(size=10), batch_size=16, seed=0)
+    with pytest.raises(ValueError, match="outside"):
+        data.make_iterator(data.Toy2D(size=100), batch_size=4, seed=0, shard_index=2,
+                           shard_count=2)
+
+
+def test_tfds_without_tensorflow_datasets_or_data_is_explained(tmp_path):
+    try:
+        import tensorflow_datasets  # noqa: F401
+        match = "not prepared in data_dir"
+    except ImportError:
+        match = "pip install tensorflow-datasets"
+    with pytest.raises(data.DataError, match=match):
+        data.TFDSSource("cifar10", data_dir=str(tmp_path))
