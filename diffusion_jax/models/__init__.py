@@ -5,6 +5,7 @@ returns an array shaped like ``x`` (or with ``out_channels`` channels).
 """
 
 from diffusion_jax.models.dit import DIT_SIZES, DiT, dit
+from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["UNet", "DiT", "DIT_SIZES", "dit"]
+__all__ = ["UNet", "DiT", "DIT_SIZES", "dit", "MLP"]
