@@ -8,11 +8,16 @@ checkpoint at step k continues exactly as the uninterrupted run would. The confi
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = [
@@ -21,13 +26,17 @@ __all__ = [
     "network_apply_fn",
     "create_train_state",
     "make_train_step",
+    "TrainingDiverged",
+    "build",
+    "train_and_evaluate",
 ]
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a training run needs to continue: step, parameters, their exponential moving
-    average, optimizer state and the base PRNG key."""
+    average, optimizer state and the base PRNG key (raw uint32 key data, so that it checkpoints
+    like any array)."""
 
     step: jax.Array
     params: Any
@@ -97,6 +106,8 @@ def create_train_state(model, optimizer, example_x, key, *, with_labels: bool = 
         args.append(jnp.zeros((batch,), jnp.int32))
     variables = model.init({"params": key_params, "dropout": key_dropout}, *args)
     params = variables["params"]
+    if jnp.issubdtype(key_rng.dtype, jax.dtypes.prng_key):
+        key_rng = jax.random.key_data(key_rng)  # raw uint32 words: plain data for checkpoints
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -136,3 +147,134 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         return new_state, metrics
 
     return train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN or Inf; nothing from that point was saved."""
+
+
+def _fingerprint(config, example_shape, num_classes):
+    return {"model": config.model.to_dict(), "data_shape": list(example_shape),
+            "num_classes": num_classes, "target": config.diffusion.target}
+
+
+def build(config):
+    """Validate ``config`` and build (source, model, example_shape, num_classes, optimizer)."""
+    from diffusion_jax import configuration
+
+    configuration.validate(config)
+    source = configuration.build_source(config.data)
+    example_shape, num_classes = configuration.data_shape(source)
+    if not config.data.class_conditional:
+        num_classes = None
+    model = configuration.build_model(config.model, example_shape, num_classes)
+    t = config.training
+    optimizer = make_optimizer(t.learning_rate, warmup_steps=t.warmup_steps,
+                               grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
+    return source, model, tuple(example_shape), num_classes, optimizer
+
+
+def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
+    """The train state's shapes and dtypes, without allocating it."""
+    return jax.eval_shape(
+        lambda: create_train_state(model, optimizer, jnp.zeros((1,) + tuple(example_shape)),
+                                   jax.random.key(seed), with_labels=num_classes is not None))
+
+
+def train_and_evaluate(config, workdir: str, *, log=print) -> TrainState:
+    """Train from ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+    Writes checkpoints to ``workdir/checkpoints`` every ``training.checkpoint_every`` steps, at the
+    end and when the process receives SIGTERM or SIGINT (then it stops cleanly), and sample grids
+    to ``workdir/samples`` every ``training.sample_every`` steps. A NaN or Inf loss raises
+    :class:`TrainingDiverged` before anything from the diverged steps is saved.
+    """
+    from diffusion_jax import checkpoints as ckpt_lib
+    from diffusion_jax import configuration, data, losses, sample
+
+    source, model, example_shape, num_classes, optimizer = build(config)
+    schedule = configuration.build_schedule(config)
+    par = configuration.build_parameterization(config)
+    apply_fn = network_apply_fn(model, num_classes=num_classes,
+                                label_dropout=config.diffusion.label_dropout if num_classes else 0.0)
+    loss_fn = losses.make_loss_fn(
+        apply_fn, schedule=schedule, parameterization=par,
+        time_sampling=config.diffusion.time_sampling,
+        time_sampling_params=dict(config.diffusion.time_sampling_params),
+        weighting=config.diffusion.weighting,
+        weighting_params=dict(config.diffusion.weighting_params))
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, ema_decay=config.training.ema_decay))
+
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if config.data.batch_size % process_count:
+        raise configuration.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split over "
+            f"{process_count} processes")
+    iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
+                                  seed=config.seed, shard_index=process_index,
+                                  shard_count=process_count)
+    checkpoints = ckpt_lib.Checkpoints(
+        os.path.join(workdir, "checkpoints"),
+        fingerprint=_fingerprint(config, example_shape, num_classes),
+        max_to_keep=config.training.keep_checkpoints)
+    state = create_train_state(model, optimizer, np.zeros((1,) + example_shape, np.float32),
+                               jax.random.key(config.seed), with_labels=num_classes is not None)
+    if checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state, iterator)
+        log(f"resumed from step {int(state.step)} in {checkpoints.directory}")
+    if process_index == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    generate = None
+    t = config.training
+    step = int(state.step)
+    healthy = jnp.asarray(True)
+    start_time, start_step = time.time(), step
+
+    def check_finite():
+        if not bool(healthy):
+            raise TrainingDiverged(
+                f"loss or gradients became NaN/Inf before step {step}; the last checkpoint in "
+                f"{checkpoints.directory} (step {checkpoints.latest_step()}) is from before. "
+                "Lower training.learning_rate or check the data.")
+
+    try:
+        while step < t.num_steps and stop["signal"] is None:
+            state, metrics = train_step(state, next(iterator))
+            healthy = healthy & metrics["finite"]
+            step += 1
+            if step % t.log_every == 0 or step == t.num_steps:
+                check_finite()
+                rate = (step - start_step) / max(time.time() - start_time, 1e-9)
+                eta = (t.num_steps - step) / max(rate, 1e-9)
+                log(f"step {step}/{t.num_steps}  loss {float(metrics['loss']):.4f}  "
+                    f"grad_norm {float(metrics['grad_norm']):.3f}  {rate:.2f} steps/s  "
+                    f"ETA {eta / 60:.1f} min")
+            if step % t.checkpoint_every == 0 or step == t.num_steps or stop["signal"]:
+                check_finite()
+                checkpoints.save(step, state, iterator)
+            if t.sample_every and step % t.sample_every == 0 and process_index == 0:
+                check_finite()
+                if generate is None:
+                    generate = jax.jit(sample.make_generate_fn(config, model, example_shape,
+                                                               num_classes), static_argnums=2)
+                images = generate(state.ema_params, jax.random.key(config.sampling.seed),
+                                  config.sampling.num_samples)
+                if len(example_shape) == 3:
+                    sample.save_grid(images, os.path.join(workdir, "samples",
+                                                          f"step_{step:08d}.png"))
+        if stop["signal"] is not None:
+            log(f"received signal {stop['signal']}: saved step {step} and stopped")
+    finally:
+        checkpoints.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return state

@@ -1,0 +1,76 @@
+"""Defaults for every config key; presets start from here and change what they need.
+
+Groups: ``data`` (what to train on), ``model`` (the denoiser), ``diffusion`` (schedule, prediction
+target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoints, logging) and
+``sampling`` (how ``--mode=sample`` and the periodic sample grids generate).
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shapes"  # fashion_mnist | tfds | shapes | toy2d
+    config.data.path = ""  # Fashion-MNIST IDX folder; "" = the Debian package's location
+    config.data.tfds_name = ""  # e.g. "cifar10" when name == "tfds"
+    config.data.data_dir = ""  # TFDS data_dir holding the prepared dataset
+    config.data.split = "train"
+    config.data.toy_kind = "mixture"  # toy2d: mixture | checkerboard | swiss_roll
+    config.data.size = 50_000  # number of procedural examples (shapes, toy2d)
+    config.data.resolution = 32  # shapes: image size
+    config.data.batch_size = 128  # global batch size
+    config.data.class_conditional = True  # use labels when the data has them
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"  # unet | dit | mlp
+    config.model.channels = 64  # unet: base width
+    config.model.channel_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attention_resolutions = (16,)
+    config.model.num_heads = 1
+    config.model.dropout = 0.1
+    config.model.scale_shift = False
+    config.model.dit_size = "S"  # dit: S | B | L | XL
+    config.model.patch_size = 2
+    config.model.hidden = 256  # mlp
+    config.model.depth = 4  # mlp
+    config.model.noise_scale = 1000.0
+    config.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "cosine"
+    config.diffusion.schedule_params = ml_collections.ConfigDict()  # e.g. {"sigma_max": 80.0}
+    config.diffusion.target = "v"  # eps | x0 | v | flow | edm
+    config.diffusion.sigma_data = 0.5  # edm target only
+    config.diffusion.weighting = "mse"  # mse | snr | min_snr | edm | sigmoid
+    config.diffusion.weighting_params = ml_collections.ConfigDict()  # e.g. {"gamma": 5.0}
+    config.diffusion.time_sampling = "uniform"
+    config.diffusion.time_sampling_params = ml_collections.ConfigDict()
+    config.diffusion.label_dropout = 0.1  # probability of the null label in training
+
+    config.training = ml_collections.ConfigDict()
+    config.training.num_steps = 20_000
+    config.training.learning_rate = 2e-4
+    config.training.warmup_steps = 500
+    config.training.grad_clip = 1.0
+    config.training.weight_decay = 0.0
+    config.training.ema_decay = 0.9995
+    config.training.log_every = 100
+    config.training.checkpoint_every = 2_000
+    config.training.keep_checkpoints = 3
+    config.training.sample_every = 5_000  # 0 disables periodic sample grids
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.method = "dpmpp_2m"
+    config.sampling.num_steps = 30
+    config.sampling.grid = "trailing"
+    config.sampling.num_samples = 64
+    config.sampling.seed = 0
+    config.sampling.label = -1  # class to generate; -1 = cycle through all classes
+    config.sampling.guidance_scale = 1.0
+    config.sampling.checkpoint_step = -1  # -1 = latest
+    config.sampling.use_ema = True
+    return config

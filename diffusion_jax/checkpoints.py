@@ -1,0 +1,100 @@
+"""Orbax checkpoints of the train state and the data iterator, with a check that a checkpoint
+belongs to the current config. Loading never executes code from the files (Orbax/tensorstore
+arrays and JSON only), and a crash mid-save leaves the previous checkpoint intact (Orbax commits a
+step only once all of it is written)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import grain.python as grain
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointError", "Checkpoints"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or from a different model; the message says which."""
+
+
+class Checkpoints:
+    """Save and restore ``(TrainState, data iterator)`` under ``directory/<step>``.
+
+    ``fingerprint`` (a JSON-able dict: the model config and the data shape) is stored with each
+    step; restoring under a different fingerprint raises :class:`CheckpointError` listing the keys
+    that differ instead of failing later with an array-shape traceback.
+    """
+
+    def __init__(self, directory: str, *, fingerprint: dict, max_to_keep: int = 3,
+                 asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples to lists
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True,
+                enable_async_checkpointing=asynchronous,
+            ),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self):
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, iterator=None) -> None:
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave(self.fingerprint)}
+        if iterator is not None:
+            items["data"] = grain.PyGrainCheckpointSave(iterator)
+        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore(self, abstract_state: Any, iterator=None, step: Optional[int] = None):
+        """Restore into the structure of ``abstract_state`` (and ``iterator``'s position)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        if step not in self.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                  f"available: {self.all_steps()}")
+        where = os.path.join(self.directory, str(step))
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); delete that "
+                "step's folder to fall back to an earlier one, or use a fresh workdir"
+            ) from err
+        if meta != self.fingerprint:
+            differing = sorted(k for k in set(meta) | set(self.fingerprint)
+                               if meta.get(k) != self.fingerprint.get(k))
+            details = ", ".join(f"{k}: checkpoint {meta.get(k)!r} vs config "
+                                f"{self.fingerprint.get(k)!r}" for k in differing)
+            raise CheckpointError(
+                f"checkpoint {where} was written for a different model or data ({details}); "
+                "use the config it was trained with, or a fresh workdir"
+            )
+        items = {"state": ocp.args.StandardRestore(
+            jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state))}
+        if iterator is not None:
+            items["data"] = grain.PyGrainCheckpointRestore(iterator)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); delete that "
+                "step's folder to fall back to an earlier one, or use a fresh workdir"
+            ) from err
+        return restored["state"]

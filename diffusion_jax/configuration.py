@@ -1,0 +1,159 @@
+"""From a config to objects: validation with clear messages, and builders for the data source,
+model, schedule, prediction target and loss. Everything here runs before any compilation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from diffusion_jax import data as data_lib
+from diffusion_jax import losses, parameterization, samplers, schedules
+from diffusion_jax import models
+
+__all__ = ["ConfigError", "validate", "build_source", "build_model", "build_schedule",
+           "build_parameterization", "data_shape"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has an invalid value; the message names the key."""
+
+
+_CHOICES = {
+    "data.name": ("fashion_mnist", "tfds", "shapes", "toy2d"),
+    "data.toy_kind": data_lib.Toy2D.KINDS,
+    "model.name": ("unet", "dit", "mlp"),
+    "model.dit_size": tuple(models.DIT_SIZES),
+    "model.dtype": ("float32", "bfloat16"),
+    "diffusion.schedule": tuple(schedules.SCHEDULES),
+    "diffusion.target": parameterization.TARGETS,
+    "diffusion.weighting": losses.WEIGHTINGS,
+    "diffusion.time_sampling": losses.TIME_SAMPLING,
+    "sampling.method": samplers.METHODS,
+    "sampling.grid": samplers.GRIDS,
+}
+_POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
+             "training.learning_rate", "training.log_every", "training.checkpoint_every",
+             "training.keep_checkpoints", "sampling.num_steps", "sampling.num_samples",
+             "model.channels", "model.num_res_blocks", "model.hidden", "model.depth",
+             "model.patch_size")
+_FREE_FORM = ("diffusion.schedule_params", "diffusion.weighting_params",
+              "diffusion.time_sampling_params")
+
+
+def _flatten(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items") and name not in _FREE_FORM:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def validate(config, reference=None) -> None:
+    """Check every key against the defaults in configs/default.py and every value against its
+    allowed range; raise :class:`ConfigError` naming the first offending key."""
+    if reference is None:
+        from configs import default  # the repository's defaults define the valid keys
+
+        reference = default.get_config()
+    given, known = _flatten(config), _flatten(reference)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys are listed in "
+                          "configs/default.py")
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ConfigError(f"config is missing key(s) {missing}; start presets from "
+                          "configs/default.get_config()")
+    for key, choices in _CHOICES.items():
+        if given[key] not in choices:
+            raise ConfigError(f"config.{key}={given[key]!r} is not one of {tuple(choices)}")
+    for key in _POSITIVE:
+        if not given[key] > 0:
+            raise ConfigError(f"config.{key} must be > 0, got {given[key]!r}")
+    for key in ("training.ema_decay", "diffusion.label_dropout", "model.dropout"):
+        if not 0.0 <= given[key] < 1.0:
+            raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
+    if given["sampling.guidance_scale"] < 0:
+        raise ConfigError("config.sampling.guidance_scale must be >= 0")
+    if given["data.name"] == "tfds" and not given["data.tfds_name"]:
+        raise ConfigError("config.data.tfds_name must name the dataset when data.name='tfds'")
+    # Component parameters are checked by building the components (still before compiling).
+    try:
+        schedule = build_schedule(config)
+        par = build_parameterization(config)
+        losses.make_loss_fn(lambda *a: None, schedule=schedule, parameterization=par,
+                            time_sampling=config.diffusion.time_sampling,
+                            time_sampling_params=dict(config.diffusion.time_sampling_params),
+                            weighting=config.diffusion.weighting,
+                            weighting_params=dict(config.diffusion.weighting_params))
+        if par.name == "eps":
+            parameterization.make_denoise_fn(lambda *a: None, schedule, par)
+    except ValueError as err:
+        raise ConfigError(f"config.diffusion: {err}") from err
+
+
+def build_schedule(config):
+    return schedules.get(config.diffusion.schedule, **dict(config.diffusion.schedule_params))
+
+
+def build_parameterization(config):
+    target = config.diffusion.target
+    if target == "edm":
+        return parameterization.get("edm", sigma_data=config.diffusion.sigma_data)
+    return parameterization.get(target)
+
+
+def build_source(data_config, split=None):
+    """The random-access data source named by config.data."""
+    split = split or data_config.split
+    if data_config.name == "fashion_mnist":
+        return data_lib.FashionMNIST(split, path=data_config.path or None)
+    if data_config.name == "tfds":
+        return data_lib.TFDSSource(data_config.tfds_name, split,
+                                   data_dir=data_config.data_dir or None)
+    if data_config.name == "shapes":
+        return data_lib.Shapes(data_config.size, data_config.resolution,
+                               seed=0 if split == "train" else 1)
+    return data_lib.Toy2D(data_config.toy_kind, data_config.size,
+                          seed=0 if split == "train" else 1)
+
+
+def data_shape(source):
+    """(shape of one model input, number of classes or None)."""
+    record = data_lib.ToModelInputs().map(source[0])
+    return record["x"].shape, getattr(source, "num_classes", None)
+
+
+def build_model(model_config, example_shape, num_classes=None) -> Any:
+    dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
+    common = dict(num_classes=num_classes, noise_scale=model_config.noise_scale, dtype=dtype)
+    if model_config.name == "mlp":
+        if len(example_shape) != 1:
+            raise ConfigError(f"config.model.name='mlp' needs vector data, got {example_shape}")
+        return models.MLP(hidden=model_config.hidden, depth=model_config.depth,
+                          dropout=model_config.dropout, **common)
+    if len(example_shape) != 3:
+        raise ConfigError(f"config.model.name={model_config.name!r} needs images, got data of "
+                          f"shape {example_shape}; use model.name='mlp'")
+    if model_config.name == "unet":
+        levels = len(model_config.channel_mult)
+        if example_shape[0] % 2 ** (levels - 1):
+            raise ConfigError(f"config.model.channel_mult has {levels} levels; the image size "
+                              f"{example_shape[0]} must be divisible by {2 ** (levels - 1)}")
+        groups = min(32, model_config.channels)
+        return models.UNet(channels=model_config.channels,
+                           channel_mult=tuple(model_config.channel_mult),
+                           num_res_blocks=model_config.num_res_blocks,
+                           attention_resolutions=tuple(model_config.attention_resolutions),
+                           num_heads=model_config.num_heads, dropout=model_config.dropout,
+                           scale_shift=model_config.scale_shift, num_groups=groups, **common)
+    return models.dit(model_config.dit_size, model_config.patch_size, **common)
+
+
+def workdir_path(workdir, *parts):
+    return os.path.join(os.path.abspath(workdir), *parts)

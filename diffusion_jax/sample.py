@@ -1,0 +1,112 @@
+"""Generate from trained parameters: the sampling function of a config, image grids, files."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import configuration, guidance, parameterization, samplers
+
+__all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "save_grid", "save_arrays"]
+
+
+@functools.lru_cache(maxsize=None)
+def _network(model):
+    def apply(params, x, noise_level, labels):
+        return model.apply({"params": params}, x, noise_level, labels)
+
+    return apply
+
+
+def _unconditional(denoise_fn, x, t):
+    return denoise_fn(x, t, None)
+
+
+def sampling_labels(config, num_classes, num):
+    """Labels to generate: ``config.sampling.label``, or every class in turn when it is -1."""
+    if num_classes is None:
+        return None
+    label = config.sampling.label
+    if label == -1:
+        return jnp.arange(num, dtype=jnp.int32) % num_classes
+    if not 0 <= label < num_classes:
+        raise configuration.ConfigError(
+            f"config.sampling.label={label} is not a class of this data (0..{num_classes - 1}, "
+            "or -1 for all)")
+    return jnp.full((num,), label, jnp.int32)
+
+
+def make_generate_fn(config, model, example_shape, num_classes):
+    """``generate(params, key, num) -> samples`` following ``config.sampling``; parameters,
+    labels and the guidance scale are data to the compiled sampler."""
+    schedule = configuration.build_schedule(config)
+    par = configuration.build_parameterization(config)
+    sampling = config.sampling
+
+    def generate(params, key, num):
+        denoise = parameterization.make_denoise_fn(
+            jax.tree_util.Partial(_network(model), params), schedule, par)
+        labels = sampling_labels(config, num_classes, num)
+        if labels is None:
+            fn = jax.tree_util.Partial(_unconditional, denoise)
+        else:
+            fn = guidance.classifier_free_guidance(
+                denoise, cond=labels, uncond=jnp.full_like(labels, num_classes),
+                scale=sampling.guidance_scale)
+        key_noise, key_sampler = jax.random.split(key)
+        noise = jax.random.normal(key_noise, (num,) + tuple(example_shape), jnp.float32)
+        return samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
+                               num_steps=sampling.num_steps, grid=sampling.grid,
+                               key=key_sampler).samples
+
+    return generate
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8 pixels."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8)
+
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_grid(images, path, columns=None):
+    """Write a batch of NHWC images in [-1, 1] as one PNG grid (written atomically)."""
+    from PIL import Image
+
+    pixels = to_uint8(images)
+    num, height, width, channels = pixels.shape
+    columns = columns or int(math.ceil(math.sqrt(num)))
+    rows = int(math.ceil(num / columns))
+    grid = np.zeros((rows * height, columns * width, channels), np.uint8)
+    for i in range(num):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
+    image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return grid
+
+
+def save_arrays(path, **arrays):
+    """Write arrays to an .npz file atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    _atomic_write(path, write)
