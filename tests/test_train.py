@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from diffusion_jax import data, guidance, losses, metrics, parameterization, samplers, train
 from diffusion_jax.models import MLP

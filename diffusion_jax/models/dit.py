@@ -14,7 +14,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import MultiHeadSelfAttention, NoiseLevelEmbedding
+from diffusion_jax.models.layers import (
+    MultiHeadSelfAttention,
+    NoiseLevelEmbedding,
+    add_class_embedding,
+)
 
 __all__ = ["DiT", "DIT_SIZES", "dit", "sincos_position_embedding"]
 
@@ -116,13 +120,7 @@ class DiT(nn.Module):
         noise_level = jnp.broadcast_to(noise_level, (batch,))
         cond = NoiseLevelEmbedding(self.hidden, 256, self.noise_scale, dtype=self.dtype,
                                    name="noise_embedding")(noise_level)
-        if self.num_classes is not None:
-            if labels is None:
-                labels = jnp.full((batch,), self.num_classes, jnp.int32)
-            cond = cond + nn.Embed(self.num_classes + 1, self.hidden, dtype=self.dtype,
-                                   name="class_embedding")(labels)
-        elif labels is not None:
-            raise ValueError("labels were given but the DiT has no num_classes")
+        cond = add_class_embedding(cond, labels, self.num_classes, self.dtype, "DiT")
 
         for i in range(self.depth):
             tokens = DiTBlock(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,

@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sinusoidal_embedding", "NoiseLevelEmbedding", "MultiHeadSelfAttention"]
+__all__ = ["sinusoidal_embedding", "NoiseLevelEmbedding", "MultiHeadSelfAttention",
+           "add_class_embedding"]
 
 Dtype = Any
 
@@ -66,3 +67,19 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.reshape(batch, length, channels)
         kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
         return nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)
+
+
+def add_class_embedding(emb, labels, num_classes: Optional[int], dtype, model_name: str):
+    """Add a learned class embedding to ``emb`` [batch, features] (call inside a compact method).
+
+    Label ``num_classes`` is the null label for classifier-free guidance; ``labels=None`` means
+    every example is unconditional.
+    """
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError(f"labels were given but the {model_name} has no num_classes")
+        return emb
+    if labels is None:
+        labels = jnp.full(emb.shape[:1], num_classes, jnp.int32)
+    return emb + nn.Embed(num_classes + 1, emb.shape[-1], dtype=dtype,
+                          name="class_embedding")(labels)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import NoiseLevelEmbedding
+from diffusion_jax.models.layers import NoiseLevelEmbedding, add_class_embedding
 
 __all__ = ["MLP"]
 
@@ -30,13 +30,7 @@ class MLP(nn.Module):
             raise ValueError(f"MLP expects [batch, features] inputs, got shape {x.shape}")
         emb = NoiseLevelEmbedding(self.hidden, 64, self.noise_scale, dtype=self.dtype,
                                   name="noise_embedding")(jnp.broadcast_to(noise_level, x.shape[:1]))
-        if self.num_classes is not None:
-            if labels is None:
-                labels = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
-            emb = emb + nn.Embed(self.num_classes + 1, self.hidden, dtype=self.dtype,
-                                 name="class_embedding")(labels)
-        elif labels is not None:
-            raise ValueError("labels were given but the MLP has no num_classes")
+        emb = add_class_embedding(emb, labels, self.num_classes, self.dtype, "MLP")
         h = nn.Dense(self.hidden, dtype=self.dtype, name="dense_in")(x.astype(self.dtype))
         for i in range(self.depth):
             r = nn.silu(nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(h))

@@ -17,7 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import MultiHeadSelfAttention, NoiseLevelEmbedding
+from diffusion_jax.models.layers import (
+    MultiHeadSelfAttention,
+    NoiseLevelEmbedding,
+    add_class_embedding,
+)
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock"]
 
@@ -115,13 +119,7 @@ class UNet(nn.Module):
         noise_level = jnp.broadcast_to(noise_level, x.shape[:1])
         emb = NoiseLevelEmbedding(emb_dim, self.channels, self.noise_scale, dtype=self.dtype,
                                   name="noise_embedding")(noise_level)
-        if self.num_classes is not None:
-            if labels is None:
-                labels = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
-            emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
-                                 name="class_embedding")(labels)
-        elif labels is not None:
-            raise ValueError("labels were given but the UNet has no num_classes")
+        emb = add_class_embedding(emb, labels, self.num_classes, self.dtype, "UNet")
 
         res_block = lambda features, name: ResBlock(  # noqa: E731
             features, self.dropout, self.scale_shift, self.num_groups, self.dtype, name=name)
