@@ -181,7 +181,11 @@ def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
                                    jax.random.key(seed), with_labels=num_classes is not None))
 
 
-def train_and_evaluate(config, workdir: str, *, log=print) -> TrainState:
+def _print_now(line):
+    print(line, flush=True)  # visible at once even when stdout is a file
+
+
+def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     """Train from ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Writes checkpoints to ``workdir/checkpoints`` every ``training.checkpoint_every`` steps, at the
