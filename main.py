@@ -25,14 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run_sample(config, workdir):
     import jax
 
-    from diffusion_jax import checkpoints as ckpt_lib
     from diffusion_jax import sample, train
 
     _, model, example_shape, num_classes, optimizer = train.build(config)
-    checkpoints = ckpt_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"),
-        fingerprint=train._fingerprint(config, example_shape, num_classes),
-        max_to_keep=config.training.keep_checkpoints)
+    checkpoints = train.open_checkpoints(config, workdir, example_shape, num_classes)
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     abstract = train.abstract_train_state(model, optimizer, example_shape, num_classes,
                                           config.seed)

@@ -3,7 +3,6 @@ model, schedule, prediction target and loss. Everything here runs before any com
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -154,6 +153,3 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
                            scale_shift=model_config.scale_shift, num_groups=groups, **common)
     return models.dit(model_config.dit_size, model_config.patch_size, **common)
 
-
-def workdir_path(workdir, *parts):
-    return os.path.join(os.path.abspath(workdir), *parts)

@@ -126,9 +126,7 @@ def classifier_free_guidance(
             f"{cond_structure} and {jax.tree_util.tree_structure(other)}"
         )
     both = _concat_batch(cond, other)
-    space = None
-    if rescale:
-        space = rescale_space
+    space = rescale_space if rescale else None
     impl = _guided(space, schedules_lib.get(schedule) if space not in (None, "x0") else None)
     dynamic = (both, jnp.asarray(scale, jnp.float32), jnp.asarray(rescale, jnp.float32))
     if isinstance(model_fn, jax.tree_util.Partial):

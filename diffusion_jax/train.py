@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffusion_jax import checkpoints as ckpt_lib
+from diffusion_jax import configuration, data, losses, sample
+
 __all__ = [
     "TrainState",
     "make_optimizer",
@@ -28,6 +31,7 @@ __all__ = [
     "make_train_step",
     "TrainingDiverged",
     "build",
+    "open_checkpoints",
     "train_and_evaluate",
 ]
 
@@ -153,15 +157,17 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or Inf; nothing from that point was saved."""
 
 
-def _fingerprint(config, example_shape, num_classes):
-    return {"model": config.model.to_dict(), "data_shape": list(example_shape),
-            "num_classes": num_classes, "target": config.diffusion.target}
+def open_checkpoints(config, workdir, example_shape, num_classes) -> "ckpt_lib.Checkpoints":
+    """The run's checkpoint manager in ``workdir/checkpoints``. Its fingerprint (model config,
+    data shape, classes, target) must match for a checkpoint to be restored."""
+    fingerprint = {"model": config.model.to_dict(), "data_shape": list(example_shape),
+                   "num_classes": num_classes, "target": config.diffusion.target}
+    return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
+                                max_to_keep=config.training.keep_checkpoints)
 
 
 def build(config):
     """Validate ``config`` and build (source, model, example_shape, num_classes, optimizer)."""
-    from diffusion_jax import configuration
-
     configuration.validate(config)
     source = configuration.build_source(config.data)
     example_shape, num_classes = configuration.data_shape(source)
@@ -193,9 +199,6 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     to ``workdir/samples`` every ``training.sample_every`` steps. A NaN or Inf loss raises
     :class:`TrainingDiverged` before anything from the diverged steps is saved.
     """
-    from diffusion_jax import checkpoints as ckpt_lib
-    from diffusion_jax import configuration, data, losses, sample
-
     source, model, example_shape, num_classes, optimizer = build(config)
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
@@ -217,10 +220,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
                                   seed=config.seed, shard_index=process_index,
                                   shard_count=process_count)
-    checkpoints = ckpt_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"),
-        fingerprint=_fingerprint(config, example_shape, num_classes),
-        max_to_keep=config.training.keep_checkpoints)
+    checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
     state = create_train_state(model, optimizer, np.zeros((1,) + example_shape, np.float32),
                                jax.random.key(config.seed), with_labels=num_classes is not None)
     if checkpoints.latest_step() is not None:

@@ -103,8 +103,7 @@ def test_checkpoint_problems_are_reported_clearly(tmp_path):
 
     other = _config(num_steps=3)
     other.model.channels = 32
-    fingerprint = train._fingerprint(other, shape, num_classes)
-    manager = checkpoints.Checkpoints(str(tmp_path / "checkpoints"), fingerprint=fingerprint)
+    manager = train.open_checkpoints(other, str(tmp_path), shape, num_classes)
     with pytest.raises(checkpoints.CheckpointError, match="different model.*channels"):
         manager.restore(abstract)
     manager.close()
@@ -114,8 +113,7 @@ def test_checkpoint_problems_are_reported_clearly(tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    manager = checkpoints.Checkpoints(str(tmp_path / "checkpoints"),
-                                      fingerprint=train._fingerprint(config, shape, num_classes))
+    manager = train.open_checkpoints(config, str(tmp_path), shape, num_classes)
     with pytest.raises(checkpoints.CheckpointError, match="unreadable"):
         manager.restore(abstract)
     manager.close()
