@@ -2,7 +2,8 @@
 
 Groups: ``data`` (what to train on), ``model`` (the denoiser), ``diffusion`` (schedule, prediction
 target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoints, logging) and
-``sampling`` (how ``--mode=sample`` and the periodic sample grids generate).
+``sampling`` (how ``--mode=sample`` and the periodic sample grids generate) and ``mesh`` (how the
+devices are arranged).
 """
 
 import ml_collections
@@ -73,4 +74,9 @@ def get_config():
     config.sampling.guidance_scale = 1.0
     config.sampling.checkpoint_step = -1  # -1 = latest
     config.sampling.use_ema = True
+
+    # Devices form a data x fsdp mesh; the batch is split over both, large parameters over fsdp.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1 = all devices not used by the other axis
+    config.mesh.fsdp = 1
     return config

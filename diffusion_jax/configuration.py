@@ -77,6 +77,10 @@ def validate(config, reference=None) -> None:
     for key in ("training.ema_decay", "diffusion.label_dropout", "model.dropout"):
         if not 0.0 <= given[key] < 1.0:
             raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
+    for key in ("mesh.data", "mesh.fsdp"):
+        if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
+            raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
+                              f">= 1, got {given[key]!r}")
     if given["sampling.guidance_scale"] < 0:
         raise ConfigError("config.sampling.guidance_scale must be >= 0")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:

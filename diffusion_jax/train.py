@@ -19,12 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
+from clu import parameter_overview as clu_parameter_overview
 
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import configuration, data, losses, sample
+from diffusion_jax import configuration, data, losses, parallel, sample, writers
 
 __all__ = [
     "TrainState",
+    "TrainMetrics",
+    "learning_rate_schedule",
     "make_optimizer",
     "network_apply_fn",
     "create_train_state",
@@ -32,6 +36,7 @@ __all__ = [
     "TrainingDiverged",
     "build",
     "open_checkpoints",
+    "build_mesh",
     "train_and_evaluate",
 ]
 
@@ -49,6 +54,21 @@ class TrainState:
     rng: jax.Array
 
 
+def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0):
+    """A linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not warmup_steps:
+        return optax.constant_schedule(learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+         optax.constant_schedule(learning_rate)],
+        [warmup_steps],
+    )
+
+
 def make_optimizer(
     learning_rate: float,
     *,
@@ -60,17 +80,8 @@ def make_optimizer(
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """AdamW with a linear warmup to ``learning_rate`` and global-norm gradient clipping."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    lr = learning_rate
-    if warmup_steps:
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, learning_rate, warmup_steps),
-             optax.constant_schedule(learning_rate)],
-            [warmup_steps],
-        )
+    schedule = learning_rate_schedule(learning_rate, warmup_steps)
+    lr = schedule if warmup_steps else learning_rate  # a constant needs no step counter
     parts = []
     if grad_clip:
         parts.append(optax.clip_by_global_norm(grad_clip))
@@ -191,15 +202,60 @@ def _print_now(line):
     print(line, flush=True)  # visible at once even when stdout is a file
 
 
+# Averages over the steps since the last log line. (Built with ``create`` rather than a class
+# body: clu reads the field types from annotations, which this module keeps as strings.)
+TrainMetrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output("loss"),
+                                             grad_norm=clu_metrics.Average.from_output("grad_norm"))
+
+
+def _accumulating_step(train_step):
+    """``train_step`` that also folds its metrics into a running :class:`TrainMetrics` and a
+    running "every step was finite" flag, inside the same compiled call."""
+
+    def step(state, batch, running):
+        state, metrics = train_step(state, batch)
+        update = TrainMetrics.single_from_model_output(loss=metrics["loss"],
+                                                      grad_norm=metrics["grad_norm"])
+        return state, {"metrics": running["metrics"].merge(update),
+                       "finite": running["finite"] & metrics["finite"]}
+
+    return step
+
+
+def build_mesh(config):
+    """The device mesh of ``config.mesh``; checks that the global batch splits over it."""
+    try:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except parallel.MeshError as err:
+        raise configuration.ConfigError(str(err)) from err
+    devices = mesh.devices.size
+    if config.data.batch_size % devices:
+        raise configuration.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split over the "
+            f"{devices} devices of the mesh; use a multiple of {devices}")
+    return mesh
+
+
+def _to_host(x):
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     """Train from ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Writes checkpoints to ``workdir/checkpoints`` every ``training.checkpoint_every`` steps, at the
-    end and when the process receives SIGTERM or SIGINT (then it stops cleanly), and sample grids
-    to ``workdir/samples`` every ``training.sample_every`` steps. A NaN or Inf loss raises
-    :class:`TrainingDiverged` before anything from the diverged steps is saved.
+    end and when the process receives SIGTERM or SIGINT (then it stops cleanly); TensorBoard events
+    (loss, gradient norm, learning rate, steps/s, sample grids) to ``workdir/tensorboard``; console
+    lines through ``log``; and sample grids from the EMA parameters to ``workdir/samples`` every
+    ``training.sample_every`` steps. A NaN or Inf loss raises :class:`TrainingDiverged` before
+    anything from the diverged steps is saved.
     """
     source, model, example_shape, num_classes, optimizer = build(config)
+    mesh = build_mesh(config)
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
     apply_fn = network_apply_fn(model, num_classes=num_classes,
@@ -210,7 +266,8 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
         time_sampling_params=dict(config.diffusion.time_sampling_params),
         weighting=config.diffusion.weighting,
         weighting_params=dict(config.diffusion.weighting_params))
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, ema_decay=config.training.ema_decay))
+    t = config.training
+    learning_rate = learning_rate_schedule(t.learning_rate, t.warmup_steps)
 
     process_count, process_index = jax.process_count(), jax.process_index()
     if config.data.batch_size % process_count:
@@ -221,15 +278,44 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                                   seed=config.seed, shard_index=process_index,
                                   shard_count=process_count)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
-    state = create_train_state(model, optimizer, np.zeros((1,) + example_shape, np.float32),
-                               jax.random.key(config.seed), with_labels=num_classes is not None)
+
+    # The state is created (or restored) directly in its sharding over the mesh.
+    abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+    shardings = parallel.state_shardings(mesh, abstract)
     if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state, iterator)
-        log(f"resumed from step {int(state.step)} in {checkpoints.directory}")
-    if process_index == 0:
+        state = checkpoints.restore(
+            jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                shardings),
+            iterator)
+        resumed = True
+    else:
+        state = jax.jit(
+            lambda: create_train_state(model, optimizer,
+                                       jnp.zeros((1,) + example_shape, jnp.float32),
+                                       jax.random.key(config.seed),
+                                       with_labels=num_classes is not None),
+            out_shardings=shardings)()
+        resumed = False
+    replicated = parallel.replicated(mesh)
+    train_step = jax.jit(
+        _accumulating_step(make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay)),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0, 2))
+
+    is_writer = process_index == 0
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                  enabled=is_writer)
+    if is_writer:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
+    writer.text(f"model: {config.model.name}, {clu_parameter_overview.count_parameters(abstract.params):,} "
+                f"parameters; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
+                f"over {mesh.devices.size} {jax.devices()[0].platform} device(s)")
+    if resumed:
+        writer.text(f"resumed from step {int(state.step)} in {checkpoints.directory}")
 
     stop = {"signal": None}
 
@@ -238,13 +324,13 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     generate = None
-    t = config.training
     step = int(state.step)
-    healthy = jnp.asarray(True)
-    start_time, start_step = time.time(), step
+    running = jax.device_put({"metrics": TrainMetrics.empty(), "finite": jnp.asarray(True)},
+                             replicated)
+    last_time, last_step = time.time(), step
 
     def check_finite():
-        if not bool(healthy):
+        if not bool(running["finite"]):
             raise TrainingDiverged(
                 f"loss or gradients became NaN/Inf before step {step}; the last checkpoint in "
                 f"{checkpoints.directory} (step {checkpoints.latest_step()}) is from before. "
@@ -252,33 +338,46 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
 
     try:
         while step < t.num_steps and stop["signal"] is None:
-            state, metrics = train_step(state, next(iterator))
-            healthy = healthy & metrics["finite"]
+            batch = parallel.global_batch(next(iterator), mesh)
+            state, running = train_step(state, batch, running)
             step += 1
             if step % t.log_every == 0 or step == t.num_steps:
                 check_finite()
-                rate = (step - start_step) / max(time.time() - start_time, 1e-9)
+                values = {k: float(v) for k, v in running["metrics"].compute().items()}
+                running = {"metrics": jax.device_put(TrainMetrics.empty(), replicated),
+                           "finite": running["finite"]}
+                now = time.time()
+                rate = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
                 eta = (t.num_steps - step) / max(rate, 1e-9)
-                log(f"step {step}/{t.num_steps}  loss {float(metrics['loss']):.4f}  "
-                    f"grad_norm {float(metrics['grad_norm']):.3f}  {rate:.2f} steps/s  "
-                    f"ETA {eta / 60:.1f} min")
+                writer.text(f"step {step}/{t.num_steps} {writers.progress_bar(step, t.num_steps)}  "
+                            f"loss {values['loss']:.4f}  grad_norm {values['grad_norm']:.3f}  "
+                            f"{rate:.2f} steps/s  ETA {writers.format_duration(eta)}")
+                writer.scalars(step, {"train/loss": values["loss"],
+                                      "train/grad_norm": values["grad_norm"],
+                                      "train/learning_rate": float(learning_rate(step - 1)),
+                                      "train/steps_per_sec": rate})
             if step % t.checkpoint_every == 0 or step == t.num_steps or stop["signal"]:
                 check_finite()
                 checkpoints.save(step, state, iterator)
-            if t.sample_every and step % t.sample_every == 0 and process_index == 0:
+            if t.sample_every and step % t.sample_every == 0:
                 check_finite()
                 if generate is None:
                     generate = jax.jit(sample.make_generate_fn(config, model, example_shape,
                                                                num_classes), static_argnums=2)
-                images = generate(state.ema_params, jax.random.key(config.sampling.seed),
-                                  config.sampling.num_samples)
-                if len(example_shape) == 3:
-                    sample.save_grid(images, os.path.join(workdir, "samples",
-                                                          f"step_{step:08d}.png"))
+                images = _to_host(generate(state.ema_params, jax.random.key(config.sampling.seed),
+                                           config.sampling.num_samples))
+                if is_writer and len(example_shape) == 3:
+                    grid = sample.save_grid(images, os.path.join(workdir, "samples",
+                                                                 f"step_{step:08d}.png"))
+                    writer.image(step, "samples/ema", grid)
+            if step % t.log_every == 0:
+                writer.flush()
         if stop["signal"] is not None:
-            log(f"received signal {stop['signal']}: saved step {step} and stopped")
+            writer.text(f"received signal {stop['signal']}: saved step {step} and stopped")
     finally:
         checkpoints.close()
+        writer.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return state

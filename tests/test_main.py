@@ -32,15 +32,59 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def _read_events(directory):
+    """Every (tag, step, value-or-image) in the TensorBoard event files under ``directory``,
+    read by hand from the TFRecord framing (8-byte length, 4-byte CRC, payload, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            blob = f.read()
+        offset = 0
+        while offset < len(blob):
+            (length,) = struct.unpack("<Q", blob[offset:offset + 8])
+            payload = blob[offset + 12:offset + 12 + length]
+            offset += 12 + length + 4
+            event = event_pb2.Event.FromString(payload)
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                found.append((value.tag, event.step,
+                              value.simple_value if kind == "simple_value" else value.image))
+    return found
+
+
 def test_cli_train_then_sample(tmp_path):
     workdir = str(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT}
     train_run = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}"],
+        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+         "--config.training.sample_every=3"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert train_run.returncode == 0, train_run.stderr[-3000:]
-    assert "step 6/6" in train_run.stdout
+    assert "step 2/6 [#######-------------]  33%  loss " in train_run.stdout
+    assert "step 6/6 [####################] 100%  loss " in train_run.stdout
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+        "step_00000003.png", "step_00000006.png"]
+
+    # TensorBoard: averaged loss and gradient norm, learning rate, speed, and the sample grids.
+    events = _read_events(os.path.join(workdir, "tensorboard"))
+    scalars = {}
+    for tag, step, value in events:
+        scalars.setdefault(tag, {})[step] = value
+    assert sorted(scalars["train/loss"]) == [2, 4, 6]
+    assert all(np.isfinite(v) and v > 0 for v in scalars["train/loss"].values())
+    assert sorted(scalars["train/grad_norm"]) == [2, 4, 6]
+    # Warmup over 2 steps to 1e-3: the rate used by steps 2, 4 and 6.
+    np.testing.assert_allclose([scalars["train/learning_rate"][s] for s in (2, 4, 6)],
+                               [5e-4, 1e-3, 1e-3], rtol=1e-6)
+    assert all(v > 0 for v in scalars["train/steps_per_sec"].values())
+    images = {step: value for tag, step, value in events if tag == "samples/ema"}
+    assert sorted(images) == [3, 6]
+    assert (images[6].height, images[6].width) == (32, 32)
     sample_run = subprocess.run(
         [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
          "--mode=sample", "--config.sampling.guidance_scale=2"],
@@ -62,6 +106,47 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     assert any("resumed from step 3" in line for line in lines)
     assert int(resumed.step) == int(straight.step) == 6
     for a, b in zip(_leaves(straight), _leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
+    """kill -9 gives the run no chance to clean up: it may die mid-step or mid-save. Rerunning
+    the same command must resume from the last complete checkpoint and end where an
+    uninterrupted run ends, bit for bit."""
+    num_steps = 40
+    overrides = [f"--config.training.num_steps={num_steps}", "--config.training.log_every=1",
+                 "--config.training.checkpoint_every=4"]
+    command = [sys.executable, "main.py", "--config=configs/tiny.py",
+               f"--workdir={tmp_path / 'killed'}", *overrides]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 10/"):
+                process.kill()  # SIGKILL
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed_from = [line for line in rerun.stdout.splitlines() if "resumed from step" in line]
+    assert resumed_from, rerun.stdout
+    assert 0 < int(resumed_from[0].split("resumed from step ")[1].split()[0]) < num_steps
+
+    straight = train.train_and_evaluate(_config(num_steps=num_steps, log_every=1,
+                                                checkpoint_every=4),
+                                        str(tmp_path / "straight"), log=_quiet)
+    config = _config(num_steps=num_steps)
+    _, model, shape, num_classes, optimizer = train.build(config)
+    manager = train.open_checkpoints(config, str(tmp_path / "killed"), shape, num_classes)
+    assert manager.latest_step() == num_steps
+    killed = manager.restore(train.abstract_train_state(model, optimizer, shape, num_classes, 0))
+    manager.close()
+    for a, b in zip(_leaves(straight), _leaves(killed)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -137,6 +222,14 @@ def test_bad_configs_name_the_key():
     config.data.unknown_key = 1
     with pytest.raises(configuration.ConfigError, match="unknown config key.*data.unknown_key"):
         configuration.validate(config)
+    config = tiny.get_config()
+    config.mesh.fsdp = 0
+    with pytest.raises(configuration.ConfigError, match="mesh.fsdp must be -1"):
+        configuration.validate(config)
+    config = tiny.get_config()
+    config.mesh.data = 3  # this process sees one CPU device
+    with pytest.raises(configuration.ConfigError, match="must use all 1 devices"):
+        train.build_mesh(config)
     config = tiny.get_config()
     config.diffusion.target = "eps"  # cosine has zero terminal SNR
     with pytest.raises(configuration.ConfigError, match="eps-predicting"):
