@@ -27,13 +27,8 @@ def run_sample(config, workdir):
 
     from diffusion_jax import sample, train
 
-    _, model, example_shape, num_classes, optimizer = train.build(config)
-    checkpoints = train.open_checkpoints(config, workdir, example_shape, num_classes)
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
-    abstract = train.abstract_train_state(model, optimizer, example_shape, num_classes,
-                                          config.seed)
-    state = checkpoints.restore(abstract, step=step)
-    checkpoints.close()
+    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     generate = sample.make_generate_fn(config, model, example_shape, num_classes)
     images = generate(params, jax.random.key(config.sampling.seed), config.sampling.num_samples)

@@ -13,7 +13,8 @@ import numpy as np
 
 from diffusion_jax import configuration, guidance, parameterization, samplers
 
-__all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "save_grid", "save_arrays"]
+__all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "make_grid", "save_grid",
+           "save_arrays"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,9 +43,20 @@ def sampling_labels(config, num_classes, num):
     return jnp.full((num,), label, jnp.int32)
 
 
-def make_generate_fn(config, model, example_shape, num_classes):
-    """``generate(params, key, num) -> samples`` following ``config.sampling``; parameters,
-    labels and the guidance scale are data to the compiled sampler."""
+def make_generate_fn(config, model, example_shape, num_classes, **sampling):
+    """``generate(params, key, num) -> samples`` following ``config.sampling``, with any of its
+    keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
+    ``guidance_scale``); parameters, labels and the guidance scale are data to the compiled
+    sampler."""
+    if sampling:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            for key, value in sampling.items():
+                if key not in config.sampling:
+                    raise configuration.ConfigError(
+                        f"unknown sampling option {key!r}; valid: {sorted(config.sampling)}")
+                config.sampling[key] = value
+        configuration.validate(config)
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
     sampling = config.sampling
@@ -87,10 +99,9 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_grid(images, path, columns=None):
-    """Write a batch of NHWC images in [-1, 1] as one PNG grid (written atomically)."""
-    from PIL import Image
-
+def make_grid(images, columns=None) -> np.ndarray:
+    """Tile a batch of NHWC images in [-1, 1] into one uint8 image, row by row (``columns``
+    defaults to a square layout); a single channel is returned as a 2-D grayscale image."""
     pixels = to_uint8(images)
     num, height, width, channels = pixels.shape
     columns = columns or int(math.ceil(math.sqrt(num)))
@@ -99,7 +110,15 @@ def save_grid(images, path, columns=None):
     for i in range(num):
         r, c = divmod(i, columns)
         grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
-    image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    return grid[..., 0] if channels == 1 else grid
+
+
+def save_grid(images, path, columns=None):
+    """Write a batch of NHWC images in [-1, 1] as one PNG grid (written atomically)."""
+    from PIL import Image
+
+    grid = make_grid(images, columns)
+    image = Image.fromarray(grid)
     _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return grid
 

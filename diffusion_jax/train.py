@@ -37,6 +37,7 @@ __all__ = [
     "build",
     "open_checkpoints",
     "build_mesh",
+    "restore_run",
     "train_and_evaluate",
 ]
 
@@ -196,6 +197,24 @@ def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
     return jax.eval_shape(
         lambda: create_train_state(model, optimizer, jnp.zeros((1,) + tuple(example_shape)),
                                    jax.random.key(seed), with_labels=num_classes is not None))
+
+
+def restore_run(config, workdir: str, *, step: Optional[int] = None):
+    """Load a trained run: ``(state, model, example_shape, num_classes)`` from the checkpoint of
+    ``step`` (default: the latest) in ``workdir``. ``config`` must describe the same model and
+    data as the run (``workdir/config.json`` holds the one it was trained with)."""
+    _, model, example_shape, num_classes, optimizer = build(config)
+    checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
+    try:
+        if checkpoints.latest_step() is None:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint in {checkpoints.directory}; train first with "
+                f"`python main.py --config=... --workdir={workdir}`")
+        abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+        state = checkpoints.restore(abstract, step=step)
+    finally:
+        checkpoints.close()
+    return state, model, example_shape, num_classes
 
 
 def _print_now(line):
