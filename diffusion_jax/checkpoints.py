@@ -20,6 +20,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or from a different model; the message says which."""
 
 
+def _restore_target(leaf):
+    """Shape, dtype and sharding to restore a leaf into. A leaf without a sharding goes to the
+    first local device, so a checkpoint written on any number of devices restores on one."""
+    target = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(target, "sharding", None) is None:
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype,
+                                      sharding=jax.sharding.SingleDeviceSharding(
+                                          jax.local_devices()[0]))
+    return target
+
+
 class Checkpoints:
     """Save and restore ``(TrainState, data iterator)`` under ``directory/<step>``.
 
@@ -87,7 +98,7 @@ class Checkpoints:
                 "use the config it was trained with, or a fresh workdir"
             )
         items = {"state": ocp.args.StandardRestore(
-            jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state))}
+            jax.tree_util.tree_map(_restore_target, abstract_state))}
         if iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(iterator)
         try:

@@ -199,6 +199,13 @@ def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
                                    jax.random.key(seed), with_labels=num_classes is not None))
 
 
+def _with_shardings(abstract, mesh):
+    """The abstract state with each leaf's sharding over ``mesh``, to restore into."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        parallel.state_shardings(mesh, abstract))
+
+
 def restore_run(config, workdir: str, *, step: Optional[int] = None):
     """Load a trained run: ``(state, model, example_shape, num_classes)`` from the checkpoint of
     ``step`` (default: the latest) in ``workdir``. ``config`` must describe the same model and
@@ -211,7 +218,7 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`python main.py --config=... --workdir={workdir}`")
         abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-        state = checkpoints.restore(abstract, step=step)
+        state = checkpoints.restore(_with_shardings(abstract, build_mesh(config)), step=step)
     finally:
         checkpoints.close()
     return state, model, example_shape, num_classes
@@ -302,11 +309,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
     shardings = parallel.state_shardings(mesh, abstract)
     if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(
-            jax.tree_util.tree_map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                shardings),
-            iterator)
+        state = checkpoints.restore(_with_shardings(abstract, mesh), iterator)
         resumed = True
     else:
         state = jax.jit(
