@@ -2,8 +2,9 @@
 
 Groups: ``data`` (what to train on), ``model`` (the denoiser), ``diffusion`` (schedule, prediction
 target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoints, logging) and
-``sampling`` (how ``--mode=sample`` and the periodic sample grids generate) and ``mesh`` (how the
-devices are arranged).
+``sampling`` (how ``--mode=sample`` and the periodic sample grids generate), ``evaluation`` and
+``classifier`` (``--mode=eval`` and the feature extractor it uses) and ``mesh`` (how the devices
+are arranged).
 """
 
 import ml_collections
@@ -74,6 +75,24 @@ def get_config():
     config.sampling.guidance_scale = 1.0
     config.sampling.checkpoint_step = -1  # -1 = latest
     config.sampling.use_ema = True
+
+    # --mode=eval: metrics of generated samples in the feature space of a classifier trained on
+    # the same data with --mode=train_classifier (not Inception features: not comparable to FID).
+    config.evaluation = ml_collections.ConfigDict()
+    config.evaluation.num_samples = 2_000  # generated samples (and data examples) per metric
+    config.evaluation.batch_size = 500  # generation batch
+    config.evaluation.classifier_dir = ""  # "" = WORKDIR/classifier
+    config.evaluation.precision_recall_k = 3
+    config.evaluation.likelihood_examples = 0  # test examples for bits/dim; 0 skips it
+    config.evaluation.likelihood_steps = 64  # RK4 steps of the probability-flow ODE
+
+    # --mode=train_classifier: the feature extractor for --mode=eval.
+    config.classifier = ml_collections.ConfigDict()
+    config.classifier.num_steps = 2_000
+    config.classifier.batch_size = 128
+    config.classifier.learning_rate = 1e-3
+    config.classifier.width = 32
+    config.classifier.feature_dim = 128
 
     # Devices form a data x fsdp mesh; the batch is split over both, large parameters over fsdp.
     config.mesh = ml_collections.ConfigDict()

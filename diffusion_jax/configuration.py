@@ -36,7 +36,10 @@ _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_st
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
              "training.keep_checkpoints", "sampling.num_steps", "sampling.num_samples",
              "model.channels", "model.num_res_blocks", "model.hidden", "model.depth",
-             "model.patch_size")
+             "model.patch_size", "evaluation.num_samples", "evaluation.batch_size",
+             "evaluation.precision_recall_k", "evaluation.likelihood_steps",
+             "classifier.num_steps", "classifier.batch_size", "classifier.learning_rate",
+             "classifier.width", "classifier.feature_dim")
 _FREE_FORM = ("diffusion.schedule_params", "diffusion.weighting_params",
               "diffusion.time_sampling_params")
 
@@ -81,6 +84,8 @@ def validate(config, reference=None) -> None:
         if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
             raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
                               f">= 1, got {given[key]!r}")
+    if given["evaluation.likelihood_examples"] < 0:
+        raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
     if given["sampling.guidance_scale"] < 0:
         raise ConfigError("config.sampling.guidance_scale must be >= 0")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:

@@ -43,6 +43,9 @@ def sampling_labels(config, num_classes, num):
     return jnp.full((num,), label, jnp.int32)
 
 
+_OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale")
+
+
 def make_generate_fn(config, model, example_shape, num_classes, **sampling):
     """``generate(params, key, num) -> samples`` following ``config.sampling``, with any of its
     keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
@@ -52,9 +55,10 @@ def make_generate_fn(config, model, example_shape, num_classes, **sampling):
         config = config.copy_and_resolve_references()
         with config.unlocked():
             for key, value in sampling.items():
-                if key not in config.sampling:
+                if key not in _OVERRIDABLE:
                     raise configuration.ConfigError(
-                        f"unknown sampling option {key!r}; valid: {sorted(config.sampling)}")
+                        f"make_generate_fn cannot override {key!r}; it takes {_OVERRIDABLE} "
+                        "(the key and the number of samples are arguments of generate)")
                 config.sampling[key] = value
         configuration.validate(config)
     schedule = configuration.build_schedule(config)

@@ -206,6 +206,15 @@ def _with_shardings(abstract, mesh):
         parallel.state_shardings(mesh, abstract))
 
 
+def _sampling_mesh(config):
+    """The config's mesh when it fits these devices, else all devices data-parallel: a run
+    trained on 8 devices generates on 1 (the training batch size plays no part here)."""
+    try:
+        return parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except parallel.MeshError:
+        return parallel.make_mesh(-1, 1)
+
+
 def restore_run(config, workdir: str, *, step: Optional[int] = None):
     """Load a trained run: ``(state, model, example_shape, num_classes)`` from the checkpoint of
     ``step`` (default: the latest) in ``workdir``. ``config`` must describe the same model and
@@ -218,7 +227,7 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`python main.py --config=... --workdir={workdir}`")
         abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-        state = checkpoints.restore(_with_shardings(abstract, build_mesh(config)), step=step)
+        state = checkpoints.restore(_with_shardings(abstract, _sampling_mesh(config)), step=step)
     finally:
         checkpoints.close()
     return state, model, example_shape, num_classes
@@ -304,90 +313,122 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                                   seed=config.seed, shard_index=process_index,
                                   shard_count=process_count)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
-
-    # The state is created (or restored) directly in its sharding over the mesh.
-    abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-    shardings = parallel.state_shardings(mesh, abstract)
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(_with_shardings(abstract, mesh), iterator)
-        resumed = True
-    else:
-        state = jax.jit(
-            lambda: create_train_state(model, optimizer,
-                                       jnp.zeros((1,) + example_shape, jnp.float32),
-                                       jax.random.key(config.seed),
-                                       with_labels=num_classes is not None),
-            out_shardings=shardings)()
-        resumed = False
-    replicated = parallel.replicated(mesh)
-    train_step = jax.jit(
-        _accumulating_step(make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay)),
-        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0, 2))
-
-    is_writer = process_index == 0
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
-                                  enabled=is_writer)
-    if is_writer:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
-    writer.text(f"model: {config.model.name}, {clu_parameter_overview.count_parameters(abstract.params):,} "
-                f"parameters; mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
-                f"over {mesh.devices.size} {jax.devices()[0].platform} device(s)")
-    if resumed:
-        writer.text(f"resumed from step {int(state.step)} in {checkpoints.directory}")
-
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    generate = None
-    step = int(state.step)
-    running = jax.device_put({"metrics": TrainMetrics.empty(), "finite": jnp.asarray(True)},
-                             replicated)
-    last_time, last_step = time.time(), step
-
-    def check_finite():
-        if not bool(running["finite"]):
-            raise TrainingDiverged(
-                f"loss or gradients became NaN/Inf before step {step}; the last checkpoint in "
-                f"{checkpoints.directory} (step {checkpoints.latest_step()}) is from before. "
-                "Lower training.learning_rate or check the data.")
-
+    previous_handlers = {}
+    writer = None
     try:
-        while step < t.num_steps and stop["signal"] is None:
+        # The state is created (or restored) directly in its sharding over the mesh.
+        abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+        shardings = parallel.state_shardings(mesh, abstract)
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(_with_shardings(abstract, mesh), iterator)
+            resumed = True
+        else:
+            state = jax.jit(
+                lambda: create_train_state(model, optimizer,
+                                           jnp.zeros((1,) + example_shape, jnp.float32),
+                                           jax.random.key(config.seed),
+                                           with_labels=num_classes is not None),
+                out_shardings=shardings)()
+            resumed = False
+        replicated = parallel.replicated(mesh)
+        train_step = jax.jit(
+            _accumulating_step(make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay)),
+            in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=(0, 2))
+
+        is_writer = process_index == 0
+        writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                      enabled=is_writer)
+        config_path = os.path.join(workdir, "config.json")
+        if is_writer and not os.path.exists(config_path):  # the config the run started with
+            os.makedirs(workdir, exist_ok=True)
+            sample._atomic_write(config_path, lambda tmp: _write_json(
+                tmp, json.loads(config.to_json_best_effort())))
+        num_params = clu_parameter_overview.count_parameters(abstract.params)
+        writer.text(f"model: {config.model.name}, {num_params:,} parameters; mesh "
+                    f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+                    f"{mesh.devices.size} {jax.devices()[0].platform} device(s)")
+        if resumed:
+            writer.text(f"resumed from step {int(state.step)} in {checkpoints.directory}")
+
+        stop = {"signal": None}
+
+        def request_stop(signum, frame):
+            stop["signal"] = signum
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            previous_handlers[s] = signal.signal(s, request_stop)
+
+        def stop_requested(at_log_boundary):
+            """Whether to save and stop now. With several processes they must agree (a save is
+            collective), so they compare their flags at log boundaries, where all are at the
+            same step."""
+            if process_count == 1:
+                return stop["signal"] is not None
+            if not at_log_boundary:
+                return False
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(stop["signal"] is not None))
+            return bool(np.any(flags))
+
+        generate = None
+        step = first_step = int(state.step)
+        running = jax.device_put({"metrics": TrainMetrics.empty(), "finite": jnp.asarray(True)},
+                                 replicated)
+        last_time, last_step = time.time(), step
+
+        def check_finite():
+            if not bool(running["finite"]):
+                latest = checkpoints.latest_step()
+                before = ("no checkpoint was written" if latest is None else
+                          f"the last checkpoint, step {latest} in {checkpoints.directory}, is "
+                          "from before")
+                raise TrainingDiverged(
+                    f"loss or gradients became NaN/Inf before step {step}; {before}. Lower "
+                    "training.learning_rate or check the data.")
+
+        stopping = False
+        while step < t.num_steps and not stopping:
             batch = parallel.global_batch(next(iterator), mesh)
             state, running = train_step(state, batch, running)
             step += 1
+            if step == first_step + 1:  # leave compilation out of steps/s
+                jax.block_until_ready(running)
+                compile_seconds = time.time() - last_time
+                last_time, last_step = time.time(), step
             if step % t.log_every == 0 or step == t.num_steps:
                 check_finite()
                 values = {k: float(v) for k, v in running["metrics"].compute().items()}
                 running = {"metrics": jax.device_put(TrainMetrics.empty(), replicated),
                            "finite": running["finite"]}
+                scalars = {"train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
+                           "train/learning_rate": float(learning_rate(step - 1))}
                 now = time.time()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
+                if step > last_step:
+                    rate = (step - last_step) / max(now - last_time, 1e-9)
+                    eta = (t.num_steps - step) / max(rate, 1e-9)
+                    speed = f"{rate:.2f} steps/s  ETA {writers.format_duration(eta)}"
+                    scalars["train/steps_per_sec"] = rate
+                else:
+                    speed = f"first step (with compilation) {compile_seconds:.1f} s"
                 last_time, last_step = now, step
-                eta = (t.num_steps - step) / max(rate, 1e-9)
-                writer.text(f"step {step}/{t.num_steps} {writers.progress_bar(step, t.num_steps)}  "
-                            f"loss {values['loss']:.4f}  grad_norm {values['grad_norm']:.3f}  "
-                            f"{rate:.2f} steps/s  ETA {writers.format_duration(eta)}")
-                writer.scalars(step, {"train/loss": values["loss"],
-                                      "train/grad_norm": values["grad_norm"],
-                                      "train/learning_rate": float(learning_rate(step - 1)),
-                                      "train/steps_per_sec": rate})
-            if step % t.checkpoint_every == 0 or step == t.num_steps or stop["signal"]:
+                writer.text(f"step {step}/{t.num_steps} {writers.progress_bar(step, t.num_steps)}"
+                            f"  loss {values['loss']:.4f}  grad_norm {values['grad_norm']:.3f}  "
+                            f"{speed}")
+                writer.scalars(step, scalars)
+            stopping = stop_requested(step % t.log_every == 0)
+            if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
                 check_finite()
                 checkpoints.save(step, state, iterator)
-            if t.sample_every and step % t.sample_every == 0:
+            if t.sample_every and step % t.sample_every == 0 and not stopping:
                 check_finite()
                 if generate is None:
                     generate = jax.jit(sample.make_generate_fn(config, model, example_shape,
                                                                num_classes), static_argnums=2)
-                images = _to_host(generate(state.ema_params, jax.random.key(config.sampling.seed),
+                images = _to_host(generate(state.ema_params,
+                                           jax.random.key(config.sampling.seed),
                                            config.sampling.num_samples))
                 if is_writer and len(example_shape) == 3:
                     grid = sample.save_grid(images, os.path.join(workdir, "samples",
@@ -395,11 +436,19 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                     writer.image(step, "samples/ema", grid)
             if step % t.log_every == 0:
                 writer.flush()
-        if stop["signal"] is not None:
-            writer.text(f"received signal {stop['signal']}: saved step {step} and stopped")
+        if stopping:
+            reason = (f"received signal {stop['signal']}" if stop["signal"] is not None
+                      else "another process received a signal")
+            writer.text(f"{reason}: saved step {step} and stopped")
     finally:
         checkpoints.close()
-        writer.close()
-        for s, handler in previous.items():
+        if writer is not None:
+            writer.close()
+        for s, handler in previous_handlers.items():
             signal.signal(s, handler)
     return state
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)

@@ -15,8 +15,8 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     """``[#######-------------]  35%``: plain ASCII, so it reads the same in a terminal, a log
     file and a notebook."""
     fraction = min(max(done / max(total, 1), 0.0), 1.0)
-    filled = int(round(fraction * width))
-    return f"[{'#' * filled}{'-' * (width - filled)}] {fraction * 100:3.0f}%"
+    filled = int(fraction * width)  # rounded down: full only when done
+    return f"[{'#' * filled}{'-' * (width - filled)}] {int(fraction * 100):3d}%"
 
 
 def format_duration(seconds: float) -> str:

@@ -64,7 +64,7 @@ def test_cli_train_then_sample(tmp_path):
          "--config.training.sample_every=3"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert train_run.returncode == 0, train_run.stderr[-3000:]
-    assert "step 2/6 [#######-------------]  33%  loss " in train_run.stdout
+    assert "step 2/6 [######--------------]  33%  loss " in train_run.stdout
     assert "step 6/6 [####################] 100%  loss " in train_run.stdout
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
@@ -159,6 +159,28 @@ def test_sigterm_saves_and_stops(tmp_path):
     assert int(state.step) == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_signal_during_sampling_still_saves(tmp_path, monkeypatch):
+    """A signal that lands after the step's save decision (here: while the sample grid is
+    written) stops the run one step later, with a checkpoint of that step."""
+    from diffusion_jax import sample
+
+    original = sample.save_grid
+
+    def save_and_signal(*args, **kwargs):
+        grid = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return grid
+
+    monkeypatch.setattr(sample, "save_grid", save_and_signal)
+    lines = []
+    state = train.train_and_evaluate(
+        _config(num_steps=50, sample_every=3, checkpoint_every=100), str(tmp_path),
+        log=lines.append)
+    assert int(state.step) == 4
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    assert lines[-1] == "received signal 15: saved step 4 and stopped"
 
 
 def test_nan_stops_the_run_without_saving_it(tmp_path, monkeypatch):

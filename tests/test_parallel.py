@@ -74,17 +74,23 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
     single = train.train_and_evaluate(_config(), str(tmp_path / "one"), log=lines.append)
 
     # The logged loss and gradient norm (averages over steps 1-2 and 3-4) agree to the digits
-    # shown; a gradient summed rather than averaged over devices would show in grad_norm.
+    # shown (4 and 3 decimals); a gradient summed rather than averaged over devices would show in
+    # grad_norm.
     def logged(output_lines):
-        return [line.split("%")[1].split("steps/s")[0].rsplit(" ", 2)[0].strip()
-                for line in output_lines if line.startswith("step ")]
+        values = []
+        for line in output_lines:
+            if line.startswith("step "):
+                words = line.split()
+                values.append([float(words[words.index(k) + 1]) for k in ("loss", "grad_norm")])
+        return np.array(values)
 
     expected_log = logged(lines)
-    assert len(expected_log) == 2 and expected_log[0].startswith("loss ")
+    assert expected_log.shape == (2, 2)
     for name in ("data8", "data4_fsdp2"):
         own = [line[len(name) + 1:] for line in run.stdout.splitlines()
                if line.startswith(name + " step ")]
-        assert logged(own) == expected_log, (name, own, lines)
+        np.testing.assert_allclose(logged(own), expected_log, rtol=2e-3, err_msg=name)
+
     states = np.load(tmp_path / "states.npz")
     leaves = jax.tree_util.tree_flatten_with_path(single)[0]
     compared = 0

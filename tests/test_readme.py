@@ -23,7 +23,7 @@ def test_readme_training_example_runs(tmp_path, monkeypatch):
     """The train-and-generate example, on the tiny preset instead of Fashion-MNIST."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     example = next(b for b in blocks if "train.restore_run" in b)
-    for old, new in [("fashion_mnist_cpu", "tiny"), ("label=3", "label=1")]:
+    for old, new in [("fashion_mnist_cpu", "tiny"), ("label=4", "label=1")]:
         assert old in example
         example = example.replace(old, new)
     monkeypatch.chdir(tmp_path)
