@@ -3,6 +3,8 @@
     python main.py --config=configs/toy2d.py --workdir=/tmp/toy2d                 # train (resumes)
     python main.py --config=configs/toy2d.py --workdir=/tmp/toy2d --mode=sample   # generate
     python main.py --config=configs/tiny.py --workdir=/tmp/t --config.training.num_steps=100
+    python main.py --config=configs/X.py --workdir=DIR --mode=train_classifier   # for eval
+    python main.py --config=configs/X.py --workdir=DIR --mode=eval              # metrics
 
 Any config key can be overridden with --config.KEY=VALUE; unknown keys and invalid values stop
 the run before anything is compiled.
@@ -18,7 +20,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "train_classifier"],
+                  "train: train (or resume); sample: generate from a checkpoint; eval: metrics of "
+                  "generated samples; train_classifier: the feature extractor eval uses.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,17 +54,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from diffusion_jax import checkpoints, configuration, data, train
+    from diffusion_jax import checkpoints, configuration, data, evaluate, train
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     config, workdir = FLAGS.config, FLAGS.workdir
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)
-        else:
+        elif FLAGS.mode == "sample":
             run_sample(config, workdir)
+        elif FLAGS.mode == "eval":
+            evaluate.evaluate(config, workdir)
+        else:
+            evaluate.train_classifier(config, workdir)
     except (configuration.ConfigError, data.DataError, checkpoints.CheckpointError,
-            train.TrainingDiverged) as err:
+            train.TrainingDiverged, evaluate.EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -54,8 +54,8 @@ def ode_logsnr_grid(schedule, num_steps: int, t_min: float = 1e-3,
     schedule = schedules_lib.get(schedule)
     t_max = float(schedule.t_max if t_max is None else t_max)
     clip = param_lib.LOGSNR_CLIP
-    hi = float(np.clip(schedule.logsnr(jnp.float64(t_min)), -clip, clip))
-    lo = float(np.clip(schedule.logsnr(jnp.float64(t_max)), -clip, clip))
+    hi = float(np.clip(schedule.logsnr(jnp.asarray(t_min)), -clip, clip))
+    lo = float(np.clip(schedule.logsnr(jnp.asarray(t_max)), -clip, clip))
     return np.linspace(hi, lo, num_steps + 1)
 
 

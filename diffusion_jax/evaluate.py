@@ -1,0 +1,285 @@
+"""Metrics of generated samples: a classifier trained on the run's data gives the feature space
+for a Fréchet distance and precision/recall, and scores class-conditional samples; the
+probability-flow ODE gives bits/dim on held-out data.
+
+The Fréchet distance here is measured in that classifier's features, not Inception-v3's: it ranks
+samplers, step counts and checkpoints of one dataset, but it is not FID and is not comparable to
+published FID numbers.
+
+    python main.py --config=configs/X.py --workdir=DIR --mode=train_classifier   # once per dataset
+    python main.py --config=configs/X.py --workdir=DIR --mode=eval
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from diffusion_jax import configuration, data, likelihood, metrics, models, parameterization
+from diffusion_jax import sample, writers
+
+__all__ = ["FEATURE_SPACE_NOTE", "EvaluationError", "train_classifier", "load_classifier", "evaluate",
+           "reference_features"]
+
+FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of a classifier "
+                      "trained on this dataset (not Inception-v3: not FID, not comparable to "
+                      "published FID numbers)")
+
+
+def _classifier_dir(config, workdir):
+    return os.path.abspath(config.evaluation.classifier_dir or os.path.join(workdir, "classifier"))
+
+
+def _classifier_model(config, num_classes):
+    return models.Classifier(num_classes=num_classes, width=config.classifier.width,
+                             feature_dim=config.classifier.feature_dim)
+
+
+# Held-out data: Fashion-MNIST's and TFDS datasets' test split; fresh examples (another seed)
+# for procedural data.
+HELD_OUT_SPLIT = "test"
+
+
+class EvaluationError(RuntimeError):
+    """Something evaluation needs is missing or does not fit; the message says what to do."""
+
+
+def _batched_apply(apply_fn, params, images, batch_size=500):
+    logits, features = [], []
+    for start in range(0, len(images), batch_size):
+        lo, fe = apply_fn(params, jnp.asarray(images[start:start + batch_size]))
+        logits.append(np.asarray(lo))
+        features.append(np.asarray(fe))
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def _all_examples(source, limit=None):
+    """(images in [-1, 1], labels) of the first ``limit`` records of a source, in order."""
+    n = len(source) if limit is None else min(limit, len(source))
+    to_inputs = data.ToModelInputs()
+    records = [to_inputs.map(source[i]) for i in range(n)]
+    images = np.stack([r["x"] for r in records])
+    labels = np.array([r.get("label", -1) for r in records], np.int32)
+    return images, labels
+
+
+def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
+    """Train the feature-extractor classifier on ``config.data`` (its training split) and
+    measure its accuracy on the held-out split; saves to ``evaluation.classifier_dir`` (default
+    ``workdir/classifier``) and returns the summary written to ``classifier.json`` there."""
+    configuration.validate(config)
+    source = configuration.build_source(config.data)
+    example_shape, num_classes = configuration.data_shape(source)
+    if num_classes is None or len(example_shape) != 3:
+        raise configuration.ConfigError(
+            f"--mode=train_classifier needs labelled images; {source!r} has "
+            f"{'no labels' if num_classes is None else f'examples of shape {example_shape}'}")
+    c = config.classifier
+    model = _classifier_model(config, num_classes)
+    key_init, key_train = jax.random.split(jax.random.key(config.seed))
+    params = model.init(key_init, jnp.zeros((1,) + tuple(example_shape)))["params"]
+    optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
+                            weight_decay=1e-4)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, key):
+        def loss_fn(params):
+            logits, _ = model.apply({"params": params}, batch["x"], train=True,
+                                    rngs={"dropout": key})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return jnp.mean(loss), jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    iterator = data.make_iterator(source, batch_size=c.batch_size, seed=config.seed)
+    start = time.time()
+    for i in range(c.num_steps):
+        params, opt_state, loss, accuracy = step(params, opt_state, next(iterator),
+                                                 jax.random.fold_in(key_train, i))
+        if (i + 1) % max(c.num_steps // 10, 1) == 0 or i + 1 == c.num_steps:
+            log(f"classifier step {i + 1}/{c.num_steps} "
+                f"{writers.progress_bar(i + 1, c.num_steps)}  loss {float(loss):.4f}  "
+                f"batch accuracy {float(accuracy):.3f}")
+    seconds = time.time() - start
+
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    test_source = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
+    images, labels = _all_examples(test_source)
+    logits, _ = _batched_apply(apply, params, images)
+    test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+    summary = {"test_accuracy": test_accuracy, "test_examples": int(len(labels)),
+               "train_steps": int(c.num_steps), "train_seconds": round(seconds, 1),
+               "num_classes": int(num_classes), "example_shape": list(example_shape),
+               "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
+               "device": jax.devices()[0].device_kind}
+    directory = _classifier_dir(config, workdir)
+    checkpointer = ocp.StandardCheckpointer()
+    target = os.path.join(directory, "params")
+    checkpointer.save(target, params, force=True)
+    checkpointer.wait_until_finished()
+    sample._atomic_write(os.path.join(directory, "classifier.json"),
+                         lambda tmp: _dump_json(tmp, summary))
+    log(f"classifier: test accuracy {test_accuracy:.4f} on {len(labels)} held-out examples "
+        f"after {c.num_steps} steps ({seconds:.0f} s); saved to {directory}")
+    return summary
+
+
+def _dump_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def load_classifier(config, workdir: str):
+    """``(apply(params, images) -> (logits, features), params, summary)`` of the classifier
+    trained for this run's data."""
+    directory = _classifier_dir(config, workdir)
+    summary_path = os.path.join(directory, "classifier.json")
+    if not os.path.exists(summary_path):
+        raise EvaluationError(
+            f"no trained classifier in {directory}; train one with `python main.py "
+            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
+            "config.evaluation.classifier_dir")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if summary["data"].get("name") != config.data.name:
+        raise EvaluationError(
+            f"the classifier in {directory} was trained on data {summary['data'].get('name')!r}, "
+            f"this config uses {config.data.name!r}")
+    model = models.Classifier(num_classes=summary["num_classes"],
+                              width=summary["classifier"]["width"],
+                              feature_dim=summary["classifier"]["feature_dim"])
+    abstract = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1,) + tuple(summary["example_shape"])))["params"])
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return apply, params, summary
+
+
+def reference_features(config, workdir, apply, params, num):
+    """Classifier features of ``num`` training examples (the reference set), cached next to the
+    classifier so later evaluations skip recomputing them."""
+    directory = _classifier_dir(config, workdir)
+    path = os.path.join(directory, f"reference_{config.data.split}_{num}.npz")
+    if os.path.exists(path):
+        return np.load(path)["features"]
+    source = configuration.build_source(config.data)
+    # An evenly spread subset rather than the first ``num`` records, in case those are sorted.
+    indices = np.linspace(0, len(source) - 1, min(num, len(source))).astype(int)
+    to_inputs = data.ToModelInputs()
+    images = np.stack([to_inputs.map(source[int(i)])["x"] for i in indices])
+    _, features = _batched_apply(apply, params, images)
+    sample.save_arrays(path, features=features)
+    return features
+
+
+def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
+             step: Optional[int] = None) -> dict:
+    """Generate ``evaluation.num_samples`` samples from the run's checkpoint with
+    ``config.sampling``'s sampler, and measure them (see the module docstring). Writes
+    ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
+    under ``eval/``, and returns the results."""
+    from diffusion_jax import train  # train composes everything; import it late
+
+    configuration.validate(config)
+    apply, classifier_params, classifier_summary = load_classifier(config, workdir)
+    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    params = state.ema_params if config.sampling.use_ema else state.params
+    e, s = config.evaluation, config.sampling
+    generate = sample.make_generate_fn(config, model, example_shape, num_classes)
+
+    start = time.time()
+    images, labels = [], []
+    key = jax.random.key(s.seed)
+    for offset in range(0, e.num_samples, e.batch_size):
+        num = min(e.batch_size, e.num_samples - offset)
+        batch = np.asarray(generate(params, jax.random.fold_in(key, offset), num))
+        images.append(batch)
+        wanted = sample.sampling_labels(config, num_classes, num)  # what generate asked for
+        if wanted is not None:
+            labels.append(np.asarray(wanted))
+    images = np.concatenate(images)
+    generation_seconds = time.time() - start
+    logits, features = _batched_apply(apply, classifier_params, images)
+    reference = reference_features(config, workdir, apply, classifier_params, e.num_samples)
+
+    generated_stats = metrics.FeatureStatistics(features.shape[1]).update(features)
+    reference_stats = metrics.FeatureStatistics(reference.shape[1]).update(reference)
+    results = {
+        "step": int(state.step),
+        "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
+                    "guidance_scale": s.guidance_scale, "use_ema": s.use_ema},
+        "num_samples": int(len(images)),
+        "feature_space": FEATURE_SPACE_NOTE,
+        "classifier_test_accuracy": classifier_summary["test_accuracy"],
+        "frechet_distance": metrics.frechet_distance(generated_stats, reference_stats),
+        **metrics.precision_recall(reference, features, k=e.precision_recall_k),
+        "generation_seconds": round(generation_seconds, 2),
+    }
+    if labels:
+        wanted = np.concatenate(labels)
+        results["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == wanted))
+        results["class_accuracy_chance"] = 1.0 / num_classes
+    if e.likelihood_examples:
+        results.update(_bits_per_dim(config, model, params, example_shape, num_classes,
+                                     e.likelihood_examples, e.likelihood_steps))
+
+    name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
+    out_path = os.path.join(workdir, "eval", name + ".json")
+    sample._atomic_write(out_path, lambda tmp: _dump_json(tmp, results))
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log)
+    writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
+                                     if isinstance(v, float)})
+    writer.close()
+    log(format_table(results))
+    log(f"wrote {out_path}")
+    return results
+
+
+def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_steps):
+    """Bits/dim of held-out examples under the model (unconditional when it has classes: the
+    null label), with the Hutchinson estimator."""
+    schedule = configuration.build_schedule(config)
+    par = configuration.build_parameterization(config)
+
+    def network(params, x, noise_level):
+        labels = None if num_classes is None else jnp.full((x.shape[0],), num_classes, jnp.int32)
+        return model.apply({"params": params}, x, noise_level, labels)
+
+    denoise = parameterization.make_denoise_fn(jax.tree_util.Partial(network, params),
+                                               schedule, par)
+    images, _ = _all_examples(configuration.build_source(config.data,
+                                                         split=HELD_OUT_SPLIT), num)
+    dim = int(np.prod(example_shape))
+    values = []
+    for offset in range(0, len(images), 100):
+        result = likelihood.log_likelihood(denoise, images[offset:offset + 100],
+                                           schedule=schedule, num_steps=num_steps,
+                                           key=jax.random.key(offset))
+        values.append(np.asarray(likelihood.bits_per_dim(result.log_likelihood, dim)))
+    values = np.concatenate(values)
+    return {"bits_per_dim": float(values.mean()),
+            "bits_per_dim_stderr": float(values.std(ddof=1) / np.sqrt(len(values)))
+            if len(values) > 1 else 0.0,
+            "bits_per_dim_examples": int(len(values))}
+
+
+def format_table(results: dict) -> str:
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+             for k, v in rows]
+    sampler = results["sampler"]
+    header = (f"evaluation of step {results['step']}: {sampler['method']}, "
+              f"{sampler['num_steps']} steps, guidance {sampler['guidance_scale']:g}")
+    return "\n".join([header, *lines, f"({results['feature_space']})"])
