@@ -38,6 +38,10 @@ __all__ = [
     "open_checkpoints",
     "build_mesh",
     "restore_run",
+    "make_loss_from_config",
+    "init_train_state",
+    "compiled_train_step",
+    "empty_running_metrics",
     "train_and_evaluate",
 ]
 
@@ -271,6 +275,53 @@ def build_mesh(config):
     return mesh
 
 
+def make_loss_from_config(config, model, num_classes):
+    """The training loss of ``config.diffusion`` for ``model`` (with label dropout when the
+    model is class-conditional)."""
+    apply_fn = network_apply_fn(model, num_classes=num_classes,
+                                label_dropout=config.diffusion.label_dropout if num_classes else 0.0)
+    return losses.make_loss_fn(
+        apply_fn, schedule=configuration.build_schedule(config),
+        parameterization=configuration.build_parameterization(config),
+        time_sampling=config.diffusion.time_sampling,
+        time_sampling_params=dict(config.diffusion.time_sampling_params),
+        weighting=config.diffusion.weighting,
+        weighting_params=dict(config.diffusion.weighting_params))
+
+
+def init_train_state(config, model, optimizer, example_shape, num_classes, mesh):
+    """A fresh train state from ``config.seed``, created directly in its sharding over ``mesh``
+    (a model too large for one device never exists whole on one)."""
+    abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+    return jax.jit(
+        lambda: create_train_state(model, optimizer,
+                                   jnp.zeros((1,) + tuple(example_shape), jnp.float32),
+                                   jax.random.key(config.seed),
+                                   with_labels=num_classes is not None),
+        out_shardings=parallel.state_shardings(mesh, abstract))()
+
+
+def compiled_train_step(config, model, optimizer, num_classes, mesh, abstract_state):
+    """The step ``train_and_evaluate`` runs: ``step(state, global_batch, running) -> (state,
+    running)``, jit-compiled with the state's and batch's shardings over ``mesh``, donating the
+    old state; ``running`` accumulates :class:`TrainMetrics` and the all-finite flag (start it
+    from :func:`empty_running_metrics`)."""
+    loss_fn = make_loss_from_config(config, model, num_classes)
+    shardings = parallel.state_shardings(mesh, abstract_state)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        _accumulating_step(make_train_step(loss_fn, optimizer,
+                                           ema_decay=config.training.ema_decay)),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0, 2))
+
+
+def empty_running_metrics(mesh):
+    return jax.device_put({"metrics": TrainMetrics.empty(), "finite": jnp.asarray(True)},
+                          parallel.replicated(mesh))
+
+
 def _to_host(x):
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
@@ -291,16 +342,6 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     """
     source, model, example_shape, num_classes, optimizer = build(config)
     mesh = build_mesh(config)
-    schedule = configuration.build_schedule(config)
-    par = configuration.build_parameterization(config)
-    apply_fn = network_apply_fn(model, num_classes=num_classes,
-                                label_dropout=config.diffusion.label_dropout if num_classes else 0.0)
-    loss_fn = losses.make_loss_fn(
-        apply_fn, schedule=schedule, parameterization=par,
-        time_sampling=config.diffusion.time_sampling,
-        time_sampling_params=dict(config.diffusion.time_sampling_params),
-        weighting=config.diffusion.weighting,
-        weighting_params=dict(config.diffusion.weighting_params))
     t = config.training
     learning_rate = learning_rate_schedule(t.learning_rate, t.warmup_steps)
 
@@ -318,24 +359,14 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     try:
         # The state is created (or restored) directly in its sharding over the mesh.
         abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-        shardings = parallel.state_shardings(mesh, abstract)
         if checkpoints.latest_step() is not None:
             state = checkpoints.restore(_with_shardings(abstract, mesh), iterator)
             resumed = True
         else:
-            state = jax.jit(
-                lambda: create_train_state(model, optimizer,
-                                           jnp.zeros((1,) + example_shape, jnp.float32),
-                                           jax.random.key(config.seed),
-                                           with_labels=num_classes is not None),
-                out_shardings=shardings)()
+            state = init_train_state(config, model, optimizer, example_shape, num_classes, mesh)
             resumed = False
         replicated = parallel.replicated(mesh)
-        train_step = jax.jit(
-            _accumulating_step(make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay)),
-            in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-            out_shardings=(shardings, replicated),
-            donate_argnums=(0, 2))
+        train_step = compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
 
         is_writer = process_index == 0
         writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
@@ -375,8 +406,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
 
         generate = None
         step = first_step = int(state.step)
-        running = jax.device_put({"metrics": TrainMetrics.empty(), "finite": jnp.asarray(True)},
-                                 replicated)
+        running = empty_running_metrics(mesh)
         last_time, last_step = time.time(), step
 
         def check_finite():

@@ -1,0 +1,118 @@
+"""Shared pieces of the throughput benchmarks: the models benchmarked, timing, FLOP counts from
+XLA's cost analysis, a measured matmul peak for MFU, and the output table/JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from configs import cifar10_ddpm, default  # noqa: E402
+
+# name -> (config builder, data shape, number of classes or None)
+MODELS = {}
+
+
+def _ddpm_cifar10():
+    return cifar10_ddpm.get_config(), (32, 32, 3), None
+
+
+def _dit_b2():
+    config = default.get_config()
+    config.model.name = "dit"
+    config.model.dit_size = "B"
+    config.model.patch_size = 2
+    config.model.dropout = 0.0
+    config.diffusion.schedule = "ddpm_linear"
+    config.diffusion.target = "eps"
+    config.diffusion.label_dropout = 0.1
+    return config, (32, 32, 4), 1000
+
+
+MODELS["ddpm_cifar10"] = _ddpm_cifar10
+MODELS["dit_b2"] = _dit_b2
+
+
+def accelerator() -> str:
+    device = jax.devices()[0]
+    return f"{jax.device_count()} x {device.device_kind} ({device.platform})"
+
+
+def on_accelerator() -> bool:
+    return jax.devices()[0].platform in ("gpu", "tpu")
+
+
+def time_calls(fn, *, iterations: int, warmup: int = 2) -> float:
+    """Seconds per call of ``fn()`` (which returns arrays), after ``warmup`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    start = time.perf_counter()
+    out = None
+    for _ in range(iterations):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iterations
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled function by XLA's cost analysis (0 when unavailable;
+    it misses cuDNN convolutions on GPU, so treat it as a lower bound there)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def matmul_peak_tflops(dtype=None) -> float:
+    """Measured throughput of a large square matmul, the denominator of MFU: bf16 on GPU/TPU,
+    float32 on a CPU (whose bf16 matmuls are emulated and slower)."""
+    if dtype is None:
+        dtype = jnp.bfloat16 if on_accelerator() else jnp.float32
+    n = 8192 if on_accelerator() else 1024
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    seconds = time_calls(lambda: matmul(a, b), iterations=20 if on_accelerator() else 3)
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def report(rows, columns, name, extra=None):
+    """Print ``rows`` as a table and write them to benchmarks/results/<name>.json."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+    out_dir = os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"device": accelerator(), "jax": jax.__version__,
+                   "python": platform.python_version(), **(extra or {}), "rows": rows}, f,
+                  indent=1)
+    print(f"wrote {path}")
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def random_batch(shape, batch, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {"x": rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)}
+    if num_classes:
+        out["label"] = rng.integers(0, num_classes, batch).astype(np.int32)
+    return out
