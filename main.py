@@ -34,7 +34,8 @@ def run_sample(config, workdir):
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
-    generate = sample.make_generate_fn(config, model, example_shape, num_classes)
+    generate = sample.make_generate_fn(config, model, example_shape, num_classes,
+                                       mesh=train.sampling_mesh(config))
     images = generate(params, jax.random.key(config.sampling.seed), config.sampling.num_samples)
     s = config.sampling
     stem = os.path.join(workdir, "samples",

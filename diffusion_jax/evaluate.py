@@ -196,35 +196,41 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     e, s = config.evaluation, config.sampling
-    generate = sample.make_generate_fn(config, model, example_shape, num_classes)
+    generate = sample.make_generate_fn(config, model, example_shape, num_classes,
+                                       mesh=train.sampling_mesh(config))
 
+    # Batches are generated over all devices, scored by the classifier, and folded into float64
+    # running statistics as they come; only the feature vectors are kept (for precision/recall).
     start = time.time()
-    images, labels = [], []
+    generated_stats, features, logits, labels = None, [], [], []
     key = jax.random.key(s.seed)
     for offset in range(0, e.num_samples, e.batch_size):
         num = min(e.batch_size, e.num_samples - offset)
-        batch = np.asarray(generate(params, jax.random.fold_in(key, offset), num))
-        images.append(batch)
+        batch = generate(params, jax.random.fold_in(key, offset), num)
+        batch_logits, batch_features = _batched_apply(apply, classifier_params,
+                                                      np.asarray(batch))
+        if generated_stats is None:
+            generated_stats = metrics.FeatureStatistics(batch_features.shape[1])
+        generated_stats.update(batch_features)
+        features.append(batch_features)
+        logits.append(batch_logits)
         wanted = sample.sampling_labels(config, num_classes, num)  # what generate asked for
         if wanted is not None:
             labels.append(np.asarray(wanted))
-    images = np.concatenate(images)
+    features, logits = np.concatenate(features), np.concatenate(logits)
     generation_seconds = time.time() - start
-    logits, features = _batched_apply(apply, classifier_params, images)
     reference = reference_features(config, workdir, apply, classifier_params, e.num_samples)
-
-    generated_stats = metrics.FeatureStatistics(features.shape[1]).update(features)
     reference_stats = metrics.FeatureStatistics(reference.shape[1]).update(reference)
     results = {
         "step": int(state.step),
         "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
                     "guidance_scale": s.guidance_scale, "use_ema": s.use_ema},
-        "num_samples": int(len(images)),
+        "num_samples": int(len(features)),
         "feature_space": FEATURE_SPACE_NOTE,
         "classifier_test_accuracy": classifier_summary["test_accuracy"],
         "frechet_distance": metrics.frechet_distance(generated_stats, reference_stats),
         **metrics.precision_recall(reference, features, k=e.precision_recall_k),
-        "generation_seconds": round(generation_seconds, 2),
+        "generation_and_scoring_seconds": round(generation_seconds, 2),
     }
     if labels:
         wanted = np.concatenate(labels)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import configuration, guidance, parameterization, samplers
+from diffusion_jax import configuration, guidance, parallel, parameterization, samplers
 
 __all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "make_grid", "save_grid",
            "save_arrays"]
@@ -46,11 +46,12 @@ def sampling_labels(config, num_classes, num):
 _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale")
 
 
-def make_generate_fn(config, model, example_shape, num_classes, **sampling):
+def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **sampling):
     """``generate(params, key, num) -> samples`` following ``config.sampling``, with any of its
     keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
     ``guidance_scale``); parameters, labels and the guidance scale are data to the compiled
-    sampler."""
+    sampler. With a ``mesh`` the batch is split over all its devices (when ``num`` divides
+    evenly; otherwise it runs replicated)."""
     if sampling:
         config = config.copy_and_resolve_references()
         with config.unlocked():
@@ -77,6 +78,8 @@ def make_generate_fn(config, model, example_shape, num_classes, **sampling):
                 scale=sampling.guidance_scale)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.random.normal(key_noise, (num,) + tuple(example_shape), jnp.float32)
+        if mesh is not None and num % mesh.devices.size == 0:
+            noise = jax.lax.with_sharding_constraint(noise, parallel.batch_sharding(mesh))
         return samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
                                num_steps=sampling.num_steps, grid=sampling.grid,
                                key=key_sampler).samples

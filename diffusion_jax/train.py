@@ -38,6 +38,7 @@ __all__ = [
     "open_checkpoints",
     "build_mesh",
     "restore_run",
+    "sampling_mesh",
     "make_loss_from_config",
     "init_train_state",
     "compiled_train_step",
@@ -210,7 +211,7 @@ def _with_shardings(abstract, mesh):
         parallel.state_shardings(mesh, abstract))
 
 
-def _sampling_mesh(config):
+def sampling_mesh(config):
     """The config's mesh when it fits these devices, else all devices data-parallel: a run
     trained on 8 devices generates on 1 (the training batch size plays no part here)."""
     try:
@@ -231,7 +232,7 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`python main.py --config=... --workdir={workdir}`")
         abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-        state = checkpoints.restore(_with_shardings(abstract, _sampling_mesh(config)), step=step)
+        state = checkpoints.restore(_with_shardings(abstract, sampling_mesh(config)), step=step)
     finally:
         checkpoints.close()
     return state, model, example_shape, num_classes
@@ -456,7 +457,8 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                 check_finite()
                 if generate is None:
                     generate = jax.jit(sample.make_generate_fn(config, model, example_shape,
-                                                               num_classes), static_argnums=2)
+                                                               num_classes, mesh=mesh),
+                                       static_argnums=2)
                 images = _to_host(generate(state.ema_params,
                                            jax.random.key(config.sampling.seed),
                                            config.sampling.num_samples))

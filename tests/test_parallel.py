@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import parallel, train
+from diffusion_jax import parallel, sample, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +57,16 @@ _EIGHT_DEVICES = textwrap.dedent("""
         for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
             out[f"{name}/{i}"] = np.asarray(leaf)
     np.savez(sys.argv[1] + "/states.npz", **out)
+
+    # Sampling spreads the batch over all 8 devices and gives what a single device gives.
+    from diffusion_jax import parallel, sample
+    config = _config()
+    restored, model, shape, num_classes = train.restore_run(config, sys.argv[1] + "/data8")
+    spread = sample.make_generate_fn(config, model, shape, num_classes,
+                                     mesh=parallel.make_mesh(-1, 1))
+    images = spread(restored.ema_params, jax.random.key(0), 16)
+    print("sample devices", len(images.sharding.device_set))
+    np.save(sys.argv[1] + "/samples8.npy", np.asarray(images))
 """)
 
 
@@ -108,6 +118,12 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
                                            err_msg=f"{name} {where}")
                 compared += 1
     assert compared == 2 * 2 * len(jax.tree_util.tree_leaves(single.params))
+
+    assert "sample devices 8" in run.stdout
+    restored, model, shape, num_classes = train.restore_run(_config(), str(tmp_path / "data8"))
+    single_device = sample.make_generate_fn(_config(), model, shape, num_classes)(
+        restored.ema_params, jax.random.key(0), 16)
+    np.testing.assert_allclose(np.load(tmp_path / "samples8.npy"), single_device, atol=1e-5)
 
     # A checkpoint written on 8 devices (sharded over fsdp) restores on this single device.
     state, *_ = train.restore_run(_config(), str(tmp_path / "data4_fsdp2"))

@@ -204,8 +204,9 @@ class InceptionV3FID(nn.Module):
     norm always uses its running statistics (the network is for inference only), so ``apply``
     needs the ``params`` and ``batch_stats`` collections, e.g. from :func:`load_weights`.
     ``dtype`` is the computation dtype (parameters stay float32); features are returned as
-    float32. ``precision`` is that of the convolutions: the default ``HIGHEST`` keeps float32
-    accuracy on accelerators that would otherwise use TF32 or bfloat16 passes.
+    float32 (float64 if that is ``dtype``). ``precision`` is that of the convolutions: the
+    default ``HIGHEST`` keeps float32 accuracy on accelerators that would otherwise use TF32 or
+    bfloat16 passes.
     """
 
     dtype: Any = jnp.float32
@@ -216,7 +217,9 @@ class InceptionV3FID(nn.Module):
     def __call__(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC images with 3 channels, got shape {images.shape}")
-        x = images.astype(jnp.float32)
+        # Resizing and the final mean run in float32 at least (float64 if that is ``dtype``).
+        wide = jnp.promote_types(self.dtype, jnp.float32)
+        x = images.astype(wide)
         if self.resize_input:
             x = resize_bilinear(x, _INPUT_SIZE)
         x = x.astype(self.dtype)
@@ -243,7 +246,7 @@ class InceptionV3FID(nn.Module):
         x = BlockD(name="Mixed_7a", **kw)(x)               # 8
         x = BlockE(max_pool=False, name="Mixed_7b", **kw)(x)
         x = BlockE(max_pool=True, name="Mixed_7c", **kw)(x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return jnp.mean(x.astype(wide), axis=(1, 2))
 
 
 # --- weights ----------------------------------------------------------------------------------
