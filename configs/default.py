@@ -76,12 +76,16 @@ def get_config():
     config.sampling.checkpoint_step = -1  # -1 = latest
     config.sampling.use_ema = True
 
-    # --mode=eval: metrics of generated samples in the feature space of a classifier trained on
-    # the same data with --mode=train_classifier (not Inception features: not comparable to FID).
+    # --mode=eval: metrics of generated samples, in the feature space of a classifier trained on
+    # the same data with --mode=train_classifier, or of FID's Inception-v3.
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.num_samples = 2_000  # generated samples (and data examples) per metric
     config.evaluation.batch_size = 500  # generation batch
     config.evaluation.classifier_dir = ""  # "" = WORKDIR/classifier
+    # Features for the Fréchet distance and precision/recall: "classifier" (the one above) or
+    # "inception" (FID's Inception-v3, from pytorch-fid's weights file, which you provide).
+    config.evaluation.feature_extractor = "classifier"
+    config.evaluation.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth or .npz
     config.evaluation.precision_recall_k = 3
     config.evaluation.likelihood_examples = 0  # test examples for bits/dim; 0 skips it
     config.evaluation.likelihood_steps = 64  # RK4 steps of the probability-flow ODE

@@ -31,6 +31,7 @@ _CHOICES = {
     "diffusion.time_sampling": losses.TIME_SAMPLING,
     "sampling.method": samplers.METHODS,
     "sampling.grid": samplers.GRIDS,
+    "evaluation.feature_extractor": ("classifier", "inception"),
 }
 _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
@@ -84,6 +85,13 @@ def validate(config, reference=None) -> None:
         if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
             raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
                               f">= 1, got {given[key]!r}")
+    if given["evaluation.feature_extractor"] == "inception" and not given[
+            "evaluation.inception_weights"]:
+        raise ConfigError(
+            "config.evaluation.feature_extractor='inception' needs "
+            "config.evaluation.inception_weights: the path of pytorch-fid's FID Inception "
+            "weights (pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's releases) or an "
+            ".npz converted from it")
     if given["evaluation.likelihood_examples"] < 0:
         raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
     if given["sampling.guidance_scale"] < 0:

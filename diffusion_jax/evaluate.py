@@ -2,9 +2,10 @@
 for a Fréchet distance and precision/recall, and scores class-conditional samples; the
 probability-flow ODE gives bits/dim on held-out data.
 
-The Fréchet distance here is measured in that classifier's features, not Inception-v3's: it ranks
-samplers, step counts and checkpoints of one dataset, but it is not FID and is not comparable to
-published FID numbers.
+By default the Fréchet distance is measured in that classifier's features, not Inception-v3's: it
+ranks samplers, step counts and checkpoints of one dataset, but it is not FID and is not
+comparable to published FID numbers. With ``evaluation.feature_extractor = "inception"`` and
+pytorch-fid's weights file (which you provide; nothing is downloaded) it is FID.
 
     python main.py --config=configs/X.py --workdir=DIR --mode=train_classifier   # once per dataset
     python main.py --config=configs/X.py --workdir=DIR --mode=eval
@@ -26,7 +27,7 @@ import orbax.checkpoint as ocp
 from diffusion_jax import configuration, data, likelihood, metrics, models, parameterization
 from diffusion_jax import sample, writers
 
-__all__ = ["FEATURE_SPACE_NOTE", "EvaluationError", "train_classifier", "load_classifier", "evaluate",
+__all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier", "load_classifier", "evaluate",
            "reference_features"]
 
 FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of a classifier "
@@ -166,11 +167,11 @@ def load_classifier(config, workdir: str):
     return apply, params, summary
 
 
-def reference_features(config, workdir, apply, params, num):
-    """Classifier features of ``num`` training examples (the reference set), cached next to the
-    classifier so later evaluations skip recomputing them."""
-    directory = _classifier_dir(config, workdir)
-    path = os.path.join(directory, f"reference_{config.data.split}_{num}.npz")
+def reference_features(config, workdir, extract, num):
+    """Features of ``num`` training examples (the reference set), cached in
+    ``workdir/eval`` so later evaluations skip recomputing them."""
+    name = config.evaluation.feature_extractor
+    path = os.path.join(workdir, "eval", f"reference_{name}_{config.data.split}_{num}.npz")
     if os.path.exists(path):
         return np.load(path)["features"]
     source = configuration.build_source(config.data)
@@ -178,9 +179,40 @@ def reference_features(config, workdir, apply, params, num):
     indices = np.linspace(0, len(source) - 1, min(num, len(source))).astype(int)
     to_inputs = data.ToModelInputs()
     images = np.stack([to_inputs.map(source[int(i)])["x"] for i in indices])
-    _, features = _batched_apply(apply, params, images)
+    features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
     sample.save_arrays(path, features=features)
     return features
+
+
+def _quantize(images):
+    return sample.to_uint8(images).astype(np.float32) / 127.5 - 1.0
+
+
+INCEPTION_NOTE = ("Fréchet distance (FID when the weights are pytorch-fid's standard ones) and "
+                  "precision/recall in FID Inception-v3 pool features")
+
+
+def _feature_extractor(config, classifier):
+    """``(extract(images) -> features [n, d] float64-ready numpy, description)``."""
+    if config.evaluation.feature_extractor == "classifier":
+        apply, params, _ = classifier
+        return (lambda images: _batched_apply(apply, params, images)[1]), FEATURE_SPACE_NOTE
+    from diffusion_jax.models import inception
+
+    try:
+        variables = inception.load_weights(config.evaluation.inception_weights)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise EvaluationError(f"config.evaluation.inception_weights: {err}") from err
+    feature_fn = inception.make_feature_fn(variables)
+
+    def extract(images):
+        images = np.asarray(images, np.float32)
+        if images.shape[-1] == 1:  # grayscale: the same image in all three channels
+            images = np.repeat(images, 3, axis=-1)
+        return np.concatenate([np.asarray(feature_fn(images[i:i + 100]))
+                               for i in range(0, len(images), 100)])
+
+    return extract, INCEPTION_NOTE
 
 
 def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
@@ -192,10 +224,14 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     from diffusion_jax import train  # train composes everything; import it late
 
     configuration.validate(config)
-    apply, classifier_params, classifier_summary = load_classifier(config, workdir)
+    e, s = config.evaluation, config.sampling
+    classifier = None
+    if e.feature_extractor == "classifier" or os.path.exists(
+            os.path.join(_classifier_dir(config, workdir), "classifier.json")):
+        classifier = load_classifier(config, workdir)
+    extract, feature_space = _feature_extractor(config, classifier)
     state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
-    e, s = config.evaluation, config.sampling
     generate = sample.make_generate_fn(config, model, example_shape, num_classes,
                                        mesh=train.sampling_mesh(config))
 
@@ -206,33 +242,36 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     key = jax.random.key(s.seed)
     for offset in range(0, e.num_samples, e.batch_size):
         num = min(e.batch_size, e.num_samples - offset)
-        batch = generate(params, jax.random.fold_in(key, offset), num)
-        batch_logits, batch_features = _batched_apply(apply, classifier_params,
-                                                      np.asarray(batch))
+        # Quantised to 8 bits like saved images, so generated and real images are alike.
+        batch = _quantize(np.asarray(generate(params, jax.random.fold_in(key, offset), num)))
+        batch_features = extract(batch)
         if generated_stats is None:
             generated_stats = metrics.FeatureStatistics(batch_features.shape[1])
         generated_stats.update(batch_features)
         features.append(batch_features)
-        logits.append(batch_logits)
+        if classifier is not None:
+            logits.append(_batched_apply(classifier[0], classifier[1], batch)[0])
         wanted = sample.sampling_labels(config, num_classes, num)  # what generate asked for
         if wanted is not None:
             labels.append(np.asarray(wanted))
-    features, logits = np.concatenate(features), np.concatenate(logits)
+    features = np.concatenate(features)
     generation_seconds = time.time() - start
-    reference = reference_features(config, workdir, apply, classifier_params, e.num_samples)
+    reference = reference_features(config, workdir, extract, e.num_samples)
     reference_stats = metrics.FeatureStatistics(reference.shape[1]).update(reference)
     results = {
         "step": int(state.step),
         "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
                     "guidance_scale": s.guidance_scale, "use_ema": s.use_ema},
         "num_samples": int(len(features)),
-        "feature_space": FEATURE_SPACE_NOTE,
-        "classifier_test_accuracy": classifier_summary["test_accuracy"],
+        "feature_space": feature_space,
         "frechet_distance": metrics.frechet_distance(generated_stats, reference_stats),
         **metrics.precision_recall(reference, features, k=e.precision_recall_k),
         "generation_and_scoring_seconds": round(generation_seconds, 2),
     }
-    if labels:
+    if classifier is not None:
+        results["classifier_test_accuracy"] = classifier[2]["test_accuracy"]
+    if labels and classifier is not None:
+        logits = np.concatenate(logits)
         wanted = np.concatenate(labels)
         results["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == wanted))
         results["class_accuracy_chance"] = 1.0 / num_classes

@@ -100,3 +100,14 @@ def test_missing_classifier_says_how_to_train_one(tmp_path):
     config = _config()
     with pytest.raises(evaluate.EvaluationError, match="--mode=train_classifier"):
         evaluate.evaluate(config, str(tmp_path))
+
+
+def test_inception_features_need_a_weights_file(run, tmp_path):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.evaluation.feature_extractor = "inception"
+    with pytest.raises(configuration.ConfigError, match="inception_weights"):
+        evaluate.evaluate(config, workdir)
+    config.evaluation.inception_weights = str(tmp_path / "pt_inception.pth")
+    with pytest.raises(evaluate.EvaluationError, match="not found.*pt_inception.pth"):
+        evaluate.evaluate(config, workdir)

@@ -24,9 +24,11 @@ and then::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,13 +43,14 @@ __all__ = [
     "save_npz",
     "load_weights",
     "make_feature_fn",
+    "resize_bilinear",
 ]
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _WEIGHTS_HELP = (
     "The FID Inception weights are not downloaded at run time: download pytorch-fid's "
-    f"'{FID_WEIGHTS_FILE}' (attached to the 'fid_weights' release of github.com/mseitzer/pytorch-fid) "
-    "and pass its path, or a '.npz' made from it with "
+    f"'{FID_WEIGHTS_FILE}' (attached to the 'fid_weights' release of "
+    "github.com/mseitzer/pytorch-fid) and pass its path, or a '.npz' made from it with "
     "`python -m diffusion_jax.models.inception convert IN.pth OUT.npz`."
 )
 
@@ -213,6 +216,9 @@ class InceptionV3FID(nn.Module):
     precision: Any = jax.lax.Precision.HIGHEST
     resize_input: bool = True
 
+    # Submodule names are those of pytorch-fid's network (Conv2d_1a_3x3 ... Mixed_7c, and within
+    # the blocks branch1x1, branch5x5_1, ...), so that its weights map one to one.
+
     @nn.compact
     def __call__(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -223,7 +229,7 @@ class InceptionV3FID(nn.Module):
         if self.resize_input:
             x = resize_bilinear(x, _INPUT_SIZE)
         x = x.astype(self.dtype)
-        kw = dict(dtype=self.dtype, precision=self.precision)
+        kw = {"dtype": self.dtype, "precision": self.precision}
 
         def conv(name, features, kernel=1, strides=1, padding=0):
             return ConvBN(features, kernel, strides, padding, name=name, **kw)
@@ -264,6 +270,7 @@ _IGNORED_PREFIXES = ("fc.", "AuxLogits.")
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
+@functools.lru_cache(maxsize=1)
 def _variable_shapes() -> dict:
     """Flattened {(collection, module..., leaf): shape} of the model's variables (no compute)."""
     abstract = jax.eval_shape(InceptionV3FID().init, jax.random.PRNGKey(0),
@@ -277,8 +284,8 @@ def _torch_key(path: tuple) -> str:
 
 
 def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+    if hasattr(value, "detach"):  # a torch tensor (float() also covers half-precision files)
+        value = value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
 
 
@@ -388,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("dst", help="output .npz file")
     args = parser.parse_args(argv)
     if args.command == "convert":
-        variables = load_weights(args.src)
+        try:
+            variables = load_weights(args.src)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         save_npz(variables, args.dst)
         count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
         print(f"wrote {args.dst} ({count} values)")
