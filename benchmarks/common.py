@@ -42,6 +42,23 @@ MODELS["ddpm_cifar10"] = _ddpm_cifar10
 MODELS["dit_b2"] = _dit_b2
 
 
+def build(name, dtype, batch):
+    """The benchmark model ``name`` as a run would build it: ``(config, shape, num_classes,
+    model, optimizer, mesh, abstract_state, state)``, the state initialised on the mesh."""
+    from diffusion_jax import configuration, train
+
+    config, shape, num_classes = MODELS[name]()
+    config.model.dtype = dtype
+    config.data.batch_size = batch
+    config.data.class_conditional = num_classes is not None
+    mesh = train.build_mesh(config)
+    model = configuration.build_model(config.model, shape, num_classes)
+    optimizer = train.optimizer_from_config(config)
+    abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
+    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
+    return config, shape, num_classes, model, optimizer, mesh, abstract, state
+
+
 def accelerator() -> str:
     device = jax.devices()[0]
     return f"{jax.device_count()} x {device.device_kind} ({device.platform})"

@@ -15,22 +15,16 @@ import argparse
 
 import jax
 
-from common import MODELS, accelerator, on_accelerator, report, time_calls
-from diffusion_jax import configuration, sample, train
+from common import MODELS, accelerator, build, on_accelerator, report, time_calls
+from diffusion_jax import sample
 
 
 def measure(name, dtype, batch, num_steps, method):
-    config, shape, num_classes = MODELS[name]()
-    config.model.dtype = dtype
-    config.data.class_conditional = num_classes is not None
+    config, shape, num_classes, model, _, mesh, _, state = build(name, dtype, batch)
     config.sampling.method, config.sampling.num_steps = method, num_steps
     config.sampling.grid = "trailing"
     config.sampling.guidance_scale = 2.0
-    model = configuration.build_model(config.model, shape, num_classes)
-    optimizer = train.make_optimizer(1e-4)
-    mesh = train.build_mesh(config.copy_and_resolve_references())
-    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
-    generate = jax.jit(sample.make_generate_fn(config, model, shape, num_classes),
+    generate = jax.jit(sample.make_generate_fn(config, model, shape, num_classes, mesh=mesh),
                        static_argnums=2)
     key = jax.random.key(0)
     seconds = time_calls(lambda: generate(state.ema_params, key, batch), iterations=3, warmup=1)

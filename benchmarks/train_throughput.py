@@ -17,23 +17,13 @@ import argparse
 
 import jax
 
-from common import (MODELS, accelerator, compiled_flops, matmul_peak_tflops, on_accelerator,
-                    random_batch, report, time_calls)
-from diffusion_jax import configuration, parallel, train
+from common import (MODELS, accelerator, build, compiled_flops, matmul_peak_tflops,
+                    on_accelerator, random_batch, report, time_calls)
+from diffusion_jax import parallel, train
 
 
 def measure(name, dtype, batch, iterations):
-    config, shape, num_classes = MODELS[name]()
-    config.model.dtype = dtype
-    config.data.batch_size = batch
-    config.data.class_conditional = num_classes is not None
-    mesh = train.build_mesh(config)
-    model = configuration.build_model(config.model, shape, num_classes)
-    t = config.training
-    optimizer = train.make_optimizer(t.learning_rate, warmup_steps=t.warmup_steps,
-                                     grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
-    abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
-    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
+    config, shape, num_classes, model, optimizer, mesh, abstract, state = build(name, dtype, batch)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
     global_batch = parallel.global_batch(random_batch(shape, batch, num_classes), mesh)
     running = train.empty_running_metrics(mesh)

@@ -62,11 +62,11 @@ def _batched_apply(apply_fn, params, images, batch_size=500):
     return np.concatenate(logits), np.concatenate(features)
 
 
-def _all_examples(source, limit=None):
-    """(images in [-1, 1], labels) of the first ``limit`` records of a source, in order."""
-    n = len(source) if limit is None else min(limit, len(source))
+def _examples(source, indices=None):
+    """(images in [-1, 1], labels or -1) of the records at ``indices`` (default: all), in order."""
+    indices = range(len(source)) if indices is None else indices
     to_inputs = data.ToModelInputs()
-    records = [to_inputs.map(source[i]) for i in range(n)]
+    records = [to_inputs.map(source[int(i)]) for i in indices]
     images = np.stack([r["x"] for r in records])
     labels = np.array([r.get("label", -1) for r in records], np.int32)
     return images, labels
@@ -116,7 +116,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
 
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     test_source = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
-    images, labels = _all_examples(test_source)
+    images, labels = _examples(test_source)
     logits, _ = _batched_apply(apply, params, images)
     test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
     summary = {"test_accuracy": test_accuracy, "test_examples": int(len(labels)),
@@ -129,16 +129,10 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     target = os.path.join(directory, "params")
     checkpointer.save(target, params, force=True)
     checkpointer.wait_until_finished()
-    sample._atomic_write(os.path.join(directory, "classifier.json"),
-                         lambda tmp: _dump_json(tmp, summary))
+    sample.save_json(os.path.join(directory, "classifier.json"), summary)
     log(f"classifier: test accuracy {test_accuracy:.4f} on {len(labels)} held-out examples "
         f"after {c.num_steps} steps ({seconds:.0f} s); saved to {directory}")
     return summary
-
-
-def _dump_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
 
 
 def load_classifier(config, workdir: str):
@@ -176,9 +170,7 @@ def reference_features(config, workdir, extract, num):
         return np.load(path)["features"]
     source = configuration.build_source(config.data)
     # An evenly spread subset rather than the first ``num`` records, in case those are sorted.
-    indices = np.linspace(0, len(source) - 1, min(num, len(source))).astype(int)
-    to_inputs = data.ToModelInputs()
-    images = np.stack([to_inputs.map(source[int(i)])["x"] for i in indices])
+    images, _ = _examples(source, np.linspace(0, len(source) - 1, min(num, len(source))))
     features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
     sample.save_arrays(path, features=features)
     return features
@@ -281,7 +273,7 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
 
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
     out_path = os.path.join(workdir, "eval", name + ".json")
-    sample._atomic_write(out_path, lambda tmp: _dump_json(tmp, results))
+    sample.save_json(out_path, results)
     writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log)
     writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
                                      if isinstance(v, float)})
@@ -303,8 +295,8 @@ def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_st
 
     denoise = parameterization.make_denoise_fn(jax.tree_util.Partial(network, params),
                                                schedule, par)
-    images, _ = _all_examples(configuration.build_source(config.data,
-                                                         split=HELD_OUT_SPLIT), num)
+    held_out = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
+    images, _ = _examples(held_out, range(min(num, len(held_out))))
     dim = int(np.prod(example_shape))
     values = []
     for offset in range(0, len(images), 100):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import tempfile
@@ -14,7 +15,7 @@ import numpy as np
 from diffusion_jax import configuration, guidance, parallel, parameterization, samplers
 
 __all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "make_grid", "save_grid",
-           "save_arrays"]
+           "save_arrays", "save_json"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +129,14 @@ def save_grid(images, path, columns=None):
     image = Image.fromarray(grid)
     _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return grid
+
+
+def save_json(path, value):
+    """Write a JSON-able value to ``path`` atomically (indented, for people to read)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+    _atomic_write(path, write)
 
 
 def save_arrays(path, **arrays):

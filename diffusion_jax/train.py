@@ -35,6 +35,7 @@ __all__ = [
     "make_train_step",
     "TrainingDiverged",
     "build",
+    "optimizer_from_config",
     "open_checkpoints",
     "build_mesh",
     "restore_run",
@@ -191,10 +192,14 @@ def build(config):
     if not config.data.class_conditional:
         num_classes = None
     model = configuration.build_model(config.model, example_shape, num_classes)
+    return source, model, tuple(example_shape), num_classes, optimizer_from_config(config)
+
+
+def optimizer_from_config(config) -> optax.GradientTransformation:
+    """:func:`make_optimizer` with ``config.training``'s settings."""
     t = config.training
-    optimizer = make_optimizer(t.learning_rate, warmup_steps=t.warmup_steps,
-                               grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
-    return source, model, tuple(example_shape), num_classes, optimizer
+    return make_optimizer(t.learning_rate, warmup_steps=t.warmup_steps,
+                          grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
 
 
 def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
@@ -375,8 +380,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
         config_path = os.path.join(workdir, "config.json")
         if is_writer and not os.path.exists(config_path):  # the config the run started with
             os.makedirs(workdir, exist_ok=True)
-            sample._atomic_write(config_path, lambda tmp: _write_json(
-                tmp, json.loads(config.to_json_best_effort())))
+            sample.save_json(config_path, json.loads(config.to_json_best_effort()))
         num_params = clu_parameter_overview.count_parameters(abstract.params)
         writer.text(f"model: {config.model.name}, {num_params:,} parameters; mesh "
                     f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
@@ -480,7 +484,3 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
             signal.signal(s, handler)
     return state
 
-
-def _write_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
