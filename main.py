@@ -5,6 +5,9 @@
     python main.py --config=configs/tiny.py --workdir=/tmp/t --config.training.num_steps=100
     python main.py --config=configs/X.py --workdir=DIR --mode=train_classifier   # for eval
     python main.py --config=configs/X.py --workdir=DIR --mode=eval              # metrics
+    python main.py --config=configs/text_shapes.py --workdir=DIR --mode=sample \
+        --config.sampling.prompt="two red squares on a blue background" \
+        --config.sampling.guidance_scale=4                                     # text to image
 
 Any config key can be overridden with --config.KEY=VALUE; unknown keys and invalid values stop
 the run before anything is compiled.
@@ -28,6 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_sample(config, workdir):
     import jax
+    import numpy as np
 
     from diffusion_jax import sample, train
 
@@ -40,9 +44,12 @@ def run_sample(config, workdir):
     s = config.sampling
     stem = os.path.join(workdir, "samples",
                         f"step{int(state.step)}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}")
-    labels = sample.sampling_labels(config, num_classes, s.num_samples)
-    sample.save_arrays(stem + ".npz", samples=images,
-                       **({} if labels is None else {"labels": labels}))
+    if sample.is_text_model(config):
+        extra = {"prompts": np.array(sample.sampling_prompts(config, s.num_samples))}
+    else:
+        labels = sample.sampling_labels(config, num_classes, s.num_samples)
+        extra = {} if labels is None else {"labels": labels}
+    sample.save_arrays(stem + ".npz", samples=images, **extra)
     written = [stem + ".npz"]
     if len(example_shape) == 3:
         sample.save_grid(images, stem + ".png")
@@ -59,6 +66,11 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     config, workdir = FLAGS.config, FLAGS.workdir
+    if config.distributed.initialize:  # before anything touches the devices
+        from diffusion_jax import parallel
+
+        d = config.distributed
+        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)

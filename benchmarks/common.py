@@ -42,15 +42,19 @@ MODELS["ddpm_cifar10"] = _ddpm_cifar10
 MODELS["dit_b2"] = _dit_b2
 
 
-def build(name, dtype, batch):
+def build(name, dtype, batch, **overrides):
     """The benchmark model ``name`` as a run would build it: ``(config, shape, num_classes,
-    model, optimizer, mesh, abstract_state, state)``, the state initialised on the mesh."""
+    model, optimizer, mesh, abstract_state, state)``, the state initialised on the mesh.
+    ``overrides`` set config keys, e.g. ``training__steps_per_call=4``."""
     from diffusion_jax import configuration, train
 
     config, shape, num_classes = MODELS[name]()
     config.model.dtype = dtype
     config.data.batch_size = batch
     config.data.class_conditional = num_classes is not None
+    for key, value in overrides.items():
+        group, field = key.split("__")
+        setattr(getattr(config, group), field, value)
     mesh = train.build_mesh(config)
     model = configuration.build_model(config.model, shape, num_classes)
     optimizer = train.optimizer_from_config(config)
@@ -80,6 +84,20 @@ def time_calls(fn, *, iterations: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / iterations
 
 
+def forward_flops(model, shape, num_classes) -> float:
+    """Matmul/convolution FLOPs of one image through the network's forward pass, counted from
+    the jaxpr (:mod:`diffusion_jax.flops`); a training step is counted as 3x this (forward,
+    and backward with respect to activations and weights), the usual MFU convention."""
+    from diffusion_jax import flops
+
+    args = [jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32)]
+    if num_classes:
+        args.append(jax.ShapeDtypeStruct((1,), jnp.int32))
+    variables = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
+    return flops.count_flops(lambda v, *a: model.apply(v, *a), variables, *args)
+
+
 def compiled_flops(compiled) -> float:
     """FLOPs of one call of a compiled function by XLA's cost analysis (0 when unavailable;
     it misses cuDNN convolutions on GPU, so treat it as a lower bound there)."""
@@ -98,8 +116,10 @@ def matmul_peak_tflops(dtype=None) -> float:
     if dtype is None:
         dtype = jnp.bfloat16 if on_accelerator() else jnp.float32
     n = 8192 if on_accelerator() else 1024
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
+    # Random operands, as the PyTorch baseline uses (constant ones draw less power and read
+    # ~10% faster on an H100).
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(lambda a, b: a @ b)
     seconds = time_calls(lambda: matmul(a, b), iterations=20 if on_accelerator() else 3)
     return 2 * n ** 3 / seconds / 1e12

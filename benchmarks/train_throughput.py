@@ -1,46 +1,64 @@
 """Training throughput: images/s of diffusion_jax's full training step (the one
 ``train_and_evaluate`` runs: loss, gradients, clipping, AdamW, EMA and metric accumulation, on the
-device mesh, donating the old state), with FLOPs per image from XLA's cost analysis and MFU
-against a measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
+device mesh, donating the old state), fed from host numpy batches through the same device
+prefetcher as training, with model FLOPs counted from the network's jaxpr and MFU against a
+measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
 
     python benchmarks/train_throughput.py                           # both models, f32 and bf16
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 256
+    python benchmarks/train_throughput.py --steps-per-call 4 --remat --train-step shard_map
 
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents.
-Batches are random (the input pipeline is not what is measured). On a CPU the default batch is
-8 and few steps are timed; on a GPU or TPU, 128.
+Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
+batch is 8 and few steps are timed; on a GPU or TPU, 128.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import time
 
 import jax
 
-from common import (MODELS, accelerator, build, compiled_flops, matmul_peak_tflops,
-                    on_accelerator, random_batch, report, time_calls)
+from common import (MODELS, accelerator, build, compiled_flops, forward_flops,
+                    matmul_peak_tflops, on_accelerator, random_batch, report)
 from diffusion_jax import parallel, train
 
 
-def measure(name, dtype, batch, iterations):
-    config, shape, num_classes, model, optimizer, mesh, abstract, state = build(name, dtype, batch)
+def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
+            train_step="jit", grad_accumulation=1):
+    overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
+                     training__grad_accumulation=grad_accumulation)
+    if remat:
+        overrides["model__remat"] = True
+    config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
+        name, dtype, batch, **overrides)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
-    global_batch = parallel.global_batch(random_batch(shape, batch, num_classes), mesh)
+    host_batches = itertools.cycle([random_batch(shape, batch, num_classes, seed=i)
+                                    for i in range(4)])
+    batches = parallel.DevicePrefetcher(host_batches, mesh, size=config.training.prefetch,
+                                        stack=steps_per_call)
     running = train.empty_running_metrics(mesh)
-    flops = compiled_flops(step.lower(state, global_batch, running).compile())
-    holder = {"state": state, "running": running}
-
-    def call():
-        holder["state"], holder["running"] = step(holder["state"], global_batch,
-                                                  holder["running"])
-        return holder["state"].step
-
-    seconds = time_calls(call, iterations=iterations)
+    step = step.lower(state, next(batches), running).compile()  # compiled once, then timed
+    xla_flops = compiled_flops(step)
+    for _ in range(2):  # compile and warm up
+        state, running = step(state, next(batches), running)
+    jax.block_until_ready(running)
+    calls = max(1, iterations // steps_per_call)
+    start = time.perf_counter()
+    for _ in range(calls):
+        state, running = step(state, next(batches), running)
+    jax.block_until_ready(running)
+    seconds = (time.perf_counter() - start) / (calls * steps_per_call)  # per train step
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    train_flops = 3 * forward_flops(model, shape, num_classes)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
+            "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
             "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
-            "gflop_per_image_xla": flops / batch / 1e9 if flops else None,
-            "achieved_tflops_xla": flops / seconds / 1e12 if flops else None}
+            "gflop_per_image": train_flops / 1e9,
+            "achieved_tflops": train_flops * batch / seconds / 1e12,
+            "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None}
 
 
 def main(argv=None):
@@ -49,24 +67,33 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--steps-per-call", type=int, default=1)
+    parser.add_argument("--grad-accumulation", type=int, default=1)
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--train-step", choices=["jit", "shard_map"], default="jit")
+    parser.add_argument("--name", default="train_throughput", help="results file stem")
     args = parser.parse_args(argv)
     batch = args.batch or (128 if on_accelerator() else 8)
-    iterations = args.iterations or (50 if on_accelerator() else 3)
+    iterations = args.iterations or (60 if on_accelerator() else 3)
     print(f"device: {accelerator()}, jax {jax.__version__}")
     peak = matmul_peak_tflops()
     print(f"measured matmul peak: {peak:.2f} TFLOP/s")
     rows = []
     for name in args.models:
         for dtype in args.dtypes:
-            row = measure(name, dtype, batch, iterations)
-            if row["achieved_tflops_xla"]:
-                row["mfu_xla"] = row["achieved_tflops_xla"] / peak
+            row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
+                          remat=args.remat, train_step=args.train_step,
+                          grad_accumulation=args.grad_accumulation)
+            row["mfu"] = row["achieved_tflops"] / peak
             rows.append(row)
             print(row, flush=True)
-    report(rows, ["model", "dtype", "batch", "params", "images_per_s", "step_ms",
-                  "gflop_per_image_xla", "mfu_xla"], "train_throughput",
+    report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat", "params",
+                  "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
+                  "gflop_per_image_xla"], args.name,
            {"matmul_peak_tflops": peak,
-            "matmul_peak_dtype": "bfloat16" if on_accelerator() else "float32"})
+            "matmul_peak_dtype": "bfloat16" if on_accelerator() else "float32",
+            "flops_note": "gflop_per_image = 3 x forward matmul/conv FLOPs counted from the "
+                          "jaxpr; XLA's cost analysis misses cuDNN convolutions on GPU"})
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Groups: ``data`` (what to train on), ``model`` (the denoiser), ``diffusion`` (schedule, prediction
 target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoints, logging) and
-``sampling`` (how ``--mode=sample`` and the periodic sample grids generate), ``evaluation`` and
-``classifier`` (``--mode=eval`` and the feature extractor it uses) and ``mesh`` (how the devices
-are arranged).
+``sampling`` (how ``--mode=sample`` and the periodic sample grids generate), ``text`` (the
+text encoder of caption-conditioned models), ``evaluation`` and
+``classifier`` (``--mode=eval`` and the feature extractor it uses), ``mesh`` (how the devices
+are arranged and how a step uses them) and ``distributed`` (runs of several processes).
 """
 
 import ml_collections
@@ -15,14 +16,14 @@ def get_config():
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "shapes"  # fashion_mnist | tfds | shapes | toy2d
+    config.data.name = "shapes"  # fashion_mnist | tfds | shapes | captions | toy2d
     config.data.path = ""  # Fashion-MNIST IDX folder; "" = the Debian package's location
     config.data.tfds_name = ""  # e.g. "cifar10" when name == "tfds"
     config.data.data_dir = ""  # TFDS data_dir holding the prepared dataset
     config.data.split = "train"
     config.data.toy_kind = "mixture"  # toy2d: mixture | checkerboard | swiss_roll
-    config.data.size = 50_000  # number of procedural examples (shapes, toy2d)
-    config.data.resolution = 32  # shapes: image size
+    config.data.size = 50_000  # number of procedural examples (shapes, captions, toy2d)
+    config.data.resolution = 32  # shapes, captions: image size
     config.data.batch_size = 128  # global batch size
     config.data.class_conditional = True  # use labels when the data has them
 
@@ -41,6 +42,14 @@ def get_config():
     config.model.depth = 4  # mlp
     config.model.noise_scale = 1000.0
     config.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+    config.model.head_dim = 0  # unet: > 0 gives each attention block channels // head_dim heads
+    config.model.mid_attention = True  # unet: attention between the two middle res blocks
+    # Text conditioning (set by the text pipeline): width of the text-token embeddings the unet's
+    # attention blocks / the dit's blocks cross-attend to; 0 = no cross-attention parameters.
+    config.model.context_dim = 0
+    config.model.pooled_dim = 0  # width of a pooled text embedding added to the time embedding
+    config.model.transformer_depth = 1  # unet with context_dim: transformer blocks per attention
+    config.model.remat = False  # recompute each block's activations in the backward pass
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "cosine"
@@ -52,6 +61,7 @@ def get_config():
     config.diffusion.time_sampling = "uniform"
     config.diffusion.time_sampling_params = ml_collections.ConfigDict()
     config.diffusion.label_dropout = 0.1  # probability of the null label in training
+    config.diffusion.caption_dropout = 0.1  # probability of the empty caption in training
 
     config.training = ml_collections.ConfigDict()
     config.training.num_steps = 20_000
@@ -64,6 +74,11 @@ def get_config():
     config.training.checkpoint_every = 2_000
     config.training.keep_checkpoints = 3
     config.training.sample_every = 5_000  # 0 disables periodic sample grids
+    # Speed and memory (the result does not depend on them, up to float rounding):
+    config.training.grad_accumulation = 1  # microbatches per step (divides the per-device batch)
+    config.training.steps_per_call = 1  # train steps per device call (lax.scan); divides the
+    #   log/checkpoint/sample intervals and num_steps
+    config.training.prefetch = 2  # batches assembled on the devices ahead of the step
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.method = "dpmpp_2m"
@@ -73,8 +88,22 @@ def get_config():
     config.sampling.seed = 0
     config.sampling.label = -1  # class to generate; -1 = cycle through all classes
     config.sampling.guidance_scale = 1.0
+    # Text models: what to draw ("" = captions of the data); several prompts separated by "|"
+    # are used in turn. The negative prompt replaces the empty caption in guidance.
+    config.sampling.prompt = ""
+    config.sampling.negative_prompt = ""
+    config.sampling.guidance_rescale = 0.0  # Lin et al. 2023; 0 = off, 0.7 typical
     config.sampling.checkpoint_step = -1  # -1 = latest
     config.sampling.use_ema = True
+
+    # Text conditioning (data.name = "captions"): a byte-level Transformer text encoder trained
+    # with the denoiser, which cross-attends to its token embeddings.
+    config.text = ml_collections.ConfigDict()
+    config.text.max_length = 96  # tokens (UTF-8 bytes + 2); longer captions are cut
+    config.text.width = 256
+    config.text.depth = 4
+    config.text.num_heads = 4
+    config.text.freeze = False  # stop gradients at the encoder's outputs
 
     # --mode=eval: metrics of generated samples, in the feature space of a classifier trained on
     # the same data with --mode=train_classifier, or of FID's Inception-v3.
@@ -102,4 +131,16 @@ def get_config():
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1 = all devices not used by the other axis
     config.mesh.fsdp = 1
+    # How a step computes its gradients: "jit" (XLA partitions the whole step by the shardings)
+    # or "shard_map" (explicit per-device loss and gradients, averaged with pmean).
+    config.mesh.train_step = "jit"
+
+    # Several processes (hosts of a TPU pod slice, GPU nodes): run the same command on each with
+    # initialize=True. Empty/-1 values are auto-detected (Cloud TPU, SLURM, Open MPI); on plain
+    # machines give the coordinator (process 0's host:port), the process count and each id.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = -1
+    config.distributed.process_id = -1
     return config

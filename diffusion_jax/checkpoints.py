@@ -31,6 +31,21 @@ def _restore_target(leaf):
     return target
 
 
+_MISSING = "<missing>"
+
+
+def _align(stored, current, defaults):
+    """``stored`` (a checkpoint's fingerprint) read with the keys of ``current``: keys it lacks
+    take their value from ``defaults`` (settings added since it was written), and keys the
+    current fingerprint no longer has are left out (settings since removed)."""
+    if not isinstance(stored, dict) or not isinstance(current, dict):
+        return stored
+    defaults = defaults if isinstance(defaults, dict) else {}
+    return {key: (_align(stored[key], current[key], defaults.get(key)) if key in stored
+                  else defaults.get(key, _MISSING))
+            for key in current}
+
+
 class Checkpoints:
     """Save and restore ``(TrainState, data iterator)`` under ``directory/<step>``.
 
@@ -40,9 +55,12 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, *, fingerprint: dict, max_to_keep: int = 3,
-                 asynchronous: bool = True):
+                 asynchronous: bool = True, fingerprint_defaults: Optional[dict] = None):
         self.directory = os.path.abspath(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples to lists
+        # Values assumed for keys a checkpoint's fingerprint lacks (keys added to the config
+        # after it was written), so older checkpoints of the same model still restore.
+        self.fingerprint_defaults = json.loads(json.dumps(fingerprint_defaults or {}))
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -88,6 +106,7 @@ class Checkpoints:
                 f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); delete that "
                 "step's folder to fall back to an earlier one, or use a fresh workdir"
             ) from err
+        meta = _align(meta, self.fingerprint, self.fingerprint_defaults)
         if meta != self.fingerprint:
             differing = sorted(k for k in set(meta) | set(self.fingerprint)
                                if meta.get(k) != self.fingerprint.get(k))

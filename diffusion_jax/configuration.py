@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    "data.name": ("fashion_mnist", "tfds", "shapes", "toy2d"),
+    "data.name": ("fashion_mnist", "tfds", "shapes", "captions", "toy2d"),
     "data.toy_kind": data_lib.Toy2D.KINDS,
     "model.name": ("unet", "dit", "mlp"),
     "model.dit_size": tuple(models.DIT_SIZES),
@@ -32,6 +32,7 @@ _CHOICES = {
     "sampling.method": samplers.METHODS,
     "sampling.grid": samplers.GRIDS,
     "evaluation.feature_extractor": ("classifier", "inception"),
+    "mesh.train_step": ("jit", "shard_map"),
 }
 _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
@@ -40,7 +41,9 @@ _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_st
              "model.patch_size", "evaluation.num_samples", "evaluation.batch_size",
              "evaluation.precision_recall_k", "evaluation.likelihood_steps",
              "classifier.num_steps", "classifier.batch_size", "classifier.learning_rate",
-             "classifier.width", "classifier.feature_dim")
+             "classifier.width", "classifier.feature_dim", "training.grad_accumulation",
+             "training.steps_per_call", "training.prefetch", "text.max_length",
+             "text.width", "text.depth", "text.num_heads")
 _FREE_FORM = ("diffusion.schedule_params", "diffusion.weighting_params",
               "diffusion.time_sampling_params")
 
@@ -78,13 +81,27 @@ def validate(config, reference=None) -> None:
     for key in _POSITIVE:
         if not given[key] > 0:
             raise ConfigError(f"config.{key} must be > 0, got {given[key]!r}")
-    for key in ("training.ema_decay", "diffusion.label_dropout", "model.dropout"):
+    for key in ("training.ema_decay", "diffusion.label_dropout", "diffusion.caption_dropout",
+                "model.dropout"):
         if not 0.0 <= given[key] < 1.0:
             raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
     for key in ("mesh.data", "mesh.fsdp"):
         if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
             raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
                               f">= 1, got {given[key]!r}")
+    for key in ("training.grad_accumulation", "training.steps_per_call", "training.prefetch"):
+        if not isinstance(given[key], int):
+            raise ConfigError(f"config.{key} must be an integer, got {given[key]!r}")
+    k = given["training.steps_per_call"]
+    for key in ("training.num_steps", "training.log_every", "training.checkpoint_every",
+                "training.sample_every"):
+        if given[key] % k:
+            raise ConfigError(f"config.{key}={given[key]} must be a multiple of "
+                              f"config.training.steps_per_call={k} (steps run {k} per call)")
+    if given["data.batch_size"] % given["training.grad_accumulation"]:
+        raise ConfigError(f"config.data.batch_size={given['data.batch_size']} does not split "
+                          f"into config.training.grad_accumulation="
+                          f"{given['training.grad_accumulation']} microbatches")
     if given["evaluation.feature_extractor"] == "inception" and not given[
             "evaluation.inception_weights"]:
         raise ConfigError(
@@ -94,6 +111,16 @@ def validate(config, reference=None) -> None:
             ".npz converted from it")
     if given["evaluation.likelihood_examples"] < 0:
         raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
+    if not 0.0 <= given["sampling.guidance_rescale"] <= 1.0:
+        raise ConfigError("config.sampling.guidance_rescale must be in [0, 1]")
+    if given["text.width"] % given["text.num_heads"]:
+        raise ConfigError(f"config.text.width={given['text.width']} must be divisible by "
+                          f"config.text.num_heads={given['text.num_heads']}")
+    if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and given[
+            "data.name"] != "captions":
+        raise ConfigError("config.sampling.prompt needs a text-conditioned model "
+                          "(data.name='captions'); this config trains on "
+                          f"{given['data.name']!r}")
     if given["sampling.guidance_scale"] < 0:
         raise ConfigError("config.sampling.guidance_scale must be >= 0")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:
@@ -135,24 +162,43 @@ def build_source(data_config, split=None):
     if data_config.name == "shapes":
         return data_lib.Shapes(data_config.size, data_config.resolution,
                                seed=0 if split == "train" else 1)
+    if data_config.name == "captions":
+        # "train": seen attribute combinations; "heldout": only the held-out ones; any other
+        # split name: fresh images of the seen combinations (another seed).
+        return data_lib.CaptionedShapes(
+            data_config.size, data_config.resolution, seed=0 if split == "train" else 1,
+            split=split if split in ("train", "heldout", "all") else "train")
     return data_lib.Toy2D(data_config.toy_kind, data_config.size,
                           seed=0 if split == "train" else 1)
 
 
 def data_shape(source):
     """(shape of one model input, number of classes or None)."""
-    record = data_lib.ToModelInputs().map(source[0])
+    record = data_lib.ToModelInputs().map(source[0])  # (the text length does not matter here)
     return record["x"].shape, getattr(source, "num_classes", None)
 
 
 def build_model(model_config, example_shape, num_classes=None) -> Any:
     dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
     common = dict(num_classes=num_classes, noise_scale=model_config.noise_scale, dtype=dtype)
+    for key in ("context_dim", "pooled_dim", "head_dim"):
+        if model_config[key] < 0:
+            raise ConfigError(f"config.model.{key} must be >= 0 (0 = off), got "
+                              f"{model_config[key]!r}")
+    if model_config.transformer_depth < 1:
+        raise ConfigError(f"config.model.transformer_depth must be >= 1, got "
+                          f"{model_config.transformer_depth!r}")
     if model_config.name == "mlp":
         if len(example_shape) != 1:
             raise ConfigError(f"config.model.name='mlp' needs vector data, got {example_shape}")
+        if model_config.context_dim or model_config.pooled_dim:
+            raise ConfigError("config.model.name='mlp' has no text conditioning; set "
+                              "config.model.context_dim and pooled_dim to 0 or use unet / dit")
         return models.MLP(hidden=model_config.hidden, depth=model_config.depth,
                           dropout=model_config.dropout, **common)
+    # 0 means off; the models take None, which creates no text-conditioning parameters at all.
+    common.update(context_dim=model_config.context_dim or None,
+                  pooled_dim=model_config.pooled_dim or None, remat=model_config.remat)
     if len(example_shape) != 3:
         raise ConfigError(f"config.model.name={model_config.name!r} needs images, got data of "
                           f"shape {example_shape}; use model.name='mlp'")
@@ -167,6 +213,34 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
                            num_res_blocks=model_config.num_res_blocks,
                            attention_resolutions=tuple(model_config.attention_resolutions),
                            num_heads=model_config.num_heads, dropout=model_config.dropout,
-                           scale_shift=model_config.scale_shift, num_groups=groups, **common)
+                           scale_shift=model_config.scale_shift, num_groups=groups,
+                           head_dim=model_config.head_dim or None,
+                           mid_attention=model_config.mid_attention,
+                           transformer_depth=model_config.transformer_depth, **common)
     return models.dit(model_config.dit_size, model_config.patch_size, **common)
 
+
+
+def build_denoiser(config, example_shape, num_classes=None) -> Any:
+    """The network of a whole config: :func:`build_model`, wrapped with a text encoder
+    (:class:`~diffusion_jax.models.TextConditioned`) when the data is captioned."""
+    if config.data.name != "captions":
+        return build_model(config.model, example_shape, num_classes)
+    from diffusion_jax import text as text_lib
+
+    t = config.text
+    for key in ("context_dim", "pooled_dim"):
+        if config.model[key] not in (0, t.width):
+            raise ConfigError(f"config.model.{key}={config.model[key]} differs from "
+                              f"config.text.width={t.width}; leave it 0 for captioned data "
+                              "(it follows the text encoder)")
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.context_dim = model_config.pooled_dim = t.width
+    if model_config.name == "mlp":
+        raise ConfigError("captioned data needs model.name='unet' or 'dit'")
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    encoder = text_lib.TextEncoder(max_length=t.max_length, width=t.width, depth=t.depth,
+                                   num_heads=t.num_heads, dtype=dtype)
+    return models.TextConditioned(build_model(model_config, example_shape, num_classes),
+                                  encoder, freeze_text=t.freeze)

@@ -45,6 +45,7 @@ from diffusion_jax import schedules as schedules_lib
 
 __all__ = [
     "TIME_SAMPLING",
+    "DiffusionLoss",
     "WEIGHTINGS",
     "sample_time",
     "loss_weight",
@@ -141,6 +142,71 @@ def loss_weight(logsnr, weighting: str, parameterization, **params):
     return jnp.exp(log_w - parameterization.log_mse_ratio(clipped))
 
 
+class DiffusionLoss:
+    """The denoising loss as two stages, so that a data-parallel step can draw all randomness with
+    the global batch's shapes and then compute on each device's shard:
+
+    * ``draw(batch, key) -> (batch, draws)``: the optional ``prepare(batch, key)`` transform
+      (label or caption dropping), the diffusion times ``t`` and the noise ``eps``, all drawn with
+      the global batch's shapes, plus a key for the network (dropout);
+    * ``compute(params, batch, draws) -> (loss, aux)``: deterministic given the draws; the mean
+      over the batch, so the mean of equal-sized shards' losses is the global loss.
+
+    Calling it, ``loss_fn(params, batch, key)``, runs both.
+    """
+
+    def __init__(self, apply_fn, schedule, parameterization, draw_time, weighting, weight_params,
+                 data_key, prepare):
+        self.apply_fn, self.schedule, self.parameterization = apply_fn, schedule, parameterization
+        self._draw_time, self.weighting, self._weight_params = draw_time, weighting, weight_params
+        self.data_key, self.prepare = data_key, prepare
+
+    def _x0(self, batch):
+        if self.data_key not in batch:
+            raise KeyError(f"batch has no {self.data_key!r} entry (keys: {sorted(batch)})")
+        # Noising and the loss run in at least float32 even for bfloat16 data.
+        dtype = jnp.promote_types(batch[self.data_key].dtype, jnp.float32)
+        return batch[self.data_key].astype(dtype)
+
+    def draw(self, batch, key):
+        key_prepare, key_t, key_noise, key_model = jax.random.split(key, 4)
+        if self.prepare is not None:
+            batch = self.prepare(batch, key_prepare)
+        x0 = self._x0(batch)
+        t = self._draw_time(key_t, x0.shape[0], x0.dtype)
+        eps = jax.random.normal(key_noise, x0.shape, x0.dtype)
+        return batch, {"t": t, "eps": eps, "key": key_model}
+
+    def compute(self, params, batch, draws):
+        x0 = self._x0(batch)
+        dtype = x0.dtype
+        cond = {k: v for k, v in batch.items() if k != self.data_key}
+        t, eps = draws["t"], draws["eps"]
+        schedule, parameterization = self.schedule, self.parameterization
+        alpha_t, sigma_t, logsnr = schedule.alpha(t), schedule.sigma(t), schedule.logsnr(t)
+        alpha = param_lib.broadcast_to(alpha_t, x0)
+        sigma = param_lib.broadcast_to(sigma_t, x0)
+        x_t = alpha * x0 + sigma * eps
+        x_in, noise_input = parameterization.network_inputs(x_t, t, alpha_t, sigma_t, logsnr)
+        output = self.apply_fn(params, x_in, noise_input, cond, draws["key"])
+        target = jax.lax.stop_gradient(parameterization.target(x0, eps, x_t, alpha, sigma))
+        axes = tuple(range(1, x0.ndim))
+        mse = jnp.mean(jnp.square(output.astype(dtype) - target), axis=axes)
+        weight = loss_weight(logsnr, self.weighting, parameterization, **self._weight_params)
+        per_example = weight.astype(dtype) * mse
+        aux = {
+            "loss_per_example": per_example,
+            "mse_per_example": mse,
+            "t": t,
+            "logsnr": logsnr,
+        }
+        return jnp.mean(per_example), aux
+
+    def __call__(self, params, batch, key):
+        batch, draws = self.draw(batch, key)
+        return self.compute(params, batch, draws)
+
+
 def make_loss_fn(
     apply_fn: Callable[..., jax.Array],
     *,
@@ -151,8 +217,9 @@ def make_loss_fn(
     weighting: str = "mse",
     weighting_params: Optional[Mapping[str, Any]] = None,
     data_key: str = "x",
-):
-    """Build ``loss_fn(params, batch, key) -> (loss, aux)``.
+    prepare: Optional[Callable] = None,
+) -> DiffusionLoss:
+    """Build ``loss_fn(params, batch, key) -> (loss, aux)`` (a :class:`DiffusionLoss`).
 
     ``apply_fn(params, x_in, noise_input, cond, key) -> output`` is the network: ``x_in`` and
     ``noise_input`` come from :meth:`Parameterization.network_inputs` (x_t and t, or EDM's scaled
@@ -160,8 +227,10 @@ def make_loss_fn(
     text embeddings; possibly empty) and ``key`` a PRNG key for dropout.
 
     ``time_sampling`` is a name from :data:`TIME_SAMPLING` or a function
-    ``(key, batch_size, dtype) -> t``. ``batch[data_key]`` holds clean data of shape [batch, ...]. ``aux`` has ``loss_per_example``
-    (weighted, [batch]), ``mse_per_example`` (unweighted target-space MSE), ``t`` and ``logsnr``.
+    ``(key, batch_size, dtype) -> t``. ``batch[data_key]`` holds clean data of shape [batch, ...].
+    ``prepare(batch, key) -> batch``, if given, transforms the batch before noising (e.g. drops
+    labels for classifier-free guidance). ``aux`` has ``loss_per_example`` (weighted, [batch]),
+    ``mse_per_example`` (unweighted target-space MSE), ``t`` and ``logsnr``.
     """
     schedule = schedules_lib.get(schedule)
     parameterization = param_lib.get(parameterization)
@@ -178,34 +247,5 @@ def make_loss_fn(
             )
 
     weight_params = _merge("weighting", weighting, _WEIGHT_PARAMS, weighting_params)
-
-    def loss_fn(params, batch, key):
-        if data_key not in batch:
-            raise KeyError(f"batch has no {data_key!r} entry (keys: {sorted(batch)})")
-        # Noising and the loss run in at least float32 even for bfloat16 data.
-        dtype = jnp.promote_types(batch[data_key].dtype, jnp.float32)
-        x0 = batch[data_key].astype(dtype)
-        cond = {k: v for k, v in batch.items() if k != data_key}
-        key_t, key_noise, key_model = jax.random.split(key, 3)
-        t = draw_time(key_t, x0.shape[0], dtype)
-        eps = jax.random.normal(key_noise, x0.shape, x0.dtype)
-        alpha_t, sigma_t, logsnr = schedule.alpha(t), schedule.sigma(t), schedule.logsnr(t)
-        alpha = param_lib.broadcast_to(alpha_t, x0)
-        sigma = param_lib.broadcast_to(sigma_t, x0)
-        x_t = alpha * x0 + sigma * eps
-        x_in, noise_input = parameterization.network_inputs(x_t, t, alpha_t, sigma_t, logsnr)
-        output = apply_fn(params, x_in, noise_input, cond, key_model)
-        target = jax.lax.stop_gradient(parameterization.target(x0, eps, x_t, alpha, sigma))
-        axes = tuple(range(1, x0.ndim))
-        mse = jnp.mean(jnp.square(output.astype(dtype) - target), axis=axes)
-        weight = loss_weight(logsnr, weighting, parameterization, **weight_params)
-        per_example = weight.astype(dtype) * mse
-        aux = {
-            "loss_per_example": per_example,
-            "mse_per_example": mse,
-            "t": t,
-            "logsnr": logsnr,
-        }
-        return jnp.mean(per_example), aux
-
-    return loss_fn
+    return DiffusionLoss(apply_fn, schedule, parameterization, draw_time, weighting,
+                         weight_params, data_key, prepare)

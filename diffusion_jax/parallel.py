@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXES", "MeshError", "mesh_shape", "make_mesh", "batch_sharding", "replicated",
-           "state_shardings", "global_batch"]
+           "state_shardings", "global_batch", "stacked_batch_sharding", "shard_map",
+           "DevicePrefetcher", "initialize_distributed"]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -92,8 +93,85 @@ def state_shardings(mesh: Mesh, abstract_state: Any, *, min_size: int = FSDP_MIN
                                   abstract_state)
 
 
-def global_batch(local_batch: Any, mesh: Mesh) -> Any:
-    """Assemble each process's numpy batch into global ``jax.Array``s split over the mesh."""
-    sharding = batch_sharding(mesh)
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """For ``[steps, batch, ...]`` stacks of batches: the batch axis split as in
+    :func:`batch_sharding`, the leading (step) axis whole."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def global_batch(local_batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
+    """Assemble each process's numpy batch into global ``jax.Array``s split over the mesh
+    (``stacked``: arrays are ``[steps, batch, ...]``, split along the batch axis)."""
+    sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def shard_map(fn, *, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` without the replication (vma) check: ``fn`` sees each device's block and
+    does its own collectives; values returned under a replicated spec must be made equal by the
+    function (e.g. with ``lax.pmean``)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+
+class DevicePrefetcher:
+    """Wrap a host iterator so that the next ``size`` batches are already assembled on the
+    devices (transfers are asynchronous and overlap the running step).
+
+    ``stack`` > 1 yields ``[stack, batch, ...]`` stacks of consecutive batches (for several
+    train steps per device call). ``get_state``/``set_state`` pass through to the wrapped
+    iterator but report the position after the last batch *handed out*, not the ones waiting
+    in the queue, so a checkpoint taken mid-run resumes exactly where training was.
+    """
+
+    def __init__(self, iterator, mesh: Mesh, *, size: int = 2, stack: int = 1):
+        if size < 1 or stack < 1:
+            raise ValueError(f"prefetch size and stack must be >= 1, got {size}, {stack}")
+        self._iterator, self._mesh, self._size, self._stack = iterator, mesh, size, stack
+        self._queue = []
+        self._state = None  # position after the last batch handed out (None: nothing yet)
+
+    def _fetch(self):
+        if self._stack == 1:
+            host = next(self._iterator)
+        else:
+            batches = [next(self._iterator) for _ in range(self._stack)]
+            host = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+        position = self._iterator.get_state() if hasattr(self._iterator, "get_state") else None
+        return global_batch(host, self._mesh, stacked=self._stack > 1), position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._queue) < self._size:
+            self._queue.append(self._fetch())
+        batch, self._state = self._queue.pop(0)
+        return batch
+
+    def get_state(self):
+        return self._iterator.get_state() if self._state is None else self._state
+
+    def set_state(self, state):
+        self._iterator.set_state(state)
+        self._queue, self._state = [], None
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = -1,
+                           process_id: int = -1) -> None:
+    """Join a multi-process run (several hosts of a TPU pod, or GPU nodes) through
+    ``jax.distributed.initialize``, before any other JAX call. Empty or -1 arguments are left to
+    JAX's auto-detection (Cloud TPU, SLURM, Open MPI...); on a plain machine give all three."""
+    kwargs = {}
+    if coordinator_address:
+        kwargs["coordinator_address"] = coordinator_address
+    if num_processes != -1:
+        kwargs["num_processes"] = int(num_processes)
+    if process_id != -1:
+        kwargs["process_id"] = int(process_id)
+    if getattr(jax.distributed, "is_initialized", lambda: False)():
+        return
+    jax.distributed.initialize(**kwargs)

@@ -14,16 +14,45 @@ import numpy as np
 
 from diffusion_jax import configuration, guidance, parallel, parameterization, samplers
 
-__all__ = ["make_generate_fn", "sampling_labels", "to_uint8", "make_grid", "save_grid",
+__all__ = ["make_generate_fn", "generate_from_prompts", "sampling_labels", "sampling_prompts",
+           "encode_prompts", "is_text_model", "to_uint8", "make_grid", "save_grid",
            "save_arrays", "save_json"]
+
+
+_TEXT_KEYS = ("tokens", "token_mask")
 
 
 @functools.lru_cache(maxsize=None)
 def _network(model):
-    def apply(params, x, noise_level, labels):
-        return model.apply({"params": params}, x, noise_level, labels)
+    def apply(params, x, noise_level, cond):
+        if isinstance(cond, dict):  # {"label": ...} and/or text {"tokens", "token_mask"}
+            text = {k: cond[k] for k in _TEXT_KEYS if k in cond}
+            return model.apply({"params": params}, x, noise_level, cond.get("label"), **text)
+        return model.apply({"params": params}, x, noise_level, cond)
 
     return apply
+
+
+def is_text_model(config) -> bool:
+    return config.data.name == "captions"
+
+
+def sampling_prompts(config, num):
+    """The ``num`` prompts to generate (``config.sampling.prompt``, several separated by "|",
+    used in turn), or, when it is empty, the captions of ``num`` examples of the data."""
+    if config.sampling.prompt.strip():
+        prompts = [p.strip() for p in config.sampling.prompt.split("|") if p.strip()]
+        return [prompts[i % len(prompts)] for i in range(num)]
+    source = configuration.build_source(config.data, split="test")
+    return [str(source[i % len(source)]["caption"]) for i in range(num)]
+
+
+def encode_prompts(config, prompts):
+    """Tokens and masks (int32 / bool [len(prompts), config.text.max_length]) of prompts."""
+    from diffusion_jax import text
+
+    tokens, mask = text.encode(list(prompts), config.text.max_length)
+    return {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(mask)}
 
 
 def _unconditional(denoise_fn, x, t):
@@ -44,15 +73,18 @@ def sampling_labels(config, num_classes, num):
     return jnp.full((num,), label, jnp.int32)
 
 
-_OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale")
+_OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guidance_rescale",
+                "prompt", "negative_prompt")
 
 
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **sampling):
-    """``generate(params, key, num) -> samples`` following ``config.sampling``, with any of its
-    keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
-    ``guidance_scale``); parameters, labels and the guidance scale are data to the compiled
-    sampler. With a ``mesh`` the batch is split over all its devices (when ``num`` divides
-    evenly; otherwise it runs replicated)."""
+    """``generate(params, key, num, prompts=None) -> samples`` following ``config.sampling``,
+    with any of its keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
+    ``guidance_scale``, ``guidance_rescale``, ``prompt``, ``negative_prompt``); parameters,
+    labels, prompt tokens and the guidance scale are data to the compiled sampler. A text model
+    draws ``prompts`` (a list of ``num`` strings) when given, else the config's prompts (see
+    :func:`sampling_prompts`). With a ``mesh`` the batch is split over all its devices (when
+    ``num`` divides evenly; otherwise it runs replicated)."""
     if sampling:
         config = config.copy_and_resolve_references()
         with config.unlocked():
@@ -66,17 +98,37 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
     sampling = config.sampling
+    text_model = is_text_model(config)
+    if text_model:
+        from diffusion_jax import text as text_lib
 
-    def generate(params, key, num):
+        if sampling.negative_prompt:
+            other = encode_prompts(config, [sampling.negative_prompt])
+        else:
+            null_tokens, null_mask = text_lib.null_text(config.text.max_length)
+            other = {"tokens": jnp.asarray(null_tokens), "token_mask": jnp.asarray(null_mask)}
+
+    def generate(params, key, num, prompts=None):
         denoise = parameterization.make_denoise_fn(
             jax.tree_util.Partial(_network(model), params), schedule, par)
-        labels = sampling_labels(config, num_classes, num)
-        if labels is None:
+        if text_model:
+            if prompts is None:
+                prompts = sampling_prompts(config, num)
+            if len(prompts) != num:
+                raise ValueError(f"{len(prompts)} prompts for {num} samples")
+            cond = encode_prompts(config, prompts)
+            uncond = jax.tree_util.tree_map(
+                lambda a: jnp.broadcast_to(a, (num,) + a.shape[1:]), other)
+        else:
+            labels = sampling_labels(config, num_classes, num)
+            cond = labels if labels is None else {"label": labels}
+            uncond = None if labels is None else {"label": jnp.full_like(labels, num_classes)}
+        if cond is None:
             fn = jax.tree_util.Partial(_unconditional, denoise)
         else:
             fn = guidance.classifier_free_guidance(
-                denoise, cond=labels, uncond=jnp.full_like(labels, num_classes),
-                scale=sampling.guidance_scale)
+                denoise, cond=cond, uncond=uncond, scale=sampling.guidance_scale,
+                rescale=sampling.guidance_rescale)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.random.normal(key_noise, (num,) + tuple(example_shape), jnp.float32)
         if mesh is not None and num % mesh.devices.size == 0:
@@ -86,6 +138,22 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
                                key=key_sampler).samples
 
     return generate
+
+
+def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **sampling):
+    """Load the trained text-to-image run in ``workdir`` and generate one image per prompt:
+    ``(images uint8 [n, H, W, C], state)``. ``sampling`` overrides config.sampling keys, e.g.
+    ``method="dpmpp_2m", num_steps=30, guidance_scale=4.0, negative_prompt="..."``."""
+    from diffusion_jax import train
+
+    if not is_text_model(config):
+        raise configuration.ConfigError("generate_from_prompts needs a text-conditioned run "
+                                        "(data.name='captions')")
+    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    generate = make_generate_fn(config, model, example_shape, num_classes,
+                                mesh=train.sampling_mesh(config), **sampling)
+    images = generate(state.ema_params, jax.random.key(seed), len(prompts), list(prompts))
+    return to_uint8(images), state
 
 
 def to_uint8(images):

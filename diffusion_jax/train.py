@@ -31,6 +31,8 @@ __all__ = [
     "learning_rate_schedule",
     "make_optimizer",
     "network_apply_fn",
+    "drop_labels",
+    "drop_captions",
     "create_train_state",
     "make_train_step",
     "TrainingDiverged",
@@ -96,13 +98,50 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
+def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"):
+    """A loss ``prepare(batch, key) -> batch`` that replaces each label by the null label
+    ``num_classes`` with probability ``label_dropout``, which teaches the same network the
+    unconditional denoiser that classifier-free guidance needs (Ho & Salimans 2021). The draw
+    uses the global batch's shape, so every way of splitting the batch drops the same labels."""
+
+    def prepare(batch, key):
+        if label_key not in batch:
+            return batch
+        labels = batch[label_key]
+        drop = jax.random.bernoulli(key, label_dropout, labels.shape)
+        return {**batch, label_key: jnp.where(drop, num_classes, labels)}
+
+    return prepare
+
+
+TEXT_KEYS = ("tokens", "token_mask")
+
+
+def drop_captions(caption_dropout: float, max_length: int):
+    """A loss ``prepare(batch, key) -> batch`` that replaces each caption by the empty caption
+    with probability ``caption_dropout`` (classifier-free guidance's unconditional branch),
+    drawn for the whole global batch."""
+    from diffusion_jax import text as text_lib
+
+    null_tokens, null_mask = (jnp.asarray(a[0]) for a in text_lib.null_text(max_length))
+
+    def prepare(batch, key):
+        if "tokens" not in batch:
+            return batch
+        tokens, mask = batch["tokens"], batch["token_mask"]
+        drop = jax.random.bernoulli(key, caption_dropout, tokens.shape[:1])[:, None]
+        return {**batch, "tokens": jnp.where(drop, null_tokens[:tokens.shape[1]], tokens),
+                "token_mask": jnp.where(drop, null_mask[:tokens.shape[1]], mask)}
+
+    return prepare
+
+
 def network_apply_fn(model, *, num_classes: Optional[int] = None, label_dropout: float = 0.0,
                      label_key: str = "label"):
     """Adapt a Flax denoiser to the loss's ``apply_fn(params, x_in, noise_input, cond, key)``.
 
-    In training, each label is replaced by the null label ``num_classes`` with probability
-    ``label_dropout``, which teaches the same network the unconditional denoiser that
-    classifier-free guidance needs (Ho & Salimans 2021).
+    With ``label_dropout``, labels are also dropped here (see :func:`drop_labels`; the config
+    path drops them in the loss's ``prepare`` stage instead, before the batch is split).
     """
     if label_dropout and num_classes is None:
         raise ValueError("label_dropout needs num_classes (the null label's index)")
@@ -113,8 +152,9 @@ def network_apply_fn(model, *, num_classes: Optional[int] = None, label_dropout:
         if labels is not None and label_dropout:
             drop = jax.random.bernoulli(key_labels, label_dropout, labels.shape)
             labels = jnp.where(drop, num_classes, labels)
+        text = {k: cond[k] for k in TEXT_KEYS if k in cond}
         return model.apply({"params": params}, x_in, noise_input, labels, train=True,
-                           rngs={"dropout": key_drop})
+                           rngs={"dropout": key_drop}, **text)
 
     return apply_fn
 
@@ -139,21 +179,113 @@ def create_train_state(model, optimizer, example_x, key, *, with_labels: bool = 
     )
 
 
+def _microbatches(tree, num: int, sharding=None):
+    """Split the leading axis of every leaf into ``num`` interleaved microbatches, stacked on a
+    new leading axis: microbatch j holds examples j, j + num, ... so that each device's
+    contiguous shard of the batch contributes equally to every microbatch (no data moves)."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def _mean_grads(compute, params, batch, draws, grad_accumulation, sharding=None):
+    """Loss and gradients of ``compute`` over the batch, in ``grad_accumulation`` sequential
+    microbatches (their mean equals the whole batch's: equal sizes, mean losses)."""
+    grad_fn = jax.value_and_grad(compute, has_aux=True)
+    if grad_accumulation == 1:
+        (loss, _), grads = grad_fn(params, batch, draws)
+        return loss, grads
+    key = draws["key"]
+    data = _microbatches((batch, {k: v for k, v in draws.items() if k != "key"}),
+                         grad_accumulation, sharding)
+
+    def body(carry, inputs):
+        index, (micro_batch, micro_draws) = inputs
+        micro_draws = {**micro_draws, "key": jax.random.fold_in(key, index)}
+        (loss, _), grads = grad_fn(params, micro_batch, micro_draws)
+        total_loss, total_grads = carry
+        return (total_loss + loss, jax.tree_util.tree_map(jnp.add, total_grads, grads)), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(grad_accumulation), data))
+    scale = 1.0 / grad_accumulation
+    return loss * scale, jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads,
+                                                params)
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    ema_decay: float = 0.9999):
+                    ema_decay: float = 0.9999, grad_accumulation: int = 1, mesh=None,
+                    use_shard_map: bool = False):
     """Build the pure ``train_step(state, batch) -> (state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, aux)`` comes from
     :func:`diffusion_jax.losses.make_loss_fn`. Metrics: ``loss``, ``grad_norm``, and
     ``finite`` (False when the loss or a gradient is NaN or Inf; the caller stops the run then,
     before the state is saved).
+
+    ``grad_accumulation`` splits the batch into that many microbatches whose gradients are
+    summed in a ``lax.scan`` (the same update as the whole batch, with a fraction of the
+    activation memory). All randomness is drawn for the whole (global) batch first, so the
+    result does not depend on how the batch is split.
+
+    ``use_shard_map`` (needs ``mesh``) computes loss and gradients with ``jax.shard_map``: each
+    device runs the network on its shard of the batch with the whole parameters and the
+    gradients are averaged with ``lax.pmean`` over the mesh; the optimizer update then runs on
+    the (possibly fsdp-sharded) state as in the default path. Gradients are taken inside the
+    mapped function on each device's local copy, so they are per-device gradients that the
+    ``pmean`` averages (differentiating *through* a ``shard_map`` instead would return the
+    gradient of replicated parameters already summed over devices). Dropout masks are drawn per
+    device (the network key is folded with the device's index), so the two paths agree exactly
+    for networks without dropout and in distribution otherwise.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if grad_accumulation < 1:
+        raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
+    if use_shard_map and mesh is None:
+        raise ValueError("use_shard_map needs the device mesh")
+    draw = getattr(loss_fn, "draw", None)
+    if draw is None:  # a plain loss function: all its randomness comes from the key
+        draw = lambda batch, key: (batch, {"key": key})  # noqa: E731
+        compute = lambda params, batch, draws: loss_fn(params, batch, draws["key"])  # noqa: E731
+        if grad_accumulation > 1 or use_shard_map:
+            raise ValueError("grad_accumulation and shard_map need a loss with draw/compute "
+                             "stages (losses.make_loss_fn)")
+    else:
+        compute = loss_fn.compute
+    micro_sharding = None
+    if mesh is not None and not use_shard_map:
+        micro_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
+
+    def loss_and_grads(params, batch, draws):
+        if not use_shard_map:
+            return _mean_grads(compute, params, batch, draws, grad_accumulation, micro_sharding)
+        P = jax.sharding.PartitionSpec
+        axes = parallel.BATCH_AXES
+
+        def local(params, batch, draws):
+            index = jax.lax.axis_index(axes[0]) * jax.lax.psum(1, axes[1]) + jax.lax.axis_index(
+                axes[1])
+            draws = {**draws, "key": jax.random.fold_in(draws["key"], index)}
+            loss, grads = _mean_grads(compute, params, batch, draws, grad_accumulation)
+            return jax.lax.pmean(loss, axes), jax.lax.pmean(grads, axes)
+
+        key = draws["key"]
+        sharded_draws = {k: v for k, v in draws.items() if k != "key"}
+        mapped = parallel.shard_map(
+            lambda p, b, d, k: local(p, b, {**d, "key": k}), mesh=mesh,
+            in_specs=(P(), P(axes), P(axes), P()), out_specs=(P(), P()))
+        return mapped(params, batch, sharded_draws, key)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        batch, draws = draw(batch, key)
+        loss, grads = loss_and_grads(state.params, batch, draws)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree_util.tree_map(
@@ -178,10 +310,23 @@ class TrainingDiverged(RuntimeError):
 def open_checkpoints(config, workdir, example_shape, num_classes) -> "ckpt_lib.Checkpoints":
     """The run's checkpoint manager in ``workdir/checkpoints``. Its fingerprint (model config,
     data shape, classes, target) must match for a checkpoint to be restored."""
-    fingerprint = {"model": config.model.to_dict(), "data_shape": list(example_shape),
+    fingerprint = {"model": _model_fingerprint(config.model), "data_shape": list(example_shape),
                    "num_classes": num_classes, "target": config.diffusion.target}
+    from configs import default
+
+    defaults = {"model": _model_fingerprint(default.get_config().model)}
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
-                                max_to_keep=config.training.keep_checkpoints)
+                                max_to_keep=config.training.keep_checkpoints,
+                                fingerprint_defaults=defaults)
+
+
+# Model settings that change how the network computes, not its parameters: a checkpoint
+# restores under any value of these.
+_NOT_IN_FINGERPRINT = ("dtype", "remat")
+
+
+def _model_fingerprint(model_config):
+    return {k: v for k, v in model_config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
 
 
 def build(config):
@@ -191,7 +336,7 @@ def build(config):
     example_shape, num_classes = configuration.data_shape(source)
     if not config.data.class_conditional:
         num_classes = None
-    model = configuration.build_model(config.model, example_shape, num_classes)
+    model = configuration.build_denoiser(config, example_shape, num_classes)
     return source, model, tuple(example_shape), num_classes, optimizer_from_config(config)
 
 
@@ -253,18 +398,30 @@ TrainMetrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_outpu
                                              grad_norm=clu_metrics.Average.from_output("grad_norm"))
 
 
-def _accumulating_step(train_step):
+def _accumulating_step(train_step, steps_per_call: int = 1):
     """``train_step`` that also folds its metrics into a running :class:`TrainMetrics` and a
-    running "every step was finite" flag, inside the same compiled call."""
+    running "every step was finite" flag, inside the same compiled call. With
+    ``steps_per_call`` > 1 the batch is a ``[steps_per_call, batch, ...]`` stack and the steps
+    run in a ``lax.scan`` inside one device call (fewer host round trips for small models)."""
 
-    def step(state, batch, running):
+    def one(state, batch, running):
         state, metrics = train_step(state, batch)
         update = TrainMetrics.single_from_model_output(loss=metrics["loss"],
                                                       grad_norm=metrics["grad_norm"])
         return state, {"metrics": running["metrics"].merge(update),
                        "finite": running["finite"] & metrics["finite"]}
 
-    return step
+    if steps_per_call == 1:
+        return one
+
+    def several(state, batches, running):
+        def body(carry, batch):
+            return one(carry[0], batch, carry[1]), None
+
+        (state, running), _ = jax.lax.scan(body, (state, running), batches)
+        return state, running
+
+    return several
 
 
 def build_mesh(config):
@@ -278,21 +435,39 @@ def build_mesh(config):
         raise configuration.ConfigError(
             f"config.data.batch_size={config.data.batch_size} does not split over the "
             f"{devices} devices of the mesh; use a multiple of {devices}")
+    micro = config.training.grad_accumulation
+    if config.data.batch_size % (devices * micro):
+        raise configuration.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split into "
+            f"config.training.grad_accumulation={micro} microbatches on each of the {devices} "
+            f"devices; use a multiple of {devices * micro}")
     return mesh
 
 
 def make_loss_from_config(config, model, num_classes):
-    """The training loss of ``config.diffusion`` for ``model`` (with label dropout when the
-    model is class-conditional)."""
-    apply_fn = network_apply_fn(model, num_classes=num_classes,
-                                label_dropout=config.diffusion.label_dropout if num_classes else 0.0)
+    """The training loss of ``config.diffusion`` for ``model`` (with label dropout, drawn for the
+    whole global batch, when the model is class-conditional)."""
+    apply_fn = network_apply_fn(model, num_classes=num_classes)
+    label_dropout = config.diffusion.label_dropout if num_classes else 0.0
+    prepares = []
+    if label_dropout:
+        prepares.append(drop_labels(num_classes, label_dropout))
+    if config.data.name == "captions" and config.diffusion.caption_dropout:
+        prepares.append(drop_captions(config.diffusion.caption_dropout, config.text.max_length))
+
+    def prepare(batch, key):
+        for i, fn in enumerate(prepares):
+            batch = fn(batch, jax.random.fold_in(key, i))
+        return batch
+
     return losses.make_loss_fn(
         apply_fn, schedule=configuration.build_schedule(config),
         parameterization=configuration.build_parameterization(config),
         time_sampling=config.diffusion.time_sampling,
         time_sampling_params=dict(config.diffusion.time_sampling_params),
         weighting=config.diffusion.weighting,
-        weighting_params=dict(config.diffusion.weighting_params))
+        weighting_params=dict(config.diffusion.weighting_params),
+        prepare=prepare if prepares else None)
 
 
 def init_train_state(config, model, optimizer, example_shape, num_classes, mesh):
@@ -311,14 +486,24 @@ def compiled_train_step(config, model, optimizer, num_classes, mesh, abstract_st
     """The step ``train_and_evaluate`` runs: ``step(state, global_batch, running) -> (state,
     running)``, jit-compiled with the state's and batch's shardings over ``mesh``, donating the
     old state; ``running`` accumulates :class:`TrainMetrics` and the all-finite flag (start it
-    from :func:`empty_running_metrics`)."""
+    from :func:`empty_running_metrics`).
+
+    ``config.training.steps_per_call`` > 1 makes it take ``[steps, batch, ...]`` stacks and run
+    that many steps per call; ``config.training.grad_accumulation`` and
+    ``config.mesh.train_step`` (``"jit"`` or ``"shard_map"``) select how each step computes its
+    gradients (see :func:`make_train_step`)."""
+    t = config.training
     loss_fn = make_loss_from_config(config, model, num_classes)
     shardings = parallel.state_shardings(mesh, abstract_state)
     replicated = parallel.replicated(mesh)
+    step = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay,
+                           grad_accumulation=t.grad_accumulation, mesh=mesh,
+                           use_shard_map=config.mesh.train_step == "shard_map")
+    batch_sharding = (parallel.stacked_batch_sharding(mesh) if t.steps_per_call > 1
+                      else parallel.batch_sharding(mesh))
     return jax.jit(
-        _accumulating_step(make_train_step(loss_fn, optimizer,
-                                           ema_decay=config.training.ema_decay)),
-        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+        _accumulating_step(step, t.steps_per_call),
+        in_shardings=(shardings, batch_sharding, replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0, 2))
 
@@ -357,6 +542,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
             f"config.data.batch_size={config.data.batch_size} does not split over "
             f"{process_count} processes")
     iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
+                                  max_length=config.text.max_length,
                                   seed=config.seed, shard_index=process_index,
                                   shard_count=process_count)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
@@ -373,6 +559,15 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
             resumed = False
         replicated = parallel.replicated(mesh)
         train_step = compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
+        per_call = t.steps_per_call
+        if int(state.step) % per_call:
+            raise configuration.ConfigError(
+                f"the checkpoint is at step {int(state.step)}, which is not a multiple of "
+                f"config.training.steps_per_call={per_call}; resume with a steps_per_call that "
+                "divides it (e.g. the one the run was started with)")
+        # Batches are assembled on the devices ahead of the step; checkpoints record the data
+        # position of the last batch used, not of those waiting.
+        iterator = parallel.DevicePrefetcher(iterator, mesh, size=t.prefetch, stack=per_call)
 
         is_writer = process_index == 0
         writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
@@ -426,10 +621,9 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
 
         stopping = False
         while step < t.num_steps and not stopping:
-            batch = parallel.global_batch(next(iterator), mesh)
-            state, running = train_step(state, batch, running)
-            step += 1
-            if step == first_step + 1:  # leave compilation out of steps/s
+            state, running = train_step(state, next(iterator), running)
+            step += per_call
+            if step == first_step + per_call:  # leave compilation out of steps/s
                 jax.block_until_ready(running)
                 compile_seconds = time.time() - last_time
                 last_time, last_step = time.time(), step

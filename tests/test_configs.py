@@ -12,7 +12,7 @@ from diffusion_jax import configuration
 PRESETS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem != "__init__")
 SHAPES = {"fashion_mnist": ((28, 28, 1), 10), "tfds": ((32, 32, 3), 10),
-          "shapes": (None, 3), "toy2d": ((2,), 8)}
+          "shapes": (None, 3), "captions": (None, None), "toy2d": ((2,), 8)}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -23,11 +23,15 @@ def test_preset_validates_and_builds(name):
     if shape is None:
         shape = (config.data.resolution, config.data.resolution, 3)
     classes = classes if config.data.class_conditional else None
-    model = configuration.build_model(config.model, shape, classes)
+    model = configuration.build_denoiser(config, shape, classes)
     args = [jnp.zeros((1,) + shape), jnp.zeros((1,))]
     if classes:
         args.append(jnp.zeros((1,), jnp.int32))
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    kwargs = {}
+    if config.data.name == "captions":  # a caption-conditioned network takes byte tokens
+        kwargs = {"tokens": jnp.zeros((1, config.text.max_length), jnp.int32),
+                  "token_mask": jnp.ones((1, config.text.max_length), bool)}
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     count = sum(p.size for p in jax.tree_util.tree_leaves(params))
     if name == "cifar10_ddpm":
         assert count == 35_746_307

@@ -139,3 +139,173 @@ def test_unet_drives_a_sampler_with_guidance():
         denoise, cond=jnp.array([3, 7]), uncond=jnp.full((2,), 10), scale=3.0)
     result = samplers.sample(guided, x, schedule="cosine", method="dpmpp_2m", num_steps=3)
     assert result.samples.shape == x.shape and np.all(np.isfinite(result.samples))
+
+
+# --------------------------------------------------------------------------------------------
+# Text conditioning (cross-attention to token embeddings, pooled embedding), remat, SD 1.5 shape.
+# --------------------------------------------------------------------------------------------
+
+CONTEXT_DIM, POOLED_DIM = 12, 6
+# One resolution level keeps compilation short; attention at 8x8 (down, middle and up) is enough
+# to exercise every cross-attention block type.
+TEXT_UNET = dict(channels=16, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(8,),
+                 num_heads=2, dropout=0.1, num_groups=4, context_dim=CONTEXT_DIM,
+                 pooled_dim=POOLED_DIM)
+TEXT_DIT = dict(patch_size=2, hidden=32, depth=2, num_heads=2, context_dim=CONTEXT_DIM,
+                pooled_dim=POOLED_DIM)
+MAKE_TEXT_MODEL = pytest.mark.parametrize("make", [
+    lambda **kw: UNet(**TEXT_UNET, **kw),
+    lambda **kw: DiT(**TEXT_DIT, **kw),
+], ids=["unet", "dit"])
+
+
+def _text_inputs(batch=3):
+    x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 3))
+    t = jnp.linspace(0.2, 0.8, batch)
+    context = jax.random.normal(jax.random.key(1), (batch, 5, CONTEXT_DIM))
+    # Example 0 has no real token at all (no text), 1 has three, 2 has five.
+    mask = jnp.array([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] * (batch // 3), bool)
+    pooled = jax.random.normal(jax.random.key(2), (batch, POOLED_DIM))
+    return x, t, context, mask, pooled
+
+
+def _text_params(model, key, scale=0.05):
+    """Random parameters of the model's shapes (no init compilation needed)."""
+    x, t, context, mask, pooled = _text_inputs()
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, context=context,
+                                               context_mask=mask, pooled=pooled))
+    return _randomised(shapes, key, scale)
+
+
+def test_cross_attention_layer_masks_keys_and_handles_rows_without_tokens():
+    from diffusion_jax.models.layers import MultiHeadCrossAttention
+
+    layer = MultiHeadCrossAttention(num_heads=2)
+    tokens = jax.random.normal(jax.random.key(0), (3, 4, 8))
+    _, _, context, mask, _ = _text_inputs()
+    params = layer.init(jax.random.key(1), tokens, context, mask)
+    apply = jax.jit(lambda c: layer.apply(params, tokens, c, mask))
+    out = apply(context)
+    # An example without tokens gets exactly zero (bias included); the others do not.
+    np.testing.assert_array_equal(out[0], 0.0)
+    assert np.all(np.abs(out[1:]) > 0)
+    # Masked keys are not attended: the first three tokens alone give example 1's output.
+    alone = layer.apply(params, tokens[1:2], context[1:2, :3])
+    np.testing.assert_allclose(out[1:2], alone, rtol=1e-5, atol=1e-6)
+    # Gradients are finite (no NaN from the all-masked row) and zero for every masked token.
+    grad = jax.jit(jax.grad(lambda c: jnp.sum(apply(c) ** 2)))(context)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(jnp.where(mask[..., None], 0.0, grad), 0.0)
+    assert np.all(np.any(grad[1:, :3] != 0, axis=-1))
+    # The key mask broadcasts over heads and queries ([B, 1, 1, L] of [B, heads, Lq, Lk]).
+    with pytest.raises(ValueError, match="context mask"):
+        layer.apply(params, tokens, context, mask[:, :4])
+
+
+@MAKE_TEXT_MODEL
+def test_text_conditioning_masks_padding_and_uses_pooled(make):
+    model = make()
+    params = _text_params(model, jax.random.key(4))
+    x, t, context, mask, pooled = _text_inputs(batch=9)
+    # Variants of the three examples, batched into one call (examples are independent):
+    # rows 3-5 replace every masked token embedding, rows 6-8 change a real token of example 1
+    # (in row 7) and the pooled embedding of example 2 (in row 8), and row 6 has zero pooled.
+    padding = jax.random.normal(jax.random.key(5), context.shape)
+    context = context.at[3:6].set(jnp.where(mask[:3, :, None], context[:3], padding[3:6]))
+    context = context.at[7, 0].add(1.0)
+    pooled = pooled.at[6].set(0.0).at[8].add(1.0)
+    for i in range(3):
+        x, t = x.at[3 * i:3 * i + 3].set(x[:3]), t.at[3 * i:3 * i + 3].set(t[:3])
+    pooled = pooled.at[3:6].set(pooled[:3]).at[7].set(pooled[1])
+    context = context.at[6].set(context[0]).at[8].set(context[2])
+    out = jax.jit(lambda x, t, c, m, p: model.apply(params, x, t, context=c, context_mask=m,
+                                                    pooled=p))(x, t, context, mask, pooled)
+    assert out.shape == x.shape and np.all(np.isfinite(out))
+    # Padded (masked) token embeddings do not matter, including a row that is all padding.
+    np.testing.assert_allclose(out[3:6], out[:3], rtol=1e-6, atol=1e-6)
+    # Real tokens and the pooled embedding do.
+    assert not np.allclose(out[7], out[1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(out[8], out[2], rtol=1e-4, atol=1e-5)
+    # An all-False mask means "no text": the same as context=None; pooled=None means zeros.
+    no_text = jax.jit(model.apply)(params, x[6:7], t[6:7])
+    np.testing.assert_allclose(no_text, out[6:7], rtol=1e-5, atol=1e-6)
+
+
+@MAKE_TEXT_MODEL
+def test_remat_keeps_parameters_loss_and_gradients(make):
+    x, t, context, mask, pooled = _text_inputs()
+    plain, remat = make(), make(remat=True)
+    init = lambda model: jax.eval_shape(lambda: model.init(  # noqa: E731
+        jax.random.key(3), x, t, context=context, context_mask=mask, pooled=pooled))
+    # The same tree (names, shapes, dtypes): checkpoints are interchangeable.
+    assert init(plain) == init(remat)
+    params = _text_params(plain, jax.random.key(4), scale=0.1)
+
+    def loss(model):
+        def fn(p):  # train=True: dropout (in the UNet) must also be recomputed identically
+            out = model.apply(p, x, t, None, True, context, mask, pooled,
+                              rngs={"dropout": jax.random.key(6)})
+            return jnp.mean((out - x) ** 2)
+        return jax.jit(jax.value_and_grad(fn))
+
+    value, grads = loss(plain)(params)
+    remat_value, remat_grads = loss(remat)(params)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_models_without_context_dim_have_no_text_parameters():
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros(1)
+    for model in (UNet(**TINY_UNET), DiT(patch_size=2, hidden=32, depth=1, num_heads=2)):
+        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x, t))
+        names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)]
+        assert not any("cross" in n or "pooled" in n or "proj_in" in n for n in names), names
+        with pytest.raises(ValueError, match="no context_dim"):
+            model.init(jax.random.key(0), x, t, context=jnp.zeros((1, 3, 4)))
+        with pytest.raises(ValueError, match="no pooled_dim"):
+            model.init(jax.random.key(0), x, t, pooled=jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="context_dim=12"):
+        UNet(**TEXT_UNET).init(jax.random.key(0), x, t, context=jnp.zeros((1, 3, 4)))
+
+
+def test_sd15_unet_has_the_parameter_count_of_stable_diffusion_1_5():
+    from diffusion_jax.models import SD15_UNET_PARAMETERS, sd15_unet
+
+    model = sd15_unet()
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 4)), jnp.zeros(1),
+        context=jnp.zeros((1, 77, 768))))
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes))
+    # diffusers' UNet2DConditionModel of runwayml/stable-diffusion-v1-5: 859,520,964.
+    assert count == SD15_UNET_PARAMETERS == 859_520_964
+    params = shapes["params"]
+    # Attention (cross-attending transformers) at 64, 32 and 16 and in the middle, not at 8.
+    attention = sorted(name for name in params if "attn" in name)
+    assert attention == sorted([f"down_{lv}_attn_{b}" for lv in range(3) for b in range(2)]
+                               + [f"up_{lv}_attn_{b}" for lv in range(3) for b in range(3)]
+                               + ["mid_attn"])
+    assert params["mid_attn"]["block_0"]["cross_attention"]["key_value"]["kernel"].shape == (
+        768, 2 * 1280)
+
+
+def test_build_model_passes_the_text_and_remat_options():
+    from configs import default
+    from diffusion_jax import configuration
+
+    config = default.get_config()
+    model = configuration.build_model(config.model, (16, 16, 3), 10)
+    assert model.context_dim is None and model.pooled_dim is None and not model.remat
+    assert model.mid_attention and model.head_dim is None and model.transformer_depth == 1
+    config.model.update(context_dim=768, pooled_dim=512, remat=True, transformer_depth=2,
+                        head_dim=32)
+    model = configuration.build_model(config.model, (16, 16, 3), None)
+    assert (model.context_dim, model.pooled_dim, model.remat, model.transformer_depth,
+            model.head_dim) == (768, 512, True, 2, 32)
+    config.model.name = "dit"
+    model = configuration.build_model(config.model, (16, 16, 3), None)
+    assert (model.context_dim, model.pooled_dim, model.remat) == (768, 512, True)
+    config.model.name = "mlp"
+    with pytest.raises(configuration.ConfigError, match="context_dim"):
+        configuration.build_model(config.model, (2,), None)

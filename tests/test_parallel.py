@@ -2,6 +2,7 @@
 not depend on how many devices run it."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,29 +34,50 @@ def test_bad_mesh_sizes_say_what_to_change(data, fsdp, devices, message):
         parallel.mesh_shape(data, fsdp, devices)
 
 
-def _config(**mesh):
+def _config(**overrides):
     config = tiny.get_config()
+    config.data.batch_size = 16
     config.training.num_steps = 4
     config.training.checkpoint_every = 4
-    for key, value in mesh.items():
-        setattr(config.mesh, key, value)
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        setattr(getattr(config, group), name, value)
     return config
 
+
+# name -> config overrides; every variant must train to the single-device result.
+VARIANTS = {
+    "data8": dict(mesh__data=8, mesh__fsdp=1),
+    "data4_fsdp2": dict(mesh__data=4, mesh__fsdp=2),
+    "shard_map8": dict(mesh__data=8, mesh__fsdp=1, mesh__train_step="shard_map"),
+    # shard_map over a data x fsdp mesh, 2 microbatches per step, 2 steps per device call.
+    "shard_map_fsdp_accum_scan": dict(mesh__data=4, mesh__fsdp=2, mesh__train_step="shard_map",
+                                      training__grad_accumulation=2,
+                                      training__steps_per_call=2, training__prefetch=3),
+}
 
 _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from tests.test_parallel import _config
+    from tests.test_parallel import VARIANTS, _config
     from diffusion_jax import train
     assert jax.device_count() == 8
     out = {}
-    for name, mesh in [("data8", dict(data=8, fsdp=1)), ("data4_fsdp2", dict(data=4, fsdp=2))]:
-        state = train.train_and_evaluate(_config(**mesh), sys.argv[1] + "/" + name,
+    for name, overrides in VARIANTS.items():
+        state = train.train_and_evaluate(_config(**overrides), sys.argv[1] + "/" + name,
                                          log=lambda line: print(name, line))
         specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params)}
         print(name, "specs", sorted(specs))
         for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
             out[f"{name}/{i}"] = np.asarray(leaf)
+
+    # The single-device run's checkpoint restores onto the 8 devices, split over fsdp.
+    restored, *_ = train.restore_run(_config(mesh__data=4, mesh__fsdp=2), sys.argv[1] + "/one")
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(restored.params)}
+    print("restored on", len(restored.params["conv_in"]["kernel"].sharding.device_set),
+          "devices, specs", sorted(specs))
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(restored)):
+        out[f"one_on_8/{i}"] = np.asarray(leaf)
     np.savez(sys.argv[1] + "/states.npz", **out)
 
     # Sampling spreads the batch over all 8 devices and gives what a single device gives.
@@ -70,41 +92,53 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_and_fsdp_match_one_device(tmp_path):
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """The reference: the 4-step run of ``_config()`` on one device (its state and log)."""
+    workdir = tmp_path_factory.mktemp("one")
+    lines = []
+    state = train.train_and_evaluate(_config(), str(workdir), log=lines.append)
+    return state, lines, workdir
+
+
+def _logged(output_lines):
+    """(loss, grad_norm) of each "step ..." log line."""
+    values = []
+    for line in output_lines:
+        if line.startswith("step "):
+            words = line.split()
+            values.append([float(words[words.index(k) + 1]) for k in ("loss", "grad_norm")])
+    return np.array(values)
+
+
+def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_device_run):
+    single, lines, one_dir = single_device_run
+    os.symlink(one_dir, tmp_path / "one")
+
     env = {**os.environ, "PYTHONPATH": ROOT,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     # Under fsdp some parameters are split over the fsdp axis; under pure data parallelism none.
-    assert "'fsdp'" in run.stdout.split("data4_fsdp2 specs")[1]
-    assert "'fsdp'" not in run.stdout.split("data8 specs")[1].split("\n")[0]
-
-    lines = []
-    single = train.train_and_evaluate(_config(), str(tmp_path / "one"), log=lines.append)
+    for name in VARIANTS:
+        specs = run.stdout.split(f"{name} specs")[1].split("\n")[0]
+        assert ("'fsdp'" in specs) == (VARIANTS[name]["mesh__fsdp"] > 1), (name, specs)
 
     # The logged loss and gradient norm (averages over steps 1-2 and 3-4) agree to the digits
     # shown (4 and 3 decimals); a gradient summed rather than averaged over devices would show in
     # grad_norm.
-    def logged(output_lines):
-        values = []
-        for line in output_lines:
-            if line.startswith("step "):
-                words = line.split()
-                values.append([float(words[words.index(k) + 1]) for k in ("loss", "grad_norm")])
-        return np.array(values)
-
-    expected_log = logged(lines)
+    expected_log = _logged(lines)
     assert expected_log.shape == (2, 2)
-    for name in ("data8", "data4_fsdp2"):
+    for name in VARIANTS:
         own = [line[len(name) + 1:] for line in run.stdout.splitlines()
                if line.startswith(name + " step ")]
-        np.testing.assert_allclose(logged(own), expected_log, rtol=2e-3, err_msg=name)
+        np.testing.assert_allclose(_logged(own), expected_log, rtol=2e-3, err_msg=name)
 
     states = np.load(tmp_path / "states.npz")
     leaves = jax.tree_util.tree_flatten_with_path(single)[0]
     compared = 0
-    for name in ("data8", "data4_fsdp2"):
+    for name in VARIANTS:
         for i, (path, expected) in enumerate(leaves):
             where = jax.tree_util.keystr(path)
             actual, expected = states[f"{name}/{i}"], np.asarray(expected)
@@ -117,7 +151,14 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
                 np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5,
                                            err_msg=f"{name} {where}")
                 compared += 1
-    assert compared == 2 * 2 * len(jax.tree_util.tree_leaves(single.params))
+    assert compared == len(VARIANTS) * 2 * len(jax.tree_util.tree_leaves(single.params))
+
+    # 1 -> 8: the single-device checkpoint, restored on 8 devices with fsdp, is the same state.
+    assert "restored on 8 devices" in run.stdout
+    assert "'fsdp'" in run.stdout.split("restored on 8 devices, specs")[1].split("\n")[0]
+    for i, (path, expected) in enumerate(leaves):
+        np.testing.assert_array_equal(states[f"one_on_8/{i}"], np.asarray(expected),
+                                      err_msg=jax.tree_util.keystr(path))
 
     assert "sample devices 8" in run.stdout
     restored, model, shape, num_classes = train.restore_run(_config(), str(tmp_path / "data8"))
@@ -125,7 +166,54 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
         restored.ema_params, jax.random.key(0), 16)
     np.testing.assert_allclose(np.load(tmp_path / "samples8.npy"), single_device, atol=1e-5)
 
-    # A checkpoint written on 8 devices (sharded over fsdp) restores on this single device.
+    # 8 -> 1: a checkpoint written on 8 devices (sharded over fsdp) restores on this device.
     state, *_ = train.restore_run(_config(), str(tmp_path / "data4_fsdp2"))
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(leaf), states[f"data4_fsdp2/{i}"])
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, single_device_run):
+    """jax.distributed on localhost: 2 processes with 4 CPU devices each (gloo collectives),
+    launched through main.py as on a pod's workers, each reading only its share of the data."""
+    single, lines, _ = single_device_run
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+             "--config.data.batch_size=16", "--config.training.num_steps=4",
+             "--config.training.checkpoint_every=4", "--config.distributed.initialize=True",
+             f"--config.distributed.coordinator_address=localhost:{port}",
+             "--config.distributed.num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "main.py", *flags,
+                               f"--config.distributed.process_id={i}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for i, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {i}:\n{out[-3000:]}"
+    # Process 0 writes the log; it shows the 8 devices of both processes.
+    assert "over 8 cpu device(s)" in outputs[0]
+    assert not [line for line in outputs[1].splitlines() if line.startswith("step ")]
+    np.testing.assert_allclose(_logged(outputs[0].splitlines()), _logged(lines), rtol=2e-3)
+
+    # The checkpoint both processes wrote restores on one device and equals the 1-process run.
+    state, *_ = train.restore_run(_config(), str(tmp_path / "run"))
+    for (path, expected), actual in zip(jax.tree_util.tree_flatten_with_path(single)[0],
+                                        jax.tree_util.tree_leaves(state)):
+        where = jax.tree_util.keystr(path)
+        if where.startswith((".step", ".rng")):
+            np.testing.assert_array_equal(actual, expected, err_msg=where)
+        else:
+            np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5, err_msg=where)

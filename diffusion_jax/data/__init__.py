@@ -1,5 +1,6 @@
 """Input pipelines: data sources and grain iterators of host-local numpy batches."""
 
+from diffusion_jax.data.captions import CaptionedShapes, caption_for
 from diffusion_jax.data.pipeline import ToModelInputs, make_iterator
 from diffusion_jax.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -12,6 +13,7 @@ from diffusion_jax.data.sources import (
 )
 
 __all__ = [
+    "CaptionedShapes",
     "DataError",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
@@ -19,6 +21,7 @@ __all__ = [
     "TFDSSource",
     "Toy2D",
     "ToModelInputs",
+    "caption_for",
     "make_iterator",
     "read_idx",
 ]

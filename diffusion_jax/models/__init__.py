@@ -1,13 +1,18 @@
 """Denoising networks (Flax linen, NHWC, float32 parameters, configurable computation dtype).
 
 Every model is called as ``model.apply(params, x, noise_level, labels, train=..., rngs=...)`` and
-returns an array shaped like ``x`` (or with ``out_channels`` channels). ``Classifier`` is the
-feature extractor for sample metrics.
+returns an array shaped like ``x`` (or with ``out_channels`` channels). ``UNet`` and ``DiT``
+built with ``context_dim`` / ``pooled_dim`` also take text conditioning: ``context=`` [batch,
+length, context_dim] with ``context_mask=`` [batch, length] and ``pooled=`` [batch, pooled_dim].
+``TextConditioned`` wraps such a denoiser with a text encoder and takes ``tokens=`` and
+``token_mask=`` instead. ``Classifier`` is the feature extractor for sample metrics.
 """
 
 from diffusion_jax.models.classifier import Classifier
 from diffusion_jax.models.dit import DIT_SIZES, DiT, dit
 from diffusion_jax.models.mlp import MLP
-from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.text_conditioned import TextConditioned
+from diffusion_jax.models.unet import SD15_UNET_PARAMETERS, UNet, sd15_unet
 
-__all__ = ["UNet", "DiT", "DIT_SIZES", "dit", "MLP", "Classifier"]
+__all__ = ["UNet", "sd15_unet", "SD15_UNET_PARAMETERS", "DiT", "DIT_SIZES", "dit", "MLP",
+           "Classifier", "TextConditioned"]

@@ -4,6 +4,11 @@ The image (or latent) is cut into p x p patches, linearly embedded and given fix
 position embeddings; each block is self-attention and an MLP whose LayerNorms are modulated by
 shift, scale and a gate computed from the noise-level (+ class) embedding, all initialised to zero
 so every block starts as the identity ("adaLN-Zero", Section 3.2). Sizes S/B/L/XL follow Table 1.
+
+Text conditioning as in PixArt-alpha (Chen et al. 2023): with ``context_dim`` set, each block has a
+cross-attention sub-layer to the text tokens between its self-attention and its MLP (here behind
+a LayerNorm, with a zero-initialised output projection so it too starts as the identity);
+``pooled_dim`` adds a projected pooled text embedding to the noise-level embedding.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.layers import (
+    MultiHeadCrossAttention,
     MultiHeadSelfAttention,
     NoiseLevelEmbedding,
     add_class_embedding,
+    add_pooled_embedding,
+    prepare_context,
 )
 
-__all__ = ["DiT", "DIT_SIZES", "dit", "sincos_position_embedding"]
+__all__ = ["DiT", "DiTBlock", "DIT_SIZES", "dit", "sincos_position_embedding"]
 
 Dtype = Any
 _zeros = nn.initializers.zeros
@@ -57,13 +65,17 @@ def _modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attention, (with ``cross_attention``) LayerNorm ->
+    cross-attention to the context, modulated MLP; each added to its input."""
+
     hidden: int
     num_heads: int
     mlp_ratio: float = 4.0
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cond):
+    def __call__(self, x, cond, context=None, context_mask=None):
         mods = nn.Dense(6 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
                         name="adaln")(nn.silu(cond))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
@@ -72,6 +84,11 @@ class DiTBlock(nn.Module):
         h = _modulate(norm("norm_0")(x), shift_a, scale_a)
         x = x + gate_a[:, None, :] * MultiHeadSelfAttention(
             self.num_heads, dtype=self.dtype, name="attention")(h)
+        if self.cross_attention:
+            h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x)
+            x = x + MultiHeadCrossAttention(self.num_heads, dtype=self.dtype,
+                                            out_kernel_init=_zeros,
+                                            name="cross_attention")(h, context, context_mask)
         h = _modulate(norm("norm_1")(x), shift_m, scale_m)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), dtype=self.dtype, name="mlp_0")(h)
         h = nn.Dense(self.hidden, dtype=self.dtype, name="mlp_1")(nn.gelu(h, approximate=True))
@@ -79,13 +96,22 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``DiT(...)(x, noise_level, labels=None, train=False)`` on NHWC inputs.
+    """``DiT(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
+    pooled=None)`` on NHWC inputs.
 
     Attributes:
       patch_size, hidden, depth, num_heads: the architecture (see :data:`DIT_SIZES`).
       num_classes: enables class conditioning; label ``num_classes`` is the null label.
       out_channels: output channels (default: the input's; DiT's learned-variance models use 2x).
       noise_scale: factor applied to the noise level before the sinusoidal embedding.
+      context_dim: width of the text-token embeddings ``context`` [batch, length, context_dim];
+        adds a cross-attention sub-layer to every block (``context_mask`` [batch, length], True =
+        a real token). ``context=None``, or a row whose mask is all False, means no text: the
+        cross-attention sub-layers then add exactly zero. None: no cross-attention parameters.
+      pooled_dim: width of a pooled text embedding ``pooled`` [batch, pooled_dim], added to the
+        noise-level embedding through a Dense layer (``pooled=None`` counts as zeros).
+      remat: recompute each block in the backward pass (``nn.remat``); same parameters and
+        results, less activation memory.
       dropout: dropout on the attention and MLP outputs is not used by DiT; kept at 0.
     """
 
@@ -97,10 +123,14 @@ class DiT(nn.Module):
     num_classes: Optional[int] = None
     out_channels: Optional[int] = None
     noise_scale: float = 1000.0
+    context_dim: Optional[int] = None
+    pooled_dim: Optional[int] = None
+    remat: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, noise_level, labels=None, train: bool = False):
+    def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
+                 context_mask=None, pooled=None):
         del train  # no dropout in DiT
         if x.ndim != 4:
             raise ValueError(f"DiT expects NHWC inputs [batch, height, width, channels], got {x.shape}")
@@ -121,10 +151,16 @@ class DiT(nn.Module):
         cond = NoiseLevelEmbedding(self.hidden, 256, self.noise_scale, dtype=self.dtype,
                                    name="noise_embedding")(noise_level)
         cond = add_class_embedding(cond, labels, self.num_classes, self.dtype, "DiT")
+        cond = add_pooled_embedding(cond, pooled, self.pooled_dim, self.dtype, "DiT")
+        context, context_mask = prepare_context(context, context_mask, self.context_dim, batch,
+                                                self.dtype, "DiT")
 
+        # nn.remat keeps the block names: the parameter tree is the same with remat on or off.
+        block_class = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            tokens = DiTBlock(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                              name=f"block_{i}")(tokens, cond)
+            tokens = block_class(self.hidden, self.num_heads, self.mlp_ratio,
+                                 cross_attention=self.context_dim is not None, dtype=self.dtype,
+                                 name=f"block_{i}")(tokens, cond, context, context_mask)
 
         shift, scale = jnp.split(
             nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,

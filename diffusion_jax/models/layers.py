@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["sinusoidal_embedding", "NoiseLevelEmbedding", "MultiHeadSelfAttention",
-           "add_class_embedding"]
+           "MultiHeadCrossAttention", "GEGLUFeedForward", "add_class_embedding",
+           "add_pooled_embedding", "prepare_context"]
 
 Dtype = Any
 
@@ -53,6 +54,7 @@ class MultiHeadSelfAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     out_kernel_init: Optional[Any] = None
+    qkv_bias: bool = True
 
     @nn.compact
     def __call__(self, tokens):
@@ -60,13 +62,132 @@ class MultiHeadSelfAttention(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
         head_dim = channels // self.num_heads
-        qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv")(tokens)
+        qkv = nn.Dense(3 * channels, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(tokens)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)
         out = out.reshape(batch, length, channels)
         kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
         return nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Attention from query tokens [batch, tokens, channels] to a context [batch, length, dim]
+    (text-token embeddings), with an optional key mask [batch, length] (True = a real token).
+
+    Queries come from the tokens, keys and values from the context, both projected to
+    ``channels`` and split into ``num_heads`` heads; ``jax.nn.dot_product_attention`` takes them
+    in [batch, length, heads, head_dim] layout and the mask broadcast to [batch, 1, 1, length]
+    (its [batch, heads, queries, keys] order).
+
+    A row whose keys are all masked has nothing to attend to: its output is exactly zero (out
+    projection and bias included), so a residual cross-attention sub-layer leaves such an example
+    untouched, as if it had no context. The kernel itself never sees an all-masked row (that row
+    attends to every key instead and the result is discarded), so no backend can produce NaN.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    out_kernel_init: Optional[Any] = None
+    qkv_bias: bool = True
+
+    @nn.compact
+    def __call__(self, tokens, context, mask=None):
+        batch, length, channels = tokens.shape
+        if channels % self.num_heads:
+            raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+        if context.ndim != 3 or context.shape[0] != batch:
+            raise ValueError(f"context must be [batch={batch}, length, dim], got {context.shape}")
+        head_dim = channels // self.num_heads
+        context_length = context.shape[1]
+        query = nn.Dense(channels, use_bias=self.qkv_bias, dtype=self.dtype, name="query")(tokens)
+        key_value = nn.Dense(2 * channels, use_bias=self.qkv_bias, dtype=self.dtype,
+                             name="key_value")(context)
+        query = query.reshape(batch, length, self.num_heads, head_dim)
+        key_value = key_value.reshape(batch, context_length, 2, self.num_heads, head_dim)
+        key, value = key_value[:, :, 0], key_value[:, :, 1]
+        if mask is None:
+            out = jax.nn.dot_product_attention(query, key, value)
+        else:
+            mask = jnp.asarray(mask, bool)
+            if mask.shape != (batch, context_length):
+                raise ValueError(f"context mask must be [batch, length] = "
+                                 f"{(batch, context_length)}, got {mask.shape}")
+            has_tokens = jnp.any(mask, axis=-1)
+            safe_mask = mask | ~has_tokens[:, None]
+            out = jax.nn.dot_product_attention(query, key, value,
+                                               mask=safe_mask[:, None, None, :])
+        out = out.reshape(batch, length, channels)
+        kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
+        out = nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)
+        if mask is not None:
+            out = jnp.where(has_tokens[:, None, None], out, jnp.zeros((), out.dtype))
+        return out
+
+
+class GEGLUFeedForward(nn.Module):
+    """Dense -> GEGLU (a GELU-gated linear unit, Shazeer 2020) -> Dense, the transformer
+    feed-forward of Stable Diffusion's UNet: channels -> 2 x (mult x channels) -> channels."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    out_kernel_init: Optional[Any] = None
+
+    @nn.compact
+    def __call__(self, tokens):
+        channels = tokens.shape[-1]
+        hidden, gate = jnp.split(
+            nn.Dense(2 * self.mult * channels, dtype=self.dtype, name="proj_in")(tokens), 2,
+            axis=-1)
+        kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
+        return nn.Dense(channels, dtype=self.dtype, name="proj_out", **kwargs)(
+            hidden * nn.gelu(gate, approximate=False))
+
+
+def prepare_context(context, context_mask, context_dim: Optional[int], batch: int, dtype,
+                    model_name: str):
+    """Check a text context [batch, length, context_dim] and its mask against the model.
+
+    Without ``context_dim`` the model has no cross-attention and a context is an error. With it,
+    ``context=None`` means "no text": one placeholder token that is masked out, so that every
+    cross-attention sub-layer contributes exactly zero (the same as an all-False mask) and ``init``
+    works without a context. Returns (context in ``dtype``, mask or None).
+    """
+    if context_dim is None:
+        if context is not None or context_mask is not None:
+            raise ValueError(f"a context was given but the {model_name} has no context_dim "
+                             "(no cross-attention)")
+        return None, None
+    if context is None:
+        if context_mask is not None:
+            raise ValueError("context_mask was given without a context")
+        return (jnp.zeros((batch, 1, context_dim), dtype), jnp.zeros((batch, 1), bool))
+    context = jnp.asarray(context)
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != context_dim:
+        raise ValueError(f"the {model_name} expects a context [batch={batch}, length, "
+                         f"context_dim={context_dim}], got {context.shape}")
+    if context_mask is not None:
+        context_mask = jnp.asarray(context_mask, bool)
+        if context_mask.shape != context.shape[:2]:
+            raise ValueError(f"context_mask must be [batch, length] = {context.shape[:2]}, "
+                             f"got {context_mask.shape}")
+    return context.astype(dtype), context_mask
+
+
+def add_pooled_embedding(emb, pooled, pooled_dim: Optional[int], dtype, model_name: str):
+    """Add a Dense projection of a pooled text embedding [batch, pooled_dim] to ``emb`` (call
+    inside a compact method). ``pooled=None`` is a zero vector (the projection's bias only)."""
+    if pooled_dim is None:
+        if pooled is not None:
+            raise ValueError(f"pooled was given but the {model_name} has no pooled_dim")
+        return emb
+    if pooled is None:
+        pooled = jnp.zeros((emb.shape[0], pooled_dim), dtype)
+    elif pooled.shape != (emb.shape[0], pooled_dim):
+        raise ValueError(f"the {model_name} expects pooled [batch={emb.shape[0]}, "
+                         f"pooled_dim={pooled_dim}], got {pooled.shape}")
+    return emb + nn.Dense(emb.shape[-1], dtype=dtype, name="pooled_embedding")(
+        jnp.asarray(pooled).astype(dtype))
 
 
 def add_class_embedding(emb, labels, num_classes: Optional[int], dtype, model_name: str):

@@ -7,6 +7,13 @@ label for classifier-free guidance. Layout NHWC; parameters float32; computation
 
 With ``channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,)``
 on 32x32x3 images it is DDPM's CIFAR-10 network, 35,746,307 parameters.
+
+Text conditioning (Rombach et al. 2022, Stable Diffusion): with ``context_dim`` set, the attention
+blocks become transformer blocks that also cross-attend to a sequence of text-token embeddings,
+and ``pooled_dim`` adds a projected pooled text embedding to the noise-level embedding.
+:func:`sd15_unet` builds Stable Diffusion 1.5's denoiser shape. ``remat=True`` recomputes each
+block's activations in the backward pass instead of storing them (same parameters, same numbers,
+less memory).
 """
 
 from __future__ import annotations
@@ -18,12 +25,17 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (
+    GEGLUFeedForward,
+    MultiHeadCrossAttention,
     MultiHeadSelfAttention,
     NoiseLevelEmbedding,
     add_class_embedding,
+    add_pooled_embedding,
+    prepare_context,
 )
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock"]
+__all__ = ["UNet", "ResBlock", "AttentionBlock", "TransformerBlock", "SpatialTransformer",
+           "sd15_unet", "SD15_UNET_PARAMETERS"]
 
 Dtype = Any
 _zeros = nn.initializers.zeros
@@ -78,17 +90,75 @@ class AttentionBlock(nn.Module):
         return x + h.reshape(batch, height, width, channels)
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block on [batch, tokens, channels]: LayerNorm -> self-attention,
+    LayerNorm -> cross-attention to the context, LayerNorm -> GEGLU feed-forward, each added to
+    its input (Stable Diffusion's BasicTransformerBlock; no biases on the q/k/v projections)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, context, context_mask=None):
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
+        tokens = tokens + MultiHeadSelfAttention(
+            self.num_heads, dtype=self.dtype, qkv_bias=False, name="self_attention")(
+                norm("norm_0")(tokens))
+        tokens = tokens + MultiHeadCrossAttention(
+            self.num_heads, dtype=self.dtype, qkv_bias=False, name="cross_attention")(
+                norm("norm_1")(tokens), context, context_mask)
+        return tokens + GEGLUFeedForward(4, dtype=self.dtype, name="feed_forward")(
+            norm("norm_2")(tokens))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> linear projection in -> ``depth`` :class:`TransformerBlock` s over all pixels
+    -> zero-initialised linear projection out, plus the input (Stable Diffusion's
+    SpatialTransformer / diffusers' Transformer2DModel with a linear projection, which has the
+    same parameter count as its 1x1 convolutions). Starts as the identity."""
+
+    num_heads: int
+    depth: int = 1
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, context_mask=None):
+        batch, height, width, channels = x.shape
+        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(
+            h.reshape(batch, height * width, channels))
+        for i in range(self.depth):
+            h = TransformerBlock(self.num_heads, self.dtype, name=f"block_{i}")(
+                h, context, context_mask)
+        h = nn.Dense(channels, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(h)
+        return x + h.reshape(batch, height, width, channels)
+
+
 class UNet(nn.Module):
-    """``UNet(...)(x, noise_level, labels=None, train=False) -> output`` with the shape of x
-    (or ``out_channels`` channels).
+    """``UNet(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
+    pooled=None) -> output`` with the shape of x (or ``out_channels`` channels).
 
     Attributes:
       channels: base width; level i has ``channels * channel_mult[i]`` channels.
-      attention_resolutions: feature-map sizes (height) with self-attention after each res block.
+      attention_resolutions: feature-map sizes (height) with attention after each res block.
+      num_heads: attention heads (unless ``head_dim`` is set).
+      head_dim: if set, each attention block has (its channels) // head_dim heads instead.
       num_classes: enables class conditioning; label ``num_classes`` is the null label used for
         classifier-free guidance (``labels=None`` means all null).
       noise_scale: factor applied to the noise level before the sinusoidal embedding.
       scale_shift: ADM-style scale and shift from the embedding instead of addition.
+      mid_attention: attention between the two middle res blocks (DDPM, ADM and SD all have it).
+      context_dim: width of the text-token embeddings ``context`` [batch, length, context_dim];
+        turns every attention block into a :class:`SpatialTransformer` that cross-attends to it
+        (``context_mask`` [batch, length], True = a real token). ``context=None``, or a row whose
+        mask is all False, means no text: the cross-attention sub-layers then add exactly zero.
+        None: no cross-attention parameters at all.
+      pooled_dim: width of a pooled text embedding ``pooled`` [batch, pooled_dim], added to the
+        noise-level embedding through a Dense layer (``pooled=None`` counts as zeros).
+      transformer_depth: transformer blocks per :class:`SpatialTransformer`.
+      remat: recompute each res / attention block in the backward pass (``nn.remat``); the
+        parameters and results are the same, activation memory is lower.
       dtype: computation dtype (parameters stay float32).
     """
 
@@ -103,10 +173,17 @@ class UNet(nn.Module):
     noise_scale: float = 1000.0
     scale_shift: bool = False
     num_groups: int = 32
+    head_dim: Optional[int] = None
+    mid_attention: bool = True
+    context_dim: Optional[int] = None
+    pooled_dim: Optional[int] = None
+    transformer_depth: int = 1
+    remat: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, noise_level, labels=None, train: bool = False):
+    def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
+                 context_mask=None, pooled=None):
         if x.ndim != 4:
             raise ValueError(f"UNet expects NHWC images [batch, height, width, channels], got {x.shape}")
         levels = len(self.channel_mult)
@@ -120,11 +197,31 @@ class UNet(nn.Module):
         emb = NoiseLevelEmbedding(emb_dim, self.channels, self.noise_scale, dtype=self.dtype,
                                   name="noise_embedding")(noise_level)
         emb = add_class_embedding(emb, labels, self.num_classes, self.dtype, "UNet")
+        emb = add_pooled_embedding(emb, pooled, self.pooled_dim, self.dtype, "UNet")
+        context, context_mask = prepare_context(context, context_mask, self.context_dim,
+                                                x.shape[0], self.dtype, "UNet")
 
-        res_block = lambda features, name: ResBlock(  # noqa: E731
-            features, self.dropout, self.scale_shift, self.num_groups, self.dtype, name=name)
-        attention = lambda name: AttentionBlock(  # noqa: E731
-            self.num_heads, self.num_groups, self.dtype, name=name)
+        # nn.remat keeps each block's name, so the parameter tree is the same with remat on or off;
+        # `train` (argument 3, counting self) selects dropout and must stay a Python bool.
+        res_class = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        attention_class = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        transformer_class = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
+
+        def res_block(features, name):
+            return res_class(features, self.dropout, self.scale_shift, self.num_groups,
+                             self.dtype, name=name)
+
+        def attention(h, name):
+            heads = self.num_heads
+            if self.head_dim:
+                if h.shape[-1] % self.head_dim:
+                    raise ValueError(f"{h.shape[-1]} channels in {name} do not split into heads "
+                                     f"of head_dim={self.head_dim}")
+                heads = h.shape[-1] // self.head_dim
+            if self.context_dim is None:
+                return attention_class(heads, self.num_groups, self.dtype, name=name)(h)
+            return transformer_class(heads, self.transformer_depth, self.num_groups, self.dtype,
+                                     name=name)(h, context, context_mask)
 
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         skips = [h]
@@ -132,7 +229,7 @@ class UNet(nn.Module):
             for block in range(self.num_res_blocks):
                 h = res_block(self.channels * mult, f"down_{level}_res_{block}")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = attention(f"down_{level}_attn_{block}")(h)
+                    h = attention(h, f"down_{level}_attn_{block}")
                 skips.append(h)
             if level != levels - 1:
                 h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
@@ -140,7 +237,8 @@ class UNet(nn.Module):
                 skips.append(h)
 
         h = res_block(h.shape[-1], "mid_res_0")(h, emb, train)
-        h = attention("mid_attn")(h)
+        if self.mid_attention:
+            h = attention(h, "mid_attn")
         h = res_block(h.shape[-1], "mid_res_1")(h, emb, train)
 
         for level in reversed(range(levels)):
@@ -149,7 +247,7 @@ class UNet(nn.Module):
                 h = res_block(self.channels * self.channel_mult[level],
                               f"up_{level}_res_{block}")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = attention(f"up_{level}_attn_{block}")(h)
+                    h = attention(h, f"up_{level}_attn_{block}")
             if level != 0:
                 batch, height, width, channels = h.shape
                 h = jax.image.resize(h, (batch, 2 * height, 2 * width, channels), "nearest")
@@ -159,3 +257,29 @@ class UNet(nn.Module):
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=self.dtype,
                       kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
+
+
+# Parameters of diffusers' UNet2DConditionModel for runwayml/stable-diffusion-v1-5 (its 1x1
+# projection convolutions have the same count as the linear projections used here).
+SD15_UNET_PARAMETERS = 859_520_964
+
+
+def sd15_unet(dtype: Dtype = jnp.float32, remat: bool = False, latent_size: int = 64,
+              **overrides) -> UNet:
+    """Stable Diffusion 1.5's denoiser shape (Rombach et al. 2022): 4 -> 4 latent channels, widths
+    320, 640, 1280, 1280, two res blocks per level, a depth-1 :class:`SpatialTransformer` with 8
+    heads cross-attending to 768-wide CLIP text tokens after every res block of the first three
+    levels (64, 32 and 16 for 64x64 latents, i.e. 512x512 images) and in the middle block, no class
+    labels, no dropout. It has :data:`SD15_UNET_PARAMETERS` parameters, as diffusers' model.
+
+    ``latent_size`` keeps attention at the first three levels for other latent sizes; other
+    :class:`UNet` attributes can be overridden by keyword.
+    """
+    if latent_size % 8:
+        raise ValueError(f"latent_size must be divisible by 8 (4 levels), got {latent_size}")
+    kwargs = dict(channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                  attention_resolutions=(latent_size, latent_size // 2, latent_size // 4),
+                  num_heads=8, dropout=0.0, out_channels=4, num_groups=32, context_dim=768,
+                  remat=remat, dtype=dtype)
+    kwargs.update(overrides)
+    return UNet(**kwargs)

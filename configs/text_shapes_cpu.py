@@ -1,0 +1,28 @@
+"""Text-to-image on captioned shapes, sized for a CPU: a small cross-attention UNet (32x32) and
+a 2-block text encoder. See text_shapes.py for the full-size run and what the data is."""
+
+from configs import text_shapes
+
+
+def get_config():
+    config = text_shapes.get_config()
+    config.data.batch_size = 32
+    config.model.channels = 32
+    config.model.channel_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_resolutions = (16, 8)
+    config.model.head_dim = 32
+    config.model.dtype = "float32"
+    config.text.width = 128
+    config.text.depth = 2
+    config.text.num_heads = 4
+    config.training.num_steps = 6_000
+    config.training.learning_rate = 1e-3
+    config.training.warmup_steps = 200
+    config.training.ema_decay = 0.995
+    config.training.log_every = 100
+    config.training.checkpoint_every = 500
+    config.training.sample_every = 2_000
+    config.sampling.num_steps = 20
+    config.sampling.num_samples = 16
+    return config
