@@ -38,8 +38,21 @@ def _dit_b2():
     return config, (32, 32, 4), 1000
 
 
+def _sd15():
+    config = default.get_config()
+    config.model.name = "sd15"  # built by build() below: models.sd15_unet
+    config.model.dropout = 0.0
+    config.diffusion.schedule = "scaled_linear"
+    config.diffusion.target = "eps"
+    return config, (64, 64, 4), None
+
+
 MODELS["ddpm_cifar10"] = _ddpm_cifar10
 MODELS["dit_b2"] = _dit_b2
+MODELS["sd15"] = _sd15
+# Models that cross-attend to text: the batch carries a random [77, 768] context (the output of
+# SD's frozen CLIP text encoder, which is not part of what is timed, as in the PyTorch baseline).
+CONTEXT = {"sd15": (77, 768)}
 
 
 def build(name, dtype, batch, **overrides):
@@ -56,7 +69,13 @@ def build(name, dtype, batch, **overrides):
         group, field = key.split("__")
         setattr(getattr(config, group), field, value)
     mesh = train.build_mesh(config)
-    model = configuration.build_model(config.model, shape, num_classes)
+    if name == "sd15":
+        from diffusion_jax import models
+
+        model = models.sd15_unet(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                                 remat=bool(config.model.remat))
+    else:
+        model = configuration.build_model(config.model, shape, num_classes)
     optimizer = train.optimizer_from_config(config)
     abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
     state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
@@ -84,7 +103,7 @@ def time_calls(fn, *, iterations: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / iterations
 
 
-def forward_flops(model, shape, num_classes) -> float:
+def forward_flops(model, shape, num_classes, context=None) -> float:
     """Matmul/convolution FLOPs of one image through the network's forward pass, counted from
     the jaxpr (:mod:`diffusion_jax.flops`); a training step is counted as 3x this (forward,
     and backward with respect to activations and weights), the usual MFU convention."""
@@ -95,7 +114,11 @@ def forward_flops(model, shape, num_classes) -> float:
     if num_classes:
         args.append(jax.ShapeDtypeStruct((1,), jnp.int32))
     variables = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
-    return flops.count_flops(lambda v, *a: model.apply(v, *a), variables, *args)
+    if not context:
+        return flops.count_flops(lambda v, *a: model.apply(v, *a), variables, *args)
+    text = jax.ShapeDtypeStruct((1,) + tuple(context), jnp.float32)
+    return flops.count_flops(lambda v, c, *a: model.apply(v, *a, context=c), variables, text,
+                             *args)
 
 
 def compiled_flops(compiled) -> float:
@@ -147,9 +170,11 @@ def _fmt(value):
     return "" if value is None else str(value)
 
 
-def random_batch(shape, batch, num_classes, seed=0):
+def random_batch(shape, batch, num_classes, seed=0, context=None):
     rng = np.random.default_rng(seed)
     out = {"x": rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)}
     if num_classes:
         out["label"] = rng.integers(0, num_classes, batch).astype(np.int32)
+    if context:
+        out["context"] = rng.standard_normal((batch,) + tuple(context)).astype(np.float32)
     return out

@@ -8,7 +8,9 @@ measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 256
     python benchmarks/train_throughput.py --steps-per-call 4 --remat --train-step shard_map
 
-Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents.
+Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
+default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
+cross-attention to a 77x768 context; use ``--batch 32`` to match the PyTorch baseline).
 Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
 batch is 8 and few steps are timed; on a GPU or TPU, 128.
 """
@@ -21,7 +23,7 @@ import time
 
 import jax
 
-from common import (MODELS, accelerator, build, compiled_flops, forward_flops,
+from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, forward_flops,
                     matmul_peak_tflops, on_accelerator, random_batch, report)
 from diffusion_jax import parallel, train
 
@@ -35,8 +37,9 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
         name, dtype, batch, **overrides)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
-    host_batches = itertools.cycle([random_batch(shape, batch, num_classes, seed=i)
-                                    for i in range(4)])
+    context = CONTEXT.get(name)
+    host_batches = itertools.cycle([random_batch(shape, batch, num_classes, seed=i,
+                                                 context=context) for i in range(4)])
     batches = parallel.DevicePrefetcher(host_batches, mesh, size=config.training.prefetch,
                                         stack=steps_per_call)
     running = train.empty_running_metrics(mesh)
@@ -52,7 +55,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     jax.block_until_ready(running)
     seconds = (time.perf_counter() - start) / (calls * steps_per_call)  # per train step
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-    train_flops = 3 * forward_flops(model, shape, num_classes)  # per image
+    train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
             "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
@@ -63,7 +66,8 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["ddpm_cifar10", "dit_b2"],
+                        choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)

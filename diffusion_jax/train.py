@@ -114,7 +114,10 @@ def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"
     return prepare
 
 
-TEXT_KEYS = ("tokens", "token_mask")
+# Batch entries handed to the network as keyword arguments: caption tokens (for TextConditioned),
+# or precomputed text embeddings (e.g. from a frozen external encoder) for a UNet/DiT built with
+# context_dim.
+TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
 
 
 def drop_captions(caption_dropout: float, max_length: int):

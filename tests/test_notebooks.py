@@ -45,3 +45,24 @@ def test_quickstart_notebook_runs(tmp_path):
     assert "finished at step 4" in text
     assert images == 4 + 3 + 4  # samplers, step counts, guidance scales
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+
+
+def test_text_to_image_notebook_runs(tmp_path):
+    # The tiny text model of tests/test_text_to_image.py: 16x16 images, a 1-block text encoder,
+    # a few training steps and 2 sampling steps.
+    notebook = _run("text_to_image.ipynb", {
+        "WORKDIR": str(tmp_path / "run"), "PRESET": "text_shapes_cpu", "NUM_STEPS": 4,
+        "BATCH_SIZE": 8, "RESOLUTION": 16, "SAMPLING_STEPS": 2,
+        "CONFIG_OVERRIDES": {"model.channels": 16, "model.channel_mult": (1, 2),
+                             "model.attention_resolutions": (8,), "text.width": 32,
+                             "text.depth": 1, "text.num_heads": 2}})
+    text, images = _outputs(notebook)
+    assert "preset text_shapes_cpu: 4 steps of 8 16x16 images" in text
+    assert "step 4/4" in text
+    assert "finished at step 4" in text
+    assert "0: " in text  # the captions of the data
+    assert "found in 0 of 500 training records" in text  # held-out pairs never trained on
+    assert "held-out images" in text  # the last cell ran to the end
+    # data, prompts, 4 guidance scales, 2 negative prompt, 2 rescale, held out
+    assert images == 1 + 1 + 4 + 2 + 2 + 1
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")

@@ -106,16 +106,19 @@ def _attribute(attributes: Mapping, key: str, default: int | None = None) -> int
     return int(np.asarray(attributes[key]))
 
 
+def _unpack(attributes: Mapping) -> tuple:
+    """(shape, colour, size, count, position, background) as ints; count defaults to 1 and
+    position to -1 (unnamed)."""
+    return (_attribute(attributes, "shape"), _attribute(attributes, "colour"),
+            _attribute(attributes, "size"), _attribute(attributes, "count", 1),
+            _attribute(attributes, "position", -1), _attribute(attributes, "background"))
+
+
 def caption_for(attributes: Mapping, rng: np.random.Generator | int | None = None) -> str:
     """A caption naming every attribute of ``attributes`` (see the module docstring), in a phrasing
     drawn from ``rng`` (a ``np.random.Generator`` or a seed)."""
     rng = _as_generator(rng)
-    shape = _attribute(attributes, "shape")
-    colour = _attribute(attributes, "colour")
-    size = _attribute(attributes, "size")
-    count = _attribute(attributes, "count", 1)
-    position = _attribute(attributes, "position", -1)
-    background = _attribute(attributes, "background")
+    shape, colour, size, count, position, background = _unpack(attributes)
     if count == 1:
         article = "an" if SIZES[size][0] in "aeiou" else "a"
         things = f"{article} {SIZES[size]} {COLOURS[colour]} {SHAPES[shape]}"
@@ -207,12 +210,7 @@ class CaptionedShapes:
         places, the cells of several objects, a single object's cell when position is -1 or absent)
         is drawn from ``rng``. Evaluation uses it to make reference images for a prompt."""
         rng = _as_generator(rng)
-        shape = _attribute(attributes, "shape")
-        colour = _attribute(attributes, "colour")
-        size = _attribute(attributes, "size")
-        count = _attribute(attributes, "count", 1)
-        position = _attribute(attributes, "position", -1)
-        background = _attribute(attributes, "background")
+        shape, colour, size, count, position, background = _unpack(attributes)
         if colour == background:
             raise ValueError(f"object and background are both {COLOURS[colour]}")
         radius = rng.uniform(*_RADIUS[size], size=(count, 1, 1)).astype(np.float32)
