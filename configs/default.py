@@ -118,8 +118,13 @@ def get_config():
     config.evaluation.precision_recall_k = 3
     config.evaluation.likelihood_examples = 0  # test examples for bits/dim; 0 skips it
     config.evaluation.likelihood_steps = 64  # RK4 steps of the probability-flow ODE
+    # Text-to-image (data.name = "captions"): --mode=eval measures prompt adherence (attribute
+    # accuracy, seen vs held-out pairs) at each of these guidance scales, e.g. (0.0, 1.0, 3.0, 5.0);
+    # () = config.sampling.guidance_scale only.
+    config.evaluation.guidance_scales = ()
 
-    # --mode=train_classifier: the feature extractor for --mode=eval.
+    # --mode=train_classifier: the feature extractor for --mode=eval (for captioned data: the
+    # multi-head attribute classifier that judges prompt adherence).
     config.classifier = ml_collections.ConfigDict()
     config.classifier.num_steps = 2_000
     config.classifier.batch_size = 128

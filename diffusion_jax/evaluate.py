@@ -9,6 +9,10 @@ pytorch-fid's weights file (which you provide; nothing is downloaded) it is FID.
 
     python main.py --config=configs/X.py --workdir=DIR --mode=train_classifier   # once per dataset
     python main.py --config=configs/X.py --workdir=DIR --mode=eval
+
+Text-to-image runs (``data.name = "captions"``) are measured by prompt adherence instead: the
+classifier is a multi-head attribute classifier and eval reports how often generated images show
+what their prompts ask for, per guidance scale (see :mod:`diffusion_jax.prompt_eval`).
 """
 
 from __future__ import annotations
@@ -75,8 +79,14 @@ def _examples(source, indices=None):
 def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
     """Train the feature-extractor classifier on ``config.data`` (its training split) and
     measure its accuracy on the held-out split; saves to ``evaluation.classifier_dir`` (default
-    ``workdir/classifier``) and returns the summary written to ``classifier.json`` there."""
+    ``workdir/classifier``) and returns the summary written to ``classifier.json`` there.
+    Captioned data trains the attribute classifier of
+    :func:`diffusion_jax.prompt_eval.train_attribute_classifier` instead."""
     configuration.validate(config)
+    if sample.is_text_model(config):
+        from diffusion_jax import prompt_eval
+
+        return prompt_eval.train_attribute_classifier(config, workdir, log=log)
     source = configuration.build_source(config.data)
     example_shape, num_classes = configuration.data_shape(source)
     if num_classes is None or len(example_shape) != 3:
@@ -212,10 +222,16 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     """Generate ``evaluation.num_samples`` samples from the run's checkpoint with
     ``config.sampling``'s sampler, and measure them (see the module docstring). Writes
     ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
-    under ``eval/``, and returns the results."""
+    under ``eval/``, and returns the results. Captioned data is measured by prompt adherence
+    at each of ``evaluation.guidance_scales`` instead
+    (:func:`diffusion_jax.prompt_eval.evaluate_prompts`)."""
+    from diffusion_jax import prompt_eval
     from diffusion_jax import train  # train composes everything; import it late
 
     configuration.validate(config)
+    prompt_eval.validate(config)
+    if sample.is_text_model(config):
+        return prompt_eval.evaluate_prompts(config, workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling
     classifier = None
     if e.feature_extractor == "classifier" or os.path.exists(

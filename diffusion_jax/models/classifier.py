@@ -1,11 +1,12 @@
-"""A small image classifier whose penultimate layer is a feature space for sample metrics."""
+"""Small image classifiers for sample metrics: ``Classifier``, whose penultimate layer is a feature
+space, and ``AttributeClassifier``, one softmax head per attribute of a captioned image."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "AttributeClassifier"]
 
 
 class Classifier(nn.Module):
@@ -30,3 +31,34 @@ class Classifier(nn.Module):
         features = nn.silu(nn.Dense(self.feature_dim, name="features")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(features)
         return nn.Dense(self.num_classes, name="logits")(h), features
+
+
+class AttributeClassifier(nn.Module):
+    """``AttributeClassifier(heads)(images) -> ({name: logits [n, classes]}, features)`` for NHWC
+    images in [-1, 1], with ``heads`` a tuple of ``(name, num_classes)``.
+
+    The trunk is cheap enough to train on a CPU in minutes: a 3x3 convolution at full resolution,
+    then 3x3 convolutions at 1/2 and 1/4 resolution (GroupNorm, SiLU, 2x average pooling). It
+    flattens the last feature map instead of averaging it, because where an object is (the
+    ``position`` attribute) and how many there are is what a global average would blur."""
+
+    heads: tuple[tuple[str, int], ...]
+    width: int = 32
+    feature_dim: int = 128
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # no dropout or batch statistics; kept for the Classifier's calling convention
+        h = x.astype(jnp.float32)
+        stages = ((self.width,), (self.width, 2 * self.width), (2 * self.width,))
+        for stage, widths in enumerate(stages):
+            if stage:
+                h = nn.avg_pool(h, (2, 2), (2, 2))
+            for i, channels in enumerate(widths):
+                h = nn.Conv(channels, (3, 3), name=f"conv_{stage}_{i}")(h)
+                h = nn.silu(nn.GroupNorm(num_groups=8, name=f"norm_{stage}_{i}")(h))
+        h = h.reshape((h.shape[0], -1))
+        features = nn.silu(nn.Dense(self.feature_dim, name="features")(h))
+        logits = {name: nn.Dense(classes, name=f"head_{name}")(features)
+                  for name, classes in self.heads}
+        return logits, features

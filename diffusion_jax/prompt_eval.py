@@ -1,0 +1,449 @@
+"""Prompt adherence of text-to-image models on captioned shapes (``data.name = "captions"``).
+
+A judge, the multi-head :class:`~diffusion_jax.models.classifier.AttributeClassifier`, is trained on
+CaptionedShapes images of every (shape, colour) pair, held-out ones included (it is a judge, not
+the generator), to read off each attribute a caption names: shape, colour, size, count, position
+(the 3x3 cell of a single object, or "none" for several) and background. Evaluation draws
+attributes with a fixed seed, half from (shape, colour) pairs the generator saw in training and
+half from HELDOUT_PAIRS, turns them into prompts with ``caption_for``, generates one image per
+prompt at each guidance scale, classifies the images, and reports how often each attribute the
+prompt asks for is there: per attribute, the mean over the attributes the prompt names (position
+only for one object), and the rate of images with every attribute right, for seen and held-out
+pairs separately.
+
+    python main.py --config=configs/text_shapes.py --workdir=DIR --mode=train_classifier
+    python main.py --config=configs/text_shapes.py --workdir=DIR --mode=eval \\
+        --config.evaluation.guidance_scales="(0.0, 1.0, 3.0, 5.0)"
+
+``evaluate.train_classifier`` and ``evaluate.evaluate`` come here for captioned data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from diffusion_jax import configuration, sample, writers
+from diffusion_jax.data import captions
+from diffusion_jax.models.classifier import AttributeClassifier
+
+__all__ = ["ATTRIBUTES", "NO_POSITION", "heads", "attribute_targets", "validate",
+           "guidance_scales", "train_attribute_classifier", "load_attribute_classifier",
+           "draw_prompts", "score", "evaluate_prompts", "format_table"]
+
+ATTRIBUTES = ("shape", "colour", "size", "count", "position", "background")
+NO_POSITION = len(captions.POSITIONS)  # the position class of several objects ("none")
+GROUPS = ("seen", "heldout", "all")
+TEST_EXAMPLES = 2_000  # fresh images the judge's accuracy is measured on
+_CLASSIFY_BATCH = 250  # images per call of the jitted classifier (padded: one compilation)
+
+
+def _seeds(config):
+    """CaptionedShapes seeds of the judge's training images, its test images and the evaluation
+    prompts: none of them is a seed the diffusion model's data uses (0 and 1)."""
+    return config.seed + 10_000, config.seed + 20_000, config.sampling.seed + 30_000
+
+
+def heads(max_objects: int = 3):
+    """``((attribute, number of classes), ...)`` of the judge's softmax heads."""
+    sizes = {"shape": len(captions.SHAPES), "colour": len(captions.COLOURS),
+             "size": len(captions.SIZES), "count": max_objects,
+             "position": len(captions.POSITIONS) + 1, "background": len(captions.COLOURS)}
+    return tuple((name, sizes[name]) for name in ATTRIBUTES)
+
+
+def attribute_targets(attributes: Sequence[dict]) -> dict:
+    """Class indices (int32 [n] per attribute) of a list of CaptionedShapes attribute dicts:
+    count 1..k becomes class 0..k-1, and position -1 (several objects) the class NO_POSITION."""
+    out = {name: np.array([int(a[name]) for a in attributes], np.int32) for name in ATTRIBUTES}
+    out["count"] = out["count"] - 1
+    out["position"] = np.where(out["position"] < 0, NO_POSITION, out["position"]).astype(np.int32)
+    return out
+
+
+def _images_and_attributes(source, indices):
+    records = [source[int(i)] for i in indices]
+    images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+    return images, [r["attributes"] for r in records]
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def validate(config) -> None:
+    """Check the keys of config.evaluation that only prompt adherence uses (before anything
+    compiles); raise :class:`~diffusion_jax.configuration.ConfigError` naming the key."""
+    scales = config.evaluation.guidance_scales
+    if not isinstance(scales, (tuple, list)):
+        raise configuration.ConfigError(
+            f"config.evaluation.guidance_scales must be a tuple of numbers, e.g. (0.0, 1.0, 3.0), "
+            f"got {scales!r}")
+    for scale in scales:
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                or not math.isfinite(scale) or scale < 0):
+            raise configuration.ConfigError(
+                f"config.evaluation.guidance_scales must hold finite numbers >= 0 (0 = "
+                f"unconditional), got {tuple(scales)!r}")
+    if scales and not sample.is_text_model(config):
+        raise configuration.ConfigError(
+            "config.evaluation.guidance_scales is for prompt adherence of text-to-image runs "
+            f"(data.name='captions'); this config's data is {config.data.name!r}: leave it empty "
+            "and set config.sampling.guidance_scale")
+
+
+def guidance_scales(config):
+    """The guidance scales to evaluate: config.evaluation.guidance_scales, or
+    config.sampling.guidance_scale alone when that is empty."""
+    scales = config.evaluation.guidance_scales or (config.sampling.guidance_scale,)
+    return tuple(float(s) for s in scales)
+
+
+# ------------------------------------------------------------------------------------ judge
+
+
+def _classifier_dir(config, workdir):
+    from diffusion_jax import evaluate
+
+    return evaluate._classifier_dir(config, workdir)
+
+
+def _make_classify(model, params):
+    """``classify(images [-1, 1]) -> {attribute: predicted class int32 [n]}`` in padded batches."""
+    apply = jax.jit(lambda p, x: {k: jnp.argmax(v, -1) for k, v in model.apply(
+        {"params": p}, x)[0].items()})
+
+    def classify(images):
+        images = np.asarray(images, np.float32)
+        out = {name: [] for name, _ in model.heads}
+        for start in range(0, len(images), _CLASSIFY_BATCH):
+            chunk = images[start:start + _CLASSIFY_BATCH]
+            padded = np.zeros((_CLASSIFY_BATCH,) + chunk.shape[1:], np.float32)
+            padded[:len(chunk)] = chunk
+            predicted = apply(params, padded)
+            for name in out:
+                out[name].append(np.asarray(predicted[name])[:len(chunk)])
+        return {name: np.concatenate(v) if v else np.zeros((0,), np.int32)
+                for name, v in out.items()}
+
+    return classify
+
+
+def _judge_accuracy(predicted, targets):
+    """Per-attribute accuracy of the judge on images with known attributes (position over all
+    images, "none" included, and over single objects), and the all-correct rate."""
+    correct = {name: predicted[name] == targets[name] for name in ATTRIBUTES}
+    single = targets["count"] == 0
+    out = {name: float(np.mean(correct[name])) for name in ATTRIBUTES}
+    out["position_single_object"] = float(np.mean(correct["position"][single]))
+    out["all_correct"] = float(np.mean(np.all([correct[n] for n in ATTRIBUTES], axis=0)))
+    return out
+
+
+def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], None] = print
+                               ) -> dict:
+    """Train the judge on fresh CaptionedShapes images of split "all" (``config.classifier``'s
+    num_steps, batch_size, learning_rate, width and feature_dim), measure its per-attribute
+    accuracy on TEST_EXAMPLES images of another seed, and save it where
+    ``evaluate.train_classifier`` saves classifiers (``evaluation.classifier_dir`` or
+    ``workdir/classifier``). Returns the summary written to ``classifier.json`` there."""
+    configuration.validate(config)
+    c, d = config.classifier, config.data
+    train_seed, test_seed, _ = _seeds(config)
+    source = captions.CaptionedShapes(c.num_steps * c.batch_size, d.resolution, seed=train_seed,
+                                      split="all")
+    example_shape = (d.resolution, d.resolution, 3)
+    model = AttributeClassifier(heads=heads(source.max_objects), width=c.width,
+                                feature_dim=c.feature_dim)
+    params = model.init(jax.random.key(config.seed), jnp.zeros((1,) + example_shape))["params"]
+    optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
+                            weight_decay=1e-4)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, images, targets):
+        def loss_fn(params):
+            logits, _ = model.apply({"params": params}, images)
+            losses = {name: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+                logits[name], targets[name])) for name in ATTRIBUTES}
+            accuracy = {name: jnp.mean(jnp.argmax(logits[name], -1) == targets[name])
+                        for name in ATTRIBUTES}
+            return sum(losses.values()), accuracy
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    start = time.time()
+    for i in range(c.num_steps):
+        # Rendering the next batch overlaps the (asynchronously dispatched) previous step.
+        images, attributes = _images_and_attributes(
+            source, range(i * c.batch_size, (i + 1) * c.batch_size))
+        params, opt_state, loss, accuracy = step(params, opt_state, images,
+                                                 attribute_targets(attributes))
+        if (i + 1) % max(c.num_steps // 10, 1) == 0 or i + 1 == c.num_steps:
+            worst = min(ATTRIBUTES, key=lambda n: float(accuracy[n]))
+            log(f"attribute classifier step {i + 1}/{c.num_steps} "
+                f"{writers.progress_bar(i + 1, c.num_steps)}  loss {float(loss):.4f}  "
+                f"batch accuracy {np.mean([float(v) for v in accuracy.values()]):.3f} "
+                f"(lowest: {worst} {float(accuracy[worst]):.3f})")
+    seconds = time.time() - start
+
+    test = captions.CaptionedShapes(TEST_EXAMPLES, d.resolution, seed=test_seed, split="all")
+    images, attributes = _images_and_attributes(test, range(len(test)))
+    per_attribute = _judge_accuracy(_make_classify(model, params)(images),
+                                    attribute_targets(attributes))
+    summary = {
+        "kind": "attributes",
+        "test_accuracy": float(np.mean([per_attribute[n] for n in ATTRIBUTES])),
+        "test_accuracy_per_attribute": per_attribute,
+        "test_examples": int(len(test)),
+        "test_images": f"CaptionedShapes(split='all', seed={test_seed}): a seed the judge "
+                       "did not train on",
+        "heads": [list(h) for h in model.heads],
+        "train_steps": int(c.num_steps), "train_seconds": round(seconds, 1),
+        "example_shape": list(example_shape),
+        "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
+        "device": jax.devices()[0].device_kind,
+    }
+    directory = _classifier_dir(config, workdir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+    sample.save_json(os.path.join(directory, "classifier.json"), summary)
+    accuracies = "  ".join(f"{n} {per_attribute[n]:.3f}" for n in ATTRIBUTES)
+    log(f"attribute classifier: held-out accuracy {accuracies}  (all correct "
+        f"{per_attribute['all_correct']:.3f}) on {len(test)} fresh images after "
+        f"{c.num_steps} steps ({seconds:.0f} s); saved to {directory}")
+    return summary
+
+
+def load_attribute_classifier(config, workdir: str):
+    """``(classify(images) -> {attribute: predicted class [n]}, summary)`` of the judge trained
+    with ``--mode=train_classifier`` for this run's data."""
+    from diffusion_jax.evaluate import EvaluationError
+
+    directory = _classifier_dir(config, workdir)
+    summary_path = os.path.join(directory, "classifier.json")
+    if not os.path.exists(summary_path):
+        raise EvaluationError(
+            f"no trained attribute classifier in {directory}; train one with `python main.py "
+            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
+            "config.evaluation.classifier_dir")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if summary.get("kind") != "attributes":
+        raise EvaluationError(
+            f"the classifier in {directory} is not an attribute classifier for captioned data "
+            f"(it was trained on {summary['data'].get('name')!r}); retrain it with "
+            "--mode=train_classifier and this config")
+    wanted = [config.data.resolution, config.data.resolution, 3]
+    if summary["example_shape"] != wanted:
+        raise EvaluationError(
+            f"the attribute classifier in {directory} was trained on images of shape "
+            f"{summary['example_shape']}, this config makes {wanted}; retrain it with "
+            "--mode=train_classifier")
+    model = AttributeClassifier(heads=tuple(tuple(h) for h in summary["heads"]),
+                                width=summary["classifier"]["width"],
+                                feature_dim=summary["classifier"]["feature_dim"])
+    abstract = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1,) + tuple(wanted)))["params"])
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    return _make_classify(model, params), summary
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3):
+    """``(attributes, prompts, heldout)`` of ``num`` prompts: attribute dicts drawn with
+    ``seed``, alternately from (shape, colour) pairs of split "train" and from HELDOUT_PAIRS
+    (``heldout[i]`` says which), and a caption of each from ``caption_for``."""
+    rng = np.random.default_rng(seed)
+    sources = [captions.CaptionedShapes(1, resolution, split=split, max_objects=max_objects)
+               for split in ("train", "heldout")]
+    heldout = np.arange(num) % 2 == 1
+    attributes = [sources[int(h)].sample_attributes(rng) for h in heldout]
+    prompts = [captions.caption_for(a, rng) for a in attributes]
+    return attributes, prompts, heldout
+
+
+def score(predicted: dict, attributes: Sequence[dict], heldout) -> dict:
+    """Prompt adherence of images classified as ``predicted`` ({attribute: class [n]}) that were
+    generated for ``attributes``: for "seen", "heldout" and "all" prompts, the accuracy of each
+    attribute (position over single-object prompts only), ``mean_accuracy`` (per image, the
+    fraction of the attributes its prompt names that are right; averaged) and ``all_correct``
+    (the rate of images with every named attribute right)."""
+    targets = attribute_targets(attributes)
+    heldout = np.asarray(heldout, bool)
+    single = targets["count"] == 0
+    correct = {name: np.asarray(predicted[name]) == targets[name] for name in ATTRIBUTES}
+    named = {name: single if name == "position" else np.ones_like(single) for name in ATTRIBUTES}
+    right = sum((correct[n] & named[n]).astype(np.float64) for n in ATTRIBUTES)
+    asked = sum(named[n].astype(np.float64) for n in ATTRIBUTES)
+    out = {}
+    for group, members in (("seen", ~heldout), ("heldout", heldout),
+                           ("all", np.ones_like(heldout))):
+        accuracy = {}
+        for name in ATTRIBUTES:
+            chosen = members & named[name]
+            accuracy[name] = float(np.mean(correct[name][chosen])) if chosen.any() else None
+        out[group] = {
+            "num_prompts": int(members.sum()),
+            "accuracy": accuracy,
+            "mean_accuracy": float(np.mean((right / asked)[members])) if members.any() else None,
+            "all_correct": float(np.mean((right == asked)[members])) if members.any() else None,
+        }
+    return out
+
+
+def _chance(attributes, num_heads):
+    """Per-attribute accuracy of guessing uniformly among a head's classes (position among its
+    nine cells), and the mean over the attributes each prompt names."""
+    classes = dict(num_heads)
+    chance = {name: 1.0 / classes[name] for name in ATTRIBUTES}
+    chance["position"] = 1.0 / len(captions.POSITIONS)
+    single = attribute_targets(attributes)["count"] == 0
+    base = sum(chance[n] for n in ATTRIBUTES if n != "position")
+    per_image = np.where(single, (base + chance["position"]) / len(ATTRIBUTES),
+                         base / (len(ATTRIBUTES) - 1))
+    return {**chance, "mean_accuracy": float(np.mean(per_image))}
+
+
+def _checkpoint_generator(config, workdir, step):
+    """The default generator source: the run's checkpoint, through ``sample.make_generate_fn``."""
+    from diffusion_jax import train  # train composes everything; import it late
+
+    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    params = state.ema_params if config.sampling.use_ema else state.params
+    mesh = train.sampling_mesh(config)
+
+    def for_scale(scale):
+        generate = sample.make_generate_fn(config, model, example_shape, num_classes, mesh=mesh,
+                                           guidance_scale=scale)
+        return lambda key, prompts, attributes: generate(params, key, len(prompts),
+                                                         list(prompts))
+
+    return int(state.step), for_scale
+
+
+def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print,
+                     step: Optional[int] = None, load_generator: Optional[Callable] = None
+                     ) -> dict:
+    """Prompt adherence at each of :func:`guidance_scales`: ``evaluation.num_samples`` prompts
+    (see :func:`draw_prompts`; the same at every scale, and the same noise), generated in
+    batches of ``evaluation.batch_size``, quantised to 8 bits like saved images and scored by the
+    judge (see :func:`score`). Writes
+    ``workdir/eval/step<N>_<method>_<steps>steps_prompts.json`` and TensorBoard scalars under
+    ``eval/prompts/``, and returns the results.
+
+    ``load_generator(config, workdir, step) -> (step, for_scale)``, where ``for_scale(scale)``
+    returns ``generate(key, prompts, attributes) -> images [n, H, W, 3] in [-1, 1]``, replaces
+    the run's checkpoint (tests use a renderer of the prompts' attributes, or noise)."""
+    from diffusion_jax import evaluate  # evaluate dispatches here; import it late
+
+    configuration.validate(config)
+    validate(config)
+    e, s = config.evaluation, config.sampling
+    scales = guidance_scales(config)
+    classify, judge = load_attribute_classifier(config, workdir)
+    num_heads = [tuple(h) for h in judge["heads"]]
+    max_objects = dict(num_heads)["count"]
+    _, _, prompt_seed = _seeds(config)
+    attributes, prompts, heldout = draw_prompts(e.num_samples, config.data.resolution,
+                                                prompt_seed, max_objects)
+    step, for_scale = (load_generator or _checkpoint_generator)(config, workdir, step)
+    key = jax.random.key(s.seed)
+    per_scale = []
+    start = time.time()
+    for scale in scales:
+        generate = for_scale(scale)
+        scale_start = time.time()
+        predicted = {name: [] for name in ATTRIBUTES}
+        for offset in range(0, e.num_samples, e.batch_size):
+            chunk = slice(offset, min(offset + e.batch_size, e.num_samples))
+            images = generate(jax.random.fold_in(key, offset), prompts[chunk], attributes[chunk])
+            images = evaluate._quantize(np.asarray(images))
+            for name, value in classify(images).items():
+                predicted[name].append(value)
+        predicted = {name: np.concatenate(v) for name, v in predicted.items()}
+        result = {"guidance_scale": scale, **score(predicted, attributes, heldout),
+                  "seconds": round(time.time() - scale_start, 2)}
+        per_scale.append(result)
+        log(f"guidance {scale:g}: mean attribute accuracy seen "
+            f"{result['seen']['mean_accuracy']:.3f}, held-out "
+            f"{result['heldout']['mean_accuracy']:.3f}")
+    results = {
+        "step": int(step),
+        "metric": "prompt adherence: the attribute classifier's reading of generated images "
+                  "against the attributes their prompts name",
+        "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
+                    "guidance_rescale": s.guidance_rescale,
+                    "negative_prompt": s.negative_prompt, "use_ema": s.use_ema},
+        "num_samples": int(e.num_samples),
+        "num_seen": int((~heldout).sum()), "num_heldout": int(heldout.sum()),
+        "heldout_pairs": [[captions.COLOURS[c], captions.SHAPES[sh]]
+                          for sh, c in captions.HELDOUT_PAIRS],
+        "guidance_scales": list(scales),
+        "scales": per_scale,
+        "chance": _chance(attributes, num_heads),
+        "classifier_test_accuracy": judge["test_accuracy_per_attribute"],
+        "generation_and_scoring_seconds": round(time.time() - start, 2),
+    }
+    name = f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts"
+    out_path = os.path.join(workdir, "eval", name + ".json")
+    sample.save_json(out_path, results)
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log)
+    scalars = {}
+    for result in per_scale:
+        prefix = f"eval/prompts/cfg{result['guidance_scale']:g}"
+        for group in GROUPS:
+            scalars[f"{prefix}/{group}/mean_accuracy"] = result[group]["mean_accuracy"]
+            scalars[f"{prefix}/{group}/all_correct"] = result[group]["all_correct"]
+            for attribute, value in result[group]["accuracy"].items():
+                scalars[f"{prefix}/{group}/{attribute}"] = value
+    writer.scalars(results["step"], {k: v for k, v in scalars.items() if v is not None})
+    writer.close()
+    log(format_table(results))
+    log(f"wrote {out_path}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """One row per guidance scale and prompt group: mean accuracy over the named attributes,
+    all-correct rate, and each attribute's accuracy."""
+    def cell(value, width=6):
+        return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
+
+    sampler = results["sampler"]
+    lines = [(f"prompt adherence of step {results['step']}: {sampler['method']}, "
+              f"{sampler['num_steps']} steps; {results['num_seen']} prompts of seen and "
+              f"{results['num_heldout']} of held-out (shape, colour) pairs per scale"),
+             (f"{'guidance':>8}  {'prompts':<8} {'mean':>6} {'all':>6}  "
+              + " ".join(f"{name:>10}" for name in ATTRIBUTES))]
+    for result in results["scales"]:
+        for i, (group, label) in enumerate((("seen", "seen"), ("heldout", "held-out"))):
+            r = result[group]
+            scale = f"{result['guidance_scale']:g}" if i == 0 else ""
+            lines.append(f"{scale:>8}  {label:<8} {cell(r['mean_accuracy'])} "
+                         f"{cell(r['all_correct'])}  "
+                         + " ".join(cell(r["accuracy"][n], 10) for n in ATTRIBUTES))
+    chance = results["chance"]
+    lines.append(f"{'chance':>8}  {'':<8} {cell(chance['mean_accuracy'])} {'':>6}  "
+                 + " ".join(cell(chance[n], 10) for n in ATTRIBUTES))
+    judge = results["classifier_test_accuracy"]
+    lines.append(f"{'judge':>8}  {'real':<8} {'':>6} {cell(judge['all_correct'])}  "
+                 + " ".join(cell(judge[n if n != "position" else "position_single_object"], 10)
+                            for n in ATTRIBUTES))
+    lines.append("(mean: fraction of the attributes a prompt names that the attribute classifier "
+                 "sees, position only for one object; all: every named attribute right; judge: "
+                 "the classifier's accuracy on real images of a fresh seed)")
+    return "\n".join(lines)
