@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,7 @@ def _outputs(notebook):
     return "".join(text), images
 
 
+@pytest.mark.slow  # a minute or more: the notebook trains and samples
 def test_quickstart_notebook_runs(tmp_path):
     # Run in colab/ of this checkout, as a person running it in a clone would; the package is
     # installed already, so nothing is fetched.
@@ -47,6 +49,7 @@ def test_quickstart_notebook_runs(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
 
 
+@pytest.mark.slow  # a minute or more: the notebook trains and samples
 def test_text_to_image_notebook_runs(tmp_path):
     # The tiny text model of tests/test_text_to_image.py: 16x16 images, a 1-block text encoder,
     # a few training steps and 2 sampling steps.

@@ -178,6 +178,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes each compile the step: about 90 s on two cores
 def test_two_processes_match_one_process(tmp_path, single_device_run):
     """jax.distributed on localhost: 2 processes with 4 CPU devices each (gloo collectives),
     launched through main.py as on a pod's workers, each reading only its share of the data."""

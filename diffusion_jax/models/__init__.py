@@ -8,11 +8,11 @@ length, context_dim] with ``context_mask=`` [batch, length] and ``pooled=`` [bat
 ``token_mask=`` instead. ``Classifier`` is the feature extractor for sample metrics.
 """
 
-from diffusion_jax.models.classifier import Classifier
+from diffusion_jax.models.classifier import AttributeClassifier, Classifier
 from diffusion_jax.models.dit import DIT_SIZES, DiT, dit
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.text_conditioned import TextConditioned
 from diffusion_jax.models.unet import SD15_UNET_PARAMETERS, UNet, sd15_unet
 
 __all__ = ["UNet", "sd15_unet", "SD15_UNET_PARAMETERS", "DiT", "DIT_SIZES", "dit", "MLP",
-           "Classifier", "TextConditioned"]
+           "Classifier", "AttributeClassifier", "TextConditioned"]
