@@ -1,5 +1,12 @@
 """Text-to-image on captioned shapes, sized for a CPU: a small cross-attention UNet (32x32) and
-a 2-block text encoder. See text_shapes.py for the full-size run and what the data is."""
+a 2-block text encoder (2.2M parameters in all). See text_shapes.py for the full-size run and what
+the data is.
+
+Measured on a 2-core machine: 0.45-0.77 steps/s (3,000 steps in about 80 minutes), loss 0.068.
+After 3,000 steps the samples follow size (86% at guidance 3) and partly background colour, but
+not yet object colour or shape, so prompt adherence is far from the data's; it needs the longer
+training of text_shapes.py.
+"""
 
 from configs import text_shapes
 
@@ -16,7 +23,7 @@ def get_config():
     config.text.width = 128
     config.text.depth = 2
     config.text.num_heads = 4
-    config.training.num_steps = 6_000
+    config.training.num_steps = 3_000
     config.training.learning_rate = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.995
