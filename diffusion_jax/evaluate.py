@@ -43,6 +43,31 @@ def _classifier_dir(config, workdir):
     return os.path.abspath(config.evaluation.classifier_dir or os.path.join(workdir, "classifier"))
 
 
+def save_classifier(config, workdir: str, params, summary: dict) -> str:
+    """Write a trained classifier (feature extractor or attribute judge) to its directory:
+    ``params`` with Orbax, ``summary`` as ``classifier.json``. Returns the directory."""
+    directory = _classifier_dir(config, workdir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+    sample.save_json(os.path.join(directory, "classifier.json"), summary)
+    return directory
+
+
+def read_classifier_summary(config, workdir: str, kind: str = "classifier"):
+    """``(directory, summary)`` of the classifier saved by :func:`save_classifier`, or an
+    :class:`EvaluationError` that says how to train one (``kind`` names it in the message)."""
+    directory = _classifier_dir(config, workdir)
+    summary_path = os.path.join(directory, "classifier.json")
+    if not os.path.exists(summary_path):
+        raise EvaluationError(
+            f"no trained {kind} in {directory}; train one with `python main.py "
+            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
+            "config.evaluation.classifier_dir")
+    with open(summary_path) as f:
+        return directory, json.load(f)
+
+
 def _classifier_model(config, num_classes):
     return models.Classifier(num_classes=num_classes, width=config.classifier.width,
                              feature_dim=config.classifier.feature_dim)
@@ -134,12 +159,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
                "num_classes": int(num_classes), "example_shape": list(example_shape),
                "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
                "device": jax.devices()[0].device_kind}
-    directory = _classifier_dir(config, workdir)
-    checkpointer = ocp.StandardCheckpointer()
-    target = os.path.join(directory, "params")
-    checkpointer.save(target, params, force=True)
-    checkpointer.wait_until_finished()
-    sample.save_json(os.path.join(directory, "classifier.json"), summary)
+    directory = save_classifier(config, workdir, params, summary)
     log(f"classifier: test accuracy {test_accuracy:.4f} on {len(labels)} held-out examples "
         f"after {c.num_steps} steps ({seconds:.0f} s); saved to {directory}")
     return summary
@@ -148,15 +168,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
 def load_classifier(config, workdir: str):
     """``(apply(params, images) -> (logits, features), params, summary)`` of the classifier
     trained for this run's data."""
-    directory = _classifier_dir(config, workdir)
-    summary_path = os.path.join(directory, "classifier.json")
-    if not os.path.exists(summary_path):
-        raise EvaluationError(
-            f"no trained classifier in {directory}; train one with `python main.py "
-            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
-            "config.evaluation.classifier_dir")
-    with open(summary_path) as f:
-        summary = json.load(f)
+    directory, summary = read_classifier_summary(config, workdir)
     if summary["data"].get("name") != config.data.name:
         raise EvaluationError(
             f"the classifier in {directory} was trained on data {summary['data'].get('name')!r}, "

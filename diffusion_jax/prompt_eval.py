@@ -20,7 +20,6 @@ pairs separately.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -108,12 +107,6 @@ def guidance_scales(config):
 
 
 # ------------------------------------------------------------------------------------ judge
-
-
-def _classifier_dir(config, workdir):
-    from diffusion_jax import evaluate
-
-    return evaluate._classifier_dir(config, workdir)
 
 
 def _make_classify(model, params):
@@ -214,11 +207,9 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
         "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
         "device": jax.devices()[0].device_kind,
     }
-    directory = _classifier_dir(config, workdir)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
-    checkpointer.wait_until_finished()
-    sample.save_json(os.path.join(directory, "classifier.json"), summary)
+    from diffusion_jax import evaluate
+
+    directory = evaluate.save_classifier(config, workdir, params, summary)
     accuracies = "  ".join(f"{n} {per_attribute[n]:.3f}" for n in ATTRIBUTES)
     log(f"attribute classifier: held-out accuracy {accuracies}  (all correct "
         f"{per_attribute['all_correct']:.3f}) on {len(test)} fresh images after "
@@ -229,17 +220,9 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
 def load_attribute_classifier(config, workdir: str):
     """``(classify(images) -> {attribute: predicted class [n]}, summary)`` of the judge trained
     with ``--mode=train_classifier`` for this run's data."""
-    from diffusion_jax.evaluate import EvaluationError
+    from diffusion_jax.evaluate import EvaluationError, read_classifier_summary
 
-    directory = _classifier_dir(config, workdir)
-    summary_path = os.path.join(directory, "classifier.json")
-    if not os.path.exists(summary_path):
-        raise EvaluationError(
-            f"no trained attribute classifier in {directory}; train one with `python main.py "
-            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
-            "config.evaluation.classifier_dir")
-    with open(summary_path) as f:
-        summary = json.load(f)
+    directory, summary = read_classifier_summary(config, workdir, "attribute classifier")
     if summary.get("kind") != "attributes":
         raise EvaluationError(
             f"the classifier in {directory} is not an attribute classifier for captioned data "

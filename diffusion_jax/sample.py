@@ -19,14 +19,17 @@ __all__ = ["make_generate_fn", "generate_from_prompts", "sampling_labels", "samp
            "save_arrays", "save_json"]
 
 
-_TEXT_KEYS = ("tokens", "token_mask")
+# Condition entries handed to the network as keyword arguments: caption tokens (for
+# TextConditioned), or precomputed text embeddings (e.g. from a frozen external encoder) for a
+# UNet/DiT built with context_dim.
+TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
 
 
 @functools.lru_cache(maxsize=None)
 def _network(model):
     def apply(params, x, noise_level, cond):
         if isinstance(cond, dict):  # {"label": ...} and/or text {"tokens", "token_mask"}
-            text = {k: cond[k] for k in _TEXT_KEYS if k in cond}
+            text = {k: cond[k] for k in TEXT_KEYS if k in cond}
             return model.apply({"params": params}, x, noise_level, cond.get("label"), **text)
         return model.apply({"params": params}, x, noise_level, cond)
 

@@ -114,12 +114,6 @@ def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"
     return prepare
 
 
-# Batch entries handed to the network as keyword arguments: caption tokens (for TextConditioned),
-# or precomputed text embeddings (e.g. from a frozen external encoder) for a UNet/DiT built with
-# context_dim.
-TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
-
-
 def drop_captions(caption_dropout: float, max_length: int):
     """A loss ``prepare(batch, key) -> batch`` that replaces each caption by the empty caption
     with probability ``caption_dropout`` (classifier-free guidance's unconditional branch),
@@ -151,11 +145,10 @@ def network_apply_fn(model, *, num_classes: Optional[int] = None, label_dropout:
 
     def apply_fn(params, x_in, noise_input, cond, key):
         key_drop, key_labels = jax.random.split(key)
+        if num_classes is not None and label_dropout:
+            cond = drop_labels(num_classes, label_dropout, label_key)(cond, key_labels)
         labels = cond.get(label_key) if num_classes is not None else None
-        if labels is not None and label_dropout:
-            drop = jax.random.bernoulli(key_labels, label_dropout, labels.shape)
-            labels = jnp.where(drop, num_classes, labels)
-        text = {k: cond[k] for k in TEXT_KEYS if k in cond}
+        text = {k: cond[k] for k in sample.TEXT_KEYS if k in cond}
         return model.apply({"params": params}, x_in, noise_input, labels, train=True,
                            rngs={"dropout": key_drop}, **text)
 
