@@ -16,7 +16,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from configs import cifar10_ddpm, default  # noqa: E402
+from configs import cifar10_ddpm, default, tiny  # noqa: E402
 
 # name -> (config builder, data shape, number of classes or None)
 MODELS = {}
@@ -47,9 +47,16 @@ def _sd15():
     return config, (64, 64, 4), None
 
 
+def _tiny():  # a seconds-long smoke test of the benchmarks themselves (tests/test_benchmarks.py)
+    config = tiny.get_config()
+    config.model.dropout = 0.1
+    return config, (16, 16, 3), 3
+
+
 MODELS["ddpm_cifar10"] = _ddpm_cifar10
 MODELS["dit_b2"] = _dit_b2
 MODELS["sd15"] = _sd15
+MODELS["tiny"] = _tiny
 # Models that cross-attend to text: the batch carries a random [77, 768] context (the output of
 # SD's frozen CLIP text encoder, which is not part of what is timed, as in the PyTorch baseline).
 CONTEXT = {"sd15": (77, 768)}
@@ -146,6 +153,51 @@ def matmul_peak_tflops(dtype=None) -> float:
     matmul = jax.jit(lambda a, b: a @ b)
     seconds = time_calls(lambda: matmul(a, b), iterations=20 if on_accelerator() else 3)
     return 2 * n ** 3 / seconds / 1e12
+
+
+def profile_summary(run, steps: int, top: int = 20, directory: str = "") -> list:
+    """Trace ``run()`` (which runs ``steps`` train steps and blocks) with the JAX profiler and
+    return the ``top`` device operations by time: ``[{"op", "ms_per_step", "share", "calls"}]``.
+    On a GPU these are the XLA ops of the device planes (fusions, convolutions, cuBLAS/cuDNN
+    calls); on a CPU, the ops XLA's CPU client ran. The trace stays in ``directory`` (a temporary
+    folder when empty) for TensorBoard/XProf."""
+    import glob
+    import tempfile
+
+    directory = directory or tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(directory):
+        run()
+    paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        return []
+    data = jax.profiler.ProfileData.from_file(paths[-1])
+    totals, calls = {}, {}
+
+    def add(events):
+        for event in events:
+            totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+            calls[event.name] = calls.get(event.name, 0) + 1
+
+    devices = [p for p in data.planes if p.name.startswith("/device:")]
+    for plane in devices:  # one line of HLO ops per device, else its streams' kernels
+        lines = list(plane.lines)
+        chosen = ([line for line in lines if line.name == "XLA Ops"]
+                  or [line for line in lines if line.name.startswith("Stream")]
+                  or [line for line in lines if "Module" not in line.name])
+        for line in chosen:
+            add(line.events)
+    if not devices:
+        for plane in data.planes:
+            if plane.name == "/host:CPU":
+                for line in plane.lines:
+                    if "XLA" in line.name and "Eigen" not in line.name:
+                        add(event for event in line.events if event.duration_ns > 0
+                            and not event.name.startswith("ThunkExecutor"))
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals, key=totals.get, reverse=True)[:top]
+    return [{"op": name, "ms_per_step": totals[name] / 1e6 / steps,
+             "share": totals[name] / whole, "calls": round(calls[name] / steps, 2)}
+            for name in ranked]
 
 
 def report(rows, columns, name, extra=None):

@@ -37,11 +37,13 @@ def measure(name, dtype, batch, num_steps, method):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["ddpm_cifar10", "dit_b2"],
+                        choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--method", default="ddim")
+    parser.add_argument("--name", default="sample_throughput", help="results file stem")
     args = parser.parse_args(argv)
     batch = args.batch or (256 if on_accelerator() else 4)
     steps = args.steps or (50 if on_accelerator() else 4)
@@ -52,7 +54,7 @@ def main(argv=None):
             rows.append(measure(name, dtype, batch, steps, args.method))
             print(rows[-1], flush=True)
     report(rows, ["model", "dtype", "batch", "method", "steps", "guided", "evaluations_per_s",
-                  "samples_per_s"], "sample_throughput")
+                  "samples_per_s"], args.name)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
     python benchmarks/train_throughput.py                           # both models, f32 and bf16
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 256
     python benchmarks/train_throughput.py --steps-per-call 4 --remat --train-step shard_map
+    python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --plain --profile
 
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
@@ -24,14 +25,16 @@ import time
 import jax
 
 from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, forward_flops,
-                    matmul_peak_tflops, on_accelerator, random_batch, report)
+                    matmul_peak_tflops, on_accelerator, profile_summary, random_batch, report)
 from diffusion_jax import parallel, train
 
 
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
-            train_step="jit", grad_accumulation=1):
+            train_step="jit", grad_accumulation=1, dropout_rng="threefry", profile=False,
+            profile_dir=""):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
-                     training__grad_accumulation=grad_accumulation)
+                     training__grad_accumulation=grad_accumulation,
+                     model__dropout_rng=dropout_rng)
     if remat:
         overrides["model__remat"] = True
     config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
@@ -54,14 +57,74 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
         state, running = step(state, next(batches), running)
     jax.block_until_ready(running)
     seconds = (time.perf_counter() - start) / (calls * steps_per_call)  # per train step
+    ops = None
+    if profile:
+        def run():
+            nonlocal state, running
+            for _ in range(max(1, 5 // steps_per_call)):
+                state, running = step(state, next(batches), running)
+            jax.block_until_ready(running)
+
+        ops = profile_summary(run, max(1, 5 // steps_per_call) * steps_per_call,
+                              directory=profile_dir)
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
+            "dropout_rng": dropout_rng,
             "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
-            "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None}
+            "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None,
+            "profile": ops}
+
+
+def measure_plain(name, dtype, batch, iterations):
+    """A plain, untuned jit train step of the same network, as a same-card reference for what
+    the full step adds: the fixed batch is its own target at fixed noise levels (as the PyTorch
+    baseline times it), AdamW, dropout on, and no EMA, clipping, metrics, noise drawing or data
+    feed."""
+    import jax.numpy as jnp
+    import optax
+
+    config, shape, num_classes, model, _, mesh, abstract, state = build(name, dtype, batch)
+    optimizer = optax.adamw(1e-4)
+    params = state.params
+    opt_state = optimizer.init(params)
+    host = random_batch(shape, batch, num_classes, context=CONTEXT.get(name))
+    x = jnp.asarray(host["x"])
+    noise_level = jnp.linspace(0.0, 1.0, batch)
+    extra = {}
+    if num_classes:
+        extra["labels"] = jnp.asarray(host["label"])
+    if "context" in host:
+        extra["context"] = jnp.asarray(host["context"])
+
+    def loss_fn(p, key):
+        out = model.apply({"params": p}, x, noise_level, train=True, rngs={"dropout": key},
+                          **extra)
+        return jnp.mean((out.astype(jnp.float32) - x) ** 2)
+
+    def step(p, o, i):
+        grads = jax.grad(loss_fn)(p, jax.random.fold_in(jax.random.key(0), i))
+        updates, o = optimizer.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, 0).compile()
+    for i in range(2):
+        params, opt_state = step(params, opt_state, i)
+    jax.block_until_ready(params)
+    start = time.perf_counter()
+    for i in range(iterations):
+        params, opt_state = step(params, opt_state, i)
+    jax.block_until_ready(params)
+    seconds = (time.perf_counter() - start) / iterations
+    train_flops = 3 * forward_flops(model, shape, num_classes, CONTEXT.get(name))
+    return {"model": name, "dtype": dtype, "batch": batch, "train_step": "plain",
+            "params": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
+            "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
+            "gflop_per_image": train_flops / 1e9,
+            "achieved_tflops": train_flops * batch / seconds / 1e12}
 
 
 def main(argv=None):
@@ -75,6 +138,14 @@ def main(argv=None):
     parser.add_argument("--grad-accumulation", type=int, default=1)
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--train-step", choices=["jit", "shard_map"], default="jit")
+    parser.add_argument("--dropout-rng", choices=["threefry", "rbg"], default="threefry",
+                        help="generator of the dropout masks (model.dropout_rng)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time a plain jit train step of the same network (no EMA, "
+                             "clipping, metrics or data feed), as a same-card reference")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace 5 more steps and print the device ops that take the time")
+    parser.add_argument("--profile-dir", default="", help="keep the trace here (for XProf)")
     parser.add_argument("--name", default="train_throughput", help="results file stem")
     args = parser.parse_args(argv)
     batch = args.batch or (128 if on_accelerator() else 8)
@@ -87,11 +158,26 @@ def main(argv=None):
         for dtype in args.dtypes:
             row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
                           remat=args.remat, train_step=args.train_step,
-                          grad_accumulation=args.grad_accumulation)
+                          grad_accumulation=args.grad_accumulation,
+                          dropout_rng=args.dropout_rng, profile=args.profile,
+                          profile_dir=args.profile_dir)
+            ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
             rows.append(row)
             print(row, flush=True)
-    report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat", "params",
+            if ops:
+                row["profile"] = ops
+                print(f"where the time of one {name} {dtype} step goes (top {len(ops)} ops):")
+                for op in ops:
+                    print(f"  {op['ms_per_step']:8.3f} ms  {100 * op['share']:5.1f}%  "
+                          f"x{op['calls']:<5g} {op['op'][:90]}")
+            if args.plain:
+                plain = measure_plain(name, dtype, batch, iterations)
+                plain["mfu"] = plain["achieved_tflops"] / peak
+                rows.append(plain)
+                print(plain, flush=True)
+    report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
+                  "dropout_rng", "params",
                   "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
                   "gflop_per_image_xla"], args.name,
            {"matmul_peak_tflops": peak,

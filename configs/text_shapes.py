@@ -4,6 +4,13 @@ A UNet cross-attends to a byte-level Transformer text encoder trained with it; c
 dropped 10% of the time so that classifier-free guidance works. Sized for one GPU; see
 text_shapes_cpu.py for a CPU run.
 
+Measured on one NVIDIA H200: 18-26 steps/s (43.6M parameters, 51 GFLOP per training image; 8
+data workers). After 2,721 steps (about 2 minutes), prompt adherence by the attribute classifier
+over 500 seen and 500 held-out prompts (DPM-Solver++(2M), 30 steps), mean attribute accuracy
+seen / held-out: guidance 0: 0.287 / 0.273, 1: 0.568 / 0.545, 3: 0.634 / 0.608,
+5: 0.642 / 0.608 (chance 0.29). Background colour is right 99-100% of the time, object colour
+~60%, size ~83%; shape is still near chance, so train the full 50,000 steps.
+
     python main.py --config=configs/text_shapes.py --workdir=runs/text_shapes
     python main.py --config=configs/text_shapes.py --workdir=runs/text_shapes --mode=sample \\
         --config.sampling.prompt="a large red circle in the top left|three green squares" \\
@@ -20,6 +27,7 @@ def get_config():
     config.data.size = 200_000
     config.data.batch_size = 128
     config.data.class_conditional = False
+    config.data.worker_count = 8  # the shapes are drawn on the host: ~1.6k images/s per process
     config.model.channels = 128
     config.model.channel_mult = (1, 2, 2)
     config.model.num_res_blocks = 2
@@ -35,8 +43,8 @@ def get_config():
     config.diffusion.target = "v"
     config.diffusion.caption_dropout = 0.1
     config.training.num_steps = 50_000
-    config.training.learning_rate = 2e-4
-    config.training.warmup_steps = 1_000
+    config.training.learning_rate = 3e-4
+    config.training.warmup_steps = 500
     config.training.ema_decay = 0.999
     config.training.log_every = 100
     config.training.checkpoint_every = 2_500

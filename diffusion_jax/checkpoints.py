@@ -16,6 +16,31 @@ import orbax.checkpoint as ocp
 __all__ = ["CheckpointError", "Checkpoints"]
 
 
+def _worker_count(state) -> Optional[int]:
+    """The grain worker count recorded in an iterator state (JSON bytes/str), if any."""
+    try:
+        return int(json.loads(state)["worker_count"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _check_worker_count(where: str, iterator) -> None:
+    """Grain restores a data position only into an iterator with the worker count that saved
+    it (workers each batch their own share of the records): say so before Orbax fails."""
+    path = os.path.join(where, "data", f"process_{jax.process_index()}-of-"
+                                       f"{jax.process_count()}.json")
+    if not os.path.exists(path) or not hasattr(iterator, "get_state"):
+        return
+    with open(path, "rb") as f:
+        saved = _worker_count(f.read())
+    current = _worker_count(iterator.get_state())
+    if saved is not None and current is not None and saved != current:
+        raise CheckpointError(
+            f"checkpoint {where} was written with config.data.worker_count={saved}, this run "
+            f"reads data with {current}; resume with --config.data.worker_count={saved} (the "
+            "examples that share a batch depend on the worker count)")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or from a different model; the message says which."""
 
@@ -119,6 +144,7 @@ class Checkpoints:
         items = {"state": ocp.args.StandardRestore(
             jax.tree_util.tree_map(_restore_target, abstract_state))}
         if iterator is not None:
+            _check_worker_count(where, iterator)
             items["data"] = grain.PyGrainCheckpointRestore(iterator)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -33,6 +33,7 @@ _CHOICES = {
     "sampling.grid": samplers.GRIDS,
     "evaluation.feature_extractor": ("classifier", "inception"),
     "mesh.train_step": ("jit", "shard_map"),
+    "model.dropout_rng": ("threefry", "rbg"),
 }
 _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
@@ -109,6 +110,9 @@ def validate(config, reference=None) -> None:
             "config.evaluation.inception_weights: the path of pytorch-fid's FID Inception "
             "weights (pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's releases) or an "
             ".npz converted from it")
+    if not isinstance(given["data.worker_count"], int) or given["data.worker_count"] < 0:
+        raise ConfigError("config.data.worker_count must be an integer >= 0 (0 reads data in "
+                          f"the training process), got {given['data.worker_count']!r}")
     if given["evaluation.likelihood_examples"] < 0:
         raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
     if not 0.0 <= given["sampling.guidance_rescale"] <= 1.0:

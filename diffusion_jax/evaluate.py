@@ -54,6 +54,15 @@ def save_classifier(config, workdir: str, params, summary: dict) -> str:
     return directory
 
 
+def restore_classifier_params(directory: str, abstract):
+    """A saved classifier's parameters onto this process's first device, whatever machine
+    trained it (the saved sharding names the devices of the machine that wrote it)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    return ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+
+
 def read_classifier_summary(config, workdir: str, kind: str = "classifier"):
     """``(directory, summary)`` of the classifier saved by :func:`save_classifier`, or an
     :class:`EvaluationError` that says how to train one (``kind`` names it in the message)."""
@@ -178,7 +187,7 @@ def load_classifier(config, workdir: str):
                               feature_dim=summary["classifier"]["feature_dim"])
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(summary["example_shape"])))["params"])
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    params = restore_classifier_params(directory, abstract)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     return apply, params, summary
 

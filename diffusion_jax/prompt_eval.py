@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from diffusion_jax import configuration, sample, writers
 from diffusion_jax.data import captions
@@ -220,7 +219,8 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
 def load_attribute_classifier(config, workdir: str):
     """``(classify(images) -> {attribute: predicted class [n]}, summary)`` of the judge trained
     with ``--mode=train_classifier`` for this run's data."""
-    from diffusion_jax.evaluate import EvaluationError, read_classifier_summary
+    from diffusion_jax.evaluate import (EvaluationError, read_classifier_summary,
+                                        restore_classifier_params)
 
     directory, summary = read_classifier_summary(config, workdir, "attribute classifier")
     if summary.get("kind") != "attributes":
@@ -239,7 +239,7 @@ def load_attribute_classifier(config, workdir: str):
                                 feature_dim=summary["classifier"]["feature_dim"])
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(wanted)))["params"])
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    params = restore_classifier_params(directory, abstract)
     return _make_classify(model, params), summary
 
 

@@ -134,17 +134,24 @@ def drop_captions(caption_dropout: float, max_length: int):
 
 
 def network_apply_fn(model, *, num_classes: Optional[int] = None, label_dropout: float = 0.0,
-                     label_key: str = "label"):
+                     label_key: str = "label", dropout_rng: str = "threefry"):
     """Adapt a Flax denoiser to the loss's ``apply_fn(params, x_in, noise_input, cond, key)``.
 
     With ``label_dropout``, labels are also dropped here (see :func:`drop_labels`; the config
     path drops them in the loss's ``prepare`` stage instead, before the batch is split).
+    ``dropout_rng="rbg"`` draws the dropout masks with XLA's RngBitGenerator, seeded from the
+    step's key (cheaper on accelerators; the masks then depend on how the batch is laid out).
     """
     if label_dropout and num_classes is None:
         raise ValueError("label_dropout needs num_classes (the null label's index)")
+    if dropout_rng not in ("threefry", "rbg"):
+        raise ValueError(f"dropout_rng must be 'threefry' or 'rbg', got {dropout_rng!r}")
 
     def apply_fn(params, x_in, noise_input, cond, key):
         key_drop, key_labels = jax.random.split(key)
+        if dropout_rng == "rbg":
+            key_drop = jax.random.wrap_key_data(
+                jax.random.bits(key_drop, (4,), jnp.uint32), impl="rbg")
         if num_classes is not None and label_dropout:
             cond = drop_labels(num_classes, label_dropout, label_key)(cond, key_labels)
         labels = cond.get(label_key) if num_classes is not None else None
@@ -318,7 +325,7 @@ def open_checkpoints(config, workdir, example_shape, num_classes) -> "ckpt_lib.C
 
 # Model settings that change how the network computes, not its parameters: a checkpoint
 # restores under any value of these.
-_NOT_IN_FINGERPRINT = ("dtype", "remat")
+_NOT_IN_FINGERPRINT = ("dtype", "remat", "dropout_rng")
 
 
 def _model_fingerprint(model_config):
@@ -443,7 +450,8 @@ def build_mesh(config):
 def make_loss_from_config(config, model, num_classes):
     """The training loss of ``config.diffusion`` for ``model`` (with label dropout, drawn for the
     whole global batch, when the model is class-conditional)."""
-    apply_fn = network_apply_fn(model, num_classes=num_classes)
+    apply_fn = network_apply_fn(model, num_classes=num_classes,
+                                dropout_rng=config.model.dropout_rng)
     label_dropout = config.diffusion.label_dropout if num_classes else 0.0
     prepares = []
     if label_dropout:
@@ -540,7 +548,8 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
                                   max_length=config.text.max_length,
                                   seed=config.seed, shard_index=process_index,
-                                  shard_count=process_count)
+                                  shard_count=process_count,
+                                  worker_count=config.data.worker_count)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
     previous_handlers = {}
     writer = None

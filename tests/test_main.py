@@ -253,6 +253,14 @@ def test_bad_configs_name_the_key():
     with pytest.raises(configuration.ConfigError, match="must use all 1 devices"):
         train.build_mesh(config)
     config = tiny.get_config()
+    config.data.worker_count = -2
+    with pytest.raises(configuration.ConfigError, match="data.worker_count must be an integer"):
+        configuration.validate(config)
+    config = tiny.get_config()
+    config.model.dropout_rng = "philox"
+    with pytest.raises(configuration.ConfigError, match="model.dropout_rng='philox'"):
+        configuration.validate(config)
+    config = tiny.get_config()
     config.diffusion.target = "eps"  # cosine has zero terminal SNR
     with pytest.raises(configuration.ConfigError, match="eps-predicting"):
         configuration.validate(config)

@@ -170,6 +170,31 @@ def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
         evaluate.evaluate(other, str(tmp_path))
 
 
+def test_a_judge_trained_on_another_machine_loads_here(judge, tmp_path):
+    """Orbax records the devices that saved the parameters (here cpu:0); a judge trained on a
+    CPU must still load on a GPU machine, and the other way round."""
+    import shutil
+
+    config, workdir, summary, _ = judge
+    moved = str(tmp_path / "judge")
+    shutil.copytree(os.path.join(workdir, "classifier"), moved)
+    sharding = os.path.join(moved, "params", "_sharding")
+    with open(sharding) as f:
+        text = f.read()
+    assert "cpu:0" in text
+    with open(sharding, "w") as f:
+        f.write(text.replace("cpu:0", "gpu:0"))  # as written on a GPU machine
+    other = _config()
+    other.evaluation.classifier_dir = moved
+    classify, loaded = prompt_eval.load_attribute_classifier(other, str(tmp_path))
+    assert loaded == summary
+    images = captions.CaptionedShapes(size=8, resolution=16, seed=3)
+    batch = np.stack([images[i]["image"] for i in range(8)]).astype(np.float32) / 127.5 - 1
+    local, _ = prompt_eval.load_attribute_classifier(config, workdir)
+    for name, value in classify(batch).items():
+        np.testing.assert_array_equal(value, local(batch)[name])
+
+
 def test_a_classifier_of_other_data_is_refused(tmp_path):
     config = _config()
     directory = tmp_path / "classifier"

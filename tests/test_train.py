@@ -158,6 +158,55 @@ def test_checkpoint_fingerprint_tolerates_added_keys_and_compute_settings(tmp_pa
     manager.close()
 
 
+def test_a_data_position_saved_with_other_workers_is_refused_with_the_value_to_use(tmp_path):
+    from diffusion_jax import checkpoints as ckpt_lib
+
+    source = data.Toy2D("mixture", size=256, seed=0)
+    state = {"w": jnp.arange(3.0)}
+    writer = data.make_iterator(source, batch_size=8, seed=1, worker_count=2)
+    for _ in range(3):
+        next(writer)
+    manager = ckpt_lib.Checkpoints(str(tmp_path), fingerprint={}, asynchronous=False)
+    manager.save(3, state, writer)
+    follow = [next(writer)["x"] for _ in range(2)]
+    manager.close()
+    manager = ckpt_lib.Checkpoints(str(tmp_path), fingerprint={}, asynchronous=False)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"worker_count=2"):
+        manager.restore(jax.eval_shape(lambda: state),
+                        data.make_iterator(source, batch_size=8, seed=1))
+    same = data.make_iterator(source, batch_size=8, seed=1, worker_count=2)
+    manager.restore(jax.eval_shape(lambda: state), same)
+    manager.close()
+    for x in follow:
+        np.testing.assert_array_equal(next(same)["x"], x)
+
+
+def test_dropout_masks_from_either_generator():
+    """model.dropout_rng: threefry and rbg masks both drop about the configured fraction, are
+    the same for the same key and differ between keys (and between generators)."""
+    import flax.linen as nn
+
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x, noise_level, labels=None, train=False):
+            return nn.Dropout(0.3, deterministic=not train)(x)
+
+    x = jnp.ones((4, 2048))
+    outs = {}
+    for impl in ("threefry", "rbg"):
+        apply_fn = jax.jit(train.network_apply_fn(Drop(), dropout_rng=impl))
+        a, b, c = (apply_fn({}, x, jnp.zeros(4), {}, jax.random.key(k)) for k in (0, 0, 1))
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+        kept = np.asarray(a) != 0
+        assert abs(kept.mean() - 0.7) < 0.02
+        np.testing.assert_allclose(np.asarray(a)[kept], 1 / 0.7, rtol=1e-6)
+        outs[impl] = a
+    assert not np.array_equal(outs["threefry"], outs["rbg"])
+    with pytest.raises(ValueError, match="dropout_rng"):
+        train.network_apply_fn(Drop(), dropout_rng="philox")
+
+
 def test_remat_and_dtype_are_not_part_of_the_run_fingerprint(tmp_path):
     from configs import tiny
 

@@ -83,11 +83,22 @@ def make_iterator(
     batch_size`` examples, so the global batches are those of a single process reading them all.
     ``batch_size`` is the per-process batch. With ``num_epochs=None`` the iterator never ends,
     reshuffling every epoch from ``seed``. Captions are encoded to ``max_length`` tokens.
+    ``worker_count`` > 0 reads records in that many grain worker processes, each batching its
+    own share of the records: still deterministic and resumable, but which examples share a batch
+    depends on ``worker_count``, and a saved position restores only into an iterator with the
+    same ``worker_count``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is outside [0, {shard_count})")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags in worker mode
+            flags.FLAGS.mark_as_parsed()
     if len(source) < batch_size * shard_count:
         raise ValueError(
             f"{source!r} has {len(source)} records: too few for {shard_count} shard(s) of "

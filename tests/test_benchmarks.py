@@ -1,0 +1,49 @@
+"""The throughput benchmarks run end to end (on a tiny model), with every option, so that the
+scarce accelerator time is not spent finding a broken script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _run(script, *args):
+    run = subprocess.run([sys.executable, script, "--models", "tiny", "--dtypes", "float32",
+                          "--batch", "4", *args], cwd=os.path.join(ROOT, "benchmarks"),
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def _rows(name):
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{name}.json")) as f:
+        return json.load(f)["rows"]
+
+
+def test_train_throughput_with_every_option():
+    out = _run("train_throughput.py", "--iterations", "2", "--steps-per-call", "2",
+               "--grad-accumulation", "2", "--remat", "--dropout-rng", "rbg", "--plain",
+               "--profile", "--name", "test_train_throughput")
+    rows = _rows("test_train_throughput")
+    full, plain = rows
+    assert full["train_step"] == "jit" and plain["train_step"] == "plain"
+    assert full["steps_per_call"] == 2 and full["remat"] and full["dropout_rng"] == "rbg"
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
+    assert full["profile"] and all(op["ms_per_step"] >= 0 for op in full["profile"])
+    assert "where the time of one tiny float32 step goes" in out
+    _run("train_throughput.py", "--iterations", "1", "--train-step", "shard_map",
+         "--name", "test_train_throughput_shard_map")
+    assert _rows("test_train_throughput_shard_map")[0]["train_step"] == "shard_map"
+
+
+def test_sample_throughput():
+    _run("sample_throughput.py", "--steps", "2", "--name", "test_sample_throughput")
+    rows = _rows("test_sample_throughput")
+    assert rows[0]["model"] == "tiny"
