@@ -109,6 +109,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # two runs in subprocesses; SIGTERM and resumption are in the default run
 def test_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
     """kill -9 gives the run no chance to clean up: it may die mid-step or mid-save. Rerunning
     the same command must resume from the last complete checkpoint and end where an

@@ -111,6 +111,7 @@ def test_toy2d_training_reduces_sliced_wasserstein():
     assert trained < 1.6 * floor, (trained, floor)
 
 
+@pytest.mark.slow  # 20 s of training; guidance itself is checked in closed form (test_guidance)
 def test_class_conditional_training_with_guidance():
     """Label dropout teaches one network both denoisers; guided samples for class c land on the
     mixture's component c, unguided ones spread over all eight."""
