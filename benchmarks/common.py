@@ -80,7 +80,8 @@ def build(name, dtype, batch, **overrides):
         from diffusion_jax import models
 
         model = models.sd15_unet(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                                 remat=bool(config.model.remat))
+                                 remat=bool(config.model.remat),
+                                 attention=config.model.attention)
     else:
         model = configuration.build_model(config.model, shape, num_classes)
     optimizer = train.optimizer_from_config(config)

@@ -19,8 +19,9 @@ from common import MODELS, accelerator, build, on_accelerator, report, time_call
 from diffusion_jax import sample
 
 
-def measure(name, dtype, batch, num_steps, method):
-    config, shape, num_classes, model, _, mesh, _, state = build(name, dtype, batch)
+def measure(name, dtype, batch, num_steps, method, attention="xla"):
+    config, shape, num_classes, model, _, mesh, _, state = build(name, dtype, batch,
+                                                                 model__attention=attention)
     config.sampling.method, config.sampling.num_steps = method, num_steps
     config.sampling.grid = "trailing"
     config.sampling.guidance_scale = 2.0
@@ -30,6 +31,7 @@ def measure(name, dtype, batch, num_steps, method):
     seconds = time_calls(lambda: generate(state.ema_params, key, batch), iterations=3, warmup=1)
     branches = 2 if num_classes else 1
     return {"model": name, "dtype": dtype, "batch": batch, "method": method,
+            "attention": attention,
             "steps": num_steps, "guided": bool(num_classes),
             "evaluations_per_s": batch * branches * num_steps / seconds,
             "samples_per_s": batch / seconds}
@@ -43,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--method", default="ddim")
+    parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla",
+                        help="attention kernel (model.attention)")
     parser.add_argument("--name", default="sample_throughput", help="results file stem")
     args = parser.parse_args(argv)
     batch = args.batch or (256 if on_accelerator() else 4)
@@ -51,9 +55,9 @@ def main(argv=None):
     rows = []
     for name in args.models:
         for dtype in args.dtypes:
-            rows.append(measure(name, dtype, batch, steps, args.method))
+            rows.append(measure(name, dtype, batch, steps, args.method, args.attention))
             print(rows[-1], flush=True)
-    report(rows, ["model", "dtype", "batch", "method", "steps", "guided", "evaluations_per_s",
+    report(rows, ["model", "dtype", "batch", "method", "steps", "guided", "attention", "evaluations_per_s",
                   "samples_per_s"], args.name)
 
 

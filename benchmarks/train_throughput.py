@@ -30,11 +30,11 @@ from diffusion_jax import parallel, train
 
 
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
-            train_step="jit", grad_accumulation=1, dropout_rng="threefry", profile=False,
-            profile_dir=""):
+            train_step="jit", grad_accumulation=1, dropout_rng="threefry", attention="xla",
+            profile=False, profile_dir=""):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
                      training__grad_accumulation=grad_accumulation,
-                     model__dropout_rng=dropout_rng)
+                     model__dropout_rng=dropout_rng, model__attention=attention)
     if remat:
         overrides["model__remat"] = True
     config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
@@ -71,7 +71,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
-            "dropout_rng": dropout_rng,
+            "dropout_rng": dropout_rng, "attention": attention,
             "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
@@ -140,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--train-step", choices=["jit", "shard_map"], default="jit")
     parser.add_argument("--dropout-rng", choices=["threefry", "rbg"], default="threefry",
                         help="generator of the dropout masks (model.dropout_rng)")
+    parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla",
+                        help="attention kernel (model.attention)")
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain jit train step of the same network (no EMA, "
                              "clipping, metrics or data feed), as a same-card reference")
@@ -159,7 +161,8 @@ def main(argv=None):
             row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
                           remat=args.remat, train_step=args.train_step,
                           grad_accumulation=args.grad_accumulation,
-                          dropout_rng=args.dropout_rng, profile=args.profile,
+                          dropout_rng=args.dropout_rng, attention=args.attention,
+                          profile=args.profile,
                           profile_dir=args.profile_dir)
             ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
@@ -177,7 +180,7 @@ def main(argv=None):
                 rows.append(plain)
                 print(plain, flush=True)
     report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
-                  "dropout_rng", "params",
+                  "dropout_rng", "attention", "params",
                   "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
                   "gflop_per_image_xla"], args.name,
            {"matmul_peak_tflops": peak,

@@ -58,6 +58,9 @@ def get_config():
     # Generator of training dropout masks: "threefry" (the same masks on any number of devices)
     # or "rbg" (XLA's RngBitGenerator: cheaper on GPU/TPU; masks depend on the device layout).
     config.model.dropout_rng = "threefry"
+    # Attention kernel (unet, dit): "xla" (any backend), "cudnn" (cuDNN flash attention: GPU and
+    # bfloat16 only, an error elsewhere) or "auto" (cuDNN where it applies, else XLA).
+    config.model.attention = "xla"
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "cosine"

@@ -34,6 +34,7 @@ _CHOICES = {
     "evaluation.feature_extractor": ("classifier", "inception"),
     "mesh.train_step": ("jit", "shard_map"),
     "model.dropout_rng": ("threefry", "rbg"),
+    "model.attention": models.ATTENTION_IMPLEMENTATIONS,
 }
 _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
@@ -202,7 +203,8 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
                           dropout=model_config.dropout, **common)
     # 0 means off; the models take None, which creates no text-conditioning parameters at all.
     common.update(context_dim=model_config.context_dim or None,
-                  pooled_dim=model_config.pooled_dim or None, remat=model_config.remat)
+                  pooled_dim=model_config.pooled_dim or None, remat=model_config.remat,
+                  attention=model_config.attention)
     if len(example_shape) != 3:
         raise ConfigError(f"config.model.name={model_config.name!r} needs images, got data of "
                           f"shape {example_shape}; use model.name='mlp'")

@@ -325,7 +325,7 @@ def open_checkpoints(config, workdir, example_shape, num_classes) -> "ckpt_lib.C
 
 # Model settings that change how the network computes, not its parameters: a checkpoint
 # restores under any value of these.
-_NOT_IN_FINGERPRINT = ("dtype", "remat", "dropout_rng")
+_NOT_IN_FINGERPRINT = ("dtype", "remat", "dropout_rng", "attention")
 
 
 def _model_fingerprint(model_config):

@@ -28,7 +28,8 @@ def _rows(name):
 
 def test_train_throughput_with_every_option():
     out = _run("train_throughput.py", "--iterations", "2", "--steps-per-call", "2",
-               "--grad-accumulation", "2", "--remat", "--dropout-rng", "rbg", "--plain",
+               "--grad-accumulation", "2", "--remat", "--dropout-rng", "rbg",
+               "--attention", "auto", "--plain",
                "--profile", "--name", "test_train_throughput")
     rows = _rows("test_train_throughput")
     full, plain = rows

@@ -258,6 +258,10 @@ def test_bad_configs_name_the_key():
     with pytest.raises(configuration.ConfigError, match="data.worker_count must be an integer"):
         configuration.validate(config)
     config = tiny.get_config()
+    config.model.attention = "flash"
+    with pytest.raises(configuration.ConfigError, match="model.attention='flash'"):
+        configuration.validate(config)
+    config = tiny.get_config()
     config.model.dropout_rng = "philox"
     with pytest.raises(configuration.ConfigError, match="model.dropout_rng='philox'"):
         configuration.validate(config)

@@ -309,3 +309,34 @@ def test_build_model_passes_the_text_and_remat_options():
     config.model.name = "mlp"
     with pytest.raises(configuration.ConfigError, match="context_dim"):
         configuration.build_model(config.model, (2,), None)
+
+
+def test_attention_kernel_choice():
+    """model.attention: "auto" falls back to XLA where cuDNN does not apply (here: a CPU), with
+    the same parameters and outputs; "cudnn" where it cannot run is an error saying why."""
+    from diffusion_jax.models import dot_product_attention
+
+    q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))
+    mask = jnp.arange(5)[None, None, None, :] < jnp.array([3, 5])[:, None, None, None]
+    expected = jax.nn.dot_product_attention(q, k, k, mask=mask, implementation="xla")
+    np.testing.assert_array_equal(dot_product_attention(q, k, k, mask, "auto"), expected)
+    with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
+        dot_product_attention(q, k, k, mask, "cudnn")
+    with pytest.raises(ValueError, match="must be one of"):
+        dot_product_attention(q, k, k, mask, "flash")
+
+    x, t, context, mask, pooled = _text_inputs()
+    for make in (lambda **kw: UNet(**TEXT_UNET, **kw), lambda **kw: DiT(**TEXT_DIT, **kw)):
+        init = lambda model: jax.eval_shape(lambda: model.init(  # noqa: E731
+            jax.random.key(3), x, t, context=context, context_mask=mask))
+        xla, auto = make(), make(attention="auto")
+        assert init(auto) == init(xla)
+        # Here "auto" is XLA: the very same computation, traced (not compiled) to compare.
+        params = init(xla)  # shapes suffice to trace
+        program = lambda model: str(jax.make_jaxpr(lambda p: model.apply(  # noqa: E731
+            p, x, t, context=context, context_mask=mask, pooled=pooled))(params))
+        assert program(auto) == program(xla)
+        # The choice reaches every attention layer: asking for cuDNN on a CPU fails.
+        with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
+            init(make(attention="cudnn"))

@@ -208,13 +208,17 @@ def test_dropout_masks_from_either_generator():
         train.network_apply_fn(Drop(), dropout_rng="philox")
 
 
-def test_remat_and_dtype_are_not_part_of_the_run_fingerprint(tmp_path):
+def test_compute_settings_are_not_part_of_the_run_fingerprint(tmp_path):
+    """dtype, remat, the attention kernel and the dropout generator change how a network is
+    computed, not what it is: a checkpoint restores under any of them."""
     from configs import tiny
 
     config = tiny.get_config()
     fingerprints = []
-    for dtype, remat in (("float32", False), ("bfloat16", True)):
+    for dtype, remat, attention, dropout_rng in (("float32", False, "xla", "threefry"),
+                                                 ("bfloat16", True, "auto", "rbg")):
         config.model.dtype, config.model.remat = dtype, remat
+        config.model.attention, config.model.dropout_rng = attention, dropout_rng
         manager = train.open_checkpoints(config, str(tmp_path), (16, 16, 3), 3)
         fingerprints.append(manager.fingerprint)
         manager.close()

@@ -73,6 +73,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     cross_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, cond, context=None, context_mask=None):
@@ -83,11 +84,11 @@ class DiTBlock(nn.Module):
             epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
         h = _modulate(norm("norm_0")(x), shift_a, scale_a)
         x = x + gate_a[:, None, :] * MultiHeadSelfAttention(
-            self.num_heads, dtype=self.dtype, name="attention")(h)
+            self.num_heads, dtype=self.dtype, attention=self.attention, name="attention")(h)
         if self.cross_attention:
             h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x)
             x = x + MultiHeadCrossAttention(self.num_heads, dtype=self.dtype,
-                                            out_kernel_init=_zeros,
+                                            out_kernel_init=_zeros, attention=self.attention,
                                             name="cross_attention")(h, context, context_mask)
         h = _modulate(norm("norm_1")(x), shift_m, scale_m)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), dtype=self.dtype, name="mlp_0")(h)
@@ -112,6 +113,8 @@ class DiT(nn.Module):
         noise-level embedding through a Dense layer (``pooled=None`` counts as zeros).
       remat: recompute each block in the backward pass (``nn.remat``); same parameters and
         results, less activation memory.
+      attention: the attention kernel, "xla", "cudnn" or "auto" (see
+        :func:`~diffusion_jax.models.layers.dot_product_attention`); same parameters.
       dropout: dropout on the attention and MLP outputs is not used by DiT; kept at 0.
     """
 
@@ -126,6 +129,7 @@ class DiT(nn.Module):
     context_dim: Optional[int] = None
     pooled_dim: Optional[int] = None
     remat: bool = False
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -160,7 +164,7 @@ class DiT(nn.Module):
         for i in range(self.depth):
             tokens = block_class(self.hidden, self.num_heads, self.mlp_ratio,
                                  cross_attention=self.context_dim is not None, dtype=self.dtype,
-                                 name=f"block_{i}")(tokens, cond, context, context_mask)
+                                 attention=self.attention, name=f"block_{i}")(tokens, cond, context, context_mask)
 
         shift, scale = jnp.split(
             nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,

@@ -47,14 +47,47 @@ class NoiseLevelEmbedding(nn.Module):
         return emb
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def dot_product_attention(query, key, value, mask=None, implementation: str = "xla"):
+    """``jax.nn.dot_product_attention`` on [batch, length, heads, head_dim] inputs with the
+    kernel chosen by ``implementation``: "xla" (any backend and dtype), "cudnn" (cuDNN's fused
+    flash attention: a GPU, bf16/fp16 inputs, and head sizes cuDNN supports; anything else is a
+    ValueError saying so) or "auto" (cuDNN where those hold, else XLA)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation != "xla":
+        usable = (jax.default_backend() == "gpu"
+                  and query.dtype in (jnp.bfloat16, jnp.float16))
+        if usable:
+            try:
+                return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                                    implementation="cudnn")
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                if implementation == "cudnn":
+                    raise ValueError(
+                        f"cuDNN attention cannot run query {query.shape} {query.dtype} / key "
+                        f"{key.shape} here ({err}); use model.attention='auto' or 'xla'"
+                    ) from err
+        elif implementation == "cudnn":
+            raise ValueError(
+                f"cuDNN attention needs a GPU and bfloat16/float16 inputs; this is "
+                f"{jax.default_backend()} with {query.dtype} (model.dtype='bfloat16' on a GPU, "
+                "or model.attention='auto' or 'xla')")
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Self-attention over the token axis of [batch, tokens, channels] with
-    ``jax.nn.dot_product_attention`` (a fused kernel on GPU where available)."""
+    :func:`dot_product_attention` (``attention`` picks XLA's or cuDNN's fused kernel)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
     out_kernel_init: Optional[Any] = None
     qkv_bias: bool = True
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens):
@@ -65,7 +98,7 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = nn.Dense(3 * channels, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(tokens)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = dot_product_attention(q, k, v, implementation=self.attention)
         out = out.reshape(batch, length, channels)
         kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
         return nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)
@@ -90,6 +123,7 @@ class MultiHeadCrossAttention(nn.Module):
     dtype: Dtype = jnp.float32
     out_kernel_init: Optional[Any] = None
     qkv_bias: bool = True
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, context, mask=None):
@@ -107,7 +141,7 @@ class MultiHeadCrossAttention(nn.Module):
         key_value = key_value.reshape(batch, context_length, 2, self.num_heads, head_dim)
         key, value = key_value[:, :, 0], key_value[:, :, 1]
         if mask is None:
-            out = jax.nn.dot_product_attention(query, key, value)
+            out = dot_product_attention(query, key, value, implementation=self.attention)
         else:
             mask = jnp.asarray(mask, bool)
             if mask.shape != (batch, context_length):
@@ -115,8 +149,8 @@ class MultiHeadCrossAttention(nn.Module):
                                  f"{(batch, context_length)}, got {mask.shape}")
             has_tokens = jnp.any(mask, axis=-1)
             safe_mask = mask | ~has_tokens[:, None]
-            out = jax.nn.dot_product_attention(query, key, value,
-                                               mask=safe_mask[:, None, None, :])
+            out = dot_product_attention(query, key, value, mask=safe_mask[:, None, None, :],
+                                        implementation=self.attention)
         out = out.reshape(batch, length, channels)
         kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
         out = nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)

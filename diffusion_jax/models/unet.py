@@ -79,6 +79,7 @@ class AttentionBlock(nn.Module):
     num_heads: int = 1
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -86,7 +87,7 @@ class AttentionBlock(nn.Module):
         h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         h = h.reshape(batch, height * width, channels)
         h = MultiHeadSelfAttention(self.num_heads, dtype=self.dtype, out_kernel_init=_zeros,
-                                   name="attention")(h)
+                                   attention=self.attention, name="attention")(h)
         return x + h.reshape(batch, height, width, channels)
 
 
@@ -97,15 +98,18 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, context, context_mask=None):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
         tokens = tokens + MultiHeadSelfAttention(
-            self.num_heads, dtype=self.dtype, qkv_bias=False, name="self_attention")(
+            self.num_heads, dtype=self.dtype, qkv_bias=False, attention=self.attention,
+            name="self_attention")(
                 norm("norm_0")(tokens))
         tokens = tokens + MultiHeadCrossAttention(
-            self.num_heads, dtype=self.dtype, qkv_bias=False, name="cross_attention")(
+            self.num_heads, dtype=self.dtype, qkv_bias=False, attention=self.attention,
+            name="cross_attention")(
                 norm("norm_1")(tokens), context, context_mask)
         return tokens + GEGLUFeedForward(4, dtype=self.dtype, name="feed_forward")(
             norm("norm_2")(tokens))
@@ -121,6 +125,7 @@ class SpatialTransformer(nn.Module):
     depth: int = 1
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, context, context_mask=None):
@@ -129,7 +134,7 @@ class SpatialTransformer(nn.Module):
         h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(
             h.reshape(batch, height * width, channels))
         for i in range(self.depth):
-            h = TransformerBlock(self.num_heads, self.dtype, name=f"block_{i}")(
+            h = TransformerBlock(self.num_heads, self.dtype, self.attention, name=f"block_{i}")(
                 h, context, context_mask)
         h = nn.Dense(channels, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(h)
         return x + h.reshape(batch, height, width, channels)
@@ -159,6 +164,8 @@ class UNet(nn.Module):
       transformer_depth: transformer blocks per :class:`SpatialTransformer`.
       remat: recompute each res / attention block in the backward pass (``nn.remat``); the
         parameters and results are the same, activation memory is lower.
+      attention: the attention kernel, "xla", "cudnn" or "auto" (see
+        :func:`~diffusion_jax.models.layers.dot_product_attention`); same parameters.
       dtype: computation dtype (parameters stay float32).
     """
 
@@ -179,6 +186,7 @@ class UNet(nn.Module):
     pooled_dim: Optional[int] = None
     transformer_depth: int = 1
     remat: bool = False
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -219,9 +227,10 @@ class UNet(nn.Module):
                                      f"of head_dim={self.head_dim}")
                 heads = h.shape[-1] // self.head_dim
             if self.context_dim is None:
-                return attention_class(heads, self.num_groups, self.dtype, name=name)(h)
+                return attention_class(heads, self.num_groups, self.dtype, self.attention,
+                                       name=name)(h)
             return transformer_class(heads, self.transformer_depth, self.num_groups, self.dtype,
-                                     name=name)(h, context, context_mask)
+                                     self.attention, name=name)(h, context, context_mask)
 
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         skips = [h]
