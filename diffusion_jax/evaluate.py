@@ -54,6 +54,14 @@ def save_classifier(config, workdir: str, params, summary: dict) -> str:
     return directory
 
 
+def classifier_optimizer(config):
+    """AdamW with a cosine decay over ``config.classifier``'s steps: the optimizer of every
+    classifier --mode=train_classifier trains (feature extractor and attribute judge)."""
+    c = config.classifier
+    return optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
+                       weight_decay=1e-4)
+
+
 def restore_classifier_params(directory: str, abstract):
     """A saved classifier's parameters onto this process's first device, whatever machine
     trained it (the saved sharding names the devices of the machine that wrote it)."""
@@ -131,8 +139,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     model = _classifier_model(config, num_classes)
     key_init, key_train = jax.random.split(jax.random.key(config.seed))
     params = model.init(key_init, jnp.zeros((1,) + tuple(example_shape)))["params"]
-    optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
-                            weight_decay=1e-4)
+    optimizer = classifier_optimizer(config)
     opt_state = optimizer.init(params)
 
     @jax.jit

@@ -147,6 +147,8 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
     accuracy on TEST_EXAMPLES images of another seed, and save it where
     ``evaluate.train_classifier`` saves classifiers (``evaluation.classifier_dir`` or
     ``workdir/classifier``). Returns the summary written to ``classifier.json`` there."""
+    from diffusion_jax import evaluate  # evaluate dispatches here; import it late
+
     configuration.validate(config)
     c, d = config.classifier, config.data
     train_seed, test_seed, _ = _seeds(config)
@@ -156,8 +158,7 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
     model = AttributeClassifier(heads=heads(source.max_objects), width=c.width,
                                 feature_dim=c.feature_dim)
     params = model.init(jax.random.key(config.seed), jnp.zeros((1,) + example_shape))["params"]
-    optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
-                            weight_decay=1e-4)
+    optimizer = evaluate.classifier_optimizer(config)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -206,8 +207,6 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
         "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
         "device": jax.devices()[0].device_kind,
     }
-    from diffusion_jax import evaluate
-
     directory = evaluate.save_classifier(config, workdir, params, summary)
     accuracies = "  ".join(f"{n} {per_attribute[n]:.3f}" for n in ATTRIBUTES)
     log(f"attribute classifier: held-out accuracy {accuracies}  (all correct "

@@ -164,7 +164,8 @@ class DiT(nn.Module):
         for i in range(self.depth):
             tokens = block_class(self.hidden, self.num_heads, self.mlp_ratio,
                                  cross_attention=self.context_dim is not None, dtype=self.dtype,
-                                 attention=self.attention, name=f"block_{i}")(tokens, cond, context, context_mask)
+                                 attention=self.attention, name=f"block_{i}")(
+                tokens, cond, context, context_mask)
 
         shift, scale = jnp.split(
             nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
