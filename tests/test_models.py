@@ -340,3 +340,18 @@ def test_attention_kernel_choice():
         # The choice reaches every attention layer: asking for cuDNN on a CPU fails.
         with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
             init(make(attention="cudnn"))
+
+
+def test_upsample_nearest_repeats_pixels_and_its_gradient_sums_blocks():
+    from diffusion_jax.models.layers import upsample_nearest
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    for factor in (2, 3):
+        up = upsample_nearest(x, factor)
+        expected = jax.image.resize(x, (2, 3 * factor, 5 * factor, 4), "nearest")
+        np.testing.assert_array_equal(up, expected)
+    weights = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
+    grad_fn = jax.grad(lambda v: jnp.sum(upsample_nearest(v) * weights))
+    block_sums = weights.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
+    np.testing.assert_allclose(grad_fn(x), block_sums, rtol=1e-6, atol=1e-6)
+    # A broadcast, not an index gather: the backward pass has no scatter-add (atomics on a GPU).
+    assert "scatter" not in jax.jit(grad_fn).lower(x).as_text()

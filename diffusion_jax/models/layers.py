@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sinusoidal_embedding", "NoiseLevelEmbedding", "MultiHeadSelfAttention",
+__all__ = ["sinusoidal_embedding", "upsample_nearest", "NoiseLevelEmbedding", "MultiHeadSelfAttention",
            "MultiHeadCrossAttention", "GEGLUFeedForward", "add_class_embedding",
            "add_pooled_embedding", "prepare_context"]
 
@@ -25,6 +25,17 @@ def sinusoidal_embedding(values, dim: int, max_period: float = 10_000.0):
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = jnp.asarray(values, jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def upsample_nearest(x, factor: int = 2):
+    """Nearest-neighbour upsampling of NHWC ``x`` by an integer ``factor``: every pixel repeated
+    ``factor`` x ``factor`` times. The same values as ``jax.image.resize(..., "nearest")``, but as
+    a broadcast and a reshape, so its gradient is a sum over each block of pixels; resize's index
+    gather differentiates to a scatter-add with non-unique indices (atomics on a GPU)."""
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :],
+                         (batch, height, factor, width, factor, channels))
+    return x.reshape(batch, height * factor, width * factor, channels)
 
 
 class NoiseLevelEmbedding(nn.Module):

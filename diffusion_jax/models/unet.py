@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (
@@ -32,6 +31,7 @@ from diffusion_jax.models.layers import (
     add_class_embedding,
     add_pooled_embedding,
     prepare_context,
+    upsample_nearest,
 )
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "TransformerBlock", "SpatialTransformer",
@@ -258,9 +258,8 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attention_resolutions:
                     h = attention(h, f"up_{level}_attn_{block}")
             if level != 0:
-                batch, height, width, channels = h.shape
-                h = jax.image.resize(h, (batch, 2 * height, 2 * width, channels), "nearest")
-                h = nn.Conv(channels, (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
+                h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype,
+                            name=f"up_{level}_upsample")(upsample_nearest(h))
 
         h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=self.dtype,
