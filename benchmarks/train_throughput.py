@@ -8,6 +8,7 @@ measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 256
     python benchmarks/train_throughput.py --steps-per-call 4 --remat --train-step shard_map
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --plain --profile
+    python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --checkpoint
 
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
@@ -31,7 +32,7 @@ from diffusion_jax import parallel, train
 
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             train_step="jit", grad_accumulation=1, dropout_rng="threefry", attention="xla",
-            profile=False, profile_dir=""):
+            profile=False, profile_dir="", checkpoint=False):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
                      training__grad_accumulation=grad_accumulation,
                      model__dropout_rng=dropout_rng, model__attention=attention)
@@ -67,6 +68,15 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
 
         ops = profile_summary(run, max(1, 5 // steps_per_call) * steps_per_call,
                               directory=profile_dir)
+    stall = None
+    if checkpoint:
+        def run_calls():
+            nonlocal state, running
+            for _ in range(calls):
+                state, running = step(state, next(batches), running)
+
+        stall = checkpoint_stall(state, run_calls, calls * steps_per_call * seconds,
+                                 lambda: jax.block_until_ready(running))
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
@@ -76,7 +86,40 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
             "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None,
-            "profile": ops}
+            "profile": ops, **(stall or {})}
+
+
+def checkpoint_stall(state, run_calls, steady_seconds, sync, saves=3):
+    """What an asynchronous checkpoint costs the training loop, as a run saves: the seconds the
+    save call blocks (waiting for the step, copying the state to host memory) and the seconds the
+    same number of steps takes longer than ``steady_seconds`` when a save starts before them
+    (blocking plus whatever the background write takes from the loop), averaged over ``saves``
+    saves to a temporary folder. The write is awaited before the next save, outside the timing."""
+    import shutil
+    import tempfile
+
+    from diffusion_jax import checkpoints
+
+    directory = tempfile.mkdtemp(prefix="checkpoint_stall_")
+    manager = checkpoints.Checkpoints(directory, fingerprint={"benchmark": True}, max_to_keep=1)
+    blocking, extra, writes = [], [], []
+    try:
+        for i in range(saves):
+            sync()
+            start = time.perf_counter()
+            manager.save(i + 1, state)
+            blocking.append(time.perf_counter() - start)
+            run_calls()
+            sync()
+            extra.append(time.perf_counter() - start - steady_seconds)
+            manager.wait()
+            writes.append(time.perf_counter() - start)
+    finally:
+        manager.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"save_blocking_s": mean(blocking), "save_stall_s": mean(extra),
+            "save_until_written_s": mean(writes)}
 
 
 def measure_plain(name, dtype, batch, iterations):
@@ -148,6 +191,10 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="trace 5 more steps and print the device ops that take the time")
     parser.add_argument("--profile-dir", default="", help="keep the trace here (for XProf)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also measure what an asynchronous checkpoint save costs the loop: "
+                             "seconds blocked in the save call and seconds lost over the timed "
+                             "steps that follow it (save_blocking_s, save_stall_s)")
     parser.add_argument("--name", default="train_throughput", help="results file stem")
     args = parser.parse_args(argv)
     batch = args.batch or (128 if on_accelerator() else 8)
@@ -162,8 +209,8 @@ def main(argv=None):
                           remat=args.remat, train_step=args.train_step,
                           grad_accumulation=args.grad_accumulation,
                           dropout_rng=args.dropout_rng, attention=args.attention,
-                          profile=args.profile,
-                          profile_dir=args.profile_dir)
+                          profile=args.profile, profile_dir=args.profile_dir,
+                          checkpoint=args.checkpoint)
             ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
             rows.append(row)
@@ -182,7 +229,7 @@ def main(argv=None):
     report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
                   "dropout_rng", "attention", "params",
                   "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
-                  "gflop_per_image_xla"], args.name,
+                  "gflop_per_image_xla", "save_blocking_s", "save_stall_s"], args.name,
            {"matmul_peak_tflops": peak,
             "matmul_peak_dtype": "bfloat16" if on_accelerator() else "float32",
             "flops_note": "gflop_per_image = 3 x forward matmul/conv FLOPs counted from the "

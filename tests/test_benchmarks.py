@@ -29,8 +29,8 @@ def _rows(name):
 def test_train_throughput_with_every_option():
     out = _run("train_throughput.py", "--iterations", "2", "--steps-per-call", "2",
                "--grad-accumulation", "2", "--remat", "--dropout-rng", "rbg",
-               "--attention", "auto", "--plain",
-               "--profile", "--name", "test_train_throughput")
+               "--attention", "auto", "--plain", "--profile", "--checkpoint",
+               "--name", "test_train_throughput")
     rows = _rows("test_train_throughput")
     full, plain = rows
     assert full["train_step"] == "jit" and plain["train_step"] == "plain"
@@ -39,6 +39,8 @@ def test_train_throughput_with_every_option():
         assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
     assert full["profile"] and all(op["ms_per_step"] >= 0 for op in full["profile"])
     assert "where the time of one tiny float32 step goes" in out
+    assert full["save_blocking_s"] > 0 and full["save_stall_s"] is not None
+    assert full["save_until_written_s"] >= full["save_blocking_s"]
     _run("train_throughput.py", "--iterations", "1", "--train-step", "shard_map",
          "--name", "test_train_throughput_shard_map")
     assert _rows("test_train_throughput_shard_map")[0]["train_step"] == "shard_map"
