@@ -183,8 +183,14 @@ class DiscreteVP(Schedule):
         t = _as_float(t)
         dtype = t.dtype
         big_t = self.num_timesteps
-        grid = jnp.linspace(0.0, 1.0, big_t + 1, dtype=dtype)
-        log_ab = jnp.interp(t, grid, jnp.asarray(self._finite_log_table(), dtype))
+        # Linear interpolation on the uniform grid i / T by index arithmetic: jnp.interp would
+        # search the grid instead, a loop of small kernels on every call (every training step).
+        table = jnp.asarray(self._finite_log_table(), dtype)
+        position = jnp.clip(t, 0.0, 1.0) * big_t
+        index = jnp.clip(jnp.floor(position), 0, big_t - 1)
+        weight = position - index
+        index = index.astype(jnp.int32)
+        log_ab = table[index] + weight * (table[index + 1] - table[index])
         if self.zero_terminal_snr:
             # sqrt(alpha-bar) linear from its value at (T-1)/T to 0 at t = 1.
             a_prev = self._sqrt_alpha_bar_before_last()
