@@ -32,8 +32,9 @@ from diffusion_jax import parallel, train
 
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             train_step="jit", grad_accumulation=1, dropout_rng="threefry", attention="xla",
-            profile=False, profile_dir="", checkpoint=False):
+            state_layouts="auto", profile=False, profile_dir="", checkpoint=False):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
+                     mesh__state_layouts=state_layouts,
                      training__grad_accumulation=grad_accumulation,
                      model__dropout_rng=dropout_rng, model__attention=attention)
     if remat:
@@ -47,7 +48,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     batches = parallel.DevicePrefetcher(host_batches, mesh, size=config.training.prefetch,
                                         stack=steps_per_call)
     running = train.empty_running_metrics(mesh)
-    step = step.lower(state, next(batches), running).compile()  # compiled once, then timed
+    step, state = train.compile_train_step(step, state, next(batches), running)  # then timed
     xla_flops = compiled_flops(step)
     for _ in range(2):  # compile and warm up
         state, running = step(state, next(batches), running)
@@ -81,7 +82,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
-            "dropout_rng": dropout_rng, "attention": attention,
+            "dropout_rng": dropout_rng, "attention": attention, "state_layouts": state_layouts,
             "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
@@ -185,6 +186,10 @@ def main(argv=None):
                         help="generator of the dropout masks (model.dropout_rng)")
     parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla",
                         help="attention kernel (model.attention)")
+    parser.add_argument("--state-layouts", nargs="+", choices=["auto", "default"],
+                        default=["auto"],
+                        help="device layouts of the train state (mesh.state_layouts); give both "
+                             "to compare them")
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain jit train step of the same network (no EMA, "
                              "clipping, metrics or data feed), as a same-card reference")
@@ -203,14 +208,14 @@ def main(argv=None):
     peak = matmul_peak_tflops()
     print(f"measured matmul peak: {peak:.2f} TFLOP/s")
     rows = []
-    for name in args.models:
-        for dtype in args.dtypes:
+    for name, dtype in itertools.product(args.models, args.dtypes):
+        for layouts in args.state_layouts:
             row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
                           remat=args.remat, train_step=args.train_step,
                           grad_accumulation=args.grad_accumulation,
                           dropout_rng=args.dropout_rng, attention=args.attention,
-                          profile=args.profile, profile_dir=args.profile_dir,
-                          checkpoint=args.checkpoint)
+                          state_layouts=layouts, profile=args.profile,
+                          profile_dir=args.profile_dir, checkpoint=args.checkpoint)
             ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
             rows.append(row)
@@ -221,13 +226,13 @@ def main(argv=None):
                 for op in ops:
                     print(f"  {op['ms_per_step']:8.3f} ms  {100 * op['share']:5.1f}%  "
                           f"x{op['calls']:<5g} {op['op'][:90]}")
-            if args.plain:
-                plain = measure_plain(name, dtype, batch, iterations)
-                plain["mfu"] = plain["achieved_tflops"] / peak
-                rows.append(plain)
-                print(plain, flush=True)
+        if args.plain:
+            plain = measure_plain(name, dtype, batch, iterations)
+            plain["mfu"] = plain["achieved_tflops"] / peak
+            rows.append(plain)
+            print(plain, flush=True)
     report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
-                  "dropout_rng", "attention", "params",
+                  "dropout_rng", "attention", "state_layouts", "params",
                   "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
                   "gflop_per_image_xla", "save_blocking_s", "save_stall_s"], args.name,
            {"matmul_peak_tflops": peak,

@@ -150,6 +150,10 @@ def get_config():
     # How a step computes its gradients: "jit" (XLA partitions the whole step by the shardings)
     # or "shard_map" (explicit per-device loss and gradients, averaged with pmean).
     config.mesh.train_step = "jit"
+    # Device memory layouts of the train state: "auto" lets the compiler pick each array's layout
+    # for the train step (e.g. convolution kernels in the order cuDNN's gradients come out, so the
+    # optimizer update does not transpose them every step); "default" keeps row-major arrays.
+    config.mesh.state_layouts = "auto"
 
     # Several processes (hosts of a TPU pod slice, GPU nodes): run the same command on each with
     # initialize=True. Empty/-1 values are auto-detected (Cloud TPU, SLURM, Open MPI); on plain

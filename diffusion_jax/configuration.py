@@ -33,6 +33,7 @@ _CHOICES = {
     "sampling.grid": samplers.GRIDS,
     "evaluation.feature_extractor": ("classifier", "inception"),
     "mesh.train_step": ("jit", "shard_map"),
+    "mesh.state_layouts": ("auto", "default"),
     "model.dropout_rng": ("threefry", "rbg"),
     "model.attention": models.ATTENTION_IMPLEMENTATIONS,
 }

@@ -13,12 +13,13 @@ import math
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXES", "MeshError", "mesh_shape", "make_mesh", "batch_sharding", "replicated",
            "state_shardings", "global_batch", "stacked_batch_sharding", "shard_map",
-           "DevicePrefetcher", "initialize_distributed"]
+           "DevicePrefetcher", "initialize_distributed", "global_norm"]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -99,6 +100,28 @@ def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
     """For ``[steps, batch, ...]`` stacks of batches: the batch axis split as in
     :func:`batch_sharding`, the leading (step) axis whole."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def global_norm(tree: Any, *, concat_below: float = 0) -> jax.Array:
+    """The L2 norm of all the leaves of ``tree`` together, in float32.
+
+    Leaves with fewer than ``concat_below`` elements are concatenated into one vector and reduced
+    together; the others are reduced one by one. A network has hundreds of small leaves (biases,
+    norm scales), and one reduction kernel each costs more in launches than copying them. The
+    default 0 reduces every leaf on its own, which suits leaves sharded any way; ``math.inf``
+    concatenates everything, for unsharded state (``fsdp = 1``); :data:`FSDP_MIN_SIZE` only the
+    leaves that :func:`state_shardings` keeps replicated, so nothing sharded is gathered. An
+    optimisation barrier keeps XLA from splitting the reduction of the concatenation back into
+    one reduction per leaf.
+    """
+    leaves = [x.astype(np.float32) for x in jax.tree_util.tree_leaves(tree)]
+    alone = [x for x in leaves if x.size >= concat_below]
+    together = [x.ravel() for x in leaves if x.size < concat_below]
+    total = sum((jnp.sum(jnp.square(x)) for x in alone), jnp.zeros((), np.float32))
+    if together:
+        vector = jax.lax.optimization_barrier(jnp.concatenate(together))
+        total = total + jnp.sum(jnp.square(vector))
+    return jnp.sqrt(total)
 
 
 def global_batch(local_batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:

@@ -9,6 +9,7 @@ checkpoint at step k continues exactly as the uninterrupted run would. The confi
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview as clu_parameter_overview
+from jax.experimental.layout import Format, Layout
 
 from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import configuration, data, losses, parallel, sample, writers
@@ -30,6 +32,7 @@ __all__ = [
     "TrainMetrics",
     "learning_rate_schedule",
     "make_optimizer",
+    "clip_by_global_norm",
     "network_apply_fn",
     "drop_labels",
     "drop_captions",
@@ -45,6 +48,8 @@ __all__ = [
     "make_loss_from_config",
     "init_train_state",
     "compiled_train_step",
+    "compile_train_step",
+    "place_state",
     "empty_running_metrics",
     "train_and_evaluate",
 ]
@@ -78,6 +83,23 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0):
     )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same rule, same empty state, so checkpoints are the same)
+    that takes the norm as ``update(..., grad_norm=...)`` when the caller has computed it: the
+    train step computes it once, for the metric too, with :func:`parallel.global_norm` in the
+    way that suits the mesh. Without it, the norm is computed here, leaf by leaf."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = parallel.global_norm(updates) if grad_norm is None else grad_norm
+        keep = norm < max_norm
+        return jax.tree_util.tree_map(
+            lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm),
+            updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(
     learning_rate: float,
     *,
@@ -93,7 +115,7 @@ def make_optimizer(
     lr = schedule if warmup_steps else learning_rate  # a constant needs no step counter
     parts = []
     if grad_clip:
-        parts.append(optax.clip_by_global_norm(grad_clip))
+        parts.append(clip_by_global_norm(grad_clip))
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts)
 
@@ -260,6 +282,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                              "stages (losses.make_loss_fn)")
     else:
         compute = loss_fn.compute
+    # The gradient norm (metric and clipping) in one concatenated reduction, except for leaves
+    # sharded over fsdp, which that would gather (see parallel.global_norm).
+    concat_below = (math.inf if mesh is None or mesh.shape["fsdp"] == 1
+                    else parallel.FSDP_MIN_SIZE)
     micro_sharding = None
     if mesh is not None and not use_shard_map:
         micro_sharding = jax.sharding.NamedSharding(
@@ -289,11 +315,13 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         key = jax.random.fold_in(state.rng, state.step)
         batch, draws = draw(batch, key)
         loss, grads = loss_and_grads(state.params, batch, draws)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        grad_norm = parallel.global_norm(grads, concat_below=concat_below)
+        extra = ({"grad_norm": grad_norm}
+                 if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {})
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree_util.tree_map(
             lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -492,6 +520,8 @@ def compiled_train_step(config, model, optimizer, num_classes, mesh, abstract_st
     old state; ``running`` accumulates :class:`TrainMetrics` and the all-finite flag (start it
     from :func:`empty_running_metrics`).
 
+    With ``config.mesh.state_layouts="auto"`` the compiler picks the state's device layouts:
+    compile it with :func:`compile_train_step`, which also moves the state into them.
     ``config.training.steps_per_call`` > 1 makes it take ``[steps, batch, ...]`` stacks and run
     that many steps per call; ``config.training.grad_accumulation`` and
     ``config.mesh.train_step`` (``"jit"`` or ``"shard_map"``) select how each step computes its
@@ -505,11 +535,45 @@ def compiled_train_step(config, model, optimizer, num_classes, mesh, abstract_st
                            use_shard_map=config.mesh.train_step == "shard_map")
     batch_sharding = (parallel.stacked_batch_sharding(mesh) if t.steps_per_call > 1
                       else parallel.batch_sharding(mesh))
+    if config.mesh.state_layouts == "auto":
+        shardings = jax.tree_util.tree_map(lambda s: Format(Layout.AUTO, s), shardings)
     return jax.jit(
         _accumulating_step(step, t.steps_per_call),
         in_shardings=(shardings, batch_sharding, replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0, 2))
+
+
+def compile_train_step(step, state, batch, running):
+    """Compile ``step`` (from :func:`compiled_train_step`) for these arguments ahead of time.
+    Returns ``(compiled, state)``: the executable, and the state moved into the device layouts
+    it takes (:func:`place_state`), which with ``config.mesh.state_layouts="auto"`` the compiler
+    has chosen (on a GPU, e.g., convolution kernels stored in the order their cuDNN gradients
+    come out in). The values are the same; checkpoints and other functions read such arrays as
+    usual. Call the executable with the state it returns, and keep the batch shapes fixed."""
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    compiled = step.lower(abstract, batch, running).compile()
+    formats_in, formats_out = compiled.input_formats[0][0], compiled.output_formats[0]
+    moved = [f"{jax.tree_util.keystr(path)}: {a.layout} in, {b.layout} out"
+             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(formats_in),
+                                     jax.tree_util.tree_leaves(formats_out)) if a != b]
+    if moved:  # the next step could not take this step's state
+        raise ValueError(
+            f"the compiled train step takes {len(moved)} state arrays in other device layouts "
+            f"than it returns them in (e.g. {moved[0]}); set config.mesh.state_layouts="
+            "'default'")
+    return compiled, place_state(state, formats_in)
+
+
+def place_state(state, formats):
+    """``state`` with every array in its format (layout and sharding) of ``formats``, e.g. a
+    compiled step's ``input_formats``. Arrays already there are passed through; the others are
+    copied one at a time and donated, so the state never exists twice in device memory."""
+    def move(x, target):
+        return x if x.format == target else jax.device_put(x, target, donate=True)
+
+    return jax.tree_util.tree_map(move, state, formats)
 
 
 def empty_running_metrics(mesh):
@@ -625,8 +689,12 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                     "training.learning_rate or check the data.")
 
         stopping = False
+        compiled = None
         while step < t.num_steps and not stopping:
-            state, running = train_step(state, next(iterator), running)
+            batch = next(iterator)
+            if compiled is None:  # for the first batch's shapes, then fixed
+                compiled, state = compile_train_step(train_step, state, batch, running)
+            state, running = compiled(state, batch, running)
             step += per_call
             if step == first_step + per_call:  # leave compilation out of steps/s
                 jax.block_until_ready(running)

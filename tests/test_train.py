@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from diffusion_jax import data, guidance, losses, metrics, parameterization, samplers, train
@@ -265,3 +266,90 @@ def test_gradient_accumulation_and_scanned_steps_give_the_same_training():
     assert not np.allclose(jax.tree_util.tree_leaves(plain.params)[0],
                            jax.tree_util.tree_leaves(state.params)[0])
 
+
+
+def test_clip_by_global_norm_matches_optax_and_takes_the_norm_from_the_step():
+    tree = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": {"c": -jnp.ones(5), "d": jnp.zeros(())}}
+    exact = float(np.sqrt(sum(np.sum(np.square(np.asarray(x)))
+                              for x in jax.tree_util.tree_leaves(tree))))
+    for concat_below in (0, 4, np.inf):
+        np.testing.assert_allclose(
+            float(train.parallel.global_norm(tree, concat_below=concat_below)), exact, rtol=1e-6)
+    assert float(train.parallel.global_norm({})) == 0.0
+    for max_norm in (0.5 * exact, 2 * exact):  # clipped, and left alone
+        ours = train.clip_by_global_norm(max_norm)
+        reference = jax.tree_util.tree_map(np.asarray, optax.clip_by_global_norm(max_norm).update(
+            tree, optax.EmptyState())[0])
+        assert ours.init(tree) == optax.clip_by_global_norm(max_norm).init(tree)
+        for kwargs in ({}, {"grad_norm": train.parallel.global_norm(tree, concat_below=np.inf)}):
+            got, _ = ours.update(tree, optax.EmptyState(), **kwargs)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The norm handed in is the one used (the train step computes it once, for the metric too).
+    halved, _ = train.clip_by_global_norm(1.0).update(tree, optax.EmptyState(),
+                                                      grad_norm=jnp.float32(2.0))
+    np.testing.assert_allclose(halved["w"], np.asarray(tree["w"]) / 2)
+    # The optimizer's state has the same structure as with optax's clipping, so checkpoints
+    # written before still restore.
+    params = {"w": jnp.zeros((3, 4))}
+    with_optax = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    assert (jax.tree_util.tree_structure(train.make_optimizer(1e-3).init(params))
+            == jax.tree_util.tree_structure(with_optax.init(params)))
+
+
+def test_gradient_norm_reduces_small_leaves_together():
+    tree = {f"p{i}": jnp.ones((i + 1, 3)) for i in range(40)}  # 3 to 120 elements
+
+    def reductions(concat_below):  # in the compiled program
+        compiled = jax.jit(lambda t: train.parallel.global_norm(
+            t, concat_below=concat_below)).lower(tree).compile()
+        return compiled.as_text().count(" reduce(")
+
+    assert reductions(0) >= 40
+    assert reductions(np.inf) == 1
+    assert reductions(61) == 1 + 20  # leaves of 60 elements or fewer together, the rest alone
+
+
+def test_state_in_other_device_layouts_moves_saves_and_restores(tmp_path):
+    """With ``mesh.state_layouts="auto"`` the train state lives in the device layouts the
+    compiler picked (on a GPU, convolution kernels re-ordered). A CPU keeps row-major arrays, so
+    column-major stands in here: placing the state moves only what differs (donating the old
+    copy), and values, a checkpoint and the restored state do not depend on the layout."""
+    from jax.experimental.layout import Format, Layout
+
+    from diffusion_jax import checkpoints
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    column_major = Format(Layout((1, 0)), device)
+    w0 = jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32) / 1000
+    given = {"w": jnp.array(w0), "n": jnp.zeros((), jnp.int32)}
+    formats = {"w": column_major, "n": given["n"].format}
+    state = train.place_state(given, formats)
+    assert state["w"].format.layout.major_to_minor == (1, 0)
+    assert given["w"].is_deleted() and state["n"] is given["n"]  # moved and donated / kept
+    np.testing.assert_array_equal(state["w"], w0)
+    np.testing.assert_allclose(jax.jit(lambda w: w @ w.T)(state["w"]), w0 @ w0.T, rtol=1e-6)
+
+    manager = checkpoints.Checkpoints(str(tmp_path), fingerprint={"test": 1})
+    manager.save(3, state)
+    manager.wait()
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state)
+    restored = manager.restore(abstract)
+    manager.close()
+    np.testing.assert_array_equal(restored["w"], w0)
+    resumed = train.place_state(restored, formats)
+    assert resumed["w"].format.layout.major_to_minor == (1, 0)
+    np.testing.assert_array_equal(resumed["w"], w0)
+
+
+def test_compiled_step_must_return_the_state_in_the_layouts_it_takes():
+    from jax.experimental.layout import Format, Layout
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Takes w column-major but returns it row-major: its next call could not take its output.
+    step = jax.jit(lambda state, x, running: ({"w": state["w"] * 2}, running + x),
+                   in_shardings=({"w": Format(Layout((1, 0)), device)}, device, device),
+                   out_shardings=({"w": device}, device))
+    with pytest.raises(ValueError, match=r"\['w'\].*state_layouts='default'"):
+        train.compile_train_step(step, {"w": jnp.ones((4, 3))}, jnp.zeros(()), jnp.zeros(()))
