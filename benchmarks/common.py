@@ -66,6 +66,18 @@ def build(name, dtype, batch, **overrides):
     """The benchmark model ``name`` as a run would build it: ``(config, shape, num_classes,
     model, optimizer, mesh, abstract_state, state)``, the state initialised on the mesh.
     ``overrides`` set config keys, e.g. ``training__steps_per_call=4``."""
+    from diffusion_jax import train
+
+    config, shape, num_classes, model, optimizer, abstract = build_abstract(
+        name, dtype, batch, **overrides)
+    mesh = train.build_mesh(config)
+    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
+    return config, shape, num_classes, model, optimizer, mesh, abstract, state
+
+
+def build_abstract(name, dtype, batch, **overrides):
+    """:func:`build` without a mesh or arrays: ``(config, shape, num_classes, model, optimizer,
+    abstract_state)``."""
     from diffusion_jax import configuration, train
 
     config, shape, num_classes = MODELS[name]()
@@ -75,7 +87,6 @@ def build(name, dtype, batch, **overrides):
     for key, value in overrides.items():
         group, field = key.split("__")
         setattr(getattr(config, group), field, value)
-    mesh = train.build_mesh(config)
     if name == "sd15":
         from diffusion_jax import models
 
@@ -86,8 +97,7 @@ def build(name, dtype, batch, **overrides):
         model = configuration.build_model(config.model, shape, num_classes)
     optimizer = train.optimizer_from_config(config)
     abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
-    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
-    return config, shape, num_classes, model, optimizer, mesh, abstract, state
+    return config, shape, num_classes, model, optimizer, abstract
 
 
 def accelerator() -> str:

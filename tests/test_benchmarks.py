@@ -50,3 +50,14 @@ def test_sample_throughput():
     _run("sample_throughput.py", "--steps", "2", "--name", "test_sample_throughput")
     rows = _rows("test_sample_throughput")
     assert rows[0]["model"] == "tiny"
+
+
+def test_compiled_kernels_counts_what_a_step_launches():
+    out = _run("compiled_kernels.py", "--plain", "--sample", "--state-layouts", "auto",
+               "default", "--name", "test_compiled_kernels")
+    rows = {(r["program"], r["state_layouts"]): r for r in _rows("test_compiled_kernels")}
+    assert set(rows) == {("train", "auto"), ("train", "default"), ("plain", ""), ("sample", "")}
+    for row in rows.values():
+        assert row["kernels"] > 10 and sum(row["kinds"].values()) == row["kernels"]
+    assert rows[("sample", "")]["loops"] >= 1  # the sampler's steps run in a loop
+    assert "tiny float32 train auto:" in out

@@ -1,0 +1,249 @@
+"""What one training step (and one sampler call) compiles to: device kernels, their kinds, copies,
+loops and bytes, on this machine's backend or, without a GPU, as XLA compiles them for an H100 or
+H200. Timings need the card; this shows the structure that costs time on it (every kernel is a
+launch of a few microseconds, every copy is memory traffic), so a change can be judged between
+the sessions that have one.
+
+    python benchmarks/compiled_kernels.py                           # this machine's backend
+    python benchmarks/compiled_kernels.py --target h100 --plain      # an H100, without a GPU
+    python benchmarks/compiled_kernels.py --target h200 --models dit_b2 --state-layouts default
+
+``--target`` needs JAX's CUDA plugin of the installed jax version, with its CUDA libraries
+(about 5.6 GB; no GPU or driver is needed)::
+
+    pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
+
+The compiler cannot autotune without the card, so convolution algorithms and matmul tilings
+may differ from a real compile; kernel counts, layouts, copies and fusion are the same passes.
+``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
+``--sample`` one guided DDIM call of 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+# The GPU targets' descriptions (XLA's GpuTargetConfig) for compiling without the device.
+_TARGET = """gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536 }}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 7 }}
+runtime_version {{ major: 12 minor: 8 patch: 0 }}
+device_description_str: "{name}"
+"""
+TARGETS = {
+    "h100": _TARGET.format(bandwidth=3_352_320_000_000, memory=84_929_347_584,
+                           name="NVIDIA H100 80GB HBM3"),
+    "h200": _TARGET.format(bandwidth=4_800_000_000_000, memory=150_121_545_728,
+                           name="NVIDIA H200"),
+}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.+?) ([a-z][\w\-]*)\((.*)$")
+# Instructions that launch nothing: views, tuples, parameters and constants.
+_FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
+         "opt-barrier", "partition-id", "replica-id"}
+
+
+def _bytes(type_text):
+    total = 0
+    for dtype, dims in _SHAPE.findall(type_text):
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * _BYTES.get(dtype, 4)
+    return total
+
+
+def kernel_summary(hlo_text):
+    """Count what an optimised HLO module launches: the non-free instructions of its entry
+    computation and of the bodies of its loops (fusion bodies are inside their kernel).
+    Returns a dict of counts."""
+    computations, current, entry = {}, None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    executed, loops = [entry], 0
+    for name in executed:  # grows as loop bodies are found
+        for line in computations.get(name, []):
+            if " while(" in line:
+                loops += 1
+                executed += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
+    kinds = collections.Counter()
+    small = copies = copy_bytes = 0
+    for name in executed:
+        for line in computations.get(name, []):
+            match = _INSTRUCTION.match(line)
+            if not match or match.group(2) in _FREE or match.group(2) == "while":
+                continue
+            out_type, op, rest = match.groups()
+            if op == "fusion":
+                kind = re.search(r"kind=(\w+)", rest).group(1)
+                custom = re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', rest)
+                kinds[f"fusion {kind}" + (f" {custom.group(1)}" if custom else "")] += 1
+            elif op == "custom-call":
+                kinds[re.search(r'custom_call_target="([^"]+)"', rest).group(1)] += 1
+            else:
+                kinds[op] += 1
+            size = _bytes(out_type)
+            small += size < 2 ** 20
+            if op == "copy":
+                copies, copy_bytes = copies + 1, copy_bytes + size
+    return {"kernels": sum(kinds.values()), "small_kernels": small, "copies": copies,
+            "copy_mb": copy_bytes / 2 ** 20, "loops": loops, "kinds": dict(kinds.most_common())}
+
+
+def _devices(target):
+    import jax
+
+    if not target:
+        return jax.devices()[:1]
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
+                                            topology="1x1x1")
+    return topology.devices
+
+
+def _abstract(tree, sharding):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding(a)), tree)
+
+
+def compile_programs(name, dtype, batch, *, devices, state_layouts="auto", plain=False,
+                     sample_steps=0):
+    """Compile the full train step (and optionally the plain step and a sampler call) of
+    benchmark model ``name`` for ``devices`` without arrays; returns {program: compiled}."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from common import CONTEXT, build_abstract
+    from diffusion_jax import parallel, sample, train
+
+    config, shape, num_classes, model, optimizer, abstract = build_abstract(
+        name, dtype, batch, mesh__state_layouts=state_layouts)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1), parallel.AXES)
+    replicated = parallel.replicated(mesh)
+    shardings = parallel.state_shardings(mesh, abstract)
+    state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_struct = {"x": jax.ShapeDtypeStruct((batch,) + tuple(shape), jnp.float32)}
+    if num_classes:
+        batch_struct["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    if name in CONTEXT:
+        batch_struct["context"] = jax.ShapeDtypeStruct((batch,) + CONTEXT[name], jnp.float32)
+    batch_struct = _abstract(batch_struct, lambda a: parallel.batch_sharding(mesh))
+    running = _abstract(jax.eval_shape(lambda: {"metrics": train.TrainMetrics.empty(),
+                                                "finite": jnp.asarray(True)}),
+                        lambda a: replicated)
+    step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
+    programs = {"train": step.lower(state, batch_struct, running).compile()}
+    if plain:
+        adamw = optax.adamw(1e-4)
+        params = _abstract(abstract.params, lambda a: replicated)
+        opt_state = _abstract(jax.eval_shape(adamw.init, abstract.params), lambda a: replicated)
+
+        def plain_step(p, o, key, x, t):
+            def loss(p):
+                out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+                return jnp.mean((out.astype(jnp.float32) - x) ** 2)
+
+            updates, o = adamw.update(jax.grad(loss)(p), o, p)
+            return optax.apply_updates(p, updates), o
+
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+        t = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=replicated)
+        programs["plain"] = jax.jit(plain_step, donate_argnums=(0, 1)).lower(
+            params, opt_state, key, batch_struct["x"], t).compile()
+    if sample_steps:
+        config.sampling.method, config.sampling.num_steps = "ddim", sample_steps
+        config.sampling.guidance_scale = 2.0
+        generate = jax.jit(sample.make_generate_fn(config, model, shape, num_classes, mesh=mesh),
+                           static_argnums=2)
+        params = _abstract(abstract.ema_params, lambda a: replicated)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+        programs["sample"] = generate.lower(params, key, batch).compile()
+    return programs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=sorted(TARGETS), default=None,
+                        help="compile for this GPU without one (needs the CUDA plugin)")
+    parser.add_argument("--models", nargs="+", default=["ddpm_cifar10"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--state-layouts", nargs="+", choices=["auto", "default"],
+                        default=["auto"], help="mesh.state_layouts; give both to compare")
+    parser.add_argument("--plain", action="store_true", help="also the plain train step")
+    parser.add_argument("--sample", action="store_true",
+                        help="also one guided DDIM call of 50 steps at the same batch")
+    parser.add_argument("--dump", default="", help="write each optimised HLO module here")
+    parser.add_argument("--name", default="compiled_kernels", help="results file stem")
+    args = parser.parse_args(argv)
+    if args.target:
+        # The plugin's version check asks the CUDA driver, which a machine without a GPU lacks.
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    import jax
+
+    from common import MODELS, report
+
+    for model in args.models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    try:
+        devices = _devices(args.target)
+    except Exception as err:  # noqa: BLE001 - any failure here means the plugin is unusable
+        sys.exit(f"cannot compile for {args.target} here ({type(err).__name__}: {err}); "
+                 "install JAX's CUDA plugin of this jax version (see this script's docstring)")
+    where = "without the device" if args.target else jax.devices()[0].platform
+    print(f"compiling for {devices[0].device_kind} ({where}), jax {jax.__version__}")
+    rows = []
+    for name in args.models:
+        for dtype in args.dtypes:
+            for i, layouts in enumerate(args.state_layouts):
+                programs = compile_programs(
+                    name, dtype, args.batch, devices=devices, state_layouts=layouts,
+                    plain=args.plain and i == 0, sample_steps=50 if args.sample and i == 0 else 0)
+                for program, compiled in programs.items():
+                    text = compiled.as_text()
+                    if args.dump:
+                        os.makedirs(args.dump, exist_ok=True)
+                        with open(os.path.join(args.dump, f"{name}_{dtype}_{program}_{layouts}"
+                                               ".hlo.txt"), "w") as f:
+                            f.write(text)
+                    summary = kernel_summary(text)
+                    rows.append({"model": name, "dtype": dtype, "batch": args.batch,
+                                 "program": program,
+                                 "state_layouts": layouts if program == "train" else "",
+                                 **summary})
+                    top = ", ".join(f"{k} {v}" for k, v in list(summary["kinds"].items())[:6])
+                    print(f"{name} {dtype} {program} {rows[-1]['state_layouts']}: "
+                          f"{summary['kernels']} kernels ({top})", flush=True)
+    report(rows, ["model", "dtype", "batch", "program", "state_layouts", "kernels",
+                  "small_kernels", "copies", "copy_mb", "loops"], args.name,
+           {"target": args.target or jax.devices()[0].platform})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The kernel count of benchmarks/compiled_kernels.py on a hand-written optimised HLO module."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+
+from compiled_kernels import kernel_summary  # noqa: E402
+
+HLO = """HloModule jit_step, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
+
+%fused_add (p0: f32[8,4]) -> f32[8,4] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  ROOT %add = f32[8,4]{1,0} add(%p0, %p0)
+}
+
+%body (state: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %state = (s32[], f32[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = f32[8,4]{1,0} get-tuple-element(%state), index=1
+  %loop_add_fusion = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+  %next = s32[] add(%i, %i)
+  ROOT %tuple = (s32[], f32[8,4]{1,0}) tuple(%next, %loop_add_fusion)
+}
+
+%condition (state: (s32[], f32[8,4])) -> pred[] {
+  %state = (s32[], f32[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %c = s32[] constant(10)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[8,4] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %big = f32[1024,1024]{1,0} copy(f32[1024,1024]{0,1} %y)
+  %conv = (bf16[8,4]{1,0}, u8[0]{0}) custom-call(%x), custom_call_target="__cudnn$convForward"
+  %input_reduce_fusion = f32[8]{0} fusion(%x), kind=kInput, calls=%fused_add
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,4]{1,0}) tuple(%zero, %x)
+  %while = (s32[], f32[8,4]{1,0}) while(%init), condition=%condition, body=%body
+  ROOT %out = f32[8,4]{1,0} get-tuple-element(%while), index=1
+}
+"""
+
+
+def test_kernel_summary_counts_launches_in_the_entry_and_loop_bodies():
+    summary = kernel_summary(HLO)
+    # entry: copy, custom-call, one fusion; loop body: one fusion and one add; condition: compare
+    assert summary["kinds"] == {"fusion kLoop": 1, "fusion kInput": 1, "copy": 1,
+                                "__cudnn$convForward": 1, "add": 1, "compare": 1}
+    assert summary["kernels"] == 6
+    assert summary["loops"] == 1
+    assert summary["copies"] == 1 and summary["copy_mb"] == 4.0  # f32[1024,1024]
+    assert summary["small_kernels"] == 5
