@@ -16,7 +16,8 @@ the sessions that have one.
 The compiler cannot autotune without the card, so convolution algorithms and matmul tilings
 may differ from a real compile; kernel counts, layouts, copies and fusion are the same passes.
 ``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
-``--sample`` one guided DDIM call of 50 steps.
+``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
+from a checkpoint). Counted are the entry computation and loop bodies.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             for _ in range(calls):
                 state, running = step(state, next(batches), running)
 
-        stall = checkpoint_stall(state, run_calls, calls * steps_per_call * seconds,
+        stall = checkpoint_stall(lambda: state, run_calls, calls * steps_per_call * seconds,
                                  lambda: jax.block_until_ready(running))
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
@@ -90,12 +90,13 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             "profile": ops, **(stall or {})}
 
 
-def checkpoint_stall(state, run_calls, steady_seconds, sync, saves=3):
+def checkpoint_stall(current_state, run_calls, steady_seconds, sync, saves=3):
     """What an asynchronous checkpoint costs the training loop, as a run saves: the seconds the
     save call blocks (waiting for the step, copying the state to host memory) and the seconds the
     same number of steps takes longer than ``steady_seconds`` when a save starts before them
     (blocking plus whatever the background write takes from the loop), averaged over ``saves``
-    saves to a temporary folder. The write is awaited before the next save, outside the timing."""
+    saves to a temporary folder. The write is awaited before the next save, outside the timing.
+    ``current_state()`` returns the state to save; ``run_calls()`` runs the timed steps."""
     import shutil
     import tempfile
 
@@ -108,7 +109,7 @@ def checkpoint_stall(state, run_calls, steady_seconds, sync, saves=3):
         for i in range(saves):
             sync()
             start = time.perf_counter()
-            manager.save(i + 1, state)
+            manager.save(i + 1, current_state())  # the steps donate the state they take
             blocking.append(time.perf_counter() - start)
             run_calls()
             sync()

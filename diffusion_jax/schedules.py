@@ -186,7 +186,8 @@ class DiscreteVP(Schedule):
         # Linear interpolation on the uniform grid i / T by index arithmetic: jnp.interp would
         # search the grid instead, a loop of small kernels on every call (every training step).
         table = jnp.asarray(self._finite_log_table(), dtype)
-        position = jnp.clip(t, 0.0, 1.0) * big_t
+        # (Clamped with where, not clip: clip would halve the slope at exactly t = 0 and 1.)
+        position = jnp.where(t > 1.0, 1.0, jnp.where(t < 0.0, 0.0, t)) * big_t
         index = jnp.clip(jnp.floor(position), 0, big_t - 1)
         weight = position - index
         index = index.astype(jnp.int32)

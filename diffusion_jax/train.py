@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import flax
@@ -87,7 +88,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     """``optax.clip_by_global_norm`` (same rule, same empty state, so checkpoints are the same)
     that takes the norm as ``update(..., grad_norm=...)`` when the caller has computed it: the
     train step computes it once, for the metric too, with :func:`parallel.global_norm` in the
-    way that suits the mesh. Without it, the norm is computed here, leaf by leaf."""
+    way that suits the mesh. Without it, the norm is computed here, leaf by leaf. A given norm
+    must be that of the updates this transformation receives, so it goes first in a chain (as
+    in :func:`make_optimizer`)."""
 
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
@@ -97,7 +100,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
             lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm),
             updates), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(
@@ -558,11 +561,17 @@ def compile_train_step(step, state, batch, running):
     moved = [f"{jax.tree_util.keystr(path)}: {a.layout} in, {b.layout} out"
              for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(formats_in),
                                      jax.tree_util.tree_leaves(formats_out)) if a != b]
-    if moved:  # the next step could not take this step's state
-        raise ValueError(
+    if moved:  # the next step could not take this step's state as it comes out: move it back
+        warnings.warn(
             f"the compiled train step takes {len(moved)} state arrays in other device layouts "
-            f"than it returns them in (e.g. {moved[0]}); set config.mesh.state_layouts="
-            "'default'")
+            f"than it returns them in (e.g. {moved[0]}), so every step copies them back; set "
+            "config.mesh.state_layouts='default' to avoid that", RuntimeWarning, stacklevel=2)
+
+        def relaid(state, batch, running):
+            state, running = compiled(state, batch, running)
+            return place_state(state, formats_in), running
+
+        return relaid, place_state(state, formats_in)
     return compiled, place_state(state, formats_in)
 
 

@@ -158,3 +158,16 @@ def test_bad_names_and_parameters():
         schedules.get("ve", sigma_min=5.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="beta_start < beta_end"):
         schedules.get("ddpm_linear", beta_start=0.1, beta_end=0.01)
+
+
+def test_discrete_schedule_slope_at_the_ends_of_time(x64):
+    """log alpha-bar is piecewise linear in t; at t = 0 and t = 1 its derivative is the slope of
+    the first and last interval, in full (a clamp must not halve it there)."""
+    schedule = schedules.DiscreteVP()
+    table = schedule.log_alpha_bar_table()
+    slope = jax.grad(lambda t: schedule._log_alpha_bar(t))
+    big_t = schedule.num_timesteps
+    np.testing.assert_allclose(slope(0.0), (table[1] - table[0]) * big_t, rtol=1e-9)
+    np.testing.assert_allclose(slope(1.0), (table[-1] - table[-2]) * big_t, rtol=1e-9)
+    np.testing.assert_allclose(slope(0.5005), (table[501] - table[500]) * big_t, rtol=1e-9)
+    assert float(slope(1.5)) == 0.0 and float(slope(-0.5)) == 0.0  # clamped beyond

@@ -343,13 +343,22 @@ def test_state_in_other_device_layouts_moves_saves_and_restores(tmp_path):
     np.testing.assert_array_equal(resumed["w"], w0)
 
 
-def test_compiled_step_must_return_the_state_in_the_layouts_it_takes():
+def test_a_step_returning_other_layouts_than_it_takes_still_chains():
     from jax.experimental.layout import Format, Layout
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    # Takes w column-major but returns it row-major: its next call could not take its output.
+    column_major = Format(Layout((1, 0)), device)
+    # Takes w column-major but returns it row-major: its next call could not take its output
+    # as it comes, so compile_train_step says so and moves it back after every step.
     step = jax.jit(lambda state, x, running: ({"w": state["w"] * 2}, running + x),
-                   in_shardings=({"w": Format(Layout((1, 0)), device)}, device, device),
+                   in_shardings=({"w": column_major}, device, device),
                    out_shardings=({"w": device}, device))
-    with pytest.raises(ValueError, match=r"\['w'\].*state_layouts='default'"):
-        train.compile_train_step(step, {"w": jnp.ones((4, 3))}, jnp.zeros(()), jnp.zeros(()))
+    with pytest.warns(RuntimeWarning, match=r"\['w'\].*state_layouts='default'"):
+        compiled, state = train.compile_train_step(step, {"w": jnp.ones((4, 3))}, jnp.ones(()),
+                                                   jnp.zeros(()))
+    running = jnp.zeros(())
+    for _ in range(3):
+        state, running = compiled(state, jnp.ones(()), running)
+    assert state["w"].format.layout.major_to_minor == (1, 0)
+    np.testing.assert_array_equal(state["w"], 8 * np.ones((4, 3)))
+    assert float(running) == 3.0
