@@ -15,6 +15,8 @@ the sessions that have one.
 
 The compiler cannot autotune without the card, so convolution algorithms and matmul tilings
 may differ from a real compile; kernel counts, layouts, copies and fusion are the same passes.
+If it fails choosing Triton tile sizes ("Couldn't find output tile sizes", seen for SD 1.5),
+run it with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS matmuls instead).
 ``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
 ``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
 from a checkpoint). Counted are the entry computation and loop bodies.
