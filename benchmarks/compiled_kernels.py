@@ -71,7 +71,8 @@ def _bytes(type_text):
 def kernel_summary(hlo_text):
     """Count what an optimised HLO module launches: the non-free instructions of its entry
     computation and of the bodies of its loops (fusion bodies are inside their kernel).
-    Returns a dict of counts."""
+    Returns a dict of counts; ``kernels_in_loops`` are those that run once per iteration (a
+    sampler's steps)."""
     computations, current, entry = {}, None, None
     for line in hlo_text.splitlines():
         header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
@@ -89,7 +90,7 @@ def kernel_summary(hlo_text):
                 loops += 1
                 executed += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
     kinds = collections.Counter()
-    small = copies = copy_bytes = 0
+    small = copies = copy_bytes = in_loops = 0
     for name in executed:
         for line in computations.get(name, []):
             match = _INSTRUCTION.match(line)
@@ -106,10 +107,12 @@ def kernel_summary(hlo_text):
                 kinds[op] += 1
             size = _bytes(out_type)
             small += size < 2 ** 20
+            in_loops += name != entry
             if op == "copy":
                 copies, copy_bytes = copies + 1, copy_bytes + size
     return {"kernels": sum(kinds.values()), "small_kernels": small, "copies": copies,
-            "copy_mb": copy_bytes / 2 ** 20, "loops": loops, "kinds": dict(kinds.most_common())}
+            "copy_mb": copy_bytes / 2 ** 20, "loops": loops, "kernels_in_loops": in_loops,
+            "kinds": dict(kinds.most_common())}
 
 
 def _devices(target):
@@ -244,7 +247,7 @@ def main(argv=None):
                     print(f"{name} {dtype} {program} {rows[-1]['state_layouts']}: "
                           f"{summary['kernels']} kernels ({top})", flush=True)
     report(rows, ["model", "dtype", "batch", "program", "state_layouts", "kernels",
-                  "small_kernels", "copies", "copy_mb", "loops"], args.name,
+                  "small_kernels", "copies", "copy_mb", "loops", "kernels_in_loops"], args.name,
            {"target": args.target or jax.devices()[0].platform})
 
 

@@ -50,6 +50,6 @@ def test_kernel_summary_counts_launches_in_the_entry_and_loop_bodies():
     assert summary["kinds"] == {"fusion kLoop": 1, "fusion kInput": 1, "copy": 1,
                                 "__cudnn$convForward": 1, "add": 1, "compare": 1}
     assert summary["kernels"] == 6
-    assert summary["loops"] == 1
+    assert summary["loops"] == 1 and summary["kernels_in_loops"] == 3  # fusion, add, compare
     assert summary["copies"] == 1 and summary["copy_mb"] == 4.0  # f32[1024,1024]
     assert summary["small_kernels"] == 5

@@ -355,3 +355,27 @@ def test_upsample_nearest_repeats_pixels_and_its_gradient_sums_blocks():
     np.testing.assert_allclose(grad_fn(x), block_sums, rtol=1e-6, atol=1e-6)
     # A broadcast, not an index gather: the backward pass has no scatter-add (atomics on a GPU).
     assert "scatter" not in jax.jit(grad_fn).lower(x).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_sampler_casts_parameters_once_with_the_same_results(dtype):
+    """Samplers hand the network the leaves it only ever casts already cast (once, before the
+    loop): kernels, dense/conv biases and embeddings of a bf16 network, never its float32 norm
+    parameters; a float32 network is left alone. The outputs are bit for bit the same."""
+    from diffusion_jax import sample
+
+    model = UNet(**TINY_UNET, num_classes=3, dtype=dtype)
+    net = sample._network(model)
+    params = _randomised(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros(1),
+                                    jnp.zeros(1, jnp.int32))["params"], jax.random.key(1))
+    cond = {"label": jnp.arange(4) % 4}  # 3 is the null label
+    cast = sample.cast_params_once(net, params, (1, 16, 16, 3), cond)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name or dtype == jnp.float32:
+            assert leaf.dtype == jnp.float32, name
+        elif name.endswith(("['kernel']", "['bias']", "['embedding']")):
+            assert leaf.dtype == jnp.bfloat16, name
+    x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+    t = jnp.linspace(0.1, 0.9, 4)
+    np.testing.assert_array_equal(jax.jit(net)(cast, x, t, cond), jax.jit(net)(params, x, t, cond))
