@@ -104,7 +104,7 @@ def get_config():
     config.sampling.prompt = ""
     config.sampling.negative_prompt = ""
     config.sampling.guidance_rescale = 0.0  # Lin et al. 2023; 0 = off, 0.7 typical
-    config.sampling.checkpoint_step = -1  # -1 = latest
+    config.sampling.checkpoint_step = -1  # what --mode=sample and --mode=eval use; -1 = latest
     config.sampling.use_ema = True
 
     # Text conditioning (data.name = "captions"): a byte-level Transformer text encoder trained

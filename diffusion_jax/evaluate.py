@@ -247,7 +247,8 @@ def _feature_extractor(config, classifier):
 
 def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
              step: Optional[int] = None) -> dict:
-    """Generate ``evaluation.num_samples`` samples from the run's checkpoint with
+    """Generate ``evaluation.num_samples`` samples from the run's checkpoint of ``step`` (default
+    ``sampling.checkpoint_step``, -1 for the latest, as ``--mode=sample`` uses) with
     ``config.sampling``'s sampler, and measure them (see the module docstring). Writes
     ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
     under ``eval/``, and returns the results. Captioned data is measured by prompt adherence
@@ -258,6 +259,8 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
 
     configuration.validate(config)
     prompt_eval.validate(config)
+    if step is None and config.sampling.checkpoint_step != -1:
+        step = config.sampling.checkpoint_step
     if sample.is_text_model(config):
         return prompt_eval.evaluate_prompts(config, workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling

@@ -111,3 +111,14 @@ def test_inception_features_need_a_weights_file(run, tmp_path):
     config.evaluation.inception_weights = str(tmp_path / "pt_inception.pth")
     with pytest.raises(evaluate.EvaluationError, match="not found.*pt_inception.pth"):
         evaluate.evaluate(config, workdir)
+
+
+def test_eval_measures_the_checkpoint_that_sampling_checkpoint_step_names(run, monkeypatch):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.sampling.checkpoint_step = 5  # the run has only step 1
+    with pytest.raises(train.ckpt_lib.CheckpointError, match="no checkpoint for step 5"):
+        evaluate.evaluate(config, workdir, log=lambda line: None)
+    config.sampling.checkpoint_step = 1
+    _fake_generator(monkeypatch, lambda labels, key: np.zeros((len(labels), 16, 16, 3)))
+    assert evaluate.evaluate(config, workdir, log=lambda line: None)["step"] == 1
