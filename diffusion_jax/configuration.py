@@ -248,6 +248,7 @@ def build_denoiser(config, example_shape, num_classes=None) -> Any:
         raise ConfigError("captioned data needs model.name='unet' or 'dit'")
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     encoder = text_lib.TextEncoder(max_length=t.max_length, width=t.width, depth=t.depth,
-                                   num_heads=t.num_heads, dtype=dtype)
+                                   num_heads=t.num_heads, dtype=dtype,
+                                   attention=config.model.attention)
     return models.TextConditioned(build_model(model_config, example_shape, num_classes),
                                   encoder, freeze_text=t.freeze)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.models.layers import dot_product_attention
 
 __all__ = [
     "BOS",
@@ -94,6 +95,7 @@ class _EncoderBlock(nn.Module):
     num_heads: int
     mlp_ratio: int
     dtype: jnp.dtype
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask):
@@ -104,7 +106,8 @@ class _EncoderBlock(nn.Module):
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="attention_norm")(x)
         q, k, v = (dense((self.num_heads, head_dim), name)(h) for name in ("query", "key", "value"))
         # Every query attends to the real tokens only, so padding never reaches them.
-        h = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        h = dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                  implementation=self.attention)
         x = x + dense(width, "attention_out", axis=(-2, -1))(h)
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="mlp_norm")(x)
         h = nn.gelu(dense(width * self.mlp_ratio, "mlp_in")(h))
@@ -119,7 +122,8 @@ class TextEncoder(nn.Module):
     Embeddings are zero at padded positions, so cross-attention can mask them; pooled is the mean
     of the real tokens' embeddings (a bidirectional encoder has no token that summarises the text
     the way a causal model's EOS does). Neither depends on how much padding follows the text.
-    Parameters are float32; the blocks compute in ``dtype``.
+    Parameters are float32; the blocks compute in ``dtype``, their attention with the kernel
+    ``attention`` names (see :func:`diffusion_jax.models.layers.dot_product_attention`).
     """
 
     vocab_size: int = VOCAB_SIZE
@@ -129,6 +133,7 @@ class TextEncoder(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, mask):
@@ -149,7 +154,8 @@ class TextEncoder(nn.Module):
                                jnp.float32)
         x = (x + positions[:length]).astype(self.dtype)
         for i in range(self.depth):
-            block = _EncoderBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")
+            block = _EncoderBlock(self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                                  name=f"block_{i}")
             x = block(x, mask)
         x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="final_norm")(x)
         x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))

@@ -341,6 +341,32 @@ def test_attention_kernel_choice():
         with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
             init(make(attention="cudnn"))
 
+    # The text encoder's self-attention takes the same choice, from config.model.attention.
+    from configs import text_shapes_cpu
+    from diffusion_jax import configuration
+    from diffusion_jax import text as text_lib
+
+    tokens, token_mask = (jnp.asarray(a) for a in text_lib.encode(["a red square", ""], 16))
+    encoder = lambda **kw: text_lib.TextEncoder(  # noqa: E731
+        max_length=16, width=32, depth=1, num_heads=2, **kw)
+
+    def init(model):
+        return jax.eval_shape(lambda: model.init(jax.random.key(4), tokens, token_mask))
+
+    params = init(encoder())
+    assert init(encoder(attention="auto")) == params
+
+    def program(model):
+        return str(jax.make_jaxpr(lambda p: model.apply(p, tokens, token_mask))(params))
+
+    assert program(encoder(attention="auto")) == program(encoder())
+    with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
+        init(encoder(attention="cudnn"))
+    config = text_shapes_cpu.get_config()
+    config.model.attention = "cudnn"
+    network = configuration.build_denoiser(config, (32, 32, 3))
+    assert network.encoder.attention == network.denoiser.attention == "cudnn"
+
 
 def test_upsample_nearest_repeats_pixels_and_its_gradient_sums_blocks():
     from diffusion_jax.models.layers import upsample_nearest
