@@ -27,7 +27,7 @@ def get_config():
     config.data.size = 200_000
     config.data.batch_size = 128
     config.data.class_conditional = False
-    config.data.worker_count = 8  # the shapes are drawn on the host: ~1.6k images/s per process
+    config.data.worker_count = 8  # shapes are drawn on the host: 2.2k images/s a process (2 cores)
     config.model.channels = 128
     config.model.channel_mult = (1, 2, 2)
     config.model.num_res_blocks = 2

@@ -4,10 +4,12 @@ grain iterators, and clear errors for missing data."""
 import gzip
 import os
 
+import grain.python as grain
 import numpy as np
 import pytest
 
 from diffusion_jax import data
+from diffusion_jax.data import pipeline
 
 
 def _write_idx(path, array):
@@ -169,3 +171,79 @@ def test_tfds_without_tensorflow_datasets_or_data_is_explained(tmp_path):
         match = "pip install tensorflow-datasets"
     with pytest.raises(data.DataError, match=match):
         data.TFDSSource("cifar10", data_dir=str(tmp_path))
+
+
+def _grain_loader(source, batch_size, seed, num_epochs=None, shard_index=0, shard_count=1):
+    """The pipeline as grain's own pieces build it (IndexSampler, threaded DataLoader): what
+    make_iterator must match, batch for batch and in its saved positions."""
+    sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
+                                 shuffle=True, num_epochs=num_epochs, seed=seed)
+    if shard_count > 1:
+        sampler = pipeline._ProcessSlice(sampler, batch_size, shard_index, shard_count)
+    return iter(grain.DataLoader(
+        data_source=source, sampler=sampler, shard_options=grain.NoSharding(),
+        operations=[data.ToModelInputs(), grain.Batch(batch_size, drop_remainder=True)]))
+
+
+def _assert_same_batches(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_record_keys_sampler_is_grains_index_sampler_without_its_generators():
+    for shuffle in (True, False):
+        for epochs in (None, 2):
+            ours = pipeline._make_sampler(37, shuffle=shuffle, seed=11, num_epochs=epochs)
+            reference = grain.IndexSampler(num_records=37, shard_options=grain.NoSharding(),
+                                           shuffle=shuffle, num_epochs=epochs, seed=11)
+            assert isinstance(ours, pipeline._RecordKeys) and repr(ours) == repr(reference)
+            assert [ours[i].record_key for i in range(74)] == [
+                reference[i].record_key for i in range(74)]  # two epochs, reshuffled
+            assert ours[5].index == 5 and ours[5].rng is None
+            if epochs:
+                with pytest.raises(IndexError):
+                    ours[74]
+
+
+def test_array_sources_are_read_a_batch_at_a_time_with_grains_batches_and_positions(
+        fake_fashion_mnist):
+    path, _, _ = fake_fashion_mnist
+    source = data.FashionMNIST("train", path=str(path))  # 50 records: 6 batches of 8 an epoch
+    fast = data.make_iterator(source, batch_size=8, seed=4)
+    assert isinstance(fast, pipeline._BatchIterator)
+    reference = _take(_grain_loader(source, 8, seed=4), 20)
+    _assert_same_batches(reference, _take(fast, 20))  # across epochs, reshuffled each time
+    # Finite epochs end where grain's loader ends (the partial batch dropped).
+    _assert_same_batches(list(_grain_loader(source, 8, seed=4, num_epochs=2)),
+                         list(data.make_iterator(source, batch_size=8, seed=4, num_epochs=2)))
+    # Each process's slice of the global batches, as grain reads it.
+    for shard in range(2):
+        _assert_same_batches(
+            _take(_grain_loader(source, 4, seed=4, shard_index=shard, shard_count=2), 9),
+            _take(data.make_iterator(source, batch_size=4, seed=4, shard_index=shard,
+                                     shard_count=2), 9))
+    # Saved positions go both ways: grain's loader -> batch reader -> grain's loader.
+    old = _grain_loader(source, 8, seed=4)
+    _take(old, 7)
+    assert fast.get_state() != old.get_state()
+    resumed = data.make_iterator(source, batch_size=8, seed=4)
+    resumed.set_state(old.get_state())
+    assert resumed.get_state() == old.get_state()
+    _assert_same_batches(reference[7:12], _take(resumed, 5))
+    back = _grain_loader(source, 8, seed=4)
+    back.set_state(resumed.get_state())
+    _assert_same_batches(reference[12:15], _take(back, 3))
+    with pytest.raises(ValueError, match="saved data position is for sampler"):
+        data.make_iterator(source, batch_size=8, seed=5).set_state(old.get_state())
+
+
+def test_procedural_sources_read_in_the_calling_thread_with_grains_batches():
+    source = data.Shapes(40, 16, seed=2)
+    iterator = data.make_iterator(source, batch_size=8, seed=1)
+    assert not isinstance(iterator, pipeline._BatchIterator)
+    _assert_same_batches(_take(_grain_loader(source, 8, seed=1), 7), _take(iterator, 7))
+    assert data.TFDSSource.read_threads > 0 and not hasattr(source, "read_threads")

@@ -2,7 +2,8 @@
 
 A source has ``len(source)`` and ``source[i] -> dict`` of numpy values (``image`` uint8 HWC or
 ``x`` float32 vectors, and ``label`` where the data has classes), which is what grain's
-``DataLoader`` reads. Nothing here downloads anything: files come from the Debian package
+``DataLoader`` reads; a source held as arrays also has ``read_batch(indices)``, the same records
+with a leading batch axis, which the input pipeline uses to read a batch at once. Nothing here downloads anything: files come from the Debian package
 ``dataset-fashion-mnist``, from a path the user gives, or from a TFDS ``data_dir`` prepared
 beforehand; procedural datasets are generated from their index and seed.
 """
@@ -116,6 +117,10 @@ class FashionMNIST:
     def __getitem__(self, index):
         return {"image": self.images[index], "label": self.labels[index]}
 
+    def read_batch(self, indices):
+        """Records ``indices`` as arrays with a leading batch axis (one fancy index each)."""
+        return {"image": self.images[indices], "label": self.labels[indices]}
+
     def __repr__(self):
         return f"FashionMNIST(num_records={len(self)})"
 
@@ -143,6 +148,9 @@ class TFDSSource:
             ) from err
         self.image_key, self.label_key = image_key, label_key
         self.name = name
+
+    # Records are read (and decoded) from files: grain's reader threads overlap the file I/O.
+    read_threads = 16
 
     def __len__(self):
         return len(self._source)
