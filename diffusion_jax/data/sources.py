@@ -3,9 +3,11 @@
 A source has ``len(source)`` and ``source[i] -> dict`` of numpy values (``image`` uint8 HWC or
 ``x`` float32 vectors, and ``label`` where the data has classes), which is what grain's
 ``DataLoader`` reads; a source held as arrays also has ``read_batch(indices)``, the same records
-with a leading batch axis, which the input pipeline uses to read a batch at once. Nothing here downloads anything: files come from the Debian package
-``dataset-fashion-mnist``, from a path the user gives, or from a TFDS ``data_dir`` prepared
-beforehand; procedural datasets are generated from their index and seed.
+with a leading batch axis, which the input pipeline uses to read a batch at once.
+
+Nothing here downloads anything: files come from the Debian package ``dataset-fashion-mnist``,
+from a path the user gives, or from a TFDS ``data_dir`` prepared beforehand; procedural datasets
+are generated from their index and seed.
 """
 
 from __future__ import annotations
