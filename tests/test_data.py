@@ -247,3 +247,29 @@ def test_procedural_sources_read_in_the_calling_thread_with_grains_batches():
     assert not isinstance(iterator, pipeline._BatchIterator)
     _assert_same_batches(_take(_grain_loader(source, 8, seed=1), 7), _take(iterator, 7))
     assert data.TFDSSource.read_threads > 0 and not hasattr(source, "read_threads")
+
+
+def test_batch_reader_position_is_checkpointed_like_grains(tmp_path, fake_fashion_mnist):
+    """Through the training loop's pieces: the device prefetcher (which reports the position of
+    the batches handed out), an Orbax checkpoint with grain's handler, and a restore into a fresh
+    iterator, which carries on with the batches that followed."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import checkpoints, parallel
+
+    path, _, _ = fake_fashion_mnist
+    source = data.FashionMNIST("train", path=str(path))
+    expected = _take(data.make_iterator(source, batch_size=8, seed=2), 12)
+    mesh = parallel.make_mesh(-1, 1)
+    prefetcher = parallel.DevicePrefetcher(data.make_iterator(source, batch_size=8, seed=2),
+                                           mesh, size=3)
+    for batch in expected[:7]:
+        np.testing.assert_array_equal(next(prefetcher)["x"], batch["x"])
+    manager = checkpoints.Checkpoints(str(tmp_path / "ckpt"), fingerprint={"data": 1})
+    manager.save(7, {"w": jnp.ones(3)}, prefetcher)  # 3 batches wait on the devices, unused
+    manager.wait()
+    resumed = data.make_iterator(source, batch_size=8, seed=2)
+    manager.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, resumed)
+    manager.close()
+    _assert_same_batches(expected[7:12], _take(resumed, 5))
