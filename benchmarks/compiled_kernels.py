@@ -19,7 +19,10 @@ If it fails choosing Triton tile sizes ("Couldn't find output tile sizes", seen 
 run it with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS matmuls instead).
 ``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
 ``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
-from a checkpoint). Counted are the entry computation and loop bodies.
+from a checkpoint); ``--attention auto`` compiles cuDNN's fused attention where it applies on
+the target. Counted are the entry computation and loop bodies, and the bytes their kernels read
+and write (``gb_moved``; ``gb_moved_by_memory_kernels`` leaves out matmuls, convolutions and
+fused attention: what the card's bandwidth bounds).
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ TARGETS = {
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.+?) ([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<type>.+?) "
+                          r"(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
+# An operand: an optional inline type, then its name.
+_OPERAND = re.compile(r"(?:((?:pred|[suf]\d+|bf16)\[[\d,]*\](?:\{[^}]*\})?)\s+)?%([\w.\-]+)")
+# Kernels that do the model's arithmetic (matmuls, convolutions, fused attention); the others
+# move memory (elementwise, reductions, copies) and are bounded by the card's bandwidth.
+_ARITHMETIC = ("gemm", "cublas", "cudnn$conv", "fmha", "convolution", "dot")
 # Instructions that launch nothing: views, tuples, parameters and constants.
 _FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
          "opt-barrier", "partition-id", "replica-id"}
@@ -72,7 +81,10 @@ def kernel_summary(hlo_text):
     """Count what an optimised HLO module launches: the non-free instructions of its entry
     computation and of the bodies of its loops (fusion bodies are inside their kernel).
     Returns a dict of counts; ``kernels_in_loops`` are those that run once per iteration (a
-    sampler's steps)."""
+    sampler's steps). ``gb_moved`` is what the kernels read and write (each operand once and
+    the output, a loop body counted once), ``gb_moved_by_memory_kernels`` the part of it that
+    kernels other than matmuls, convolutions and fused attention move: at the card's bandwidth,
+    a lower bound on their time."""
     computations, current, entry = {}, None, None
     for line in hlo_text.splitlines():
         header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
@@ -91,27 +103,49 @@ def kernel_summary(hlo_text):
                 executed += re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
     kinds = collections.Counter()
     small = copies = copy_bytes = in_loops = 0
+    moved = moved_by_memory = 0
     for name in executed:
+        types = {}
         for line in computations.get(name, []):
             match = _INSTRUCTION.match(line)
-            if not match or match.group(2) in _FREE or match.group(2) == "while":
+            if not match:
                 continue
-            out_type, op, rest = match.groups()
+            out_type, op, rest = match.group("type", "op", "rest")
+            types[match.group("name")] = out_type
+            if op in _FREE or op == "while":
+                continue
+            depth, end = 0, len(rest)
+            for i, char in enumerate(rest):  # the operand list ends at its closing parenthesis
+                depth += char == "("
+                if char == ")":
+                    if not depth:
+                        end = i
+                        break
+                    depth -= 1
+            operands = {}
+            for inline, operand in _OPERAND.findall(rest[:end]):
+                operands.setdefault(operand, inline or types.get(operand, ""))
+            traffic = _bytes(out_type) + sum(_bytes(t) for t in operands.values())
             if op == "fusion":
                 kind = re.search(r"kind=(\w+)", rest).group(1)
                 custom = re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', rest)
-                kinds[f"fusion {kind}" + (f" {custom.group(1)}" if custom else "")] += 1
+                label = f"fusion {kind}" + (f" {custom.group(1)}" if custom else "")
             elif op == "custom-call":
-                kinds[re.search(r'custom_call_target="([^"]+)"', rest).group(1)] += 1
+                label = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
             else:
-                kinds[op] += 1
+                label = op
+            kinds[label] += 1
             size = _bytes(out_type)
             small += size < 2 ** 20
             in_loops += name != entry
             if op == "copy":
                 copies, copy_bytes = copies + 1, copy_bytes + size
+            moved += traffic
+            if not any(word in label for word in _ARITHMETIC):
+                moved_by_memory += traffic
     return {"kernels": sum(kinds.values()), "small_kernels": small, "copies": copies,
             "copy_mb": copy_bytes / 2 ** 20, "loops": loops, "kernels_in_loops": in_loops,
+            "gb_moved": moved / 1e9, "gb_moved_by_memory_kernels": moved_by_memory / 1e9,
             "kinds": dict(kinds.most_common())}
 
 
@@ -135,9 +169,20 @@ def _abstract(tree, sharding):
 
 
 def compile_programs(name, dtype, batch, *, devices, state_layouts="auto", plain=False,
-                     sample_steps=0):
+                     sample_steps=0, attention="xla"):
     """Compile the full train step (and optionally the plain step and a sampler call) of
-    benchmark model ``name`` for ``devices`` without arrays; returns {program: compiled}."""
+    benchmark model ``name`` for ``devices`` without arrays; returns {program: compiled}.
+    ``attention`` is model.attention, with kernels chosen for the devices' platform."""
+    from diffusion_jax.models import layers
+
+    with layers.compiling_for(devices[0].platform):
+        return _compile_programs(name, dtype, batch, devices=devices,
+                                 state_layouts=state_layouts, plain=plain,
+                                 sample_steps=sample_steps, attention=attention)
+
+
+def _compile_programs(name, dtype, batch, *, devices, state_layouts, plain, sample_steps,
+                      attention):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -147,7 +192,7 @@ def compile_programs(name, dtype, batch, *, devices, state_layouts="auto", plain
     from diffusion_jax import parallel, sample, train
 
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
-        name, dtype, batch, mesh__state_layouts=state_layouts)
+        name, dtype, batch, mesh__state_layouts=state_layouts, model__attention=attention)
     mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1), parallel.AXES)
     replicated = parallel.replicated(mesh)
     shardings = parallel.state_shardings(mesh, abstract)
@@ -204,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--plain", action="store_true", help="also the plain train step")
     parser.add_argument("--sample", action="store_true",
                         help="also one guided DDIM call of 50 steps at the same batch")
+    parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla",
+                        help="model.attention, chosen for the target's platform")
     parser.add_argument("--dump", default="", help="write each optimised HLO module here")
     parser.add_argument("--name", default="compiled_kernels", help="results file stem")
     args = parser.parse_args(argv)
@@ -230,7 +277,8 @@ def main(argv=None):
             for i, layouts in enumerate(args.state_layouts):
                 programs = compile_programs(
                     name, dtype, args.batch, devices=devices, state_layouts=layouts,
-                    plain=args.plain and i == 0, sample_steps=50 if args.sample and i == 0 else 0)
+                    plain=args.plain and i == 0, sample_steps=50 if args.sample and i == 0 else 0,
+                    attention=args.attention)
                 for program, compiled in programs.items():
                     text = compiled.as_text()
                     if args.dump:
@@ -240,14 +288,16 @@ def main(argv=None):
                             f.write(text)
                     summary = kernel_summary(text)
                     rows.append({"model": name, "dtype": dtype, "batch": args.batch,
-                                 "program": program,
+                                 "program": program, "attention": args.attention,
                                  "state_layouts": layouts if program == "train" else "",
                                  **summary})
                     top = ", ".join(f"{k} {v}" for k, v in list(summary["kinds"].items())[:6])
                     print(f"{name} {dtype} {program} {rows[-1]['state_layouts']}: "
-                          f"{summary['kernels']} kernels ({top})", flush=True)
-    report(rows, ["model", "dtype", "batch", "program", "state_layouts", "kernels",
-                  "small_kernels", "copies", "copy_mb", "loops", "kernels_in_loops"], args.name,
+                          f"{summary['kernels']} kernels ({top}), "
+                          f"{summary['gb_moved']:.1f} GB moved", flush=True)
+    report(rows, ["model", "dtype", "batch", "program", "attention", "state_layouts", "kernels",
+                  "small_kernels", "copies", "copy_mb", "loops", "kernels_in_loops", "gb_moved",
+                  "gb_moved_by_memory_kernels"], args.name,
            {"target": args.target or jax.devices()[0].platform})
 
 

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 
@@ -53,3 +55,10 @@ def test_kernel_summary_counts_launches_in_the_entry_and_loop_bodies():
     assert summary["loops"] == 1 and summary["kernels_in_loops"] == 3  # fusion, add, compare
     assert summary["copies"] == 1 and summary["copy_mb"] == 4.0  # f32[1024,1024]
     assert summary["small_kernels"] == 5
+    # Bytes read and written, each operand once: the copy 2 x 4 MiB (its operand's type is
+    # inline), the convolution 128 + 64, the reduction 128 + 32, and in the loop the fusion
+    # 128 + 128, the add 4 + 4 (one operand, twice) and the compare 4 + 4 + 1.
+    assert summary["gb_moved"] * 1e9 == pytest.approx(8 * 2 ** 20 + 192 + 160 + 256 + 8 + 9)
+    # All but the convolution move memory rather than compute.
+    assert (summary["gb_moved"] - summary["gb_moved_by_memory_kernels"]) * 1e9 == \
+        pytest.approx(192)

@@ -325,6 +325,21 @@ def test_attention_kernel_choice():
         dot_product_attention(q, k, k, mask, "cudnn")
     with pytest.raises(ValueError, match="must be one of"):
         dot_product_attention(q, k, k, mask, "flash")
+    # Compiling for a GPU from this machine (benchmarks/compiled_kernels.py): the kernels are
+    # chosen for the GPU, so cuDNN is tried; it traces where JAX's CUDA plugin is installed,
+    # and otherwise says that it cannot run here (rather than that this is no GPU).
+    from diffusion_jax.models.layers import compiling_for
+
+    half = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    with compiling_for("gpu"):
+        try:
+            program = str(jax.make_jaxpr(
+                lambda q, k: dot_product_attention(q, k, k, mask, "cudnn"))(*half))
+            assert "cudnn" in program
+        except ValueError as err:
+            assert "cuDNN attention cannot run" in str(err)
+    with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
+        dot_product_attention(*half, half[1], mask, "cudnn")
 
     x, t, context, mask, pooled = _text_inputs()
     for make in (lambda **kw: UNet(**TEXT_UNET, **kw), lambda **kw: DiT(**TEXT_DIT, **kw)):

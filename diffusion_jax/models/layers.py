@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -59,6 +60,19 @@ class NoiseLevelEmbedding(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+_TARGET_PLATFORM = []  # set by compiling_for
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Choose attention kernels for ``platform`` ("gpu", "cpu", ...) instead of this process's
+    default backend while tracing: for compiling a program for a GPU on a machine without one
+    (benchmarks/compiled_kernels.py)."""
+    _TARGET_PLATFORM.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.pop()
 
 
 def dot_product_attention(query, key, value, mask=None, implementation: str = "xla"):
@@ -70,8 +84,8 @@ def dot_product_attention(query, key, value, mask=None, implementation: str = "x
         raise ValueError(f"attention implementation must be one of "
                          f"{ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
     if implementation != "xla":
-        usable = (jax.default_backend() == "gpu"
-                  and query.dtype in (jnp.bfloat16, jnp.float16))
+        platform = _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
+        usable = platform == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
         if usable:
             try:
                 return jax.nn.dot_product_attention(query, key, value, mask=mask,
@@ -85,7 +99,7 @@ def dot_product_attention(query, key, value, mask=None, implementation: str = "x
         elif implementation == "cudnn":
             raise ValueError(
                 f"cuDNN attention needs a GPU and bfloat16/float16 inputs; this is "
-                f"{jax.default_backend()} with {query.dtype} (model.dtype='bfloat16' on a GPU, "
+                f"{platform} with {query.dtype} (model.dtype='bfloat16' on a GPU, "
                 "or model.attention='auto' or 'xla')")
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
