@@ -420,3 +420,81 @@ def test_sampler_casts_parameters_once_with_the_same_results(dtype):
     x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
     t = jnp.linspace(0.1, 0.9, 4)
     np.testing.assert_array_equal(jax.jit(net)(cast, x, t, cond), jax.jit(net)(params, x, t, cond))
+
+
+@pytest.mark.parametrize("dtype,input_dtype,shape,groups", [
+    (jnp.float32, jnp.float32, (3, 8, 6, 64), 32),
+    (None, jnp.float32, (2, 5, 3, 16), 4),        # Flax's default dtype: promoted with float32
+    (jnp.bfloat16, jnp.float32, (2, 4, 4, 32), 8),
+    (None, jnp.bfloat16, (2, 4, 4, 32), 8)])
+def test_group_norm_is_flax_group_norm_with_a_written_gradient(dtype, input_dtype, shape, groups):
+    import flax.linen as nn
+
+    from diffusion_jax.models.layers import GroupNorm
+
+    x = (3 * jax.random.normal(jax.random.key(0), shape) + 1.5).astype(input_dtype)
+    reference, ours = nn.GroupNorm(groups, dtype=dtype), GroupNorm(groups, dtype=dtype)
+    params = reference.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(1), x)) == \
+        jax.tree_util.tree_map(jnp.shape, params)
+    params = jax.tree_util.tree_map(  # scale and bias away from 1 and 0
+        lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+    weights = jax.random.normal(jax.random.key(3), shape)
+
+    def loss(apply):
+        return lambda p, x: jnp.sum(jnp.sin(apply(p, x).astype(jnp.float32)) * weights)
+
+    expected = reference.apply(params, x)
+    expected_grads = jax.grad(loss(reference.apply), argnums=(0, 1))(params, x)
+    for written in (False, True):
+        apply = lambda p, x: ours.apply(p, x, written)  # noqa: E731
+        out = apply(params, x)
+        assert out.dtype == expected.dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
+                                   rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(expected))))
+        grads = jax.grad(loss(apply), argnums=(0, 1))(params, x)
+        for got, want in zip(jax.tree_util.tree_leaves(grads),
+                             jax.tree_util.tree_leaves(expected_grads)):
+            assert got.dtype == want.dtype
+            # float32 round-off; a bfloat16 input's gradient is rounded to bfloat16 (2^-8).
+            tolerance = 2e-6 if want.dtype == jnp.float32 else 2 ** -7
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                       rtol=0, atol=tolerance * float(jnp.max(jnp.abs(want))))
+
+
+def test_group_norm_written_gradient_in_bfloat16_is_as_accurate_and_forward_mode_works():
+    import flax.linen as nn
+
+    from diffusion_jax.models.layers import GroupNorm
+
+    x = (3 * jax.random.normal(jax.random.key(0), (4, 8, 8, 128)) + 1.5).astype(jnp.bfloat16)
+    weights = jax.random.normal(jax.random.key(3), x.shape)
+    params = nn.GroupNorm(32, dtype=jnp.bfloat16).init(jax.random.key(1), x)
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def grad_x(apply):
+        return np.asarray(jax.grad(lambda x: jnp.sum(apply(x).astype(jnp.float32) * weights))(x),
+                          np.float64)
+
+    with jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64():
+        p64 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+        exact = np.asarray(jax.grad(lambda x: jnp.sum(
+            nn.GroupNorm(32, dtype=jnp.float64, param_dtype=jnp.float64).apply(p64, x)
+            * weights.astype(jnp.float64)))(x.astype(jnp.float64)))
+    error = lambda g: np.sqrt(np.mean((g - exact) ** 2) / np.mean(exact ** 2))  # noqa: E731
+    flax_error = error(grad_x(lambda x: nn.GroupNorm(32, dtype=jnp.bfloat16).apply(params, x)))
+    written = GroupNorm(32, dtype=jnp.bfloat16)
+    ours_error = error(grad_x(lambda x: written.apply(params, x, True)))
+    assert ours_error < 4e-3 and ours_error <= 1.05 * flax_error  # bf16 rounding of dx only
+
+    # Without the written gradient the same computation has JAX's forward-mode derivative too
+    # (the likelihood's divergence differentiates the denoiser with jax.jvp).
+    tangent = jax.random.normal(jax.random.key(4), x.shape).astype(jnp.bfloat16)
+    _, jvp = jax.jvp(lambda x: written.apply(params, x), (x,), (tangent,))
+    _, reference_jvp = jax.jvp(lambda x: nn.GroupNorm(32, dtype=jnp.bfloat16).apply(params, x),
+                               (x,), (tangent,))
+    np.testing.assert_allclose(np.asarray(jvp, np.float32), np.asarray(reference_jvp, np.float32),
+                               atol=0.05)
+    with pytest.raises(TypeError, match="forward-mode|jvp"):
+        jax.jvp(lambda x: written.apply(params, x, True), (x,), (tangent,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Optional
 
@@ -10,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sinusoidal_embedding", "upsample_nearest", "NoiseLevelEmbedding", "MultiHeadSelfAttention",
+__all__ = ["sinusoidal_embedding", "upsample_nearest", "group_norm", "GroupNorm",
+           "NoiseLevelEmbedding", "MultiHeadSelfAttention",
            "MultiHeadCrossAttention", "GEGLUFeedForward", "add_class_embedding",
            "add_pooled_embedding", "prepare_context"]
 
@@ -37,6 +39,119 @@ def upsample_nearest(x, factor: int = 2):
     x = jnp.broadcast_to(x[:, :, None, :, None, :],
                          (batch, height, factor, width, factor, channels))
     return x.reshape(batch, height * factor, width * factor, channels)
+
+
+def _group_statistics(x, num_groups: int):
+    """Per-(example, group) mean and reciprocal standard deviation factors of NHWC ``x`` in
+    float32, from per-channel sums over the spatial axes (one pass over ``x``)."""
+    batch, channels = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    per_channel = jnp.stack([jnp.sum(xf, axis=spatial), jnp.sum(xf * xf, axis=spatial)])
+    count = math.prod(x.shape[1:-1]) * (channels // num_groups)
+    sums = per_channel.reshape(2, batch, num_groups, channels // num_groups).sum(-1) / count
+    mean, mean_square = sums[0], sums[1]
+    return mean, jnp.maximum(mean_square - mean * mean, 0.0)
+
+
+def _per_channel(values, channels: int):
+    """[batch, groups] -> [batch, 1, ..., 1, channels] (each group's value for its channels)."""
+    batch, groups = values.shape
+    return jnp.repeat(values, channels // groups, axis=-1).reshape(batch, 1, 1, channels)
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon, dtype):
+    channels = x.shape[-1]
+    mean, var = _group_statistics(x, num_groups)
+    inv = jax.lax.rsqrt(var + epsilon)
+    mean_c, inv_c = _per_channel(mean, channels), _per_channel(inv, channels)
+    y = (x - mean_c) * (inv_c * scale) + bias  # float32 (mean and scale are), as Flax's
+    return y.astype(dtype), (x, mean, inv, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, bias, num_groups: int, epsilon: float, dtype):
+    """Group normalisation (Wu & He 2018) of NHWC ``x``: each example's channels in
+    ``num_groups`` groups, normalised by the group's mean and variance over the spatial axes
+    and its channels (in float32), then ``* scale + bias`` per channel (``scale`` and ``bias``
+    [channels]); the result in ``dtype``. The same values as ``flax.linen.GroupNorm`` up to
+    float32 round-off.
+
+    Its gradient is written out (``jax.custom_vjp``) rather than derived: one pass over ``x``
+    and the incoming gradient for their per-channel sums, then one elementwise pass,
+    ``dx = r (g - mean(g) - x_hat mean(g x_hat))`` with ``g = scale * dy`` and ``r`` the group's
+    reciprocal standard deviation. Derived, XLA compiled each normalisation's backward into two
+    passes and half a dozen small kernels (reductions over the groups), which on a GPU cost
+    more in launches than in arithmetic."""
+    return _group_norm_forward(x, scale, bias, num_groups, epsilon, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+    return _group_norm_forward(x, scale, bias, num_groups, epsilon, dtype)
+
+
+def _group_norm_bwd(num_groups, epsilon, dtype, residuals, dy):
+    del epsilon, dtype
+    x, mean, inv, scale = residuals
+    batch, channels = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    size = channels // num_groups
+    count = math.prod(x.shape[1:-1]) * size
+    dyf, xf = dy.astype(jnp.float32), x.astype(jnp.float32)
+    # The only pass over x and dy before the last: per-channel sums of dy and dy * x. (Pairs of
+    # reductions are stacked so that each pair compiles to one kernel.)
+    sums = jnp.stack([jnp.sum(dyf, axis=spatial), jnp.sum(dyf * xf, axis=spatial)])
+    mean_c = jnp.repeat(mean, size, axis=-1)
+    inv_c = jnp.repeat(inv, size, axis=-1)
+    sum_dy_xhat = (sums[1] - mean_c * sums[0]) * inv_c  # per channel: sum of dy * x_hat
+    per_channel = jnp.stack([sums[0], sum_dy_xhat])  # [2, batch, channels]
+    grad_bias, grad_scale = per_channel.sum(axis=1)
+    flat_scale = scale.reshape(channels)
+    # Group means of g = scale * dy and of g * x_hat.
+    mean_g, mean_g_xhat = (per_channel * flat_scale).reshape(
+        2, batch, num_groups, size).sum(-1) / count
+    # dx = r g - r mean_g - r x_hat mean_g_xhat, with x_hat = (x - mean) r: one multiply-add
+    # of dy and x with per-(example, channel) coefficients.
+    coef_dy = (inv_c * flat_scale).reshape(batch, 1, 1, channels)
+    coef_x = _per_channel(-inv * inv * mean_g_xhat, channels)
+    offset = _per_channel(inv * inv * mean_g_xhat * mean - inv * mean_g, channels)
+    dx = dyf * coef_dy + xf * coef_x + offset
+    return (dx.astype(x.dtype), grad_scale.reshape(scale.shape).astype(scale.dtype),
+            grad_bias.reshape(scale.shape).astype(scale.dtype))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """``flax.linen.GroupNorm`` for NHWC inputs: the same parameters (``scale`` and ``bias``,
+    float32, one per channel) and epsilon, so checkpoints and parameter trees are unchanged;
+    output in ``dtype`` (default, as Flax's: the input's dtype promoted with float32).
+
+    ``__call__(x, written_gradient=False)``: with ``written_gradient`` (the denoisers pass it in
+    training) through :func:`group_norm`, whose reverse-mode gradient is written out and
+    compiles to fewer, larger kernels; a ``jax.custom_vjp`` function cannot be differentiated
+    in forward mode, so otherwise (sampling, and the likelihood's divergence, which uses
+    ``jax.jvp``) the same forward computation is differentiated by JAX."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Optional[Dtype] = None
+
+    @nn.compact
+    def __call__(self, x, written_gradient: bool = False):
+        channels = x.shape[-1]
+        if x.ndim != 4:
+            raise ValueError(f"GroupNorm expects NHWC inputs, got shape {x.shape}")
+        if channels % self.num_groups:
+            raise ValueError(f"{channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        dtype = jnp.dtype(jnp.promote_types(x.dtype, jnp.float32) if self.dtype is None
+                          else self.dtype)
+        if written_gradient:
+            return group_norm(x, scale, bias, self.num_groups, self.epsilon, dtype)
+        return _group_norm_forward(x, scale, bias, self.num_groups, self.epsilon, dtype)[0]
 
 
 class NoiseLevelEmbedding(nn.Module):

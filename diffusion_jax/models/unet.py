@@ -13,7 +13,9 @@ blocks become transformer blocks that also cross-attend to a sequence of text-to
 and ``pooled_dim`` adds a projected pooled text embedding to the noise-level embedding.
 :func:`sd15_unet` builds Stable Diffusion 1.5's denoiser shape. ``remat=True`` recomputes each
 block's activations in the backward pass instead of storing them (same parameters, same numbers,
-less memory).
+less memory). In training (``train=True``) the residual blocks' GroupNorms use a written-out
+gradient (:func:`~diffusion_jax.models.layers.group_norm`, fewer kernels); otherwise the UNet
+can also be differentiated in forward mode (``jax.jvp``), as the likelihood does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (
     GEGLUFeedForward,
+    GroupNorm,
     MultiHeadCrossAttention,
     MultiHeadSelfAttention,
     NoiseLevelEmbedding,
@@ -53,18 +56,18 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
-        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_0")(x))
+        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm_0")(x, train))
         h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv_0")(h)
         emb_out = nn.Dense(
             2 * self.features if self.scale_shift else self.features, dtype=self.dtype,
             name="emb",
         )(nn.silu(emb))[:, None, None, :]
-        h_norm = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_1")
+        h_norm = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_1")
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = h_norm(h) * (1 + scale) + shift
+            h = h_norm(h, train) * (1 + scale) + shift
         else:
-            h = h_norm(h + emb_out)
+            h = h_norm(h + emb_out, train)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         # Zero-initialised so that every block starts as the identity (Ho et al. 2020).
         h = nn.Conv(self.features, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
@@ -84,7 +87,7 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         batch, height, width, channels = x.shape
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         h = h.reshape(batch, height * width, channels)
         h = MultiHeadSelfAttention(self.num_heads, dtype=self.dtype, out_kernel_init=_zeros,
                                    attention=self.attention, name="attention")(h)
@@ -130,7 +133,7 @@ class SpatialTransformer(nn.Module):
     @nn.compact
     def __call__(self, x, context, context_mask=None):
         batch, height, width, channels = x.shape
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(
             h.reshape(batch, height * width, channels))
         for i in range(self.depth):
@@ -261,7 +264,7 @@ class UNet(nn.Module):
                 h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype,
                             name=f"up_{level}_upsample")(upsample_nearest(h))
 
-        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h, train))
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=self.dtype,
                       kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
