@@ -67,6 +67,7 @@ def comparison(train, sample, torch):
                  "(own peak) | MFU (PyTorch's peak) |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     rows = [r for r in (train or {}).get("rows", []) if r.get("dtype") == "bfloat16"]
+    goals = []
     for name in dict.fromkeys(r["model"] for r in rows):
         reference = (torch or {}).get(TORCH_NAMES.get(name, ""), {})
         compiled = reference.get("train_bf16_compiled_img_s")
@@ -83,15 +84,25 @@ def comparison(train, sample, torch):
             lines.append(f"| {name} | {kind} | {_number(row.get('images_per_s'))} | "
                          f"{_number(compiled)} (compiled) | {_ratio(row.get('images_per_s'), compiled)} | "
                          f"{_percent(row.get('mfu'))} | {_percent(cross)} |")
+        full = next((r for r in rows if r["model"] == name and r.get("train_step") != "plain"),
+                    None)
+        plain = next((r for r in rows if r["model"] == name and r.get("train_step") == "plain"),
+                     None)
         if eager:
-            full = next((r for r in rows if r["model"] == name and r.get("train_step") != "plain"),
-                        None)
             lines.append(f"| {name} | against PyTorch eager (bf16 autocast) | "
                          f"{_number(full and full.get('images_per_s'))} | {_number(eager)} | "
                          f"{_ratio(full and full.get('images_per_s'), eager)} | | |")
         if torch_mfu is not None:
             lines.append(f"| {name} | PyTorch's own MFU (bf16 + compile) | | | | "
                          f"{_percent(torch_mfu)} | |")
+        if full and plain:
+            goals.append(f"{name}: the full step runs at "
+                         f"{_ratio(full.get('images_per_s'), plain.get('images_per_s'))} the "
+                         "plain jit step's rate on this card (floor: 1.00x)")
+        if full and compiled:
+            goals.append(f"{name}: training goal, 3x PyTorch compiled = "
+                         f"{_number(3 * compiled)} images/s; the full step is at "
+                         f"{_ratio(full.get('images_per_s'), 3 * compiled)} of that")
     lines.append("")
     lines.append("| model | sampling, bf16, denoiser evaluations/s | diffusion_jax | PyTorch | "
                  "ratio |")
@@ -104,6 +115,12 @@ def comparison(train, sample, torch):
                      f"steps, batch {row.get('batch')} | {_number(row.get('evaluations_per_s'))} | "
                      f"{_number(compiled)} (compiled), {_number(eager)} (eager) | "
                      f"{_ratio(row.get('evaluations_per_s'), compiled)} |")
+        if compiled:
+            goals.append(f"{row['model']}: sampling goal, 2x PyTorch compiled = "
+                         f"{_number(2 * compiled)} evaluations/s; the sampler is at "
+                         f"{_ratio(row.get('evaluations_per_s'), 2 * compiled)} of that")
+    if goals:
+        lines += [""] + goals
     return lines
 
 
@@ -112,6 +129,7 @@ def main(argv=None):
     parser.add_argument("--torch", required=True, help="the PyTorch baseline's JSON file")
     parser.add_argument("--train", default=os.path.join(RESULTS, "train_throughput.json"))
     parser.add_argument("--sample", default=os.path.join(RESULTS, "sample_throughput.json"))
+    parser.add_argument("--out", default="", help="also write the table to this file")
     args = parser.parse_args(argv)
     train, sample, torch = _load(args.train), _load(args.sample), _load(args.torch)
     missing = [path for path, value in ((args.train, train), (args.sample, sample),
@@ -121,7 +139,11 @@ def main(argv=None):
                  "first (see this script's docstring)")
     for path in missing:
         print(f"(no {path}: its part of the table is empty)")
-    print("\n".join(comparison(train, sample, torch)))
+    table = "\n".join(comparison(train, sample, torch))
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,38 @@ def test_compiled_kernels_counts_what_a_step_launches():
         assert row["kernels"] > 10 and sum(row["kinds"].values()) == row["kernels"]
     assert rows[("sample", "")]["loops"] >= 1  # the sampler's steps run in a loop
     assert "tiny float32 train auto:" in out
+
+
+FAKE_BASELINE = """
+import json, os
+json.dump({"device": "fake card", "torch": "0.0", "bf16_matmul_tflops": 1.0},
+          open(os.path.join(os.environ["OUT"], "torch_baseline.json"), "w"))
+"""
+
+
+def test_gpu_comparison_script_runs_every_step_and_collects_the_files(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "gpu_comparison.sh")
+    bad = subprocess.run(["bash", script, "--baseline", str(tmp_path / "missing.py")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+    baseline = tmp_path / "torch_baseline.py"
+    baseline.write_text(FAKE_BASELINE)
+    copies = tmp_path / "copies"
+    run = subprocess.run(["bash", script, "--model", "tiny", "--train-batch", "4",
+                          "--sample-batch", "4", "--iterations", "2", "--baseline", str(baseline),
+                          "--name", "test_gpu_comparison", "--copy-to", str(copies)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert sorted(os.listdir(copies)) == [
+        "test_gpu_comparison.log", "test_gpu_comparison.md", "test_gpu_comparison_sample.json",
+        "test_gpu_comparison_torch.json", "test_gpu_comparison_train.json"]
+    train = json.loads((copies / "test_gpu_comparison_train.json").read_text())
+    assert [r["train_step"] for r in train["rows"]] == ["jit", "plain"]
+    assert train["rows"][0]["dtype"] == "bfloat16" and train["rows"][0]["profile"]
+    table = (copies / "test_gpu_comparison.md").read_text()
+    assert "PyTorch baseline: fake card" in table and "WARNING: the two ran" in table
+    assert "| tiny | full step (jit, batch 4) |" in table
+    assert "tiny: the full step runs at" in table
+    log = (copies / "test_gpu_comparison.log").read_text()
+    assert "=== torch_baseline" in log and "=== done in" in log
+    assert not [line for line in log.splitlines() if line.startswith("===") and "failed" in line]

@@ -29,7 +29,7 @@ TORCH = {"device": "NVIDIA H200", "torch": "2.11.0", "bf16_matmul_tflops": 700.0
 
 
 def _row(lines, *words):
-    matches = [line for line in lines if all(w in line for w in words)]
+    matches = [line for line in lines if line.startswith("|") and all(w in line for w in words)]
     assert len(matches) == 1, (words, lines)
     return [cell.strip() for cell in matches[0].strip("|").split("|")]
 
@@ -47,6 +47,12 @@ def test_ratios_and_mfu_come_from_the_files():
     sampling = _row(lines, "ddim in a lax.scan")
     assert sampling[2:] == ["29,100", "19,400 (compiled), 8,000 (eager)", "1.50x"]
     assert not any("float32" in line for line in lines)  # the table is about bf16
+    # the bars: the plain step's rate on the same card, 3x and 2x PyTorch compiled
+    assert "ddpm_cifar10: the full step runs at 0.91x the plain jit step's rate" in lines[-3]
+    assert lines[-2] == ("ddpm_cifar10: training goal, 3x PyTorch compiled = 9,000 images/s; "
+                         "the full step is at 0.67x of that")
+    assert lines[-1] == ("ddpm_cifar10: sampling goal, 2x PyTorch compiled = 38,800 "
+                         "evaluations/s; the sampler is at 0.75x of that")
 
 
 def test_different_cards_are_flagged_and_missing_parts_are_empty():
@@ -66,9 +72,11 @@ def test_command_line_reads_the_files(tmp_path):
         paths[name].write_text(json.dumps(content))
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_torch.py"),
                           "--torch", str(paths["torch"]), "--train", str(paths["train"]),
-                          "--sample", str(paths["sample"])], capture_output=True, text=True)
+                          "--sample", str(paths["sample"]), "--out", str(tmp_path / "table.md")],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "2.00x" in run.stdout and "1.50x" in run.stdout
+    assert (tmp_path / "table.md").read_text() == run.stdout
     (tmp_path / "broken.json").write_text('{"rows": [')
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_torch.py"),
                           "--torch", str(tmp_path / "broken.json"), "--train",

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU comparison in one command: diffusion_jax's DDPM CIFAR-10 training and sampling rates and
+# the PyTorch baseline's (diffusers' UNet2DModel of the same architecture), measured one after the
+# other on the same card, then the table of both (benchmarks/compare_torch.py).
+#
+#   bash benchmarks/gpu_comparison.sh --baseline path/to/torch_baseline.py
+#   bash benchmarks/gpu_comparison.sh --baseline path/to/torch_baseline.py --copy-to /some/dir
+#
+# In order, each under its own time limit, so that one hung step cannot take the whole slot:
+#   1. the full bf16 training step at batch 128, the plain jit step beside it (--plain), and
+#      where the step's device time goes (--profile)      -> benchmarks/results/NAME_train.json
+#   2. sampling, bf16, DDIM in a lax.scan at batch 1024    -> NAME_sample.json
+#   3. the PyTorch baseline, DDPM UNet only (--no-sd); it needs torch and diffusers importable
+#                                                          -> NAME_torch.json
+#   4. the comparison table (benchmarks/compare_torch.py)  -> NAME.md
+#   5. while --budget seconds (default 540) are not spent: the DDPM step with rbg dropout masks,
+#      and DiT-B/2 with cuDNN attention (--attention auto) -> NAME_extra_*.json
+# NAME is --name (default gpu_comparison); everything printed also goes to NAME.log, and
+# --copy-to copies all of these files to a folder. Without --baseline, step 3 is skipped and the
+# table has diffusion_jax's side only. --model, --train-batch, --sample-batch and --iterations
+# change what steps 1 and 2 run (the smoke test runs the tiny model on a CPU). Every step runs
+# $PYTHON (default python3).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here/.."
+results="$here/results"
+baseline="" copy_to="" budget=540 name=gpu_comparison model=ddpm_cifar10 train_batch=128 sample_batch=1024
+iterations=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --baseline) baseline="$2"; shift 2 ;;
+        --copy-to) copy_to="$2"; shift 2 ;;
+        --budget) budget="$2"; shift 2 ;;
+        --name) name="$2"; shift 2 ;;
+        --model) model="$2"; shift 2 ;;
+        --train-batch) train_batch="$2"; shift 2 ;;
+        --sample-batch) sample_batch="$2"; shift 2 ;;
+        --iterations) iterations=(--iterations "$2"); shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "gpu_comparison.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [ -n "$baseline" ] && [ ! -f "$baseline" ]; then
+    echo "gpu_comparison.sh: --baseline $baseline: no such file (the PyTorch baseline script," \
+         "torch_baseline.py)" >&2
+    exit 2
+fi
+if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
+    echo "gpu_comparison.sh: cannot create --copy-to $copy_to" >&2
+    exit 2
+fi
+mkdir -p "$results"
+rm -f "$results/$name"_{train,sample,torch}.json "$results/$name"_extra_*.json \
+    "$results/$name.md"
+log="$results/$name.log"
+py="${PYTHON:-python3}"  # the interpreter for every step (PYTHON=... to choose another)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run it under a time limit, note a failure
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name (limit ${limit}s, $((SECONDS - start))s so far)"
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    [ $rc -eq 0 ] || { echo "=== $name failed (exit $rc)"; failed+=("$name"); }
+}
+
+run_all() {
+    start=$SECONDS
+    failed=()
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
+        --format=csv,noheader
+    step train 300 "$py" benchmarks/train_throughput.py --models "$model" --dtypes bfloat16 \
+        --batch "$train_batch" "${iterations[@]}" --plain --profile --name "${name}_train"
+    step sample 150 "$py" benchmarks/sample_throughput.py --models "$model" --dtypes bfloat16 \
+        --batch "$sample_batch" --name "${name}_sample"
+    if [ -n "$baseline" ]; then
+        # the baseline writes torch_baseline.json into $OUT
+        local scratch
+        scratch="$(mktemp -d)"
+        step torch_baseline 300 env OUT="$scratch" "$py" "$baseline" --no-sd
+        [ -f "$scratch/torch_baseline.json" ] && mv "$scratch/torch_baseline.json" \
+            "$results/${name}_torch.json"
+        rm -rf "$scratch"
+    else
+        echo "=== no --baseline: PyTorch's side of the table stays empty"
+    fi
+    step compare 30 "$py" benchmarks/compare_torch.py --torch "$results/${name}_torch.json" \
+        --train "$results/${name}_train.json" --sample "$results/${name}_sample.json" \
+        --out "$results/$name.md"
+    if [ "$model" = ddpm_cifar10 ]; then
+        local extra label args remaining
+        for extra in "ddpm_rbg --models ddpm_cifar10 --dropout-rng rbg" \
+                     "dit_auto --models dit_b2 --attention auto"; do
+            read -r label args <<<"$extra"
+            remaining=$((budget - (SECONDS - start)))
+            if [ "$remaining" -lt 120 ]; then
+                echo "=== skipped $label: ${remaining}s of the ${budget}s budget left"
+                continue
+            fi
+            # shellcheck disable=SC2086
+            step "$label" "$remaining" "$py" benchmarks/train_throughput.py $args \
+                --dtypes bfloat16 --name "${name}_extra_$label"
+        done
+    fi
+    echo "=== done in $((SECONDS - start))s${failed[*]:+; failed: ${failed[*]}}"
+    [ ${#failed[@]} -eq 0 ]
+}
+
+run_all 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+if [ -n "$copy_to" ]; then
+    for f in "$results/$name"_{train,sample,torch}.json "$results/$name"_extra_*.json \
+             "$results/$name.md" "$log"; do
+        [ -f "$f" ] && cp "$f" "$copy_to"/
+    done
+    echo "copied the results to $copy_to"
+fi
+exit "$rc"
