@@ -34,6 +34,11 @@ def test_bad_mesh_sizes_say_what_to_change(data, fsdp, devices, message):
         parallel.mesh_shape(data, fsdp, devices)
 
 
+def xla_flags(*flags):
+    """XLA_FLAGS for a subprocess: this session's (tests/conftest.py sets some) and ``flags``."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 def _config(**overrides):
     config = tiny.get_config()
     config.data.batch_size = 16
@@ -116,7 +121,7 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
     os.symlink(one_dir, tmp_path / "one")
 
     env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
     run = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -184,7 +189,7 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
     launched through main.py as on a pod's workers, each reading only its share of the data."""
     single, lines, _ = single_device_run
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
     flags = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
              "--config.data.batch_size=16", "--config.training.num_steps=4",
              "--config.training.checkpoint_every=4", "--config.distributed.initialize=True",
