@@ -22,7 +22,6 @@
 # $PYTHON (default python3).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cd "$here/.."
 results="$here/results"
 baseline="" copy_to="" budget=540 name=gpu_comparison model=ddpm_cifar10 train_batch=128 sample_batch=1024
 iterations=()
@@ -49,6 +48,10 @@ if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
     echo "gpu_comparison.sh: cannot create --copy-to $copy_to" >&2
     exit 2
 fi
+# paths given relative to where the script was started, then run from the repository root
+[ -n "$baseline" ] && baseline="$(cd "$(dirname "$baseline")" && pwd)/$(basename "$baseline")"
+[ -n "$copy_to" ] && copy_to="$(cd "$copy_to" && pwd)"
+cd "$here/.."
 mkdir -p "$results"
 rm -f "$results/$name"_{train,sample,torch}.json "$results/$name"_extra_*.json \
     "$results/$name.md"

@@ -78,10 +78,11 @@ def test_gpu_comparison_script_runs_every_step_and_collects_the_files(tmp_path):
     baseline = tmp_path / "torch_baseline.py"
     baseline.write_text(FAKE_BASELINE)
     copies = tmp_path / "copies"
+    # paths relative to where it is started, as a user would type them
     run = subprocess.run(["bash", script, "--model", "tiny", "--train-batch", "4",
-                          "--sample-batch", "4", "--iterations", "2", "--baseline", str(baseline),
-                          "--name", "test_gpu_comparison", "--copy-to", str(copies)],
-                         capture_output=True, text=True, timeout=900)
+                          "--sample-batch", "4", "--iterations", "2", "--baseline",
+                          "torch_baseline.py", "--name", "test_gpu_comparison", "--copy-to",
+                          "copies"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:]
     assert sorted(os.listdir(copies)) == [
         "test_gpu_comparison.log", "test_gpu_comparison.md", "test_gpu_comparison_sample.json",
