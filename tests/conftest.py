@@ -26,7 +26,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # tests' small models hardly notice: on two cores the suite took 15 minutes at level 1 against
 # 18 at the default (level 0 compiles faster still, but its code is slow enough that the
 # sampler and training tests lose what compiling gains: 18 minutes). The whole suite passes at
-# levels 1 and 3 alike; DIFFUSION_JAX_TEST_XLA_OPT=3 runs it at the default level.
+# levels 1 and 3 alike; DIFFUSION_JAX_TEST_XLA_OPT=3 runs it at the default level (a level
+# already given in XLA_FLAGS is kept).
 _level = os.environ.get("DIFFUSION_JAX_TEST_XLA_OPT", "1")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
