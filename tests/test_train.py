@@ -362,3 +362,28 @@ def test_a_step_returning_other_layouts_than_it_takes_still_chains():
     assert state["w"].format.layout.major_to_minor == (1, 0)
     np.testing.assert_array_equal(state["w"], 8 * np.ones((4, 3)))
     assert float(running) == 3.0
+
+
+def test_checkpoints_written_through_standard_save_still_restore(tmp_path):
+    """Checkpoints of earlier versions stored the state with Orbax's StandardSave; the state
+    item now goes through PyTreeCheckpointHandler (for its type handlers): same files, and the
+    old ones restore, fingerprint check included."""
+    import orbax.checkpoint as ocp
+
+    from diffusion_jax import checkpoints
+
+    state = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "step": jnp.array(7, jnp.int32)}
+    old = ocp.CheckpointManager(str(tmp_path))
+    old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave({"test": 1})))
+    old.wait_until_finished()
+    old.close()
+
+    manager = checkpoints.Checkpoints(str(tmp_path), fingerprint={"test": 1})
+    restored = manager.restore(jax.tree_util.tree_map(jnp.zeros_like, state))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, state)
+    with pytest.raises(checkpoints.CheckpointError, match="different model"):
+        checkpoints.Checkpoints(str(tmp_path), fingerprint={"test": 2}).restore(state)
+    manager.save(6, restored)  # and the next save goes on in the same folder
+    manager.close()
+    assert manager.all_steps() == [5, 6]
