@@ -53,7 +53,7 @@ def _config(**overrides):
 # name -> config overrides; every variant must train to the single-device result.
 VARIANTS = {
     "data8": dict(mesh__data=8, mesh__fsdp=1),
-    "data4_fsdp2": dict(mesh__data=4, mesh__fsdp=2),
+    "data2_fsdp4": dict(mesh__data=2, mesh__fsdp=4),
     "shard_map8": dict(mesh__data=8, mesh__fsdp=1, mesh__train_step="shard_map"),
     # shard_map over a data x fsdp mesh, 2 microbatches per step, 2 steps per device call.
     "shard_map_fsdp_accum_scan": dict(mesh__data=4, mesh__fsdp=2, mesh__train_step="shard_map",
@@ -172,9 +172,9 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
     np.testing.assert_allclose(np.load(tmp_path / "samples8.npy"), single_device, atol=1e-5)
 
     # 8 -> 1: a checkpoint written on 8 devices (sharded over fsdp) restores on this device.
-    state, *_ = train.restore_run(_config(), str(tmp_path / "data4_fsdp2"))
+    state, *_ = train.restore_run(_config(), str(tmp_path / "data2_fsdp4"))
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
-        np.testing.assert_array_equal(np.asarray(leaf), states[f"data4_fsdp2/{i}"])
+        np.testing.assert_array_equal(np.asarray(leaf), states[f"data2_fsdp4/{i}"])
 
 
 _REPLICA_SLICES = textwrap.dedent("""
