@@ -20,7 +20,8 @@ run it with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS matmuls ins
 ``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
 ``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
 from a checkpoint); ``--attention auto`` compiles cuDNN's fused attention where it applies on
-the target. Counted are the entry computation and loop bodies, and the bytes their kernels read
+the target, except that without the card JAX cannot see it is a Hopper GPU and allows head sizes
+up to 128 only (the DDPM UNet's 256-wide head then stays XLA's, as on an A100). Counted are the entry computation and loop bodies, and the bytes their kernels read
 and write (``gb_moved``; ``gb_moved_by_memory_kernels`` leaves out matmuls, convolutions and
 fused attention: what the card's bandwidth bounds).
 """
