@@ -20,8 +20,8 @@ run it with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS matmuls ins
 ``--plain`` adds the plain step of ``train_throughput.py --plain`` (AdamW on a fixed batch) and
 ``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
 from a checkpoint); ``--attention auto`` compiles cuDNN's fused attention where it applies on
-the target, except that without the card JAX cannot see it is a Hopper GPU and allows head sizes
-up to 128 only (the DDPM UNet's 256-wide head then stays XLA's, as on an A100). Counted are the entry computation and loop bodies, and the bytes their kernels read
+the target (JAX is told the target's compute capability, which sets the head sizes cuDNN takes:
+up to 256 on Hopper, so the DDPM UNet's 256-wide head qualifies). Counted are the entry computation and loop bodies, and the bytes their kernels read
 and write (``gb_moved``; ``gb_moved_by_memory_kernels`` leaves out matmuls, convolutions and
 fused attention: what the card's bandwidth bounds).
 """
@@ -150,12 +150,33 @@ def kernel_summary(hlo_text):
             "kinds": dict(kinds.most_common())}
 
 
+def _assume_compute_capability(target):
+    """JAX decides which head sizes cuDNN attention takes from the local GPU's compute
+    capability (up to 256 from Hopper on, 128 before) and, with no GPU here, takes the older
+    limit. Give it the target's instead, so that ``--attention auto`` compiles what it would on
+    the card. Private JAX API: if it has moved, the older limit stays and this says so."""
+    match = re.search(r"cuda_compute_capability \{ major: (\d+)(?: minor: (\d+))? \}",
+                      TARGETS[target])
+    capability = (int(match.group(1)), int(match.group(2) or 0))
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    except ImportError:
+        cudnn_attention = None
+    if not hasattr(cudnn_attention, "check_compute_capability"):
+        print("note: cuDNN attention is judged as for a GPU before Hopper (head size <= 128)")
+        return
+    cudnn_attention.check_compute_capability = lambda needed: capability >= tuple(
+        int(x) for x in needed.split("."))
+
+
 def _devices(target):
     import jax
 
     if not target:
         return jax.devices()[:1]
     from jax.experimental import topologies
+
+    _assume_compute_capability(target)
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
                                             topology="1x1x1")

@@ -62,3 +62,19 @@ def test_kernel_summary_counts_launches_in_the_entry_and_loop_bodies():
     # All but the convolution move memory rather than compute.
     assert (summary["gb_moved"] - summary["gb_moved_by_memory_kernels"]) * 1e9 == \
         pytest.approx(192)
+
+
+def test_targets_tell_jax_their_compute_capability(monkeypatch):
+    """Without the card, JAX would judge cuDNN attention for a GPU before Hopper (head sizes up
+    to 128); compiling for an H100/H200 target makes it judge for compute capability 9.0."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    import compiled_kernels
+
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability",
+                        cudnn_attention.check_compute_capability)  # restored afterwards
+    assert not cudnn_attention.check_compute_capability("9.0")  # no GPU here
+    compiled_kernels._assume_compute_capability("h200")
+    assert cudnn_attention.check_compute_capability("9.0")
+    assert cudnn_attention.check_compute_capability("8.0")
+    assert not cudnn_attention.check_compute_capability("10.0")
