@@ -13,9 +13,9 @@
 #   3. the PyTorch baseline, DDPM UNet only (--no-sd); it needs torch and diffusers importable
 #                                                          -> NAME_torch.json
 #   4. the comparison table (benchmarks/compare_torch.py)  -> NAME.md
-#   5. while --budget seconds (default 540) are not spent: the DDPM step with cuDNN attention
-#      (--attention auto: its 256-wide head qualifies on Hopper), the DDPM step with rbg dropout
-#      masks, and DiT-B/2 with cuDNN attention              -> NAME_extra_*.json
+#   5. while --budget seconds (default 540) are not spent: the DDPM step and sampling with cuDNN
+#      attention (--attention auto: its 256-wide head qualifies on Hopper), the DDPM step with
+#      rbg dropout masks, and DiT-B/2 with cuDNN attention  -> NAME_extra_*.json
 # NAME is --name (default gpu_comparison); everything printed also goes to NAME.log, and
 # --copy-to copies all of these files to a folder. Without --baseline, step 3 is skipped and the
 # table has diffusion_jax's side only. --model, --train-batch, --sample-batch and --iterations
@@ -93,18 +93,19 @@ run_all() {
         --train "$results/${name}_train.json" --sample "$results/${name}_sample.json" \
         --out "$results/$name.md"
     if [ "$model" = ddpm_cifar10 ]; then
-        local extra label args remaining
-        for extra in "ddpm_auto --models ddpm_cifar10 --attention auto" \
-                     "ddpm_rbg --models ddpm_cifar10 --dropout-rng rbg" \
-                     "dit_auto --models dit_b2 --attention auto"; do
-            read -r label args <<<"$extra"
+        local extra label script args remaining
+        for extra in "ddpm_auto train_throughput.py --models ddpm_cifar10 --attention auto" \
+                     "ddpm_sample_auto sample_throughput.py --models ddpm_cifar10 --attention auto --batch $sample_batch" \
+                     "ddpm_rbg train_throughput.py --models ddpm_cifar10 --dropout-rng rbg" \
+                     "dit_auto train_throughput.py --models dit_b2 --attention auto"; do
+            read -r label script args <<<"$extra"
             remaining=$((budget - (SECONDS - start)))
             if [ "$remaining" -lt 120 ]; then
                 echo "=== skipped $label: ${remaining}s of the ${budget}s budget left"
                 continue
             fi
             # shellcheck disable=SC2086
-            step "$label" "$remaining" "$py" benchmarks/train_throughput.py $args \
+            step "$label" "$remaining" "$py" "benchmarks/$script" $args \
                 --dtypes bfloat16 --name "${name}_extra_$label"
         done
     fi
