@@ -21,9 +21,10 @@ run it with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS matmuls ins
 ``--sample`` one guided DDIM call of 50 steps, with parameters in default layouts (as restored
 from a checkpoint); ``--attention auto`` compiles cuDNN's fused attention where it applies on
 the target (JAX is told the target's compute capability, which sets the head sizes cuDNN takes:
-up to 256 on Hopper, so the DDPM UNet's 256-wide head qualifies). Counted are the entry computation and loop bodies, and the bytes their kernels read
-and write (``gb_moved``; ``gb_moved_by_memory_kernels`` leaves out matmuls, convolutions and
-fused attention: what the card's bandwidth bounds).
+up to 256 on Hopper, so the DDPM UNet's 256-wide head qualifies). Counted are the entry
+computation and loop bodies, and the bytes their kernels read and write (``gb_moved``;
+``gb_moved_by_memory_kernels`` leaves out matmuls, convolutions and fused attention: what the
+card's bandwidth bounds).
 """
 
 from __future__ import annotations
