@@ -33,14 +33,19 @@ def run_sample(config, workdir):
     import jax
     import numpy as np
 
-    from diffusion_jax import sample, train
+    from diffusion_jax import parallel, sample, train
 
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     generate = sample.make_generate_fn(config, model, example_shape, num_classes,
                                        mesh=train.sampling_mesh(config))
-    images = generate(params, jax.random.key(config.sampling.seed), config.sampling.num_samples)
+    # Generated over all devices of all processes; every process takes part in the gather, and
+    # process 0 writes the files.
+    images = parallel.to_host(generate(params, jax.random.key(config.sampling.seed),
+                                       config.sampling.num_samples))
+    if not parallel.is_writer():
+        return
     s = config.sampling
     stem = os.path.join(workdir, "samples",
                         f"step{int(state.step)}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}")
@@ -66,11 +71,29 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     config, workdir = FLAGS.config, FLAGS.workdir
-    if config.distributed.initialize:  # before anything touches the devices
-        from diffusion_jax import parallel
+    if "://" in workdir:
+        print(f"error: --workdir={workdir} is a URL; the work directory must be a file system "
+              "path (on several hosts, one they all see: NFS, or a bucket mounted with gcsfuse)",
+              file=sys.stderr)
+        sys.exit(2)
+    from diffusion_jax import parallel
 
-        d = config.distributed
-        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    d = config.distributed
+    launched = parallel.launched_processes() if d.auto_detect else None
+    if d.initialize or launched:  # before anything touches the devices
+        if launched and not d.initialize:
+            print(f"joining a run of several processes: {launched} "
+                  "(--config.distributed.auto_detect=False runs this process alone)")
+        try:
+            parallel.initialize_distributed(d.coordinator_address, d.num_processes,
+                                            d.process_id)
+        except (ValueError, RuntimeError) as err:
+            print(f"error: jax.distributed.initialize failed ({err}); give "
+                  "--config.distributed.coordinator_address (process 0's host:port), "
+                  "num_processes and process_id"
+                  + (", or --config.distributed.auto_detect=False to run alone" if launched
+                     else ""), file=sys.stderr)
+            sys.exit(2)
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)

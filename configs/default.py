@@ -158,8 +158,12 @@ def get_config():
     # Several processes (hosts of a TPU pod slice, GPU nodes): run the same command on each with
     # initialize=True. Empty/-1 values are auto-detected (Cloud TPU, SLURM, Open MPI); on plain
     # machines give the coordinator (process 0's host:port), the process count and each id.
+    # auto_detect also initialises when a launcher started several processes (srun with several
+    # tasks, mpirun, several TPU workers, JAX_COORDINATOR_ADDRESS), so that they never train as
+    # separate runs into one workdir; False runs each process alone.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.initialize = False
+    config.distributed.auto_detect = True
     config.distributed.coordinator_address = ""
     config.distributed.num_processes = -1
     config.distributed.process_id = -1

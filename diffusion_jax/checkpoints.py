@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import grain.python as grain
@@ -39,6 +40,23 @@ def _check_worker_count(where: str, iterator) -> None:
             f"checkpoint {where} was written with config.data.worker_count={saved}, this run "
             f"reads data with {current}; resume with --config.data.worker_count={saved} (the "
             "examples that share a batch depend on the worker count)")
+
+
+def _check_process_count(where: str) -> None:
+    """Each process saves its own data position (``data/process_<i>-of-<n>.json``); a run with
+    another process count has none to restore, which grain reports as an unreadable file."""
+    directory = os.path.join(where, "data")
+    if not os.path.isdir(directory):
+        return
+    written = {int(m.group(1)) for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", f)
+                                         for f in os.listdir(directory)) if m}
+    if written and jax.process_count() not in written:
+        count = max(written)
+        raise CheckpointError(
+            f"checkpoint {where} was written by {count} process(es), this run has "
+            f"{jax.process_count()}: each process saved its own position in the data, so a run "
+            f"resumes only with {count} (the model state itself restores on any number of "
+            "devices and processes, as --mode=sample and --mode=eval read it)")
 
 
 class CheckpointError(RuntimeError):
@@ -177,6 +195,7 @@ class Checkpoints:
         items = {"state": ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
         if iterator is not None:
+            _check_process_count(where)
             _check_worker_count(where, iterator)
             items["data"] = grain.PyGrainCheckpointRestore(iterator)
         try:

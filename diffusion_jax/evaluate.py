@@ -28,8 +28,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from diffusion_jax import configuration, data, likelihood, metrics, models, parameterization
-from diffusion_jax import sample, writers
+from diffusion_jax import configuration, data, likelihood, metrics, models, parallel
+from diffusion_jax import parameterization, sample, writers
 
 __all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier", "load_classifier", "evaluate",
            "reference_features"]
@@ -99,6 +99,10 @@ class EvaluationError(RuntimeError):
     """Something evaluation needs is missing or does not fit; the message says what to do."""
 
 
+def _quiet(line: str) -> None:  # the console of processes other than 0
+    del line
+
+
 def _batched_apply(apply_fn, params, images, batch_size=500):
     logits, features = [], []
     for start in range(0, len(images), batch_size):
@@ -125,6 +129,12 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     Captioned data trains the attribute classifier of
     :func:`diffusion_jax.prompt_eval.train_attribute_classifier` instead."""
     configuration.validate(config)
+    if jax.process_count() > 1:
+        raise EvaluationError(
+            "--mode=train_classifier runs in a single process (the classifier is small), this "
+            f"is one of {jax.process_count()}: run it on one host without "
+            "--config.distributed.initialize (and with --config.distributed.auto_detect=False "
+            "under a launcher of several processes); --mode=eval then reads it on every host")
     if sample.is_text_model(config):
         from diffusion_jax import prompt_eval
 
@@ -210,7 +220,8 @@ def reference_features(config, workdir, extract, num):
     # An evenly spread subset rather than the first ``num`` records, in case those are sorted.
     images, _ = _examples(source, np.linspace(0, len(source) - 1, min(num, len(source))))
     features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
-    sample.save_arrays(path, features=features)
+    if parallel.is_writer():
+        sample.save_arrays(path, features=features)
     return features
 
 
@@ -257,6 +268,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     from diffusion_jax import prompt_eval
     from diffusion_jax import train  # train composes everything; import it late
 
+    # Every process of a multi-process run generates its share and computes the same results;
+    # process 0 alone writes and reports them.
+    log = log if parallel.is_writer() else _quiet
     configuration.validate(config)
     prompt_eval.validate(config)
     if step is None and config.sampling.checkpoint_step != -1:
@@ -282,7 +296,8 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     for offset in range(0, e.num_samples, e.batch_size):
         num = min(e.batch_size, e.num_samples - offset)
         # Quantised to 8 bits like saved images, so generated and real images are alike.
-        batch = _quantize(np.asarray(generate(params, jax.random.fold_in(key, offset), num)))
+        batch = _quantize(parallel.to_host(generate(params, jax.random.fold_in(key, offset),
+                                                    num)))
         batch_features = extract(batch)
         if generated_stats is None:
             generated_stats = metrics.FeatureStatistics(batch_features.shape[1])
@@ -320,8 +335,10 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
 
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
     out_path = os.path.join(workdir, "eval", name + ".json")
-    sample.save_json(out_path, results)
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log)
+    if parallel.is_writer():
+        sample.save_json(out_path, results)
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                  enabled=parallel.is_writer())
     writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
                                      if isinstance(v, float)})
     writer.close()
@@ -350,7 +367,7 @@ def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_st
         result = likelihood.log_likelihood(denoise, images[offset:offset + 100],
                                            schedule=schedule, num_steps=num_steps,
                                            key=jax.random.key(offset))
-        values.append(np.asarray(likelihood.bits_per_dim(result.log_likelihood, dim)))
+        values.append(parallel.to_host(likelihood.bits_per_dim(result.log_likelihood, dim)))
     values = np.concatenate(values)
     return {"bits_per_dim": float(values.mean()),
             "bits_per_dim_stderr": float(values.std(ddof=1) / np.sqrt(len(values)))

@@ -10,7 +10,9 @@ these shardings lets XLA insert the all-gathers and reduce-scatters.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+import os
+import warnings
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXES", "MeshError", "mesh_shape", "make_mesh", "batch_sharding", "replicated",
            "state_shardings", "global_batch", "stacked_batch_sharding", "shard_map",
-           "DevicePrefetcher", "initialize_distributed", "global_norm"]
+           "DevicePrefetcher", "initialize_distributed", "launched_processes", "global_norm",
+           "to_host", "is_writer"]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -61,7 +64,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence] = None)
         from jax.experimental import mesh_utils  # topology-aware device order on GPU/TPU
 
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # unusual device sets: fall back to the given order
+    except Exception as err:  # unusual device sets: fall back to the given order
+        warnings.warn(f"no topology-aware device order for a {shape[0]} x {shape[1]} mesh "
+                      f"({type(err).__name__}: {err}); the devices are used in the order given")
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES)
 
@@ -124,6 +129,23 @@ def global_norm(tree: Any, *, concat_below: float = 0) -> jax.Array:
     return jnp.sqrt(total)
 
 
+def to_host(x) -> np.ndarray:
+    """``x`` as one numpy array on this host. An array spread over the devices of several
+    processes (samples generated over a pod's mesh) is gathered from all of them, so every
+    process must call this at the same point."""
+    if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+    """Whether this process writes files shared by the run (logs, sample grids, results): only
+    process 0 of several."""
+    return jax.process_index() == 0
+
+
 def global_batch(local_batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     """Assemble each process's numpy batch into global ``jax.Array``s split over the mesh
     (``stacked``: arrays are ``[steps, batch, ...]``, split along the batch axis)."""
@@ -181,6 +203,33 @@ class DevicePrefetcher:
     def set_state(self, state):
         self._iterator.set_state(state)
         self._queue, self._state = [], None
+
+
+def _count(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name, "1"))
+    except ValueError:
+        return 1
+
+
+def launched_processes(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """What in the environment (default ``os.environ``) says that a launcher started this process
+    as one of several of the same run, or None. Only launches of several processes count: srun
+    with more than one task (``SLURM_STEP_NUM_TASKS``; a batch script's own shell has no step, so
+    a plain ``python`` there runs alone), ``mpirun`` with more than one rank, several TPU workers
+    listed, or a coordinator named through ``JAX_COORDINATOR_ADDRESS``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return f"JAX_COORDINATOR_ADDRESS={environ['JAX_COORDINATOR_ADDRESS']}"
+    for name, launcher in (("SLURM_STEP_NUM_TASKS", "srun"),
+                           ("OMPI_COMM_WORLD_SIZE", "mpirun")):
+        if _count(environ, name) > 1:
+            return f"{launcher} started {_count(environ, name)} processes ({name})"
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        workers = [w for w in environ.get(name, "").split(",") if w.strip()]
+        if len(workers) > 1:
+            return f"{len(workers)} TPU workers ({name})"
+    return None
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = -1,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import configuration, sample, writers
+from diffusion_jax import configuration, parallel, sample, writers
 from diffusion_jax.data import captions
 from diffusion_jax.models.classifier import AttributeClassifier
 
@@ -332,6 +332,7 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     the run's checkpoint (tests use a renderer of the prompts' attributes, or noise)."""
     from diffusion_jax import evaluate  # evaluate dispatches here; import it late
 
+    log = log if parallel.is_writer() else evaluate._quiet  # process 0 reports
     configuration.validate(config)
     validate(config)
     e, s = config.evaluation, config.sampling
@@ -353,7 +354,7 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
         for offset in range(0, e.num_samples, e.batch_size):
             chunk = slice(offset, min(offset + e.batch_size, e.num_samples))
             images = generate(jax.random.fold_in(key, offset), prompts[chunk], attributes[chunk])
-            images = evaluate._quantize(np.asarray(images))
+            images = evaluate._quantize(parallel.to_host(images))
             for name, value in classify(images).items():
                 predicted[name].append(value)
         predicted = {name: np.concatenate(v) for name, v in predicted.items()}
@@ -382,8 +383,10 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     }
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts"
     out_path = os.path.join(workdir, "eval", name + ".json")
-    sample.save_json(out_path, results)
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log)
+    if parallel.is_writer():
+        sample.save_json(out_path, results)
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                  enabled=parallel.is_writer())
     scalars = {}
     for result in per_scale:
         prefix = f"eval/prompts/cfg{result['guidance_scale']:g}"

@@ -590,14 +590,6 @@ def empty_running_metrics(mesh):
                           parallel.replicated(mesh))
 
 
-def _to_host(x):
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     """Train from ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
@@ -739,7 +731,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                     generate = jax.jit(sample.make_generate_fn(config, model, example_shape,
                                                                num_classes, mesh=mesh),
                                        static_argnums=2)
-                images = _to_host(generate(state.ema_params,
+                images = parallel.to_host(generate(state.ema_params,
                                            jax.random.key(config.sampling.seed),
                                            config.sampling.num_samples))
                 if is_writer and len(example_shape) == 3:

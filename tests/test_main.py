@@ -280,3 +280,28 @@ def test_cli_rejects_unknown_override(tmp_path):
     assert run.returncode != 0
     assert "num_stepz" in run.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_a_url_workdir_is_refused_with_what_to_use():
+    run = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/tiny.py", "--workdir=gs://bucket/run"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 2
+    assert "is a URL" in run.stderr and "gcsfuse" in run.stderr
+
+
+def test_a_launch_of_several_processes_joins_them_or_says_how(tmp_path):
+    """Under srun with two tasks (and nothing else JAX can read the coordinator from), main.py
+    tries to join the others instead of training alone into the shared workdir, and says how to
+    name the coordinator or run alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))
+           and k != "JAX_COORDINATOR_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+        cwd=ROOT, env={**env, "PYTHONPATH": ROOT, "SLURM_STEP_NUM_TASKS": "2"},
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "joining a run of several processes: srun started 2 processes" in run.stdout
+    assert "coordinator_address" in run.stderr and "auto_detect=False" in run.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")

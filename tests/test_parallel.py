@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import parallel, sample, train
+from diffusion_jax import checkpoints, parallel, sample, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,10 +50,16 @@ def _config(**overrides):
     return config
 
 
-# name -> config overrides; every variant must train to the single-device result.
+# Dropout in the network: its masks are drawn for the whole batch (threefry), so the jit path
+# gives the same result with it on any mesh. Under shard_map each device draws its own masks,
+# which changes the result; those variants run without dropout.
+DROPOUT = dict(model__dropout=0.1)
+
+# name -> config overrides; every variant must train to the single-device run of the same
+# config without the mesh settings (with or without DROPOUT).
 VARIANTS = {
-    "data8": dict(mesh__data=8, mesh__fsdp=1),
-    "data2_fsdp4": dict(mesh__data=2, mesh__fsdp=4),
+    "data8": dict(mesh__data=8, mesh__fsdp=1, **DROPOUT),
+    "data2_fsdp4": dict(mesh__data=2, mesh__fsdp=4, **DROPOUT),
     "shard_map8": dict(mesh__data=8, mesh__fsdp=1, mesh__train_step="shard_map"),
     # shard_map over a data x fsdp mesh, 2 microbatches per step, 2 steps per device call.
     "shard_map_fsdp_accum_scan": dict(mesh__data=4, mesh__fsdp=2, mesh__train_step="shard_map",
@@ -87,7 +93,8 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
     # Sampling spreads the batch over all 8 devices and gives what a single device gives.
     from diffusion_jax import parallel, sample
-    config = _config()
+    from tests.test_parallel import DROPOUT
+    config = _config(**DROPOUT)
     restored, model, shape, num_classes = train.restore_run(config, sys.argv[1] + "/data8")
     spread = sample.make_generate_fn(config, model, shape, num_classes,
                                      mesh=parallel.make_mesh(-1, 1))
@@ -97,13 +104,25 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+def _reference(overrides):
+    return "dropout" if "model__dropout" in overrides else "plain"
+
+
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory):
-    """The reference: the 4-step run of ``_config()`` on one device (its state and log)."""
-    workdir = tmp_path_factory.mktemp("one")
-    lines = []
-    state = train.train_and_evaluate(_config(), str(workdir), log=lines.append)
-    return state, lines, workdir
+    """The references, run when first asked for: ``single_device_run["plain" | "dropout"]`` is
+    ``(state, log lines, workdir)`` of the 4-step run of ``_config()`` on one device, without or
+    with DROPOUT."""
+    class Runs(dict):
+        def __missing__(self, name):
+            workdir = tmp_path_factory.mktemp(name)
+            lines = []
+            state = train.train_and_evaluate(_config(**({} if name == "plain" else DROPOUT)),
+                                             str(workdir), log=lines.append)
+            self[name] = state, lines, workdir
+            return self[name]
+
+    return Runs()
 
 
 def _logged(output_lines):
@@ -117,7 +136,7 @@ def _logged(output_lines):
 
 
 def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_device_run):
-    single, lines, one_dir = single_device_run
+    single, _, one_dir = single_device_run["plain"]
     os.symlink(one_dir, tmp_path / "one")
 
     env = {**os.environ, "PYTHONPATH": ROOT,
@@ -133,17 +152,23 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
     # The logged loss and gradient norm (averages over steps 1-2 and 3-4) agree to the digits
     # shown (4 and 3 decimals); a gradient summed rather than averaged over devices would show in
     # grad_norm.
-    expected_log = _logged(lines)
-    assert expected_log.shape == (2, 2)
-    for name in VARIANTS:
+    for name, overrides in VARIANTS.items():
+        expected_log = _logged(single_device_run[_reference(overrides)][1])
+        assert expected_log.shape == (2, 2)
         own = [line[len(name) + 1:] for line in run.stdout.splitlines()
                if line.startswith(name + " step ")]
         np.testing.assert_allclose(_logged(own), expected_log, rtol=2e-3, err_msg=name)
+    # Dropout changes the parameters far beyond the tolerance below (the logged losses hardly:
+    # it acts before convolutions that start at zero), so the dropout variants check its masks.
+    with_dropout = single_device_run["dropout"][0].params["up_1_res_0"]["conv_1"]["kernel"]
+    assert not np.allclose(with_dropout, single.params["up_1_res_0"]["conv_1"]["kernel"],
+                           rtol=1e-4, atol=1e-5)
 
     states = np.load(tmp_path / "states.npz")
-    leaves = jax.tree_util.tree_flatten_with_path(single)[0]
     compared = 0
-    for name in VARIANTS:
+    for name, overrides in VARIANTS.items():
+        leaves = jax.tree_util.tree_flatten_with_path(
+            single_device_run[_reference(overrides)][0])[0]
         for i, (path, expected) in enumerate(leaves):
             where = jax.tree_util.keystr(path)
             actual, expected = states[f"{name}/{i}"], np.asarray(expected)
@@ -161,18 +186,19 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
     # 1 -> 8: the single-device checkpoint, restored on 8 devices with fsdp, is the same state.
     assert "restored on 8 devices" in run.stdout
     assert "'fsdp'" in run.stdout.split("restored on 8 devices, specs")[1].split("\n")[0]
-    for i, (path, expected) in enumerate(leaves):
+    for i, (path, expected) in enumerate(jax.tree_util.tree_flatten_with_path(single)[0]):
         np.testing.assert_array_equal(states[f"one_on_8/{i}"], np.asarray(expected),
                                       err_msg=jax.tree_util.keystr(path))
 
     assert "sample devices 8" in run.stdout
-    restored, model, shape, num_classes = train.restore_run(_config(), str(tmp_path / "data8"))
-    single_device = sample.make_generate_fn(_config(), model, shape, num_classes)(
+    restored, model, shape, num_classes = train.restore_run(_config(**DROPOUT),
+                                                            str(tmp_path / "data8"))
+    single_device = sample.make_generate_fn(_config(**DROPOUT), model, shape, num_classes)(
         restored.ema_params, jax.random.key(0), 16)
     np.testing.assert_allclose(np.load(tmp_path / "samples8.npy"), single_device, atol=1e-5)
 
     # 8 -> 1: a checkpoint written on 8 devices (sharded over fsdp) restores on this device.
-    state, *_ = train.restore_run(_config(), str(tmp_path / "data2_fsdp4"))
+    state, *_ = train.restore_run(_config(**DROPOUT), str(tmp_path / "data2_fsdp4"))
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(leaf), states[f"data2_fsdp4/{i}"])
 
@@ -228,39 +254,55 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow  # two processes each compile the step: about 90 s on two cores
-def test_two_processes_match_one_process(tmp_path, single_device_run):
-    """jax.distributed on localhost: 2 processes with 4 CPU devices each (gloo collectives),
-    launched through main.py as on a pod's workers, each reading only its share of the data."""
-    single, lines, _ = single_device_run
+def _launch(flags, processes, devices_each, timeout=600):
+    """main.py run as ``processes`` processes on localhost (``devices_each`` CPU devices each,
+    gloo collectives), joined through jax.distributed as a pod's workers are; their outputs."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
-    flags = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
-             "--config.data.batch_size=16", "--config.training.num_steps=4",
-             "--config.training.checkpoint_every=4", "--config.distributed.initialize=True",
+    env = {**os.environ,
+           "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_each}")}
+    flags = [*flags, "--config.distributed.initialize=True",
              f"--config.distributed.coordinator_address=localhost:{port}",
-             "--config.distributed.num_processes=2"]
+             f"--config.distributed.num_processes={processes}"]
     procs = [subprocess.Popen([sys.executable, "main.py", *flags,
                                f"--config.distributed.process_id={i}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
-             for i in range(2)]
+             for i in range(processes)]
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             proc.kill()
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {i}:\n{out[-3000:]}"
+    return outputs
+
+
+# Two processes each compile the step and a sampler (about 30 s on two cores); the criterion of
+# multi-host training, so it runs in the default suite.
+def test_two_processes_match_one_process(tmp_path, single_device_run):
+    """jax.distributed on localhost: 2 processes with 4 CPU devices each, launched through
+    main.py as on a pod's workers, each reading only its share of the data; then --mode=sample
+    over both processes' devices."""
+    single, lines, _ = single_device_run["dropout"]
+    workdir = tmp_path / "run"
+    outputs = _launch(["--config=configs/tiny.py", f"--workdir={workdir}",
+                       f"--config.model.dropout={DROPOUT['model__dropout']}",
+                       "--config.data.batch_size=16", "--config.training.num_steps=4",
+                       "--config.training.checkpoint_every=4",
+                       "--config.training.sample_every=4", "--config.sampling.num_samples=8"],
+                      processes=2, devices_each=4)
     # Process 0 writes the log; it shows the 8 devices of both processes.
     assert "over 8 cpu device(s)" in outputs[0]
     assert not [line for line in outputs[1].splitlines() if line.startswith("step ")]
     np.testing.assert_allclose(_logged(outputs[0].splitlines()), _logged(lines), rtol=2e-3)
+    # The periodic grid: 8 samples spread over the 8 devices of two processes, gathered.
+    assert os.path.exists(workdir / "samples" / "step_00000004.png")
 
     # The checkpoint both processes wrote restores on one device and equals the 1-process run.
-    state, *_ = train.restore_run(_config(), str(tmp_path / "run"))
+    state, *_ = train.restore_run(_config(**DROPOUT), str(workdir))
     for (path, expected), actual in zip(jax.tree_util.tree_flatten_with_path(single)[0],
                                         jax.tree_util.tree_leaves(state)):
         where = jax.tree_util.keystr(path)
@@ -268,3 +310,39 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
             np.testing.assert_array_equal(actual, expected, err_msg=where)
         else:
             np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5, err_msg=where)
+
+    # Resuming that run in one process: each of the two saved its own data position, so it says
+    # to resume with two (before Orbax fails on a missing file).
+    with pytest.raises(checkpoints.CheckpointError, match=r"written by 2 process\(es\), this "
+                       r"run has 1.*resumes only with 2"):
+        train.train_and_evaluate(_config(**DROPOUT, training__num_steps=8), str(workdir),
+                                 log=lambda line: None)
+
+    # --mode=sample from that checkpoint over both processes' devices: gathered, written once
+    # (by process 0), and the same samples as one device generates.
+    outputs = _launch(["--config=configs/tiny.py", f"--workdir={workdir}", "--mode=sample",
+                       f"--config.model.dropout={DROPOUT['model__dropout']}",
+                       "--config.sampling.num_samples=8"], processes=2, devices_each=4)
+    assert "wrote" in outputs[0] and "wrote" not in outputs[1], outputs
+    (written,) = (workdir / "samples").glob("*.npz")
+    _, model, shape, num_classes = train.restore_run(_config(**DROPOUT), str(workdir))
+    config = _config(**DROPOUT)
+    config.sampling.num_samples = 8
+    expected = sample.make_generate_fn(config, model, shape, num_classes)(
+        state.ema_params, jax.random.key(config.sampling.seed), 8)
+    np.testing.assert_allclose(np.load(written)["samples"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, None),  # a batch script's shell: one process
+    ({"SLURM_STEP_NUM_TASKS": "1"}, None),
+    ({"SLURM_STEP_NUM_TASKS": "4"}, "srun started 4 processes"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "mpirun started 2 processes"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}, "4 TPU workers"),
+    ({"JAX_COORDINATOR_ADDRESS": "node0:1234"}, "JAX_COORDINATOR_ADDRESS=node0:1234"),
+])
+def test_launches_of_several_processes_are_recognised(environ, expected):
+    found = parallel.launched_processes(environ)
+    assert found is None if expected is None else expected in found
