@@ -105,8 +105,8 @@ def comparison(train, sample, torch):
                          f"{_ratio(full.get('images_per_s'), 3 * compiled)} of that")
     lines.append("")
     lines.append("| model | sampling, bf16, denoiser evaluations/s | diffusion_jax | PyTorch | "
-                 "ratio |")
-    lines.append("| --- | --- | --- | --- | --- |")
+                 "ratio | MFU (own peak) |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
     for row in (r for r in (sample or {}).get("rows", []) if r.get("dtype") == "bfloat16"):
         reference = (torch or {}).get(TORCH_NAMES.get(row["model"], ""), {})
         compiled = reference.get("sample_bf16_compiled_evals_per_s")
@@ -114,7 +114,8 @@ def comparison(train, sample, torch):
         lines.append(f"| {row['model']} | {row.get('method')} in a lax.scan, {row.get('steps')} "
                      f"steps, batch {row.get('batch')} | {_number(row.get('evaluations_per_s'))} | "
                      f"{_number(compiled)} (compiled), {_number(eager)} (eager) | "
-                     f"{_ratio(row.get('evaluations_per_s'), compiled)} |")
+                     f"{_ratio(row.get('evaluations_per_s'), compiled)} | "
+                     f"{_percent(row.get('mfu'))} |")
         if compiled:
             goals.append(f"{row['model']}: sampling goal, 2x PyTorch compiled = "
                          f"{_number(2 * compiled)} evaluations/s; the sampler is at "

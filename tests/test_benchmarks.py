@@ -48,8 +48,13 @@ def test_train_throughput_with_every_option():
 
 def test_sample_throughput():
     _run("sample_throughput.py", "--steps", "2", "--name", "test_sample_throughput")
-    rows = _rows("test_sample_throughput")
-    assert rows[0]["model"] == "tiny"
+    (row,) = _rows("test_sample_throughput")
+    assert row["model"] == "tiny" and row["evaluations_per_s"] > 0
+    # Guided (tiny has classes): both branches of each of 2 steps are evaluations.
+    assert row["guided"] and row["gflop_per_evaluation"] > 0 and 0 < row["mfu"] < 1
+    assert row["achieved_tflops"] == pytest.approx(
+        row["evaluations_per_s"] * row["gflop_per_evaluation"] / 1e3)
+    assert row["gflop_per_evaluation_xla"] > 0
 
 
 def test_compiled_kernels_counts_what_a_step_launches():

@@ -20,7 +20,7 @@ TRAIN = {"device": "1 x NVIDIA H200 (gpu)", "jax": "0.11.2", "matmul_peak_tflops
               "images_per_s": 3000.0, "achieved_tflops": 112.0, "mfu": 0.14}]}
 SAMPLE = {"device": "1 x NVIDIA H200 (gpu)", "jax": "0.11.2", "rows": [
     {"model": "ddpm_cifar10", "dtype": "bfloat16", "batch": 1024, "method": "ddim", "steps": 50,
-     "evaluations_per_s": 29100.0}]}
+     "evaluations_per_s": 29100.0, "mfu": 0.452}]}
 TORCH = {"device": "NVIDIA H200", "torch": "2.11.0", "bf16_matmul_tflops": 700.0,
          "ddpm_cifar10_unet": {"fwd_gflops_per_sample": 12.44, "train_bf16_autocast_img_s": 2000.0,
                                "train_bf16_compiled_img_s": 3000.0,
@@ -45,7 +45,7 @@ def test_ratios_and_mfu_come_from_the_files():
     # 3000 images/s x 3 x 12.44 GFLOP / 700 TFLOP/s
     assert _row(lines, "PyTorch's own MFU")[5] == "16.0%"
     sampling = _row(lines, "ddim in a lax.scan")
-    assert sampling[2:] == ["29,100", "19,400 (compiled), 8,000 (eager)", "1.50x"]
+    assert sampling[2:] == ["29,100", "19,400 (compiled), 8,000 (eager)", "1.50x", "45.2%"]
     assert not any("float32" in line for line in lines)  # the table is about bf16
     # the issue's bars: the plain step's rate on the same card, 3x and 2x PyTorch compiled
     assert "ddpm_cifar10: the full step runs at 0.91x the plain jit step's rate" in lines[-3]
@@ -59,8 +59,9 @@ def test_different_cards_are_flagged_and_missing_parts_are_empty():
     lines = comparison(TRAIN, None, {**TORCH, "device": "NVIDIA H100 80GB HBM3"})
     assert any(line.startswith("WARNING: the two ran on different cards") for line in lines)
     assert comparison(None, None, TORCH)[-2:] == [
-        "| model | sampling, bf16, denoiser evaluations/s | diffusion_jax | PyTorch | ratio |",
-        "| --- | --- | --- | --- | --- |"]
+        "| model | sampling, bf16, denoiser evaluations/s | diffusion_jax | PyTorch | ratio | "
+        "MFU (own peak) |",
+        "| --- | --- | --- | --- | --- | --- |"]
     lines = comparison(TRAIN, SAMPLE, None)
     assert _row(lines, "full step")[3:5] == ["n/a (compiled)", "n/a"]
 
