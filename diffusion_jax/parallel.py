@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = ["AXES", "MeshError", "mesh_shape", "make_mesh", "batch_sharding", "replicated",
            "state_shardings", "global_batch", "stacked_batch_sharding", "shard_map",
            "DevicePrefetcher", "initialize_distributed", "launched_processes", "global_norm",
-           "to_host", "is_writer"]
+           "process_batch_slot", "to_host", "is_writer"]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -127,6 +127,32 @@ def global_norm(tree: Any, *, concat_below: float = 0) -> jax.Array:
         vector = jax.lax.optimization_barrier(jnp.concatenate(together))
         total = total + jnp.sum(jnp.square(vector))
     return jnp.sqrt(total)
+
+
+def process_batch_slot(mesh: Mesh, global_batch: int, *, devices: Optional[Sequence] = None,
+                       index: Optional[int] = None, count: Optional[int] = None) -> tuple:
+    """``(slot, count)``: the rows of a global batch that the mesh puts on this process's devices
+    are the ``slot``-th of ``count`` (the process count) equal contiguous slices of it, so the
+    process reads that slice of each global batch and every example lands on the device a single
+    process would put it on. On a pod the mesh orders devices by the physical topology, which
+    need not follow the process index. When the rows are not one such slice (an unusual device
+    order), the slot is the process index: each global batch is still read exactly once, in
+    another arrangement. ``devices``, ``index`` and ``count`` (default: this process's
+    addressable devices, index and the process count) let a test pose as one process of many."""
+    count = jax.process_count() if count is None else count
+    index = jax.process_index() if index is None else index
+    if count == 1:
+        return 0, 1
+    devices = set(mesh.local_devices if devices is None else devices)
+    rows = set()
+    for device, where in batch_sharding(mesh).devices_indices_map((global_batch,)).items():
+        if device in devices:
+            rows.update(range(*where[0].indices(global_batch)))
+    local = global_batch // count
+    first = min(rows)
+    if len(rows) == local and first % local == 0 and rows == set(range(first, first + local)):
+        return first // local, count
+    return index, count
 
 
 def to_host(x) -> np.ndarray:

@@ -610,9 +610,11 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
         raise configuration.ConfigError(
             f"config.data.batch_size={config.data.batch_size} does not split over "
             f"{process_count} processes")
+    # This process's slice of every global batch: the rows the mesh puts on its devices.
+    slot, _ = parallel.process_batch_slot(mesh, config.data.batch_size)
     iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
                                   max_length=config.text.max_length,
-                                  seed=config.seed, shard_index=process_index,
+                                  seed=config.seed, shard_index=slot,
                                   shard_count=process_count,
                                   worker_count=config.data.worker_count)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)

@@ -346,3 +346,32 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
 def test_launches_of_several_processes_are_recognised(environ, expected):
     found = parallel.launched_processes(environ)
     assert found is None if expected is None else expected in found
+
+
+_BATCH_SLOTS = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from diffusion_jax import parallel
+    devices = jax.devices()
+    owners = {0: devices[:4], 1: devices[4:]}  # posing as two processes of 4 devices each
+    def slots(order, shape=(8, 1)):
+        mesh = Mesh(np.array([devices[i] for i in order]).reshape(shape), parallel.AXES)
+        return [parallel.process_batch_slot(mesh, 16, devices=owners[p], index=p, count=2)[0]
+                for p in (0, 1)]
+    print("natural", slots(range(8)), slots(range(8), (2, 4)))
+    print("reversed", slots(range(7, -1, -1)))
+    print("interleaved", slots([0, 4, 1, 5, 2, 6, 3, 7]))
+""")
+
+
+def test_each_process_reads_the_rows_the_mesh_gives_its_devices():
+    """A process's slice of the global batch follows where the mesh puts its devices (a pod's
+    topology-ordered mesh need not follow the process index), so every example reaches the
+    device one process would send it to; with rows that are no single slice, the index."""
+    env = {**os.environ, "PYTHONPATH": ROOT,
+           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
+    run = subprocess.run([sys.executable, "-c", _BATCH_SLOTS], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == ["natural [0, 1] [0, 1]", "reversed [1, 0]",
+                                       "interleaved [0, 1]"]
