@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, forward_flops,
                     matmul_peak_tflops, on_accelerator, report, time_calls)
-from diffusion_jax import sample
+from diffusion_jax import configuration, sample, samplers
 
 
 def _xla_forward_flops(model, params, shape, num_classes, batch):
@@ -43,13 +43,17 @@ def measure(name, dtype, batch, num_steps, method, attention="xla"):
     key = jax.random.key(0)
     seconds = time_calls(lambda: generate(state.ema_params, key, batch), iterations=3, warmup=1)
     branches = 2 if num_classes else 1
-    evaluations_per_s = batch * branches * num_steps / seconds
+    schedule = configuration.build_schedule(config)
+    times = samplers.time_grid(schedule, num_steps, config.sampling.grid)
+    per_sample = samplers.number_of_evaluations(method, times, schedule)  # Heun: about 2x steps
+    evaluations_per_s = batch * branches * per_sample / seconds
     flops = forward_flops(model, shape, num_classes, CONTEXT.get(name))  # per evaluation
     xla = (None if name in CONTEXT else
            _xla_forward_flops(model, state.ema_params, shape, num_classes, batch))
     return {"model": name, "dtype": dtype, "batch": batch, "method": method,
             "attention": attention,
-            "steps": num_steps, "guided": bool(num_classes),
+            "steps": num_steps, "evaluations_per_sample": branches * per_sample,
+            "guided": bool(num_classes),
             "evaluations_per_s": evaluations_per_s,
             "samples_per_s": batch / seconds,
             "gflop_per_evaluation": flops / 1e9,
