@@ -62,6 +62,35 @@ def run_sample(config, workdir):
     print(f"wrote {' and '.join(written)}")
 
 
+def _check_same_run(config, workdir, launched):
+    """The processes of one run must have the same workdir, mode and config (but for the
+    ``distributed`` group, which names each process); separate runs that one launcher started (a
+    sweep under srun) must not train as one."""
+    import hashlib
+    import json
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    settings = {k: v for k, v in config.to_dict().items() if k != "distributed"}
+    text = json.dumps([os.path.abspath(workdir), FLAGS.mode, settings], sort_keys=True,
+                      default=str)
+    try:
+        multihost_utils.assert_equal(
+            np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8))
+    except AssertionError:
+        fix = ("for separate runs started by one launcher, add "
+               "--config.distributed.auto_detect=False" if launched else
+               "give every process the same command")
+        print(f"error: the {jax.process_count()} processes of this run were not all given the "
+              f"same --workdir, --mode and config, and they train one run together; {fix}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -94,6 +123,7 @@ def main(argv):
                   + (", or --config.distributed.auto_detect=False to run alone" if launched
                      else ""), file=sys.stderr)
             sys.exit(2)
+        _check_same_run(config, workdir, launched)
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)

@@ -120,7 +120,9 @@ def get_config():
     # the same data with --mode=train_classifier, or of FID's Inception-v3.
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.num_samples = 2_000  # generated samples (and data examples) per metric
-    config.evaluation.batch_size = 500  # generation batch
+    # Generation batch; a multiple of the device count spreads it over all devices (512 divides
+    # every power of two up to 512), otherwise every device generates all of it.
+    config.evaluation.batch_size = 512
     config.evaluation.classifier_dir = ""  # "" = WORKDIR/classifier
     # Features for the Fréchet distance and precision/recall: "classifier" (the one above) or
     # "inception" (FID's Inception-v3, from pytorch-fid's weights file, which you provide).

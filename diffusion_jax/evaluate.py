@@ -132,9 +132,9 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     if jax.process_count() > 1:
         raise EvaluationError(
             "--mode=train_classifier runs in a single process (the classifier is small), this "
-            f"is one of {jax.process_count()}: run it on one host without "
-            "--config.distributed.initialize (and with --config.distributed.auto_detect=False "
-            "under a launcher of several processes); --mode=eval then reads it on every host")
+            f"is one of {jax.process_count()}: run it as one task (e.g. `srun -n1`, or plain "
+            "python on one host) without --config.distributed.initialize; --mode=eval then "
+            "reads it on every host")
     if sample.is_text_model(config):
         from diffusion_jax import prompt_eval
 
@@ -214,6 +214,9 @@ def reference_features(config, workdir, extract, num):
     ``workdir/eval`` so later evaluations skip recomputing them."""
     name = config.evaluation.feature_extractor
     path = os.path.join(workdir, "eval", f"reference_{name}_{config.data.split}_{num}.npz")
+    # Processes may differ in finding this cache (process 0 writes it): harmless while feature
+    # extraction runs on each process's own devices, as it does; a mesh-wide extractor would
+    # have to agree on it first.
     if os.path.exists(path):
         return np.load(path)["features"]
     source = configuration.build_source(config.data)

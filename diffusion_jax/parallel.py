@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,30 +129,35 @@ def global_norm(tree: Any, *, concat_below: float = 0) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def process_batch_slot(mesh: Mesh, global_batch: int, *, devices: Optional[Sequence] = None,
-                       index: Optional[int] = None, count: Optional[int] = None) -> tuple:
+def process_batch_slot(mesh: Mesh, global_batch: int, *,
+                       process_of: Optional[Callable[[Any], int]] = None,
+                       process: Optional[int] = None) -> tuple:
     """``(slot, count)``: the rows of a global batch that the mesh puts on this process's devices
     are the ``slot``-th of ``count`` (the process count) equal contiguous slices of it, so the
     process reads that slice of each global batch and every example lands on the device a single
     process would put it on. On a pod the mesh orders devices by the physical topology, which
-    need not follow the process index. When the rows are not one such slice (an unusual device
-    order), the slot is the process index: each global batch is still read exactly once, in
-    another arrangement. ``devices``, ``index`` and ``count`` (default: this process's
-    addressable devices, index and the process count) let a test pose as one process of many."""
-    count = jax.process_count() if count is None else count
-    index = jax.process_index() if index is None else index
+    need not follow the process index. Every process works this out for all of them from the
+    mesh, so they agree: when some process's rows are not one such slice (an unusual device
+    order), every slot is the process index, and each global batch is still read exactly once,
+    in another arrangement. ``process_of(device)`` (default: its ``process_index``) and
+    ``process`` (default: this one's index) let a test pose as one of several processes."""
+    process_of = process_of or (lambda device: device.process_index)
+    process = jax.process_index() if process is None else process
+    rows = {}
+    for device, where in batch_sharding(mesh).devices_indices_map((global_batch,)).items():
+        rows.setdefault(process_of(device), set()).update(
+            range(*where[0].indices(global_batch)))
+    count = len(rows)
     if count == 1:
         return 0, 1
-    devices = set(mesh.local_devices if devices is None else devices)
-    rows = set()
-    for device, where in batch_sharding(mesh).devices_indices_map((global_batch,)).items():
-        if device in devices:
-            rows.update(range(*where[0].indices(global_batch)))
     local = global_batch // count
-    first = min(rows)
-    if len(rows) == local and first % local == 0 and rows == set(range(first, first + local)):
-        return first // local, count
-    return index, count
+    slots = {}
+    for owner, own in rows.items():
+        first = min(own)
+        if len(own) != local or first % local or own != set(range(first, first + local)):
+            return process, count
+        slots[owner] = first // local
+    return slots[process], count
 
 
 def to_host(x) -> np.ndarray:

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import warnings
 import tempfile
 
 import jax
@@ -167,6 +168,11 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
         noise = jax.random.normal(key_noise, (num,) + tuple(example_shape), jnp.float32)
         if mesh is not None and num % mesh.devices.size == 0:
             noise = jax.lax.with_sharding_constraint(noise, parallel.batch_sharding(mesh))
+        elif mesh is not None and mesh.devices.size > 1:  # said once, when this num compiles
+            warnings.warn(
+                f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
+                f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
+                "for a multiple to spread it (same results, less time and memory per device)")
         return samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
                                num_steps=sampling.num_steps, grid=sampling.grid,
                                key=key_sampler).samples

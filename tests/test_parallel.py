@@ -254,9 +254,10 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _launch(flags, processes, devices_each, timeout=600):
+def _launch(flags, processes, devices_each, timeout=600, returncode=0, per_process=None):
     """main.py run as ``processes`` processes on localhost (``devices_each`` CPU devices each,
-    gloo collectives), joined through jax.distributed as a pod's workers are; their outputs."""
+    gloo collectives), joined through jax.distributed as a pod's workers are; their outputs
+    (each process must exit with ``returncode``; ``per_process(i)`` adds flags to process i)."""
     port = _free_port()
     env = {**os.environ,
            "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_each}")}
@@ -264,7 +265,8 @@ def _launch(flags, processes, devices_each, timeout=600):
              f"--config.distributed.coordinator_address=localhost:{port}",
              f"--config.distributed.num_processes={processes}"]
     procs = [subprocess.Popen([sys.executable, "main.py", *flags,
-                               f"--config.distributed.process_id={i}"],
+                               f"--config.distributed.process_id={i}",
+                               *(per_process(i) if per_process else [])],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
              for i in range(processes)]
@@ -276,7 +278,7 @@ def _launch(flags, processes, devices_each, timeout=600):
         for proc in procs:
             proc.kill()
     for i, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {i}:\n{out[-3000:]}"
+        assert proc.returncode == returncode, f"process {i}:\n{out[-3000:]}"
     return outputs
 
 
@@ -353,14 +355,15 @@ _BATCH_SLOTS = textwrap.dedent("""
     from jax.sharding import Mesh
     from diffusion_jax import parallel
     devices = jax.devices()
-    owners = {0: devices[:4], 1: devices[4:]}  # posing as two processes of 4 devices each
-    def slots(order, shape=(8, 1)):
+    def slots(order, processes=2, shape=(8, 1)):  # posing as processes of 8 // processes devices
+        owner = {d: i * processes // 8 for i, d in enumerate(devices)}
         mesh = Mesh(np.array([devices[i] for i in order]).reshape(shape), parallel.AXES)
-        return [parallel.process_batch_slot(mesh, 16, devices=owners[p], index=p, count=2)[0]
-                for p in (0, 1)]
-    print("natural", slots(range(8)), slots(range(8), (2, 4)))
+        return [parallel.process_batch_slot(mesh, 16, process_of=owner.get, process=p)[0]
+                for p in range(processes)]
+    print("natural", slots(range(8)), slots(range(8), shape=(2, 4)))
     print("reversed", slots(range(7, -1, -1)))
     print("interleaved", slots([0, 4, 1, 5, 2, 6, 3, 7]))
+    print("four", slots([2, 3, 0, 1, 6, 7, 4, 5], 4), slots([2, 4, 0, 1, 3, 5, 6, 7], 4))
 """)
 
 
@@ -373,5 +376,66 @@ def test_each_process_reads_the_rows_the_mesh_gives_its_devices():
     run = subprocess.run([sys.executable, "-c", _BATCH_SLOTS], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    # With four processes, one whose rows are no single slice sends all of them to their index
+    # (otherwise two would read the same slice).
     assert run.stdout.splitlines() == ["natural [0, 1] [0, 1]", "reversed [1, 0]",
-                                       "interleaved [0, 1]"]
+                                       "interleaved [0, 1]", "four [1, 0, 3, 2] [0, 1, 2, 3]"]
+
+
+def test_training_reads_the_slice_the_mesh_gives_this_process(monkeypatch, tmp_path):
+    """train_and_evaluate asks process_batch_slot which slice of the global batch to read."""
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def make_iterator(source, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(parallel, "process_batch_slot", lambda mesh, batch: (3, 4))
+    monkeypatch.setattr(train.data, "make_iterator", make_iterator)
+    with pytest.raises(Stop):
+        train.train_and_evaluate(_config(), str(tmp_path))
+    assert asked["shard_index"] == 3
+
+
+def test_processes_given_different_runs_are_refused(tmp_path):
+    """Joined processes must run one command: different workdirs (a sweep started by one
+    launcher) stop before training, on every process."""
+    outputs = _launch(["--config=configs/tiny.py"], processes=2, devices_each=1, timeout=300,
+                      returncode=2, per_process=lambda i: [f"--workdir={tmp_path / str(i)}"])
+    for out in outputs:
+        assert "not all given the same --workdir, --mode and config" in out
+    assert not (tmp_path / "0" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # a training run, a classifier and two processes compiling the sampler
+def test_two_processes_evaluate_like_one(tmp_path):
+    """--mode=eval over two processes (4 devices each): the metrics equal one process's, and
+    only process 0 reports and writes them. The second batch of 8 does not split over the 8
+    devices and is generated whole on each."""
+    import json
+
+    from diffusion_jax import evaluate
+
+    config = _config(training__num_steps=2, classifier__num_steps=20,
+                     classifier__batch_size=32, evaluation__num_samples=24,
+                     evaluation__batch_size=16)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir), log=lambda line: None)
+    evaluate.train_classifier(config, str(workdir), log=lambda line: None)
+    outputs = _launch(["--config=configs/tiny.py", f"--workdir={workdir}", "--mode=eval",
+                       "--config.data.batch_size=16", "--config.evaluation.num_samples=24",
+                       "--config.evaluation.batch_size=16"], processes=2, devices_each=4)
+    assert "frechet_distance" in outputs[0] and "frechet_distance" not in outputs[1]
+    (written,) = (workdir / "eval").glob("step2_*.json")
+    two = json.loads(written.read_text())
+    one = evaluate.evaluate(config, str(workdir), log=lambda line: None)
+    del one["generation_and_scoring_seconds"]
+    assert set(one) <= set(two) and "frechet_distance" in one
+    for key, value in one.items():
+        if isinstance(value, float):
+            np.testing.assert_allclose(two[key], value, rtol=1e-5, err_msg=key)
+        else:
+            assert two[key] == value, key
