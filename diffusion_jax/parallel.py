@@ -254,8 +254,9 @@ def launched_processes(environ: Optional[Mapping[str, str]] = None) -> Optional[
         return f"JAX_COORDINATOR_ADDRESS={environ['JAX_COORDINATOR_ADDRESS']}"
     for name, launcher in (("SLURM_STEP_NUM_TASKS", "srun"),
                            ("OMPI_COMM_WORLD_SIZE", "mpirun")):
-        if _count(environ, name) > 1:
-            return f"{launcher} started {_count(environ, name)} processes ({name})"
+        count = _count(environ, name)
+        if count > 1:
+            return f"{launcher} started {count} processes ({name})"
     for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
         workers = [w for w in environ.get(name, "").split(",") if w.strip()]
         if len(workers) > 1:

@@ -6,8 +6,8 @@ import functools
 import json
 import math
 import os
-import warnings
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp

@@ -605,7 +605,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
     t = config.training
     learning_rate = learning_rate_schedule(t.learning_rate, t.warmup_steps)
 
-    process_count, process_index = jax.process_count(), jax.process_index()
+    process_count = jax.process_count()
     if config.data.batch_size % process_count:
         raise configuration.ConfigError(
             f"config.data.batch_size={config.data.batch_size} does not split over "
@@ -641,7 +641,7 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
         # position of the last batch used, not of those waiting.
         iterator = parallel.DevicePrefetcher(iterator, mesh, size=t.prefetch, stack=per_call)
 
-        is_writer = process_index == 0
+        is_writer = parallel.is_writer()
         writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                       enabled=is_writer)
         config_path = os.path.join(workdir, "config.json")
@@ -734,8 +734,8 @@ def train_and_evaluate(config, workdir: str, *, log=_print_now) -> TrainState:
                                                                num_classes, mesh=mesh),
                                        static_argnums=2)
                 images = parallel.to_host(generate(state.ema_params,
-                                           jax.random.key(config.sampling.seed),
-                                           config.sampling.num_samples))
+                                                   jax.random.key(config.sampling.seed),
+                                                   config.sampling.num_samples))
                 if is_writer and len(example_shape) == 3:
                     grid = sample.save_grid(images, os.path.join(workdir, "samples",
                                                                  f"step_{step:08d}.png"))

@@ -51,7 +51,8 @@ def test_sample_throughput():
     (row,) = _rows("test_sample_throughput")
     assert row["model"] == "tiny" and row["evaluations_per_s"] > 0
     # Guided (tiny has classes): both branches of each of 2 steps are evaluations.
-    assert row["guided"] and row["gflop_per_evaluation"] > 0 and 0 < row["mfu"] < 1
+    assert row["guided"] and row["evaluations_per_sample"] == 2 * 2
+    assert row["gflop_per_evaluation"] > 0 and 0 < row["mfu"] < 1
     assert row["achieved_tflops"] == pytest.approx(
         row["evaluations_per_s"] * row["gflop_per_evaluation"] / 1e3)
     assert row["gflop_per_evaluation_xla"] > 0

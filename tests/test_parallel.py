@@ -104,6 +104,10 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+# The single-device references the variants are checked against, by name.
+REFERENCES = {"plain": {}, "dropout": DROPOUT}
+
+
 def _reference(overrides):
     return "dropout" if "model__dropout" in overrides else "plain"
 
@@ -117,8 +121,8 @@ def single_device_run(tmp_path_factory):
         def __missing__(self, name):
             workdir = tmp_path_factory.mktemp(name)
             lines = []
-            state = train.train_and_evaluate(_config(**({} if name == "plain" else DROPOUT)),
-                                             str(workdir), log=lines.append)
+            state = train.train_and_evaluate(_config(**REFERENCES[name]), str(workdir),
+                                             log=lines.append)
             self[name] = state, lines, workdir
             return self[name]
 
@@ -282,8 +286,8 @@ def _launch(flags, processes, devices_each, timeout=600, returncode=0, per_proce
     return outputs
 
 
-# Two processes each compile the step and a sampler (about 30 s on two cores); the criterion of
-# multi-host training, so it runs in the default suite.
+# Two processes each compile the step and then a sampler (about a minute on two cores); the
+# criterion of multi-host training, so it runs in the default suite.
 def test_two_processes_match_one_process(tmp_path, single_device_run):
     """jax.distributed on localhost: 2 processes with 4 CPU devices each, launched through
     main.py as on a pod's workers, each reading only its share of the data; then --mode=sample
