@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = ["AXES", "MeshError", "mesh_shape", "make_mesh", "batch_sharding", "replicated",
            "state_shardings", "global_batch", "stacked_batch_sharding", "shard_map",
            "DevicePrefetcher", "initialize_distributed", "launched_processes", "global_norm",
-           "process_batch_slot", "to_host", "is_writer"]
+           "process_batch_slot", "to_host", "is_writer", "split_axis"]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -92,13 +92,17 @@ def _leaf_sharding(mesh: Mesh, shape: tuple, min_size: int) -> NamedSharding:
     return replicated(mesh)
 
 
+def split_axis(spec: PartitionSpec) -> Optional[int]:
+    """The axis of a leaf that ``spec`` (from :func:`state_shardings`) splits over ``fsdp``, or
+    None for a replicated leaf."""
+    return next((axis for axis, name in enumerate(spec) if name == "fsdp"), None)
+
+
 def state_shardings(mesh: Mesh, abstract_state: Any, *, min_size: int = FSDP_MIN_SIZE) -> Any:
     """Shardings for every leaf of a (train) state, from its shapes alone, so that parameters,
     their EMA and their optimizer moments are split the same way."""
     return jax.tree_util.tree_map(lambda x: _leaf_sharding(mesh, tuple(x.shape), min_size),
                                   abstract_state)
-
-
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -262,13 +262,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     ``use_shard_map`` (needs ``mesh``) computes loss and gradients with ``jax.shard_map``: each
     device runs the network on its shard of the batch with the whole parameters and the
-    gradients are averaged with ``lax.pmean`` over the mesh; the optimizer update then runs on
-    the (possibly fsdp-sharded) state as in the default path. Gradients are taken inside the
-    mapped function on each device's local copy, so they are per-device gradients that the
-    ``pmean`` averages (differentiating *through* a ``shard_map`` instead would return the
-    gradient of replicated parameters already summed over devices). Dropout masks are drawn per
-    device (the network key is folded with the device's index), so the two paths agree exactly
-    for networks without dropout and in distribution otherwise.
+    gradients are averaged over the mesh. Parameters that the state splits over ``fsdp`` come
+    in split, are all-gathered for the network, and their gradients are reduce-scattered back
+    (``lax.psum_scatter``) and averaged over ``data``; the others are averaged with
+    ``lax.pmean``. The optimizer update then runs on the state in its sharding as in the
+    default path. Gradients are taken inside the mapped function on each device's local copy,
+    so they are per-device gradients that these collectives average (differentiating
+    *through* a ``shard_map`` instead would return the gradient of replicated parameters
+    already summed over devices). Dropout masks are drawn per device (the network key is folded
+    with the device's index), so the two paths agree exactly for networks without dropout and
+    in distribution otherwise.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -299,19 +302,37 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             return _mean_grads(compute, params, batch, draws, grad_accumulation, micro_sharding)
         P = jax.sharding.PartitionSpec
         axes = parallel.BATCH_AXES
+        # Each leaf enters in the state's sharding (split over fsdp or whole): split ones are
+        # gathered inside, and their gradients leave split, with a reduce-scatter.
+        specs = jax.tree_util.tree_map(lambda s: s.spec, parallel.state_shardings(mesh, params))
+        fsdp = mesh.shape["fsdp"]
+
+        def gather(leaf, spec):
+            split = parallel.split_axis(spec)
+            if split is None:
+                return leaf
+            return jax.lax.all_gather(leaf, "fsdp", axis=split, tiled=True)
+
+        def reduce(grad, spec):  # the mean over every device, kept in the leaf's sharding
+            split = parallel.split_axis(spec)
+            if split is None:
+                return jax.lax.pmean(grad, axes)
+            grad = jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=split, tiled=True)
+            return jax.lax.pmean(grad / fsdp, "data") if mesh.shape["data"] > 1 else grad / fsdp
 
         def local(params, batch, draws):
             index = jax.lax.axis_index(axes[0]) * jax.lax.psum(1, axes[1]) + jax.lax.axis_index(
                 axes[1])
             draws = {**draws, "key": jax.random.fold_in(draws["key"], index)}
-            loss, grads = _mean_grads(compute, params, batch, draws, grad_accumulation)
-            return jax.lax.pmean(loss, axes), jax.lax.pmean(grads, axes)
+            whole = jax.tree_util.tree_map(gather, params, specs)
+            loss, grads = _mean_grads(compute, whole, batch, draws, grad_accumulation)
+            return jax.lax.pmean(loss, axes), jax.tree_util.tree_map(reduce, grads, specs)
 
         key = draws["key"]
         sharded_draws = {k: v for k, v in draws.items() if k != "key"}
         mapped = parallel.shard_map(
             lambda p, b, d, k: local(p, b, {**d, "key": k}), mesh=mesh,
-            in_specs=(P(), P(axes), P(axes), P()), out_specs=(P(), P()))
+            in_specs=(specs, P(axes), P(axes), P()), out_specs=(P(), specs))
         return mapped(params, batch, sharded_draws, key)
 
     def train_step(state: TrainState, batch):
