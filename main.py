@@ -108,14 +108,22 @@ def main(argv):
     from diffusion_jax import parallel
 
     d = config.distributed
+    try:
+        configuration.validate_distributed(config)
+    except configuration.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     launched = parallel.launched_processes() if d.auto_detect else None
     if d.initialize or launched:  # before anything touches the devices
         if launched and not d.initialize:
             print(f"joining a run of several processes: {launched} "
                   "(--config.distributed.auto_detect=False runs this process alone)")
+        # JAX ends the process itself when the others do not come in time.
+        print(f"waiting up to {d.timeout_s} s for every process to join "
+              "(config.distributed.timeout_s)", flush=True)
         try:
             parallel.initialize_distributed(d.coordinator_address, d.num_processes,
-                                            d.process_id)
+                                            d.process_id, d.timeout_s)
         except (ValueError, RuntimeError) as err:
             print(f"error: jax.distributed.initialize failed ({err}); give "
                   "--config.distributed.coordinator_address (process 0's host:port), "

@@ -162,11 +162,13 @@ def get_config():
     # machines give the coordinator (process 0's host:port), the process count and each id.
     # auto_detect also initialises when a launcher started several processes (srun with several
     # tasks, mpirun, several TPU workers, JAX_COORDINATOR_ADDRESS), so that they never train as
-    # separate runs into one workdir; False runs each process alone.
+    # separate runs into one workdir; False runs each process alone. timeout_s: how long a
+    # process waits for all the others to join before it stops with a message.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.initialize = False
     config.distributed.auto_detect = True
     config.distributed.coordinator_address = ""
     config.distributed.num_processes = -1
     config.distributed.process_id = -1
+    config.distributed.timeout_s = 300
     return config

@@ -3,6 +3,7 @@ model, schedule, prediction target and loss. Everything here runs before any com
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -62,6 +63,24 @@ def _flatten(config, prefix=""):
     return out
 
 
+def validate_distributed(config) -> None:
+    """Check ``config.distributed`` alone: ``main.py`` does so before joining the other
+    processes, which must happen before anything else touches the devices."""
+    d = config.distributed
+    if not isinstance(d.num_processes, int) or not (d.num_processes == -1
+                                                    or d.num_processes >= 1):
+        raise ConfigError("config.distributed.num_processes must be -1 (found by JAX) or an "
+                          f"integer >= 1, got {d.num_processes!r}")
+    top = d.num_processes if d.num_processes != -1 else math.inf
+    if not isinstance(d.process_id, int) or not (d.process_id == -1 or 0 <= d.process_id < top):
+        raise ConfigError("config.distributed.process_id must be -1 (found by JAX) or an "
+                          "integer from 0 to num_processes - 1, got "
+                          f"{d.process_id!r}")
+    if not isinstance(d.timeout_s, int) or d.timeout_s < 1:
+        raise ConfigError("config.distributed.timeout_s must be a whole number of seconds >= 1, "
+                          f"got {d.timeout_s!r}")
+
+
 def validate(config, reference=None) -> None:
     """Check every key against the defaults in configs/default.py and every value against its
     allowed range; raise :class:`ConfigError` naming the first offending key."""
@@ -88,6 +107,7 @@ def validate(config, reference=None) -> None:
                 "model.dropout"):
         if not 0.0 <= given[key] < 1.0:
             raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
+    validate_distributed(config)
     for key in ("mesh.data", "mesh.fsdp"):
         if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
             raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "

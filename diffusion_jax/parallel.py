@@ -269,11 +269,12 @@ def launched_processes(environ: Optional[Mapping[str, str]] = None) -> Optional[
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = -1,
-                           process_id: int = -1) -> None:
+                           process_id: int = -1, timeout_s: int = 300) -> None:
     """Join a multi-process run (several hosts of a TPU pod, or GPU nodes) through
     ``jax.distributed.initialize``, before any other JAX call. Empty or -1 arguments are left to
-    JAX's auto-detection (Cloud TPU, SLURM, Open MPI...); on a plain machine give all three."""
-    kwargs = {}
+    JAX's auto-detection (Cloud TPU, SLURM, Open MPI...); on a plain machine give all three.
+    ``timeout_s``: how long to wait for every process to join."""
+    kwargs = {"initialization_timeout": int(timeout_s)}
     if coordinator_address:
         kwargs["coordinator_address"] = coordinator_address
     if num_processes != -1:

@@ -3,6 +3,7 @@ sample; clear errors for bad configs and bad checkpoints."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -249,6 +250,14 @@ def test_bad_configs_name_the_key():
     config.mesh.fsdp = 0
     with pytest.raises(configuration.ConfigError, match="mesh.fsdp must be -1"):
         configuration.validate(config)
+    for key, value, message in (("num_processes", 0, "num_processes must be -1"),
+                                ("process_id", 2, "process_id must be -1 .* from 0 to"),
+                                ("timeout_s", -5, "timeout_s must be a whole number")):
+        config = tiny.get_config()
+        config.distributed.num_processes = 2
+        setattr(config.distributed, key, value)
+        with pytest.raises(configuration.ConfigError, match=message):
+            configuration.validate(config)
     config = tiny.get_config()
     config.mesh.data = 3  # this process sees one CPU device
     with pytest.raises(configuration.ConfigError, match="must use all 1 devices"):
@@ -304,4 +313,26 @@ def test_a_launch_of_several_processes_joins_them_or_says_how(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert "joining a run of several processes: srun started 2 processes" in run.stdout
     assert "coordinator_address" in run.stderr and "auto_detect=False" in run.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_a_process_whose_peers_never_come_stops_after_the_timeout(tmp_path):
+    """distributed.timeout_s bounds the wait for the other processes (JAX's default is 300 s);
+    a bad value stops main.py before it tries to join."""
+    common = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+              "--config.distributed.initialize=True", "--config.distributed.num_processes=2",
+              "--config.distributed.process_id=0"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run = subprocess.run([*common, "--config.distributed.timeout_s=0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "distributed.timeout_s must be" in run.stderr, run.stderr
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    # With JAX's 300 s the subprocess timeout below would expire first.
+    run = subprocess.run([*common, "--config.distributed.timeout_s=1",
+                          f"--config.distributed.coordinator_address=localhost:{port}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0  # JAX ends the process (abort) when the deadline passes
+    assert "waiting up to 1 s for every process to join" in run.stdout
     assert not os.path.exists(tmp_path / "checkpoints")
