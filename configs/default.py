@@ -163,7 +163,7 @@ def get_config():
     # auto_detect also initialises when a launcher started several processes (srun with several
     # tasks, mpirun, several TPU workers, JAX_COORDINATOR_ADDRESS), so that they never train as
     # separate runs into one workdir; False runs each process alone. timeout_s: how long a
-    # process waits for all the others to join before it stops with a message.
+    # process waits for all the others to join before JAX ends it.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.initialize = False
     config.distributed.auto_detect = True

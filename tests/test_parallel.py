@@ -296,6 +296,25 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def test_a_process_whose_peers_never_come_stops_after_the_timeout(tmp_path):
+    """distributed.timeout_s bounds the wait for the other processes (JAX's default is 300 s);
+    a bad value stops main.py before it tries to join."""
+    common = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+              "--config.distributed.initialize=True", "--config.distributed.num_processes=2",
+              "--config.distributed.process_id=0"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run = subprocess.run([*common, "--config.distributed.timeout_s=0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "distributed.timeout_s must be" in run.stderr, run.stderr
+    # With JAX's 300 s the subprocess timeout below would expire first.
+    run = subprocess.run([*common, "--config.distributed.timeout_s=1",
+                          f"--config.distributed.coordinator_address=localhost:{_free_port()}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0  # JAX ends the process (abort) when the deadline passes
+    assert "waiting up to 1 s for every process to join" in run.stdout
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
 def _launch(flags, processes, devices_each, timeout=600, returncode=0, per_process=None):
     """main.py run as ``processes`` processes on localhost (``devices_each`` CPU devices each,
     gloo collectives), joined through jax.distributed as a pod's workers are; their outputs
