@@ -311,6 +311,56 @@ def test_build_model_passes_the_text_and_remat_options():
         configuration.build_model(config.model, (2,), None)
 
 
+@pytest.mark.parametrize("backward_runs", [True, False])
+def test_auto_attention_checks_that_cudnn_can_also_differentiate(monkeypatch, backward_runs):
+    """cuDNN's backward pass takes fewer shapes than its forward pass, and JAX checks them only
+    when the attention is differentiated. "auto" must still fall back to XLA for such shapes
+    (and "cudnn" say why) when the attention is called, not fail later in the training step.
+    A stand-in for cuDNN (this machine has none) whose backward pass can or cannot run."""
+    from diffusion_jax.models import layers
+
+    real, calls = jax.nn.dot_product_attention, []
+
+    @jax.custom_vjp
+    def fake_cudnn(q, k, v):
+        calls.append(q.shape)
+        return real(q, k, v, implementation="xla")
+
+    def forward(q, k, v):  # what differentiating it runs instead of fake_cudnn
+        calls.append(q.shape)
+        if not backward_runs:
+            raise NotImplementedError("Unsupported sequence length Q 16, KV 5.")
+        return jax.vjp(lambda *a: real(*a, implementation="xla"), q, k, v)
+
+    fake_cudnn.defvjp(forward, lambda backward, g: backward(g))
+
+    def stand_in(q, k, v, mask=None, implementation=None):
+        if implementation == "cudnn":
+            return fake_cudnn(q, k, v)
+        return real(q, k, v, mask=mask, implementation=implementation)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(1), (2, 5, 2, 8), jnp.bfloat16)
+
+    def loss(q, implementation):
+        out = layers.dot_product_attention(q, k, k, None, implementation)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    with layers.compiling_for("gpu"):
+        # Under remat (jax.checkpoint) the forward pass is traced before it is differentiated.
+        value, grad = jax.value_and_grad(jax.checkpoint(loss, static_argnums=1))(q, "auto")
+        # The check traces the stand-in's differentiation; then the loss uses it where it can
+        # train (traced again), and XLA's attention where it cannot.
+        assert len(calls) > 1 if backward_runs else len(calls) == 1, calls
+        if not backward_runs:
+            with pytest.raises(ValueError, match="cuDNN attention cannot run.*KV 5"):
+                loss(q, "cudnn")
+    expected_value, expected_grad = jax.value_and_grad(loss)(q, "xla")
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
 def test_attention_kernel_choice():
     """model.attention: "auto" falls back to XLA where cuDNN does not apply (here: a CPU), with
     the same parameters and outputs; "cudnn" where it cannot run is an error saying why."""

@@ -190,11 +190,30 @@ def compiling_for(platform: str):
         _TARGET_PLATFORM.pop()
 
 
+def _cudnn_attention(query, key, value, mask):
+    """cuDNN's fused attention, or the error JAX raises where it cannot run these shapes. Its
+    backward pass takes fewer shapes than its forward pass (with a mask, no odd lengths: Stable
+    Diffusion's 77 text tokens), and JAX checks that only where the attention is differentiated,
+    after this function has returned; so both passes are traced here first, on shapes alone."""
+    def attend(q, k, v, m):
+        return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+
+    def forward_and_backward(q, k, v, m):
+        out, backward = jax.vjp(lambda q, k, v: attend(q, k, v, m), q, k, v)
+        return backward(out)
+
+    jax.eval_shape(forward_and_backward, *(
+        None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+        for a in (query, key, value, mask)))
+    return attend(query, key, value, mask)
+
+
 def dot_product_attention(query, key, value, mask=None, implementation: str = "xla"):
     """``jax.nn.dot_product_attention`` on [batch, length, heads, head_dim] inputs with the
     kernel chosen by ``implementation``: "xla" (any backend and dtype), "cudnn" (cuDNN's fused
-    flash attention: a GPU, bf16/fp16 inputs, and head sizes cuDNN supports; anything else is a
-    ValueError saying so) or "auto" (cuDNN where those hold, else XLA)."""
+    flash attention: a GPU, bf16/fp16 inputs, and shapes cuDNN supports in the forward and the
+    backward pass; anything else is a ValueError saying so) or "auto" (cuDNN where those hold,
+    else XLA)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of "
                          f"{ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
@@ -203,8 +222,7 @@ def dot_product_attention(query, key, value, mask=None, implementation: str = "x
         usable = platform == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
         if usable:
             try:
-                return jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                                    implementation="cudnn")
+                return _cudnn_attention(query, key, value, mask)
             except (RuntimeError, NotImplementedError, ValueError) as err:
                 if implementation == "cudnn":
                     raise ValueError(
