@@ -232,7 +232,7 @@ def test_text_conditioning_masks_padding_and_uses_pooled(make):
 
 
 @MAKE_TEXT_MODEL
-def test_remat_keeps_parameters_loss_and_gradients(make):
+def test_remat_gives_the_same_results_and_saves_less_for_the_backward_pass(make):
     x, t, context, mask, pooled = _text_inputs()
     plain, remat = make(), make(remat=True)
     init = lambda model: jax.eval_shape(lambda: model.init(  # noqa: E731
@@ -254,6 +254,18 @@ def test_remat_keeps_parameters_loss_and_gradients(make):
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+    # What remat is for: the backward pass keeps only each block's inputs from the forward pass.
+    # The residuals of jax.vjp are what it keeps (the parameters among them, in both cases).
+    def kept_bytes(model):
+        _, backward = jax.vjp(lambda p: model.apply(p, x, t, None, True, context, mask, pooled,
+                                                    rngs={"dropout": jax.random.key(6)}), params)
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(backward))
+
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    kept, remat_kept = kept_bytes(plain) - param_bytes, kept_bytes(remat) - param_bytes
+    # Measured: UNet 4.21 MB -> 0.20 MB, DiT 0.60 MB -> 0.014 MB besides the parameters.
+    assert 0 < remat_kept < 0.1 * kept, (kept, remat_kept)
 
 
 def test_models_without_context_dim_have_no_text_parameters():
