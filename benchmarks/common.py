@@ -100,6 +100,29 @@ def build_abstract(name, dtype, batch, **overrides):
     return config, shape, num_classes, model, optimizer, abstract
 
 
+def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes):
+    """The arguments of benchmark model ``name``'s compiled train step on ``mesh`` as abstract
+    arrays in their shardings: ``(state, batch, running metrics)``, for compiling without data."""
+    from diffusion_jax import parallel, train
+
+    def placed(tree, sharding):  # every leaf in ``sharding`` (one, or a tree like ``tree``)
+        shardings = (jax.tree_util.tree_map(lambda _: sharding, tree)
+                     if isinstance(sharding, jax.sharding.Sharding) else sharding)
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    batch_struct = {"x": jax.ShapeDtypeStruct((batch,) + tuple(shape), jnp.float32)}
+    if num_classes:
+        batch_struct["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    if name in CONTEXT:
+        batch_struct["context"] = jax.ShapeDtypeStruct((batch,) + CONTEXT[name], jnp.float32)
+    running = jax.eval_shape(lambda: {"metrics": train.TrainMetrics.empty(),
+                                      "finite": jnp.asarray(True)})
+    return (placed(abstract, parallel.state_shardings(mesh, abstract)),
+            placed(batch_struct, parallel.batch_sharding(mesh)),
+            placed(running, parallel.replicated(mesh)))
+
+
 def accelerator() -> str:
     device = jax.devices()[0]
     return f"{jax.device_count()} x {device.device_kind} ({device.platform})"
@@ -149,6 +172,20 @@ def compiled_flops(compiled) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))
+
+
+def compiled_memory(compiled) -> dict:
+    """Per-device memory of one call of a compiled function by XLA's memory analysis, in GB:
+    ``inputs_gb`` (its arguments), ``temp_gb`` (what it allocates while running) and
+    ``peak_gb`` (both, plus outputs that do not reuse a donated argument); {} when unavailable."""
+    try:
+        memory = compiled.memory_analysis()
+        inputs, temp = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+        outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
+    except Exception:  # some backends do not implement it
+        return {}
+    return {"inputs_gb": inputs / 1e9, "temp_gb": temp / 1e9,
+            "peak_gb": (inputs + temp + outputs) / 1e9}
 
 
 def matmul_peak_tflops(dtype=None) -> float:

@@ -211,25 +211,15 @@ def _compile_programs(name, dtype, batch, *, devices, state_layouts, plain, samp
     import numpy as np
     import optax
 
-    from common import CONTEXT, build_abstract
+    from common import abstract_step_arguments, build_abstract
     from diffusion_jax import parallel, sample, train
 
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
         name, dtype, batch, mesh__state_layouts=state_layouts, model__attention=attention)
     mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1), parallel.AXES)
     replicated = parallel.replicated(mesh)
-    shardings = parallel.state_shardings(mesh, abstract)
-    state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch_struct = {"x": jax.ShapeDtypeStruct((batch,) + tuple(shape), jnp.float32)}
-    if num_classes:
-        batch_struct["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    if name in CONTEXT:
-        batch_struct["context"] = jax.ShapeDtypeStruct((batch,) + CONTEXT[name], jnp.float32)
-    batch_struct = _abstract(batch_struct, lambda a: parallel.batch_sharding(mesh))
-    running = _abstract(jax.eval_shape(lambda: {"metrics": train.TrainMetrics.empty(),
-                                                "finite": jnp.asarray(True)}),
-                        lambda a: replicated)
+    state, batch_struct, running = abstract_step_arguments(name, abstract, mesh, batch, shape,
+                                                           num_classes)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
     programs = {"train": step.lower(state, batch_struct, running).compile()}
     if plain:

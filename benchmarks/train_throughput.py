@@ -25,8 +25,9 @@ import time
 
 import jax
 
-from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, forward_flops,
-                    matmul_peak_tflops, on_accelerator, profile_summary, random_batch, report)
+from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, compiled_memory,
+                    forward_flops, matmul_peak_tflops, on_accelerator, profile_summary,
+                    random_batch, report)
 from diffusion_jax import parallel, train
 
 
@@ -49,7 +50,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
                                         stack=steps_per_call)
     running = train.empty_running_metrics(mesh)
     step, state = train.compile_train_step(step, state, next(batches), running)  # then timed
-    xla_flops = compiled_flops(step)
+    xla_flops, memory = compiled_flops(step), compiled_memory(step)
     for _ in range(2):  # compile and warm up
         state, running = step(state, next(batches), running)
     jax.block_until_ready(running)
@@ -87,7 +88,7 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
             "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None,
-            "profile": ops, **(stall or {})}
+            "profile": ops, **memory, **(stall or {})}
 
 
 def checkpoint_stall(current_state, run_calls, steady_seconds, sync, saves=3):
@@ -235,7 +236,7 @@ def main(argv=None):
     report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
                   "dropout_rng", "attention", "state_layouts", "params",
                   "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
-                  "gflop_per_image_xla", "save_blocking_s", "save_stall_s"], args.name,
+                  "gflop_per_image_xla", "peak_gb", "save_blocking_s", "save_stall_s"], args.name,
            {"matmul_peak_tflops": peak,
             "matmul_peak_dtype": "bfloat16" if on_accelerator() else "float32",
             "flops_note": "gflop_per_image = 3 x forward matmul/conv FLOPs counted from the "

@@ -40,6 +40,7 @@ def test_train_throughput_with_every_option():
     assert full["profile"] and all(op["ms_per_step"] >= 0 for op in full["profile"])
     assert "where the time of one tiny float32 step goes" in out
     assert full["save_blocking_s"] > 0 and full["save_stall_s"] is not None
+    assert 0 < full["inputs_gb"] and full["inputs_gb"] + full["temp_gb"] <= full["peak_gb"]
     assert full["save_until_written_s"] >= full["save_blocking_s"]
     _run("train_throughput.py", "--iterations", "1", "--train-step", "shard_map",
          "--name", "test_train_throughput_shard_map")
@@ -67,6 +68,27 @@ def test_compiled_kernels_counts_what_a_step_launches():
         assert row["kernels"] > 10 and sum(row["kinds"].values()) == row["kernels"]
     assert rows[("sample", "")]["loops"] >= 1  # the sampler's steps run in a loop
     assert "tiny float32 train auto:" in out
+
+
+def test_train_memory_compiles_for_a_mesh_it_simulates():
+    # 4 fake CPU devices, which the script asks for itself (before JAX starts).
+    out = _run("train_memory.py", "--batch", "8", "--meshes", "2x2", "--remat", "on",
+               "--grad-accumulation", "2", "--train-step", "shard_map",
+               "--name", "test_train_memory")
+    (row,) = _rows("test_train_memory")
+    assert (row["mesh"], row["train_step"], row["remat"], row["grad_accumulation"]) == (
+        "2x2", "shard_map", True, 2)
+    assert 0 < row["inputs_gb"] and row["inputs_gb"] + row["temp_gb"] <= row["peak_gb"]
+    assert "peak_gb" in out
+    for bad, message in ((["--meshes", "2"], "a mesh is DATAxFSDP"),
+                         (["--meshes", "3x1"], "of the 3x1 mesh; use a multiple of 3"),
+                         (["--grad-accumulation", "1", "0"], "must be >= 1, got 0"),
+                         (["--meshes", "2x2", "--grad-accumulation", "2"], "a multiple of 8")):
+        run = subprocess.run([sys.executable, "train_memory.py", "--models", "tiny", "--batch",
+                              "4", *bad], cwd=os.path.join(ROOT, "benchmarks"),
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": ROOT})
+        assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
 
 
 FAKE_BASELINE = """

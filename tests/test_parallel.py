@@ -1,6 +1,7 @@
 """The mesh: sizes from the config, sharding rules, and one training code path whose results do
 not depend on how many devices run it."""
 
+import json
 import os
 import socket
 import subprocess
@@ -243,6 +244,53 @@ def test_shard_map_reduce_scatters_the_gradients_of_split_parameters():
         data, fsdp, _, split, _, reduce_scatters = line.split()
         assert int(split) > 0 and int(reduce_scatters) == int(split), line
     assert len(run.stdout.splitlines()) == 2, run.stdout
+
+
+_STEP_MEMORY = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, "benchmarks")
+    from common import abstract_step_arguments, build_abstract
+    from train_memory import step_memory
+    from diffusion_jax import parallel
+
+    def shard_bytes(tree):  # what each device holds of these abstract arrays
+        return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+                   for a in jax.tree_util.tree_leaves(tree))
+
+    rows = []
+    for data, fsdp, steps, train_step in ((1, 1, 1, "jit"), (1, 1, 2, "jit"), (2, 4, 1, "jit"),
+                                          (2, 4, 1, "shard_map")):
+        row = step_memory("tiny", "float32", 16, devices=jax.devices(), data=data, fsdp=fsdp,
+                          grad_accumulation=steps, train_step=train_step)
+        _, shape, num_classes, _, _, abstract = build_abstract("tiny", "float32", 16)
+        mesh = parallel.make_mesh(data, fsdp, jax.devices()[:data * fsdp])
+        row["expected_inputs"] = shard_bytes(abstract_step_arguments(
+            "tiny", abstract, mesh, 16, shape, num_classes)) / 1e9
+        rows.append(row)
+    print(json.dumps(rows))
+""")
+
+
+def test_step_memory_counts_each_devices_share():
+    """benchmarks/train_memory.py reads the compiled step's memory: each device is given exactly
+    its shard of the state and the batch (nothing gathered or replicated on the way in), and
+    gradient accumulation halves what the step allocates besides."""
+    env = {**os.environ, "PYTHONPATH": ROOT,  # the CPU compiler ordered as train_memory.py sets it
+           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8",
+                                  "--xla_cpu_enable_concurrency_optimized_scheduler=false")}
+    run = subprocess.run([sys.executable, "-c", _STEP_MEMORY], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, accumulated, split, split_shard_map = json.loads(run.stdout.splitlines()[-1])
+    for row in (one, accumulated, split, split_shard_map):
+        np.testing.assert_allclose(row["inputs_gb"], row["expected_inputs"], rtol=1e-6)
+        assert row["peak_gb"] >= row["inputs_gb"] + row["temp_gb"] - 1e-9, row
+    # The batch and most of the state split 8 ways (the tiny model keeps all but one array whole).
+    assert split["inputs_gb"] < one["inputs_gb"] == accumulated["inputs_gb"]
+    # Measured: 26.5 MB -> 13.7 MB with two microbatches of 8 (activations halve, gradients not).
+    assert accumulated["temp_gb"] < 0.6 * one["temp_gb"], (one, accumulated)
+    assert (split["mesh"], split_shard_map["train_step"]) == ("2x4", "shard_map")
 
 
 _REPLICA_SLICES = textwrap.dedent("""

@@ -1,0 +1,140 @@
+"""Device memory of the full training step: what each device holds and allocates for one step,
+by mesh and option, from XLA's memory analysis of the compiled step. Nothing is run, so a CPU
+answers for 8 or 64 devices it does not have (fake CPU devices) and for models that would not fit
+it, and the options that trade speed for memory (``--remat``, ``--grad-accumulation``,
+``mesh.fsdp``, ``--attention auto``) can be weighed before a run.
+
+    python benchmarks/train_memory.py                                # DDPM UNet, bf16, batch 128
+    python benchmarks/train_memory.py --meshes 1x1 8x1 1x8 2x4 --remat both --grad-accumulation 1 4
+    python benchmarks/train_memory.py --target h100 --models sd15 --batch 32 --remat both
+
+Per device, in GB: ``inputs_gb`` is what the step is given (its share of parameters, EMA, Adam
+moments, batch and metrics), ``temp_gb`` what it allocates while it runs (activations kept for the
+backward pass, gradients, parameters gathered over fsdp), and ``peak_gb`` both, plus outputs that
+do not reuse a donated input. A mesh is ``DATAxFSDP`` (``config.mesh.data`` x ``config.mesh.fsdp``).
+On a CPU, meshes of more devices than it has are simulated (XLA's fake host devices); on a GPU or
+TPU they must exist. ``--target h100|h200`` compiles for that GPU without one (one device; needs
+JAX's CUDA plugin, see ``compiled_kernels.py``). The numbers are the given compiler's, and another
+backend fuses, schedules and pads differently: XLA's CPU compiler keeps more float32 temporaries
+in a bfloat16 step than a GPU's and realises little of what remat saves (the DDPM UNet's bf16
+step at batch 128: 7.1 GB of temporaries, 4.6 with remat; compiled for an H100, 2.7 and 1.0).
+Read a CPU's numbers for meshes and trends, and the target's for a card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+
+# XLA's CPU compiler orders a program for concurrency by default, at the cost of memory (the DDPM
+# UNet's bf16 step at batch 128: 9.2 GB of temporaries, 7.1 ordered for memory); accelerator
+# compilers order for memory, and so does this script's CPU compiler. Read when the CPU backend
+# starts, so main() sets it before JAX does (compile options do not reach it).
+CPU_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def parse_mesh(text):
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+        raise argparse.ArgumentTypeError(f"a mesh is DATAxFSDP, e.g. 8x1 or 2x4, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
+                grad_accumulation=1, train_step="jit", attention="xla"):
+    """Compile benchmark model ``name``'s full training step for a ``data`` x ``fsdp`` mesh of
+    ``devices`` (abstract arrays only) and return its per-device memory in GB."""
+    import jax
+
+    from common import abstract_step_arguments, build_abstract, compiled_memory
+    from diffusion_jax import parallel, train
+    from diffusion_jax.models import layers
+
+    config, shape, num_classes, model, optimizer, abstract = build_abstract(
+        name, dtype, batch, model__remat=remat, model__attention=attention,
+        training__grad_accumulation=grad_accumulation, mesh__train_step=train_step,
+        mesh__data=data, mesh__fsdp=fsdp)
+    mesh = parallel.make_mesh(data, fsdp, devices[:data * fsdp])
+    with layers.compiling_for(devices[0].platform):
+        step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
+        compiled = step.lower(*abstract_step_arguments(name, abstract, mesh, batch, shape,
+                                                       num_classes)).compile()
+    params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    return {"model": name, "dtype": dtype, "batch": batch, "mesh": f"{data}x{fsdp}",
+            "train_step": train_step, "remat": remat, "grad_accumulation": grad_accumulation,
+            "params": int(params), **compiled_memory(compiled)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["ddpm_cifar10"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    parser.add_argument("--batch", type=int, default=128, help="global batch")
+    parser.add_argument("--meshes", nargs="+", type=parse_mesh, default=[(1, 1)],
+                        metavar="DATAxFSDP", help="e.g. 1x1 8x1 1x8 2x4")
+    parser.add_argument("--remat", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--grad-accumulation", nargs="+", type=int, default=[1])
+    parser.add_argument("--train-step", nargs="+", choices=["jit", "shard_map"], default=["jit"])
+    parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla")
+    parser.add_argument("--target", choices=["h100", "h200"], default=None,
+                        help="compile for this GPU without one (one device; needs the plugin)")
+    parser.add_argument("--name", default="train_memory", help="results file stem")
+    args = parser.parse_args(argv)
+    needed = max(data * fsdp for data, fsdp in args.meshes)
+    if args.target and needed > 1:
+        parser.error("--target compiles for one device: use --meshes 1x1")
+    for steps in args.grad_accumulation:
+        if steps < 1:
+            parser.error(f"--grad-accumulation must be >= 1, got {steps}")
+        for data, fsdp in args.meshes:  # as training checks it (train.build_mesh)
+            if args.batch % (data * fsdp * steps):
+                parser.error(f"--batch {args.batch} does not split into {steps} microbatch(es) "
+                             f"on each device of the {data}x{fsdp} mesh; use a multiple of "
+                             f"{data * fsdp * steps}")
+    if args.target:
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    else:  # in case this machine's backend is the CPU: set before JAX starts
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+            flags += " " + CPU_FLAGS
+        if needed > 1 and "xla_force_host_platform_device_count" not in flags:
+            flags += f" --xla_force_host_platform_device_count={needed}"  # fake CPU devices
+        os.environ["XLA_FLAGS"] = flags.strip()
+    import jax
+
+    from common import MODELS, report
+    from compiled_kernels import _devices
+
+    for model in args.models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    devices = _devices(args.target) if args.target else jax.devices()
+    if needed > len(devices):
+        sys.exit(f"a {needed}-device mesh needs {needed} devices; this machine has "
+                 f"{len(devices)} {devices[0].platform} devices (a CPU simulates them)")
+    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    where = f"{args.target}, without the device" if args.target else devices[0].platform
+    print(f"compiling for {devices[0].device_kind} ({where}), jax {jax.__version__}")
+    rows = []
+    for name in args.models:
+        for dtype in args.dtypes:
+            for data, fsdp in args.meshes:
+                for train_step in args.train_step:
+                    for remat in remats:
+                        for steps in args.grad_accumulation:
+                            rows.append(step_memory(
+                                name, dtype, args.batch, devices=devices, data=data, fsdp=fsdp,
+                                remat=remat, grad_accumulation=steps, train_step=train_step,
+                                attention=args.attention))
+                            print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                            f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    report(rows, ["model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation",
+                  "inputs_gb", "temp_gb", "peak_gb"], args.name,
+           {"target": args.target or devices[0].platform})
+
+
+if __name__ == "__main__":
+    main()
