@@ -13,8 +13,9 @@ measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
 cross-attention to a 77x768 context; use ``--batch 32`` to match the PyTorch baseline, with
-``--attention auto`` or ``--remat``: with XLA's attention its bf16 step needs about 152 GB per
-device at that batch, more than an H200 has; see ``train_memory.py``).
+``--attention auto`` or ``--remat``: with XLA's attention its bf16 step needs 148-152 GB per
+device at that batch, more than an H100 has and than JAX takes of an H200 by default; see
+``train_memory.py``).
 Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
 batch is 8 and few steps are timed; on a GPU or TPU, 128.
 """
