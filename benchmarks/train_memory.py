@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
 
 # XLA's CPU compiler orders a program for concurrency by default, at the cost of memory (the DDPM
@@ -113,8 +112,11 @@ def main(argv=None):
             parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
     devices = _devices(args.target) if args.target else jax.devices()
     if needed > len(devices):
-        sys.exit(f"a {needed}-device mesh needs {needed} devices; this machine has "
-                 f"{len(devices)} {devices[0].platform} devices (a CPU simulates them)")
+        how = ("XLA_FLAGS sets --xla_force_host_platform_device_count lower: raise it or leave it "
+               "out" if devices[0].platform == "cpu" else "with JAX_PLATFORMS=cpu the CPU "
+               "simulates them")
+        parser.error(f"a {needed}-device mesh needs {needed} devices; this machine has "
+                     f"{len(devices)} {devices[0].platform} devices ({how})")
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
     where = f"{args.target}, without the device" if args.target else devices[0].platform
     print(f"compiling for {devices[0].device_kind} ({where}), jax {jax.__version__}")

@@ -89,6 +89,13 @@ def test_train_memory_compiles_for_a_mesh_it_simulates():
                              capture_output=True, text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": ROOT})
         assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
+    # Fewer devices than the mesh (here, as XLA_FLAGS asks): it says which flag limits them.
+    run = subprocess.run([sys.executable, "train_memory.py", "--models", "tiny", "--batch", "8",
+                          "--meshes", "2x2"], cwd=os.path.join(ROOT, "benchmarks"),
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT,
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert run.returncode == 2 and "has 2 cpu devices (XLA_FLAGS" in run.stderr, run.stderr
 
 
 FAKE_BASELINE = """
