@@ -12,11 +12,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
+def _call(script, *args, **env):
+    return subprocess.run([sys.executable, script, "--models", "tiny", "--dtypes", "float32",
+                           "--batch", "4", *args], cwd=os.path.join(ROOT, "benchmarks"),
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT, **env})
+
+
 def _run(script, *args):
-    run = subprocess.run([sys.executable, script, "--models", "tiny", "--dtypes", "float32",
-                          "--batch", "4", *args], cwd=os.path.join(ROOT, "benchmarks"),
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+    run = _call(script, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 
@@ -84,17 +88,11 @@ def test_train_memory_compiles_for_a_mesh_it_simulates():
                          (["--meshes", "3x1"], "of the 3x1 mesh; use a multiple of 3"),
                          (["--grad-accumulation", "1", "0"], "must be >= 1, got 0"),
                          (["--meshes", "2x2", "--grad-accumulation", "2"], "a multiple of 8")):
-        run = subprocess.run([sys.executable, "train_memory.py", "--models", "tiny", "--batch",
-                              "4", *bad], cwd=os.path.join(ROOT, "benchmarks"),
-                             capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONPATH": ROOT})
+        run = _call("train_memory.py", *bad)
         assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
     # Fewer devices than the mesh (here, as XLA_FLAGS asks): it says which flag limits them.
-    run = subprocess.run([sys.executable, "train_memory.py", "--models", "tiny", "--batch", "8",
-                          "--meshes", "2x2"], cwd=os.path.join(ROOT, "benchmarks"),
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": ROOT,
-                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    run = _call("train_memory.py", "--batch", "8", "--meshes", "2x2",
+                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert run.returncode == 2 and "has 2 cpu devices (XLA_FLAGS" in run.stderr, run.stderr
 
 
