@@ -267,7 +267,7 @@ def build_denoiser(config, example_shape, num_classes=None) -> Any:
     if model_config.name == "mlp":
         raise ConfigError("captioned data needs model.name='unet' or 'dit'")
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    encoder = text_lib.TextEncoder(max_length=t.max_length, width=t.width, depth=t.depth,
+    encoder = models.TextEncoder(max_length=t.max_length, width=t.width, depth=t.depth,
                                    num_heads=t.num_heads, dtype=dtype,
                                    attention=config.model.attention)
     return models.TextConditioned(build_model(model_config, example_shape, num_classes),

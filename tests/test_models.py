@@ -424,10 +424,10 @@ def test_attention_kernel_choice():
     # The text encoder's self-attention takes the same choice, from config.model.attention.
     from configs import text_shapes_cpu
     from diffusion_jax import configuration
-    from diffusion_jax import text as text_lib
+    from diffusion_jax import models, text as text_lib
 
     tokens, token_mask = (jnp.asarray(a) for a in text_lib.encode(["a red square", ""], 16))
-    encoder = lambda **kw: text_lib.TextEncoder(  # noqa: E731
+    encoder = lambda **kw: models.TextEncoder(  # noqa: E731
         max_length=16, width=32, depth=1, num_heads=2, **kw)
 
     def init(model):

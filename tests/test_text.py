@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import text
+from diffusion_jax import models, text
 
 # Code point ranges: ASCII, Latin-1/Latin Extended (2 bytes), CJK (3 bytes), emoji (4 bytes).
 _RANGES = ((0x20, 0x7F), (0x80, 0x800), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF))
@@ -83,7 +83,7 @@ def test_null_text():
 
 
 def _small_encoder(**kwargs):
-    return text.TextEncoder(width=32, depth=2, num_heads=2, mlp_ratio=2, **kwargs)
+    return models.TextEncoder(width=32, depth=2, num_heads=2, mlp_ratio=2, **kwargs)
 
 
 # Each fits in 16 tokens (14 bytes), so 16 and 77 tokens hold the same text.
@@ -156,4 +156,5 @@ def test_encoder_rejects_bad_inputs(encoder):
     with pytest.raises(ValueError, match="max_length"):
         model.apply(params, tokens, mask)
     with pytest.raises(ValueError, match="num_heads"):
-        text.TextEncoder(width=30, num_heads=4).init(jax.random.key(0), tokens[:, :8], mask[:, :8])
+        models.TextEncoder(width=30, num_heads=4).init(jax.random.key(0), tokens[:, :8],
+                                                         mask[:, :8])

@@ -20,6 +20,8 @@ from typing import Optional
 import grain.python as grain
 import numpy as np
 
+from diffusion_jax import text
+
 __all__ = ["ToModelInputs", "make_iterator"]
 
 
@@ -44,8 +46,6 @@ class ToModelInputs(grain.MapTransform):
         if "label" in record:
             out["label"] = np.int32(record["label"])
         if "caption" in record:
-            from diffusion_jax import text
-
             tokens, mask = text.encode([str(record["caption"])], self.max_length)
             out["tokens"], out["token_mask"] = tokens[0], mask[0]
         return out

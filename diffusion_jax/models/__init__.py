@@ -13,8 +13,9 @@ from diffusion_jax.models.dit import DIT_SIZES, DiT, dit
 from diffusion_jax.models.layers import ATTENTION_IMPLEMENTATIONS, dot_product_attention
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.text_conditioned import TextConditioned
+from diffusion_jax.models.text_encoder import TextEncoder
 from diffusion_jax.models.unet import SD15_UNET_PARAMETERS, UNet, sd15_unet
 
 __all__ = ["UNet", "sd15_unet", "SD15_UNET_PARAMETERS", "DiT", "DIT_SIZES", "dit", "MLP",
-           "Classifier", "AttributeClassifier", "TextConditioned", "dot_product_attention",
-           "ATTENTION_IMPLEMENTATIONS"]
+           "Classifier", "AttributeClassifier", "TextConditioned", "TextEncoder",
+           "dot_product_attention", "ATTENTION_IMPLEMENTATIONS"]

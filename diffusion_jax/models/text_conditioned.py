@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import text as text_lib
+from diffusion_jax.models.text_encoder import TextEncoder
 
 __all__ = ["TextConditioned"]
 
@@ -27,7 +28,7 @@ class TextConditioned(nn.Module):
     """
 
     denoiser: nn.Module
-    encoder: text_lib.TextEncoder
+    encoder: TextEncoder
     freeze_text: bool = False
 
     @nn.compact
