@@ -72,9 +72,10 @@ class DiagonalGaussian:
 
 
 def gaussian_w2(samples, mean, var):
-    """2-Wasserstein distance between N(mean, diag(var)) and the diagonal Gaussian fitted to
-    ``samples`` [n, dim] (their mean and per-dimension variance):
-    W2^2 = |m1 - m2|^2 + sum (sqrt(v1) - sqrt(v2))^2."""
+    """2-Wasserstein distance between N(mean, diag(var)) and a Gaussian fitted to ``samples``.
+
+    The fitted Gaussian is diagonal, with the mean and per-dimension variance of ``samples``
+    [n, dim]: W2^2 = |m1 - m2|^2 + sum (sqrt(v1) - sqrt(v2))^2."""
     samples = np.asarray(samples, dtype=np.float64)
     m = samples.mean(axis=0)
     v = samples.var(axis=0)
@@ -90,9 +91,11 @@ class GaussianMixture:
     var: np.ndarray
 
     def denoiser(self, schedule) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        """Exact E[x0 | x_t]: the per-component posterior means weighted by the posterior
-        probabilities of the components, softmax_k(log w_k + log N(x_t; alpha mu_k, s_k^2 I))
-        with s_k^2 = alpha^2 var_k + sigma^2."""
+        """The exact denoiser E[x0 | x_t] of the mixture under ``schedule``.
+
+        The per-component posterior means weighted by the posterior probabilities of the
+        components, softmax_k(log w_k + log N(x_t; alpha mu_k, s_k^2 I)) with
+        s_k^2 = alpha^2 var_k + sigma^2."""
         schedule = schedules_lib.get(schedule)
 
         def denoise_fn(x_t, t):

@@ -74,6 +74,7 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
-    """Matmul and convolution FLOPs of one call ``fn(*args, **kwargs)`` (arguments may be
-    ``jax.ShapeDtypeStruct``s; nothing is computed)."""
+    """Matmul and convolution FLOPs of one call ``fn(*args, **kwargs)``.
+
+    Arguments may be ``jax.ShapeDtypeStruct``s; nothing is computed."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs))

@@ -28,14 +28,18 @@ _RESCALE_SPACES = ("x0", "eps", "v")
 
 
 def combine(cond_out, uncond_out, scale):
-    """uncond + scale * (cond - uncond), written as cond + (scale - 1)(cond - uncond) so that
-    scale = 1 returns the conditional prediction exactly."""
+    """Classifier-free guidance of two predictions: uncond + scale * (cond - uncond).
+
+    Written as cond + (scale - 1)(cond - uncond) so that scale = 1 returns the conditional
+    prediction exactly."""
     return cond_out + (scale - 1.0) * (cond_out - uncond_out)
 
 
 def rescale_guidance(guided, cond_out, phi):
-    """Guidance rescale (Lin et al. 2023, Eq. 15-16): match the per-example standard deviation of
-    the guided prediction to the conditional one, then blend with weight ``phi``."""
+    """Guidance rescale (Lin et al. 2023, Eq. 15-16).
+
+    Match the per-example standard deviation of the guided prediction to the conditional one, then
+    blend with weight ``phi``."""
     axes = tuple(range(1, guided.ndim))
     std_cond = jnp.std(cond_out, axis=axes, keepdims=True)
     std_guided = jnp.std(guided, axis=axes, keepdims=True)
@@ -49,8 +53,9 @@ def _concat_batch(a, b):
 
 @functools.lru_cache(maxsize=None)
 def _guided(rescale_space, schedule):
-    """The guided denoiser for one static configuration (cached: equal settings give the same
-    function object, so samplers reuse their compiled programs)."""
+    """The guided denoiser for one static configuration, cached.
+
+    Equal settings give the same function object, so samplers reuse their compiled programs."""
 
     def guided(model_fn, both, scale, rescale, x_t, t):
         batch = x_t.shape[0]

@@ -49,8 +49,10 @@ class LikelihoodResult(NamedTuple):
 
 def ode_logsnr_grid(schedule, num_steps: int, t_min: float = 1e-3,
                     t_max: Optional[float] = None) -> np.ndarray:
-    """Decreasing log-SNRs from ``t_min`` to ``t_max`` (default: the schedule's), uniformly
-    spaced, clipped to +-LOGSNR_CLIP where the schedule reaches an infinite log-SNR."""
+    """Uniformly spaced, decreasing log-SNRs from ``t_min`` to ``t_max``.
+
+    ``t_max`` defaults to the schedule's. The ends are clipped to +-LOGSNR_CLIP where the schedule
+    reaches an infinite log-SNR."""
     schedule = schedules_lib.get(schedule)
     t_max = float(schedule.t_max if t_max is None else t_max)
     clip = param_lib.LOGSNR_CLIP
@@ -135,10 +137,11 @@ def log_likelihood(
     num_probes: int = 1,
     key: Optional[jax.Array] = None,
 ) -> LikelihoodResult:
-    """log p(x) in nats per example, by integrating the probability-flow ODE from ``t_min`` to
-    the schedule's ``t_max`` in ``num_steps`` RK4 steps (see the module docstring). Where the
-    schedule's log-SNR is infinite at ``t_max`` the integration stops at log-SNR -LOGSNR_CLIP
-    (alpha = e^-20), whose prior is used instead.
+    """log p(x) in nats per example, by integrating the probability-flow ODE.
+
+    The ODE is integrated from ``t_min`` to the schedule's ``t_max`` in ``num_steps`` RK4 steps (see
+    the module docstring). Where the schedule's log-SNR is infinite at ``t_max`` the integration
+    stops at log-SNR -LOGSNR_CLIP (alpha = e^-20), whose prior is used instead.
 
     ``denoise_fn(x_t, t) -> x0_hat`` is the same function the samplers take (a
     ``jax.tree_util.Partial`` is passed as data, so new parameters reuse the compiled program).
@@ -172,10 +175,11 @@ def log_likelihood(
 
 
 def bits_per_dim(log_likelihood, dim: int, *, data_range: float = 2.0, levels: int = 256):
-    """Negative log-likelihood in bits per dimension of ``levels``-level discrete data that was
-    scaled to an interval of width ``data_range`` (the default: 8-bit images in [-1, 1]).
+    """Negative log-likelihood in bits per dimension of discrete data from a continuous one.
 
-    A density p over the scaled data gives the discrete data a density p * (data_range /
-    levels)^dim per unit bin, hence ``-(log p / dim + log(data_range / levels)) / log 2``
-    (without dequantization, so it is an estimate, not a bound)."""
+    The data has ``levels`` levels and was scaled to an interval of width ``data_range`` (the
+    default: 8-bit images in [-1, 1]). A density p over the scaled data gives the discrete data a
+    density p * (data_range / levels)^dim per unit bin, hence
+    ``-(log p / dim + log(data_range / levels)) / log 2`` (without dequantization, so it is an
+    estimate, not a bound)."""
     return -(jnp.asarray(log_likelihood) / dim + math.log(data_range / levels)) / math.log(2.0)

@@ -143,8 +143,10 @@ def loss_weight(logsnr, weighting: str, parameterization, **params):
 
 
 class DiffusionLoss:
-    """The denoising loss as two stages, so that a data-parallel step can draw all randomness with
-    the global batch's shapes and then compute on each device's shard:
+    """The denoising loss as two stages, drawing the randomness and computing the loss.
+
+    Split so that a data-parallel step can draw all randomness with the global batch's shapes and
+    then compute on each device's shard:
 
     * ``draw(batch, key) -> (batch, draws)``: the optional ``prepare(batch, key)`` transform
       (label or caption dropping), the diffusion times ``t`` and the noise ``eps``, all drawn with

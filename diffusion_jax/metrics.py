@@ -1,6 +1,7 @@
-"""Distances between sample sets: sliced Wasserstein on raw points, and, in the space of a
-feature extractor, the Fréchet distance (FID when the features are Inception-v3's) and
-precision/recall."""
+"""Distances between sample sets.
+
+Sliced Wasserstein on raw points, and, in the space of a feature extractor, the Fréchet distance
+(FID when the features are Inception-v3's) and precision/recall."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ __all__ = ["sliced_wasserstein", "FeatureStatistics", "frechet_distance", "preci
 
 
 def sliced_wasserstein(a, b, *, num_projections: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between two equally sized point sets [n, dim]: the root mean
-    over random unit directions of the squared 1-D Wasserstein-2 distance between the projections
-    (Rabin et al. 2011), computed by matching sorted projections."""
+    """Sliced 2-Wasserstein distance between two equally sized point sets [n, dim].
+
+    The root mean over random unit directions of the squared 1-D Wasserstein-2 distance between
+    the projections (Rabin et al. 2011), computed by matching sorted projections."""
     a = np.asarray(a, np.float64).reshape(len(a), -1)
     b = np.asarray(b, np.float64).reshape(len(b), -1)
     if a.shape != b.shape:
@@ -90,7 +92,8 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mean1, cov1, mean2=None, cov2=None) -> float:
-    """Fréchet (2-Wasserstein squared) distance between N(mean1, cov1) and N(mean2, cov2):
+    """Fréchet (2-Wasserstein squared) distance between N(mean1, cov1) and N(mean2, cov2).
+
     ``|m1 - m2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Dowson & Landau 1982; FID of Heusel et al.
     2017 in Inception features). Either pass two :class:`FeatureStatistics` or means and
     covariances.
@@ -138,13 +141,13 @@ def _inside_fraction(queries: np.ndarray, support: np.ndarray, radii: np.ndarray
 
 def precision_recall(real, generated, *, k: int = 3, block: int = 1024,
                      max_points: Optional[int] = None) -> dict:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``generated`` against
-    ``real`` feature vectors [n, dim].
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of generated against real features.
 
-    Each set's manifold is the union of balls around its points reaching their k-th nearest
-    neighbour. Precision is the fraction of generated points inside the real manifold (are the
-    samples realistic?); recall the fraction of real points inside the generated manifold (is
-    the data's variety covered?). The paper uses k = 3 and equal set sizes.
+    ``generated`` and ``real`` are feature vectors [n, dim]. Each set's manifold is the union of
+    balls around its points reaching their k-th nearest neighbour. Precision is the fraction of
+    generated points inside the real manifold (are the samples realistic?); recall the fraction of
+    real points inside the generated manifold (is the data's variety covered?). The paper uses k = 3
+    and equal set sizes.
     """
     real = np.asarray(real, np.float64).reshape(len(real), -1)
     generated = np.asarray(generated, np.float64).reshape(len(generated), -1)

@@ -77,8 +77,9 @@ class Parameterization:
     # -- EDM preconditioning (Karras et al. 2022, Table 1), written for x_t = alpha x0 + sigma eps by
     # applying it to x_t / alpha with noise level sigma / alpha; every factor is finite at alpha = 0.
     def edm_coefficients(self, alpha, sigma):
-        """(c_in, c_skip, c_out) acting on x_t itself: x_in = c_in * x_t and
-        x0_hat = c_skip * x_t + c_out * F."""
+        """EDM's preconditioning factors (c_in, c_skip, c_out), acting on x_t itself.
+
+        x_in = c_in * x_t and x0_hat = c_skip * x_t + c_out * F."""
         sd = self.sigma_data
         denom = sigma**2 + (alpha * sd) ** 2
         c_in = jax.lax.rsqrt(denom)
@@ -154,12 +155,16 @@ class Parameterization:
 
 
 def eps_from_x0(x0_hat, x_t, alpha, sigma):
-    """Noise implied by an x0 estimate: (x_t - alpha x0_hat) / sigma (sigma floored to stay finite)."""
+    """Noise implied by an x0 estimate: (x_t - alpha x0_hat) / sigma.
+
+    sigma is floored to stay finite."""
     return (x_t - alpha * x0_hat) / _safe(sigma, jnp.finfo(x_t.dtype).tiny)
 
 
 def get(name, **params) -> Parameterization:
-    """``get("v")``, ``get("edm", sigma_data=0.5)``; a Parameterization passes through."""
+    """The prediction target named ``name``; a Parameterization passes through.
+
+    E.g. ``get("v")``, ``get("edm", sigma_data=0.5)``."""
     if isinstance(name, Parameterization):
         if params:
             raise ValueError("pass parameters only together with a target name")
@@ -171,7 +176,9 @@ def get(name, **params) -> Parameterization:
 
 
 def convert(output, *, source, target, x_t, alpha, sigma):
-    """Convert a prediction from one target to another at the same ``x_t`` (alpha, sigma broadcast)."""
+    """Convert a prediction from one target to another at the same ``x_t``.
+
+    ``alpha`` and ``sigma`` must already be broadcast against ``x_t``."""
     source, target = get(source), get(target)
     x0_hat = source.to_x0(output, x_t, alpha, sigma)
     return target.from_x0(x0_hat, x_t, alpha, sigma)
@@ -179,8 +186,9 @@ def convert(output, *, source, target, x_t, alpha, sigma):
 
 @functools.lru_cache(maxsize=None)
 def _denoiser(schedule, parameterization):
-    """The denoising function for one (schedule, target) pair; cached so that equal settings give
-    the same function object and therefore reuse compiled samplers."""
+    """The denoising function for one (schedule, target) pair, cached.
+
+    Equal settings give the same function object and therefore reuse compiled samplers."""
 
     def denoise(apply_fn, x_t, t, *args, **kwargs):
         # Times and coefficients in at least float32, whatever the data dtype.

@@ -234,7 +234,8 @@ class DiscreteVP(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class Cosine(Schedule):
-    """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17):
+    """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17).
+
     alpha-bar(t) = f(t) / f(0), f(t) = cos^2(pi/2 * (t + s) / (1 + s)).
 
     alpha-bar(1) is exactly 0 (zero terminal SNR). Written with sines of differences so that sigma
@@ -287,7 +288,8 @@ class Cosine(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class ShiftedCosine(Schedule):
-    """Cosine log-SNR shifted for resolution (Hoogeboom et al. 2023, "simple diffusion", Eq. 4):
+    """Cosine log-SNR shifted for resolution (Hoogeboom et al. 2023, "simple diffusion", Eq. 4).
+
     logSNR(t) = -2 log tan(pi t / 2) + 2 log(base_resolution / resolution).
 
     With ``resolution == base_resolution`` this is the s = 0 cosine schedule. Higher resolutions get
@@ -330,9 +332,11 @@ class ShiftedCosine(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class Sigmoid(Schedule):
-    """Sigmoid schedule (Jabri et al. 2022; Chen 2023, "On the importance of noise scheduling"):
-    alpha-bar(t) = (v_end - g(t)) / (v_end - v_start), g(t) = sigmoid((start + t (end - start)) / tau),
-    v_start = sigmoid(start / tau), v_end = sigmoid(end / tau). alpha-bar(0) = 1, alpha-bar(1) = 0.
+    """Sigmoid schedule (Jabri et al. 2022; Chen 2023, "On the importance of noise scheduling").
+
+    alpha-bar(t) = (v_end - g(t)) / (v_end - v_start), with
+    g(t) = sigmoid((start + t (end - start)) / tau), v_start = sigmoid(start / tau) and
+    v_end = sigmoid(end / tau). alpha-bar(0) = 1, alpha-bar(1) = 0.
     """
 
     start: float = -3.0
@@ -349,9 +353,11 @@ class Sigmoid(Schedule):
             raise ValueError(f"sigmoid schedule needs tau > 0, got {self.tau}")
 
     def _parts(self, t):
-        """(v_end - g(t), g(t) - v_start, v_end - v_start), each a difference of two sigmoids
-        written as sigmoid(b) - sigmoid(a) = sinh((b - a)/2) / (2 cosh(a/2) cosh(b/2)) with b - a
-        formed exactly, so that neither end loses precision to cancellation."""
+        """The differences (v_end - g(t), g(t) - v_start, v_end - v_start), free of cancellation.
+
+        Each is a difference of two sigmoids written as
+        sigmoid(b) - sigmoid(a) = sinh((b - a)/2) / (2 cosh(a/2) cosh(b/2)) with b - a formed
+        exactly, so that neither end loses precision to cancellation."""
         t = _as_float(t)
         lo, hi = self.start / self.tau, self.end / self.tau
         mid = (self.start + t * (self.end - self.start)) / self.tau
@@ -412,9 +418,10 @@ class _AlphaOne(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class VarianceExploding(_AlphaOne):
-    """Variance-exploding SDE (Song et al. 2021, Eq. 30): sigma(t) = sigma_min (sigma_max/sigma_min)^t.
+    """Variance-exploding SDE (Song et al. 2021, Eq. 30): alpha = 1, sigma geometric in t.
 
-    As in the paper t = 0 carries the small noise sigma_min; samplers end with a step to sigma = 0.
+    sigma(t) = sigma_min (sigma_max/sigma_min)^t. As in the paper t = 0 carries the small noise
+    sigma_min; samplers end with a step to sigma = 0.
     """
 
     sigma_min: float = 0.01
@@ -441,7 +448,8 @@ class VarianceExploding(_AlphaOne):
 
 @dataclasses.dataclass(frozen=True)
 class EDM(_AlphaOne):
-    """EDM (Karras et al. 2022): alpha = 1 and sigma(t) interpolates sigma^(1/rho) linearly,
+    """EDM schedule (Karras et al. 2022): alpha = 1 and sigma^(1/rho) linear in t.
+
     sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho (Eq. 5 read
     backwards), so a uniform grid in t is exactly the paper's time discretisation. EDM's
     preconditioning and its sigma_data belong to the prediction target
@@ -475,10 +483,11 @@ class EDM(_AlphaOne):
 
 @dataclasses.dataclass(frozen=True)
 class RectifiedFlow(Schedule):
-    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022): alpha = 1 - t, sigma = t.
+    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022).
 
-    ``shift`` applies Stable Diffusion 3's resolution shift (Esser et al. 2024, Eq. 23),
-    t -> shift * t / (1 + (shift - 1) t), which spends more time at high noise for shift > 1.
+    alpha = 1 - t, sigma = t. ``shift`` applies Stable Diffusion 3's resolution shift (Esser et al.
+    2024, Eq. 23), t -> shift * t / (1 + (shift - 1) t), which spends more time at high noise for
+    shift > 1.
     """
 
     shift: float = 1.0

@@ -32,8 +32,9 @@ MAX_LENGTH = 77
 
 
 def _utf8_prefix(data: bytes, limit: int) -> bytes:
-    """The longest prefix of ``data`` of at most ``limit`` bytes that ends on a character
-    boundary, so a truncated caption still decodes to a prefix of the original text."""
+    """The longest prefix of ``data`` of at most ``limit`` bytes that ends on a character boundary.
+
+    Cut there, a truncated caption still decodes to a prefix of the original text."""
     if len(data) <= limit:
         return data
     cut = limit
@@ -44,9 +45,11 @@ def _utf8_prefix(data: bytes, limit: int) -> bytes:
 
 def encode(texts: str | Sequence[str] | np.ndarray, max_length: int = MAX_LENGTH
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize ``texts`` (one string or a sequence of them) to ``(tokens int32 [n, max_length],
-    mask bool [n, max_length])``. Text longer than ``max_length - 2`` bytes is cut at the last whole
-    UTF-8 character that fits; BOS and EOS are always kept."""
+    """Tokenize ``texts`` (one string or a sequence of them) to byte tokens and a mask.
+
+    Returns ``(tokens int32 [n, max_length], mask bool [n, max_length])``. Text longer than
+    ``max_length - 2`` bytes is cut at the last whole UTF-8 character that fits; BOS and EOS are
+    always kept."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (for BOS and EOS), got {max_length}")
     if isinstance(texts, (str, bytes)):
@@ -64,9 +67,10 @@ def encode(texts: str | Sequence[str] | np.ndarray, max_length: int = MAX_LENGTH
 
 
 def decode(tokens) -> list:
-    """Text of each row of ``tokens`` ([n, L] or [L]): the bytes between BOS and the first EOS
-    (specials and out-of-range ids are skipped); invalid UTF-8, which only a model can produce,
-    decodes to U+FFFD."""
+    """Text of each row of ``tokens`` ([n, L] or [L]).
+
+    The bytes between BOS and the first EOS (specials and out-of-range ids are skipped); invalid
+    UTF-8, which only a model can produce, decodes to U+FFFD."""
     tokens = np.atleast_2d(np.asarray(tokens))
     texts = []
     for row in tokens:
@@ -80,6 +84,8 @@ def decode(tokens) -> list:
 
 
 def null_text(max_length: int = MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and mask ([1, max_length] each) of the empty caption, which stands for "no caption"
-    when captions are dropped for classifier-free guidance; broadcasts against a batch."""
+    """Tokens and mask ([1, max_length] each) of the empty caption.
+
+    It stands for "no caption" when captions are dropped for classifier-free guidance, and
+    broadcasts against a batch."""
     return encode([""], max_length)

@@ -1,5 +1,6 @@
-"""Where training metrics go: console lines with a progress bar, and TensorBoard event files
-(written by tensorboardX, so TensorFlow is not needed). Only process 0 writes."""
+"""Where training metrics go: console lines with a progress bar, and TensorBoard event files.
+
+The event files are written by tensorboardX, so TensorFlow is not needed. Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ __all__ = ["progress_bar", "format_duration", "MetricWriter"]
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
-    """``[#######-------------]  35%``: plain ASCII, so it reads the same in a terminal, a log
-    file and a notebook."""
+    """A text progress bar such as ``[#######-------------]  35%``.
+
+    Plain ASCII, so it reads the same in a terminal, a log file and a notebook."""
     fraction = min(max(done / max(total, 1), 0.0), 1.0)
     filled = int(fraction * width)  # rounded down: full only when done
     return f"[{'#' * filled}{'-' * (width - filled)}] {int(fraction * 100):3d}%"
@@ -27,8 +29,10 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    """Scalars and images to ``logdir`` as TensorBoard events, plus a console line per call of
-    :meth:`log_line`. Open with ``tensorboard --logdir WORKDIR``."""
+    """Writes scalars and images to ``logdir`` as TensorBoard events, and console lines.
+
+    A console line is printed per call of :meth:`log_line`. Open the events with
+    ``tensorboard --logdir WORKDIR``."""
 
     def __init__(self, logdir: Optional[str], *, console: Callable[[str], None] = print,
                  enabled: bool = True):

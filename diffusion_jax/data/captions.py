@@ -107,16 +107,18 @@ def _attribute(attributes: Mapping, key: str, default: int | None = None) -> int
 
 
 def _unpack(attributes: Mapping) -> tuple:
-    """(shape, colour, size, count, position, background) as ints; count defaults to 1 and
-    position to -1 (unnamed)."""
+    """The attributes as ints: (shape, colour, size, count, position, background).
+
+    count defaults to 1 and position to -1 (unnamed)."""
     return (_attribute(attributes, "shape"), _attribute(attributes, "colour"),
             _attribute(attributes, "size"), _attribute(attributes, "count", 1),
             _attribute(attributes, "position", -1), _attribute(attributes, "background"))
 
 
 def caption_for(attributes: Mapping, rng: np.random.Generator | int | None = None) -> str:
-    """A caption naming every attribute of ``attributes`` (see the module docstring), in a phrasing
-    drawn from ``rng`` (a ``np.random.Generator`` or a seed)."""
+    """A caption naming every attribute of ``attributes`` (see the module docstring).
+
+    Its phrasing is drawn from ``rng`` (a ``np.random.Generator`` or a seed)."""
     rng = _as_generator(rng)
     shape, colour, size, count, position, background = _unpack(attributes)
     if count == 1:
@@ -206,9 +208,11 @@ class CaptionedShapes:
         return centres + rng.uniform(-jitter, jitter, centres.shape)
 
     def render(self, attributes: Mapping, rng: np.random.Generator | int | None = None):
-        """An image (uint8 [H, W, 3]) showing ``attributes``; what they leave open (exact sizes and
-        places, the cells of several objects, a single object's cell when position is -1 or absent)
-        is drawn from ``rng``. Evaluation uses it to make reference images for a prompt."""
+        """An image (uint8 [H, W, 3]) showing ``attributes``.
+
+        What they leave open (exact sizes and places, the cells of several objects, a single
+        object's cell when position is -1 or absent) is drawn from ``rng``. Evaluation uses it to
+        make reference images for a prompt."""
         rng = _as_generator(rng)
         shape, colour, size, count, position, background = _unpack(attributes)
         if colour == background:

@@ -26,7 +26,9 @@ __all__ = ["ToModelInputs", "make_iterator"]
 
 
 class ToModelInputs(grain.MapTransform):
-    """uint8 images -> float32 in [-1, 1] under ``x`` (NHWC; grayscale keeps its channel axis);
+    """Turns a source's records into the model's inputs.
+
+    uint8 images -> float32 in [-1, 1] under ``x`` (NHWC; grayscale keeps its channel axis);
     vector data (``x``) passes through; labels become int32; captions become byte tokens
     ``tokens`` (int32 [max_length]) and ``token_mask`` (bool) through
     :func:`diffusion_jax.text.encode`."""
@@ -51,8 +53,10 @@ class ToModelInputs(grain.MapTransform):
         return out
 
     def map_batch(self, records):
-        """:meth:`map` of a batch of records given as arrays with a leading batch axis (what a
-        source's ``read_batch`` returns); the same values as mapping each row and stacking."""
+        """:meth:`map` of a batch of records given as arrays with a leading batch axis.
+
+        That is what a source's ``read_batch`` returns; the same values as mapping each row and
+        stacking."""
         if "caption" in records:
             raise NotImplementedError("captions are encoded record by record (map)")
         out = {}
@@ -69,11 +73,12 @@ class ToModelInputs(grain.MapTransform):
 
 
 class _RecordKeys:
-    """grain's ``IndexSampler`` (shuffled, no sharding) without the random generator it builds
-    for every record (a ``np.random.Generator(Philox)``, about 30 us each, which only random
-    transforms use; none of this pipeline's transforms draw). The same record keys for every
-    index, epochs included, and the same ``repr``, which grain stores with a saved position and
-    checks on restore, so positions saved with either restore into the other."""
+    """grain's ``IndexSampler`` (shuffled, no sharding) without its per-record random generator.
+
+    grain's sampler builds a ``np.random.Generator(Philox)`` for every record, which only random
+    transforms use; none of this pipeline's transforms draw. The same record keys for every index,
+    epochs included, and the same ``repr``, which grain stores with a saved position and checks on
+    restore, so positions saved with either restore into the other."""
 
     def __init__(self, num_records: int, *, shuffle: bool, seed: int,
                  num_epochs: Optional[int]):
@@ -94,8 +99,10 @@ class _RecordKeys:
 
 
 def _make_sampler(num_records, *, shuffle, seed, num_epochs):
-    """:class:`_RecordKeys` where this grain version builds its ``IndexSampler`` that way (a
-    test compares them), else grain's own sampler."""
+    """The sampler of a pipeline: :class:`_RecordKeys` where it matches grain's, else grain's own.
+
+    :class:`_RecordKeys` is used where this grain version builds its ``IndexSampler`` that way (a
+    test compares them)."""
     if hasattr(grain, "MapDataset") and hasattr(grain, "RecordMetadata"):
         return _RecordKeys(num_records, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
     return grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
@@ -103,10 +110,12 @@ def _make_sampler(num_records, *, shuffle, seed, num_epochs):
 
 
 class _ProcessSlice:
-    """Process ``index`` of ``count``'s share of a global sampler: the ``index``-th contiguous
-    slice of every global batch of ``count * local_batch`` records. Together the processes read
-    each global batch exactly once, in the order a single process would, so a run's batches do
-    not depend on how many processes feed it (and each process reads only its own records)."""
+    """Process ``index`` of ``count``'s share of a global sampler.
+
+    The ``index``-th contiguous slice of every global batch of ``count * local_batch`` records.
+    Together the processes read each global batch exactly once, in the order a single process would,
+    so a run's batches do not depend on how many processes feed it (and each process reads only its
+    own records)."""
 
     def __init__(self, sampler, local_batch: int, index: int, count: int):
         self._sampler, self._local_batch = sampler, local_batch
@@ -123,10 +132,11 @@ class _ProcessSlice:
 
 
 class _BatchIterator:
-    """Batches of a source whose records are rows of arrays, read with one ``read_batch(keys)``
-    (fancy indexing) per batch: the batches grain's ``DataLoader`` (no workers, ``Batch`` with
-    ``drop_remainder``) gives for the same sampler, and a position saved in the same format as
-    its, so checkpoints written with either restore into the other."""
+    """Batches of a source whose records are rows of arrays, one ``read_batch(keys)`` per batch.
+
+    ``read_batch`` uses fancy indexing. It yields the batches grain's ``DataLoader`` (no workers,
+    ``Batch`` with ``drop_remainder``) gives for the same sampler, and saves a position in the same
+    format as its, so checkpoints written with either restore into the other."""
 
     _VERSION = 2  # grain DataLoader's state format without workers
 

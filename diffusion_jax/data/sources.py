@@ -81,10 +81,10 @@ def _find(directory, stem):
 
 
 class FashionMNIST:
-    """Fashion-MNIST (Xiao et al. 2017): 28x28 grayscale garments in 10 classes, 60,000 train and
-    10,000 test images, read from its four IDX files.
+    """Fashion-MNIST (Xiao et al. 2017), read from its four IDX files.
 
-    ``path`` defaults to where Debian's ``dataset-fashion-mnist`` package puts them.
+    28x28 grayscale garments in 10 classes, 60,000 train and 10,000 test images. ``path`` defaults
+    to where Debian's ``dataset-fashion-mnist`` package puts them.
     """
 
     def __init__(self, split: str = "train", path: Optional[str] = None):
@@ -128,8 +128,10 @@ class FashionMNIST:
 
 
 class TFDSSource:
-    """Any TensorFlow Datasets dataset through ``tfds.data_source`` (array_record files; no
-    TensorFlow needed). The data must already be prepared in ``data_dir``."""
+    """Any TensorFlow Datasets dataset through ``tfds.data_source``.
+
+    It reads array_record files; no TensorFlow is needed. The data must already be prepared in
+    ``data_dir``."""
 
     def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
                  image_key: str = "image", label_key: Optional[str] = "label"):
@@ -173,9 +175,11 @@ def _rng(seed, index):
 
 
 class Toy2D:
-    """2-D toy distributions for quick checks: ``"mixture"`` (8 Gaussians on a circle, labels
-    are the components), ``"checkerboard"`` and ``"swiss_roll"``. Point i is generated from
-    (seed, i), so the dataset is the same on every machine."""
+    """2-D toy distributions for quick checks.
+
+    ``"mixture"`` (8 Gaussians on a circle, labels are the components), ``"checkerboard"`` and
+    ``"swiss_roll"``. Point i is generated from (seed, i), so the dataset is the same on every
+    machine."""
 
     KINDS = ("mixture", "checkerboard", "swiss_roll")
 
@@ -209,8 +213,10 @@ class Toy2D:
 
 
 class Shapes:
-    """Procedural RGB images of one filled shape (label 0 circle, 1 square, 2 triangle) in a random
-    colour, size and position on a random background colour. Image i is generated from (seed, i)."""
+    """Procedural RGB images of one filled shape in a random colour, size and position.
+
+    The label is the shape (0 circle, 1 square, 2 triangle); the background colour is random too.
+    Image i is generated from (seed, i)."""
 
     CLASSES = ("circle", "square", "triangle")
 

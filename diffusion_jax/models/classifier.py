@@ -1,5 +1,7 @@
-"""Small image classifiers for sample metrics: ``Classifier``, whose penultimate layer is a feature
-space, and ``AttributeClassifier``, one softmax head per attribute of a captioned image."""
+"""Small image classifiers for sample metrics.
+
+``Classifier``, whose penultimate layer is a feature space, and ``AttributeClassifier``, one
+softmax head per attribute of a captioned image."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ __all__ = ["Classifier", "AttributeClassifier"]
 
 
 class Classifier(nn.Module):
-    """``Classifier(num_classes)(images, train=False) -> (logits, features)`` for NHWC images in
+    """A small convolutional classifier whose last hidden layer gives the features of the metrics.
+
+    ``Classifier(num_classes)(images, train=False) -> (logits, features)`` for NHWC images in
     [-1, 1]: two stages of two 3x3 convolutions (GroupNorm, SiLU) with 2x average pooling, a
     global average, and a ``feature_dim``-wide hidden layer whose activations are the features."""
 
@@ -34,7 +38,9 @@ class Classifier(nn.Module):
 
 
 class AttributeClassifier(nn.Module):
-    """``AttributeClassifier(heads)(images) -> ({name: logits [n, classes]}, features)`` for NHWC
+    """A small convolutional classifier with one softmax head per attribute of a captioned image.
+
+    ``AttributeClassifier(heads)(images) -> ({name: logits [n, classes]}, features)`` for NHWC
     images in [-1, 1], with ``heads`` a tuple of ``(name, num_classes)``.
 
     The trunk is cheap enough to train on a CPU in minutes: a 3x3 convolution at full resolution,

@@ -43,8 +43,9 @@ DIT_SIZES = {
 
 
 def sincos_position_embedding(dim: int, height: int, width: int) -> np.ndarray:
-    """Fixed 2-D sine-cosine embedding [height * width, dim]: half the channels encode the row,
-    half the column (as in MAE and DiT)."""
+    """Fixed 2-D sine-cosine position embedding [height * width, dim].
+
+    Half the channels encode the row, half the column (as in MAE and DiT)."""
     if dim % 4:
         raise ValueError(f"position embedding dimension must be a multiple of 4, got {dim}")
 
@@ -65,8 +66,10 @@ def _modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: modulated self-attention, (with ``cross_attention``) LayerNorm ->
-    cross-attention to the context, modulated MLP; each added to its input."""
+    """DiT's adaLN-Zero transformer block.
+
+    Modulated self-attention, (with ``cross_attention``) LayerNorm -> cross-attention to the
+    context, and a modulated MLP; each added to its input."""
 
     hidden: int
     num_heads: int
@@ -97,8 +100,10 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``DiT(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
-    pooled=None)`` on NHWC inputs.
+    """Diffusion Transformer (Peebles & Xie 2023) on patches of NHWC inputs.
+
+    ``DiT(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
+    pooled=None)``.
 
     Attributes:
       patch_size, hidden, depth, num_heads: the architecture (see :data:`DIT_SIZES`).

@@ -171,8 +171,10 @@ class BlockD(_Block):
 
 
 class BlockE(_Block):
-    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs. ``max_pool`` selects the pool branch
-    of the FID graph's last block (a max) instead of the average of the block before it."""
+    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs.
+
+    ``max_pool`` selects the pool branch of the FID graph's last block (a max) instead of the
+    average of the block before it."""
 
     max_pool: bool = False
 
@@ -192,9 +194,10 @@ class BlockE(_Block):
 
 
 def resize_bilinear(images, size: int = _INPUT_SIZE):
-    """Bilinear resize of NHWC ``images`` to ``size`` x ``size`` as PyTorch's
-    ``F.interpolate(mode='bilinear', align_corners=False)`` does it: half-pixel sample positions
-    and no antialiasing when shrinking (``jax.image.resize`` would antialias by default)."""
+    """Bilinear resize of NHWC ``images`` to ``size`` x ``size`` as PyTorch does it.
+
+    As ``F.interpolate(mode='bilinear', align_corners=False)``: half-pixel sample positions and no
+    antialiasing when shrinking (``jax.image.resize`` would antialias by default)."""
     batch, _, _, channels = images.shape
     return jax.image.resize(images, (batch, size, size, channels), "bilinear", antialias=False)
 
@@ -290,12 +293,13 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def convert_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
-    """Flax variables (``{"params": ..., "batch_stats": ...}``) of :class:`InceptionV3FID` from a
-    pytorch-fid FID Inception state dict (names like ``Mixed_5b.branch1x1.conv.weight``).
+    """Flax variables of :class:`InceptionV3FID` from a pytorch-fid FID Inception state dict.
 
-    Values may be numpy arrays or torch tensors. Convolution kernels go from OIHW to HWIO. The
-    classifier (``fc.*``), auxiliary head and ``num_batches_tracked`` entries are ignored; any
-    other missing, unexpected or mis-shaped entry raises ``ValueError`` naming it.
+    The variables are ``{"params": ..., "batch_stats": ...}``; the state dict has names like
+    ``Mixed_5b.branch1x1.conv.weight``. Values may be numpy arrays or torch tensors. Convolution
+    kernels go from OIHW to HWIO. The classifier (``fc.*``), auxiliary head and
+    ``num_batches_tracked`` entries are ignored; any other missing, unexpected or mis-shaped entry
+    raises ``ValueError`` naming it.
     """
     shapes = _variable_shapes()
     wanted = {_torch_key(path): path for path in shapes}
@@ -358,9 +362,10 @@ def _load_pth(path: str) -> dict:
 
 
 def load_weights(path: str | os.PathLike) -> dict:
-    """Flax variables for :class:`InceptionV3FID` from ``path``: an ``.npz`` written by
-    :func:`save_npz`, or pytorch-fid's ``.pth`` state dict (needs PyTorch). Files whose name
-    does not end in ``.npz`` are read as PyTorch files."""
+    """Flax variables for :class:`InceptionV3FID` from a weights file at ``path``.
+
+    The file is an ``.npz`` written by :func:`save_npz`, or pytorch-fid's ``.pth`` state dict
+    (needs PyTorch). Files whose name does not end in ``.npz`` are read as PyTorch files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights file not found: {path!r}. {_WEIGHTS_HELP}")
@@ -371,9 +376,10 @@ def load_weights(path: str | os.PathLike) -> dict:
 
 def make_feature_fn(variables: Mapping[str, Any], dtype: Any = jnp.float32
                     ) -> Callable[[jax.Array], jax.Array]:
-    """A jitted ``fn(images) -> [batch, 2048]`` float32 pool features for NHWC images in
-    [-1, 1] of any size. The weights are passed to the compiled function as arguments (not
-    baked into it as constants); each new input shape compiles once."""
+    """A jitted ``fn(images) -> [batch, 2048]`` giving float32 pool features of Inception-v3.
+
+    The images are NHWC in [-1, 1], of any size. The weights are passed to the compiled function as
+    arguments (not baked into it as constants); each new input shape compiles once."""
     model = InceptionV3FID(dtype=dtype)
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     apply = jax.jit(model.apply)

@@ -20,8 +20,10 @@ Dtype = Any
 
 
 def sinusoidal_embedding(values, dim: int, max_period: float = 10_000.0):
-    """Transformer-style sinusoidal features of a [batch] array: [cos(v f_k), sin(v f_k)] with
-    frequencies f_k = max_period^(-k / (dim/2)) (Vaswani et al. 2017; the DDPM time embedding)."""
+    """Transformer-style sinusoidal features of a [batch] array.
+
+    [cos(v f_k), sin(v f_k)] with frequencies f_k = max_period^(-k / (dim/2)) (Vaswani et al.
+    2017; the DDPM time embedding)."""
     if dim % 2:
         raise ValueError(f"embedding dimension must be even, got {dim}")
     half = dim // 2
@@ -31,10 +33,12 @@ def sinusoidal_embedding(values, dim: int, max_period: float = 10_000.0):
 
 
 def upsample_nearest(x, factor: int = 2):
-    """Nearest-neighbour upsampling of NHWC ``x`` by an integer ``factor``: every pixel repeated
-    ``factor`` x ``factor`` times. The same values as ``jax.image.resize(..., "nearest")``, but as
-    a broadcast and a reshape, so its gradient is a sum over each block of pixels; resize's index
-    gather differentiates to a scatter-add with non-unique indices (atomics on a GPU)."""
+    """Nearest-neighbour upsampling of NHWC ``x`` by an integer ``factor``.
+
+    Every pixel is repeated ``factor`` x ``factor`` times. The same values as
+    ``jax.image.resize(..., "nearest")``, but as a broadcast and a reshape, so its gradient is a sum
+    over each block of pixels; resize's index gather differentiates to a scatter-add with non-unique
+    indices (atomics on a GPU)."""
     batch, height, width, channels = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :],
                          (batch, height, factor, width, factor, channels))
@@ -42,8 +46,9 @@ def upsample_nearest(x, factor: int = 2):
 
 
 def _group_statistics(x, num_groups: int):
-    """Per-(example, group) mean and reciprocal standard deviation factors of NHWC ``x`` in
-    float32, from per-channel sums over the spatial axes (one pass over ``x``)."""
+    """Per-(example, group) mean and reciprocal standard deviation factors of NHWC ``x``.
+
+    In float32, from per-channel sums over the spatial axes (one pass over ``x``)."""
     batch, channels = x.shape[0], x.shape[-1]
     spatial = tuple(range(1, x.ndim - 1))
     xf = x.astype(jnp.float32)
@@ -71,11 +76,12 @@ def _group_norm_forward(x, scale, bias, num_groups, epsilon, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, scale, bias, num_groups: int, epsilon: float, dtype):
-    """Group normalisation (Wu & He 2018) of NHWC ``x``: each example's channels in
-    ``num_groups`` groups, normalised by the group's mean and variance over the spatial axes
-    and its channels (in float32), then ``* scale + bias`` per channel (``scale`` and ``bias``
-    [channels]); the result in ``dtype``. The same values as ``flax.linen.GroupNorm`` up to
-    float32 round-off.
+    """Group normalisation (Wu & He 2018) of NHWC ``x``, with a written-out gradient.
+
+    Each example's channels in ``num_groups`` groups, normalised by the group's mean and variance
+    over the spatial axes and its channels (in float32), then ``* scale + bias`` per channel
+    (``scale`` and ``bias`` [channels]); the result in ``dtype``. The same values as
+    ``flax.linen.GroupNorm`` up to float32 round-off.
 
     Its gradient is written out (``jax.custom_vjp``) rather than derived: one pass over ``x``
     and the incoming gradient for their per-channel sums, then one elementwise pass,
@@ -124,9 +130,11 @@ group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
-    """``flax.linen.GroupNorm`` for NHWC inputs: the same parameters (``scale`` and ``bias``,
-    float32, one per channel) and epsilon, so checkpoints and parameter trees are unchanged;
-    output in ``dtype`` (default, as Flax's: the input's dtype promoted with float32).
+    """``flax.linen.GroupNorm`` for NHWC inputs, with an optional written-out gradient.
+
+    The same parameters (``scale`` and ``bias``, float32, one per channel) and epsilon, so
+    checkpoints and parameter trees are unchanged; output in ``dtype`` (default, as Flax's: the
+    input's dtype promoted with float32).
 
     ``__call__(x, written_gradient=False)``: with ``written_gradient`` (the denoisers pass it in
     training) through :func:`group_norm`, whose reverse-mode gradient is written out and
@@ -180,9 +188,10 @@ _TARGET_PLATFORM = []  # set by compiling_for
 
 @contextlib.contextmanager
 def compiling_for(platform: str):
-    """Choose attention kernels for ``platform`` ("gpu", "cpu", ...) instead of this process's
-    default backend while tracing: for compiling a program for a GPU on a machine without one
-    (benchmarks/compiled_kernels.py)."""
+    """Choose attention kernels for ``platform`` ("gpu", "cpu", ...) while tracing.
+
+    Used instead of this process's default backend, for compiling a program for a GPU on a machine
+    without one (benchmarks/compiled_kernels.py)."""
     _TARGET_PLATFORM.append(platform)
     try:
         yield
@@ -191,8 +200,9 @@ def compiling_for(platform: str):
 
 
 def _cudnn_attention(query, key, value, mask):
-    """cuDNN's fused attention, or the error JAX raises where it cannot run these shapes. Its
-    backward pass takes fewer shapes than its forward pass (with a mask, no odd lengths: Stable
+    """cuDNN's fused attention, or the error JAX raises where it cannot run these shapes.
+
+    Its backward pass takes fewer shapes than its forward pass (with a mask, no odd lengths: Stable
     Diffusion's 77 text tokens), and JAX checks that only where the attention is differentiated,
     after this function has returned; so both passes are traced here first, on shapes alone."""
     def attend(q, k, v, m):
@@ -209,11 +219,12 @@ def _cudnn_attention(query, key, value, mask):
 
 
 def dot_product_attention(query, key, value, mask=None, implementation: str = "xla"):
-    """``jax.nn.dot_product_attention`` on [batch, length, heads, head_dim] inputs with the
-    kernel chosen by ``implementation``: "xla" (any backend and dtype), "cudnn" (cuDNN's fused
-    flash attention: a GPU, bf16/fp16 inputs, and shapes cuDNN supports in the forward and the
-    backward pass; anything else is a ValueError saying so) or "auto" (cuDNN where those hold,
-    else XLA)."""
+    """``jax.nn.dot_product_attention`` with the kernel chosen by ``implementation``.
+
+    Inputs are [batch, length, heads, head_dim]. ``implementation`` is "xla" (any backend and
+    dtype), "cudnn" (cuDNN's fused flash attention: a GPU, bf16/fp16 inputs, and shapes cuDNN
+    supports in the forward and the backward pass; anything else is a ValueError saying so) or
+    "auto" (cuDNN where those hold, else XLA)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of "
                          f"{ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
@@ -238,8 +249,10 @@ def dot_product_attention(query, key, value, mask=None, implementation: str = "x
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention over the token axis of [batch, tokens, channels] with
-    :func:`dot_product_attention` (``attention`` picks XLA's or cuDNN's fused kernel)."""
+    """Self-attention over the token axis of [batch, tokens, channels].
+
+    Computed with :func:`dot_product_attention` (``attention`` picks XLA's or cuDNN's fused
+    kernel)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -263,10 +276,10 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class MultiHeadCrossAttention(nn.Module):
-    """Attention from query tokens [batch, tokens, channels] to a context [batch, length, dim]
-    (text-token embeddings), with an optional key mask [batch, length] (True = a real token).
+    """Attention from query tokens [batch, tokens, channels] to a context [batch, length, dim].
 
-    Queries come from the tokens, keys and values from the context, both projected to
+    The context is text-token embeddings, with an optional key mask [batch, length] (True = a real
+    token). Queries come from the tokens, keys and values from the context, both projected to
     ``channels`` and split into ``num_heads`` heads; ``jax.nn.dot_product_attention`` takes them
     in [batch, length, heads, head_dim] layout and the mask broadcast to [batch, 1, 1, length]
     (its [batch, heads, queries, keys] order).
@@ -318,8 +331,10 @@ class MultiHeadCrossAttention(nn.Module):
 
 
 class GEGLUFeedForward(nn.Module):
-    """Dense -> GEGLU (a GELU-gated linear unit, Shazeer 2020) -> Dense, the transformer
-    feed-forward of Stable Diffusion's UNet: channels -> 2 x (mult x channels) -> channels."""
+    """The transformer feed-forward of Stable Diffusion's UNet: Dense -> GEGLU -> Dense.
+
+    GEGLU is a GELU-gated linear unit (Shazeer 2020); the widths are channels ->
+    2 x (mult x channels) -> channels."""
 
     mult: int = 4
     dtype: Dtype = jnp.float32
@@ -367,8 +382,10 @@ def prepare_context(context, context_mask, context_dim: Optional[int], batch: in
 
 
 def add_pooled_embedding(emb, pooled, pooled_dim: Optional[int], dtype, model_name: str):
-    """Add a Dense projection of a pooled text embedding [batch, pooled_dim] to ``emb`` (call
-    inside a compact method). ``pooled=None`` is a zero vector (the projection's bias only)."""
+    """Add a Dense projection of a pooled text embedding [batch, pooled_dim] to ``emb``.
+
+    Call it inside a compact method. ``pooled=None`` is a zero vector (the projection's bias
+    only)."""
     if pooled_dim is None:
         if pooled is not None:
             raise ValueError(f"pooled was given but the {model_name} has no pooled_dim")

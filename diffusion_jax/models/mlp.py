@@ -13,8 +13,10 @@ __all__ = ["MLP"]
 
 
 class MLP(nn.Module):
-    """``MLP(...)(x, noise_level, labels=None, train=False)`` on [batch, features] inputs:
-    input projection, ``depth`` residual blocks (LayerNorm, SiLU, Dense, plus the noise-level and
+    """Residual MLP denoiser for vector data.
+
+    ``MLP(...)(x, noise_level, labels=None, train=False)`` on [batch, features] inputs: an input
+    projection, ``depth`` residual blocks (LayerNorm, SiLU, Dense, plus the noise-level and
     class embedding), and a zero-initialised output projection."""
 
     hidden: int = 256

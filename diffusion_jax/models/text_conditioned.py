@@ -1,6 +1,7 @@
-"""A denoiser conditioned on text: a byte-level text encoder, trained with the denoiser, whose
-token embeddings the denoiser cross-attends to and whose pooled embedding joins the noise-level
-embedding."""
+"""A denoiser conditioned on text through a byte-level text encoder trained with it.
+
+The denoiser cross-attends to the encoder's token embeddings, and the pooled embedding joins the
+noise-level embedding."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ __all__ = ["TextConditioned"]
 
 
 class TextConditioned(nn.Module):
-    """``TextConditioned(denoiser, encoder)(x, noise_level, labels=None, train=False,
-    tokens=None, token_mask=None)``.
+    """A denoiser and the text encoder whose embeddings condition it, as one module.
+
+    ``TextConditioned(denoiser, encoder)(x, noise_level, labels=None, train=False, tokens=None,
+    token_mask=None)``.
 
     ``tokens``/``token_mask`` ([batch, length], from :func:`diffusion_jax.text.encode`) are the
     captions; ``None`` means the empty caption, the unconditional input of classifier-free

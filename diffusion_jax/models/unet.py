@@ -45,7 +45,9 @@ _zeros = nn.initializers.zeros
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv -> (+ embedding, or scale/shift) -> GN -> SiLU -> dropout -> conv, plus a
+    """Residual block of the UNet, conditioned on the noise-level (and class/text) embedding.
+
+    GN -> SiLU -> conv -> (+ embedding, or scale/shift) -> GN -> SiLU -> dropout -> conv, plus a
     1x1 projection of the input when the channel count changes."""
 
     features: int
@@ -95,9 +97,11 @@ class AttentionBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block on [batch, tokens, channels]: LayerNorm -> self-attention,
-    LayerNorm -> cross-attention to the context, LayerNorm -> GEGLU feed-forward, each added to
-    its input (Stable Diffusion's BasicTransformerBlock; no biases on the q/k/v projections)."""
+    """Pre-norm transformer block on [batch, tokens, channels].
+
+    LayerNorm -> self-attention, LayerNorm -> cross-attention to the context, LayerNorm -> GEGLU
+    feed-forward, each added to its input (Stable Diffusion's BasicTransformerBlock; no biases on
+    the q/k/v projections)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -119,10 +123,12 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm -> linear projection in -> ``depth`` :class:`TransformerBlock` s over all pixels
+    """Transformer blocks over all pixels of a feature map, added to it; starts as the identity.
+
+    GroupNorm -> linear projection in -> ``depth`` :class:`TransformerBlock` s over all pixels
     -> zero-initialised linear projection out, plus the input (Stable Diffusion's
     SpatialTransformer / diffusers' Transformer2DModel with a linear projection, which has the
-    same parameter count as its 1x1 convolutions). Starts as the identity."""
+    same parameter count as its 1x1 convolutions)."""
 
     num_heads: int
     depth: int = 1
@@ -144,7 +150,9 @@ class SpatialTransformer(nn.Module):
 
 
 class UNet(nn.Module):
-    """``UNet(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
+    """UNet denoiser on NHWC images (DDPM/ADM/Stable Diffusion family).
+
+    ``UNet(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
     pooled=None) -> output`` with the shape of x (or ``out_channels`` channels).
 
     Attributes:
@@ -277,11 +285,13 @@ SD15_UNET_PARAMETERS = 859_520_964
 
 def sd15_unet(dtype: Dtype = jnp.float32, remat: bool = False, latent_size: int = 64,
               **overrides) -> UNet:
-    """Stable Diffusion 1.5's denoiser shape (Rombach et al. 2022): 4 -> 4 latent channels, widths
-    320, 640, 1280, 1280, two res blocks per level, a depth-1 :class:`SpatialTransformer` with 8
-    heads cross-attending to 768-wide CLIP text tokens after every res block of the first three
-    levels (64, 32 and 16 for 64x64 latents, i.e. 512x512 images) and in the middle block, no class
-    labels, no dropout. It has :data:`SD15_UNET_PARAMETERS` parameters, as diffusers' model.
+    """A :class:`UNet` of Stable Diffusion 1.5's denoiser shape (Rombach et al. 2022).
+
+    4 -> 4 latent channels, widths 320, 640, 1280, 1280, two res blocks per level, a depth-1
+    :class:`SpatialTransformer` with 8 heads cross-attending to 768-wide CLIP text tokens after
+    every res block of the first three levels (64, 32 and 16 for 64x64 latents, i.e. 512x512 images)
+    and in the middle block, no class labels, no dropout. It has :data:`SD15_UNET_PARAMETERS`
+    parameters, as diffusers' model.
 
     ``latent_size`` keeps attention at the first three levels for other latent sizes; other
     :class:`UNet` attributes can be overridden by keyword.
