@@ -1,5 +1,7 @@
-"""Shared pieces of the throughput benchmarks: the models benchmarked, timing, FLOP counts from
-XLA's cost analysis, a measured matmul peak for MFU, and the output table/JSON."""
+"""Shared pieces of the throughput benchmarks.
+
+The models benchmarked, timing, FLOP counts from XLA's cost analysis, a measured matmul peak for
+MFU, and the output table/JSON."""
 
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def _ddpm_cifar10():
 def _dit_b2():
     config = default.get_config()
     config.model.name = "dit"
-    config.model.dit_size = "B"
-    config.model.patch_size = 2
+    config.model.dit.size = "B"
+    config.model.dit.patch_size = 2
     config.model.dropout = 0.0
     config.diffusion.schedule = "ddpm_linear"
     config.diffusion.target = "eps"
@@ -63,22 +65,25 @@ CONTEXT = {"sd15": (77, 768)}
 
 
 def build(name, dtype, batch, **overrides):
-    """The benchmark model ``name`` as a run would build it: ``(config, shape, num_classes,
-    model, optimizer, mesh, abstract_state, state)``, the state initialised on the mesh.
+    """The benchmark model ``name`` as a run would build it, its state initialised on the mesh.
+
+    Returns ``(config, shape, num_classes, model, optimizer, mesh, abstract_state, state)``.
     ``overrides`` set config keys, e.g. ``training__steps_per_call=4``."""
-    from diffusion_jax import train
+    from diffusion_jax import run, train_state
 
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
         name, dtype, batch, **overrides)
-    mesh = train.build_mesh(config)
-    state = train.init_train_state(config, model, optimizer, shape, num_classes, mesh)
+    mesh = run.build_mesh(config)
+    state = train_state.init_train_state(config, model, optimizer, shape, num_classes, mesh)
     return config, shape, num_classes, model, optimizer, mesh, abstract, state
 
 
 def build_abstract(name, dtype, batch, **overrides):
-    """:func:`build` without a mesh or arrays: ``(config, shape, num_classes, model, optimizer,
-    abstract_state)``."""
-    from diffusion_jax import configuration, train
+    """:func:`build` without a mesh or arrays.
+
+    Returns ``(config, shape, num_classes, model, optimizer, abstract_state)``."""
+    from diffusion_jax import configuration, train_state
+    from diffusion_jax import optimizer as optimizer_lib
 
     config, shape, num_classes = MODELS[name]()
     config.model.dtype = dtype
@@ -95,14 +100,16 @@ def build_abstract(name, dtype, batch, **overrides):
                                  attention=config.model.attention)
     else:
         model = configuration.build_model(config.model, shape, num_classes)
-    optimizer = train.optimizer_from_config(config)
-    abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
+    optimizer = optimizer_lib.optimizer_from_config(config)
+    abstract = train_state.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
     return config, shape, num_classes, model, optimizer, abstract
 
 
 def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes):
-    """The arguments of benchmark model ``name``'s compiled train step on ``mesh`` as abstract
-    arrays in their shardings: ``(state, batch, running metrics)``, for compiling without data."""
+    """Abstract arguments of benchmark model ``name``'s train step on ``mesh``, for compiling.
+
+    ``(state, batch, running metrics)`` as abstract arrays in their shardings, for compiling
+    without data."""
     from diffusion_jax import parallel, train
 
     def placed(tree, sharding):  # every leaf in ``sharding`` (one, or a tree like ``tree``)
@@ -145,9 +152,10 @@ def time_calls(fn, *, iterations: int, warmup: int = 2) -> float:
 
 
 def forward_flops(model, shape, num_classes, context=None) -> float:
-    """Matmul/convolution FLOPs of one image through the network's forward pass, counted from
-    the jaxpr (:mod:`diffusion_jax.flops`); a training step is counted as 3x this (forward,
-    and backward with respect to activations and weights), the usual MFU convention."""
+    """Matmul/convolution FLOPs of one image through the network's forward pass.
+
+    Counted from the jaxpr (:mod:`diffusion_jax.flops`); a training step is counted as 3x this
+    (forward, and backward with respect to activations and weights), the usual MFU convention."""
     from diffusion_jax import flops
 
     args = [jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32),
@@ -163,8 +171,9 @@ def forward_flops(model, shape, num_classes, context=None) -> float:
 
 
 def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled function by XLA's cost analysis (0 when unavailable;
-    it misses cuDNN convolutions on GPU, so treat it as a lower bound there)."""
+    """FLOPs of one call of a compiled function by XLA's cost analysis (0 when unavailable).
+
+    It misses cuDNN convolutions on GPU, so treat it as a lower bound there."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -175,7 +184,8 @@ def compiled_flops(compiled) -> float:
 
 
 def compiled_memory(compiled) -> dict:
-    """Per-device memory of one call of a compiled function by XLA's memory analysis, in GB:
+    """Per-device memory of one call of a compiled function by XLA's memory analysis, in GB.
+
     ``inputs_gb`` (its arguments), ``temp_gb`` (what it allocates while running) and
     ``peak_gb`` (both, plus outputs that do not reuse a donated argument); {} when unavailable."""
     try:
@@ -189,8 +199,9 @@ def compiled_memory(compiled) -> dict:
 
 
 def matmul_peak_tflops(dtype=None) -> float:
-    """Measured throughput of a large square matmul, the denominator of MFU: bf16 on GPU/TPU,
-    float32 on a CPU (whose bf16 matmuls are emulated and slower)."""
+    """Measured throughput of a large square matmul in TFLOP/s, the denominator of MFU.
+
+    bf16 on GPU/TPU, float32 on a CPU (whose bf16 matmuls are emulated and slower)."""
     if dtype is None:
         dtype = jnp.bfloat16 if on_accelerator() else jnp.float32
     n = 8192 if on_accelerator() else 1024
@@ -204,11 +215,12 @@ def matmul_peak_tflops(dtype=None) -> float:
 
 
 def profile_summary(run, steps: int, top: int = 20, directory: str = "") -> list:
-    """Trace ``run()`` (which runs ``steps`` train steps and blocks) with the JAX profiler and
-    return the ``top`` device operations by time: ``[{"op", "ms_per_step", "share", "calls"}]``.
-    On a GPU these are the XLA ops of the device planes (fusions, convolutions, cuBLAS/cuDNN
-    calls); on a CPU, the ops XLA's CPU client ran. The trace stays in ``directory`` (a temporary
-    folder when empty) for TensorBoard/XProf."""
+    """Profile ``run()`` and return the ``top`` device operations by time.
+
+    ``run()`` runs ``steps`` train steps and blocks; it is traced with the JAX profiler. Returns
+    ``[{"op", "ms_per_step", "share", "calls"}]``. On a GPU these are the XLA ops of the device
+    planes (fusions, convolutions, cuBLAS/cuDNN calls); on a CPU, the ops XLA's CPU client ran. The
+    trace stays in ``directory`` (a temporary folder when empty) for TensorBoard/XProf."""
     import glob
     import tempfile
 

@@ -1,6 +1,8 @@
-"""The comparison table of a GPU session: diffusion_jax's throughput results beside the PyTorch
-baseline's (diffusers' UNets, ``torch_baseline.json``) measured on the same card, as ratios and
-MFU. It only reads result files, so it runs anywhere after the benchmarks have run::
+"""The comparison table of a GPU session: diffusion_jax's throughput beside PyTorch's.
+
+diffusion_jax's throughput results beside the PyTorch baseline's (diffusers' UNets,
+``torch_baseline.json``) measured on the same card, as ratios and MFU. It only reads result files,
+so it runs anywhere after the benchmarks have run::
 
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --plain
     python benchmarks/sample_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 1024
@@ -48,8 +50,9 @@ def _percent(value):
 
 
 def comparison(train, sample, torch):
-    """Markdown lines comparing the result files' contents (dicts as the benchmarks write them;
-    any may be None)."""
+    """Markdown lines comparing the result files' contents.
+
+    The contents are dicts as the benchmarks write them; any may be None."""
     lines = []
     device = (train or sample or {}).get("device", "?")
     torch_device = (torch or {}).get("device", "?")

@@ -1,15 +1,16 @@
-"""What one training step (and one sampler call) compiles to: device kernels, their kinds, copies,
-loops and bytes, on this machine's backend or, without a GPU, as XLA compiles them for an H100 or
-H200. Timings need the card; this shows the structure that costs time on it (every kernel is a
-launch of a few microseconds, every copy is memory traffic), so a change can be judged between
-the sessions that have one.
+"""What one training step (and one sampler call) compiles to, for this machine or a target GPU.
+
+Device kernels, their kinds, copies, loops and bytes, on this machine's backend or, without a GPU,
+as XLA compiles them for an H100 or H200. Timings need the card; this shows the structure that costs
+time on it (every kernel is a launch of a few microseconds, every copy is memory traffic), so a
+change can be judged between the sessions that have one.
 
     python benchmarks/compiled_kernels.py                           # this machine's backend
     python benchmarks/compiled_kernels.py --target h100 --plain      # an H100, without a GPU
     python benchmarks/compiled_kernels.py --target h200 --models dit_b2 --state-layouts default
 
 ``--target`` needs JAX's CUDA plugin of the installed jax version, with its CUDA libraries
-(about 5.6 GB; no GPU or driver is needed)::
+(several GB; no GPU or driver is needed)::
 
     pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
 
@@ -80,12 +81,13 @@ def _bytes(type_text):
 
 
 def kernel_summary(hlo_text):
-    """Count what an optimised HLO module launches: the non-free instructions of its entry
-    computation and of the bodies of its loops (fusion bodies are inside their kernel).
-    Returns a dict of counts; ``kernels_in_loops`` are those that run once per iteration (a
-    sampler's steps). ``gb_moved`` is what the kernels read and write (each operand once and
-    the output, a loop body counted once), ``gb_moved_by_memory_kernels`` the part of it that
-    kernels other than matmuls, convolutions and fused attention move: at the card's bandwidth,
+    """Count what an optimised HLO module launches.
+
+    The non-free instructions of its entry computation and of the bodies of its loops (fusion bodies
+    are inside their kernel). Returns a dict of counts; ``kernels_in_loops`` are those that run once
+    per iteration (a sampler's steps). ``gb_moved`` is what the kernels read and write (each operand
+    once and the output, a loop body counted once), ``gb_moved_by_memory_kernels`` the part of it
+    that kernels other than matmuls, convolutions and fused attention move: at the card's bandwidth,
     a lower bound on their time."""
     computations, current, entry = {}, None, None
     for line in hlo_text.splitlines():
@@ -152,10 +154,12 @@ def kernel_summary(hlo_text):
 
 
 def _assume_compute_capability(target):
-    """JAX decides which head sizes cuDNN attention takes from the local GPU's compute
-    capability (up to 256 from Hopper on, 128 before) and, with no GPU here, takes the older
-    limit. Give it the target's instead, so that ``--attention auto`` compiles what it would on
-    the card. Private JAX API: if it has moved, the older limit stays and this says so."""
+    """Make JAX choose cuDNN attention's head sizes for ``target`` instead of the local GPU.
+
+    JAX decides which head sizes cuDNN attention takes from the local GPU's compute capability (up
+    to 256 from Hopper on, 128 before) and, with no GPU here, takes the older limit. Give it the
+    target's instead, so that ``--attention auto`` compiles what it would on the card. Private JAX
+    API: if it has moved, the older limit stays and this says so."""
     match = re.search(r"cuda_compute_capability \{ major: (\d+)(?: minor: (\d+))? \}",
                       TARGETS[target])
     capability = (int(match.group(1)), int(match.group(2) or 0))
@@ -193,8 +197,10 @@ def _abstract(tree, sharding):
 
 def compile_programs(name, dtype, batch, *, devices, state_layouts="auto", plain=False,
                      sample_steps=0, attention="xla"):
-    """Compile the full train step (and optionally the plain step and a sampler call) of
-    benchmark model ``name`` for ``devices`` without arrays; returns {program: compiled}.
+    """Compile benchmark model ``name``'s train step (and other programs) for ``devices``.
+
+    The full train step, and optionally the plain step and a sampler call, compiled without
+    arrays; returns {program: compiled}.
     ``attention`` is model.attention, with kernels chosen for the devices' platform."""
     from diffusion_jax.models import layers
 
@@ -212,7 +218,7 @@ def _compile_programs(name, dtype, batch, *, devices, state_layouts, plain, samp
     import optax
 
     from common import abstract_step_arguments, build_abstract
-    from diffusion_jax import parallel, sample, train
+    from diffusion_jax import generate, parallel, train
 
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
         name, dtype, batch, mesh__state_layouts=state_layouts, model__attention=attention)
@@ -242,11 +248,11 @@ def _compile_programs(name, dtype, batch, *, devices, state_layouts, plain, samp
     if sample_steps:
         config.sampling.method, config.sampling.num_steps = "ddim", sample_steps
         config.sampling.guidance_scale = 2.0
-        generate = jax.jit(sample.make_generate_fn(config, model, shape, num_classes, mesh=mesh),
-                           static_argnums=2)
+        generate_fn = jax.jit(generate.make_generate_fn(config, model, shape, num_classes,
+                                                        mesh=mesh), static_argnums=2)
         params = _abstract(abstract.ema_params, lambda a: replicated)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-        programs["sample"] = generate.lower(params, key, batch).compile()
+        programs["sample"] = generate_fn.lower(params, key, batch).compile()
     return programs
 
 

@@ -1,6 +1,8 @@
-"""Sampling throughput: denoiser evaluations per second (images through the network) inside
-diffusion_jax's compiled samplers, for the DDPM CIFAR-10 UNet and DiT-B/2 (class-conditional,
-with classifier-free guidance, so each step evaluates both branches in one batched call).
+"""Sampling throughput: denoiser evaluations per second inside diffusion_jax's compiled samplers.
+
+Evaluations are images through the network; measured for the DDPM CIFAR-10 UNet and DiT-B/2
+(class-conditional, with classifier-free guidance, so each step evaluates both branches in one
+batched call).
 
     python benchmarks/sample_throughput.py
     python benchmarks/sample_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 512
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, forward_flops,
                     matmul_peak_tflops, on_accelerator, report, time_calls)
-from diffusion_jax import configuration, sample, samplers
+from diffusion_jax import configuration, generate, samplers
 
 
 def _xla_forward_flops(model, params, shape, num_classes, batch):
@@ -38,10 +40,10 @@ def measure(name, dtype, batch, num_steps, method, attention="xla"):
     config.sampling.method, config.sampling.num_steps = method, num_steps
     config.sampling.grid = "trailing"
     config.sampling.guidance_scale = 2.0
-    generate = jax.jit(sample.make_generate_fn(config, model, shape, num_classes, mesh=mesh),
-                       static_argnums=2)
+    generate_fn = jax.jit(generate.make_generate_fn(config, model, shape, num_classes,
+                                                    mesh=mesh), static_argnums=2)
     key = jax.random.key(0)
-    seconds = time_calls(lambda: generate(state.ema_params, key, batch), iterations=3, warmup=1)
+    seconds = time_calls(lambda: generate_fn(state.ema_params, key, batch), iterations=3, warmup=1)
     branches = 2 if num_classes else 1
     schedule = configuration.build_schedule(config)
     times = samplers.time_grid(schedule, num_steps, config.sampling.grid)

@@ -1,7 +1,8 @@
-"""Device memory of the full training step: what each device holds and allocates for one step,
-by mesh and option, from XLA's memory analysis of the compiled step. Nothing is run, so a CPU
-answers for 8 or 64 devices it does not have (fake CPU devices) and for models that would not fit
-it, and the options that trade speed for memory (``--remat``, ``--grad-accumulation``,
+"""Device memory of the full training step, by mesh and option, from XLA's memory analysis.
+
+What each device holds and allocates for one step, as the compiled step states it. Nothing is run,
+so a CPU answers for 8 or 64 devices it does not have (fake CPU devices) and for models that would
+not fit it, and the options that trade speed for memory (``--remat``, ``--grad-accumulation``,
 ``mesh.fsdp``, ``--attention auto``) can be weighed before a run.
 
     python benchmarks/train_memory.py                                # DDPM UNet, bf16, batch 128
@@ -16,9 +17,8 @@ On a CPU, meshes of more devices than it has are simulated (XLA's fake host devi
 TPU they must exist. ``--target h100|h200`` compiles for that GPU without one (one device; needs
 JAX's CUDA plugin, see ``compiled_kernels.py``). The numbers are the given compiler's, and another
 backend fuses, schedules and pads differently: XLA's CPU compiler keeps more float32 temporaries
-in a bfloat16 step than a GPU's and realises little of what remat saves (the DDPM UNet's bf16
-step at batch 128: 7.1 GB of temporaries, 4.6 with remat; compiled for an H100, 2.7 and 1.0).
-Read a CPU's numbers for meshes and trends, and the target's for a card.
+in a bfloat16 step than a GPU's and realises little of what remat saves (docs/benchmarks.md has
+figures). Read a CPU's numbers for meshes and trends, and the target's for a card.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def parse_mesh(text):
 
 def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
                 grad_accumulation=1, train_step="jit", attention="xla"):
-    """Compile benchmark model ``name``'s full training step for a ``data`` x ``fsdp`` mesh of
-    ``devices`` (abstract arrays only) and return its per-device memory in GB."""
+    """Per-device memory in GB of benchmark model ``name``'s full training step on a mesh.
+
+    The step is compiled for a ``data`` x ``fsdp`` mesh of ``devices`` (abstract arrays only)."""
     import jax
 
     from common import abstract_step_arguments, build_abstract, compiled_memory
@@ -88,7 +89,7 @@ def main(argv=None):
     for steps in args.grad_accumulation:
         if steps < 1:
             parser.error(f"--grad-accumulation must be >= 1, got {steps}")
-        for data, fsdp in args.meshes:  # as training checks it (train.build_mesh)
+        for data, fsdp in args.meshes:  # as training checks it (run.build_mesh)
             if args.batch % (data * fsdp * steps):
                 parser.error(f"--batch {args.batch} does not split into {steps} microbatch(es) "
                              f"on each device of the {data}x{fsdp} mesh; use a multiple of "

@@ -1,8 +1,9 @@
-"""Training throughput: images/s of diffusion_jax's full training step (the one
-``train_and_evaluate`` runs: loss, gradients, clipping, AdamW, EMA and metric accumulation, on the
-device mesh, donating the old state), fed from host numpy batches through the same device
-prefetcher as training, with model FLOPs counted from the network's jaxpr and MFU against a
-measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
+"""Training throughput: images/s of diffusion_jax's full training step, with FLOPs and MFU.
+
+The step is the one ``train_and_evaluate`` runs (loss, gradients, clipping, AdamW, EMA and metric
+accumulation, on the device mesh, donating the old state), fed from host numpy batches through the
+same device prefetcher as training, with model FLOPs counted from the network's jaxpr and MFU
+against a measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
 
     python benchmarks/train_throughput.py                           # both models, f32 and bf16
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --batch 256
@@ -13,8 +14,8 @@ measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
 cross-attention to a 77x768 context; use ``--batch 32`` to match the PyTorch baseline, with
-``--attention auto`` or ``--remat``: with XLA's attention its bf16 step needs 148-152 GB per
-device at that batch, more than an H100 has and than JAX takes of an H200 by default; see
+``--attention auto`` or ``--remat``: with XLA's attention its bf16 step needs more memory per
+device at that batch than an H100 has and than JAX takes of an H200 by default; see
 ``train_memory.py``).
 Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
 batch is 8 and few steps are timed; on a GPU or TPU, 128.
@@ -95,12 +96,13 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
 
 
 def checkpoint_stall(current_state, run_calls, steady_seconds, sync, saves=3):
-    """What an asynchronous checkpoint costs the training loop, as a run saves: the seconds the
-    save call blocks (waiting for the step, copying the state to host memory) and the seconds the
-    same number of steps takes longer than ``steady_seconds`` when a save starts before them
-    (blocking plus whatever the background write takes from the loop), averaged over ``saves``
-    saves to a temporary folder. The write is awaited before the next save, outside the timing.
-    ``current_state()`` returns the state to save; ``run_calls()`` runs the timed steps."""
+    """What an asynchronous checkpoint costs the training loop, as a run saves.
+
+    The seconds the save call blocks (waiting for the step, copying the state to host memory) and
+    the seconds the same number of steps takes longer than ``steady_seconds`` when a save starts
+    before them (blocking plus whatever the background write takes from the loop), averaged over
+    ``saves`` saves to a temporary folder. The write is awaited before the next save, outside the
+    timing. ``current_state()`` returns the state to save; ``run_calls()`` runs the timed steps."""
     import shutil
     import tempfile
 
@@ -129,10 +131,11 @@ def checkpoint_stall(current_state, run_calls, steady_seconds, sync, saves=3):
 
 
 def measure_plain(name, dtype, batch, iterations):
-    """A plain, untuned jit train step of the same network, as a same-card reference for what
-    the full step adds: the fixed batch is its own target at fixed noise levels (as the PyTorch
-    baseline times it), AdamW, dropout on, and no EMA, clipping, metrics, noise drawing or data
-    feed."""
+    """Throughput of a plain, untuned jit train step of the same network.
+
+    A same-card reference for what the full step adds: the fixed batch is its own target at fixed
+    noise levels (as the PyTorch baseline times it), AdamW, dropout on, and no EMA, clipping,
+    metrics, noise drawing or data feed."""
     import jax.numpy as jnp
     import optax
 

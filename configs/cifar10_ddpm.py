@@ -5,21 +5,22 @@ Data: TFDS cifar10 prepared beforehand (tfds build cifar10 --file_format=array_r
 config.data.data_dir.
 """
 
-from configs import default
+from diffusion_jax import defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
+    config.sized_for = "accelerator"
     config.data.name = "tfds"
     config.data.tfds_name = "cifar10"
     config.data.batch_size = 128
     config.data.class_conditional = False
     config.model.name = "unet"
-    config.model.channels = 128
-    config.model.channel_mult = (1, 2, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attention_resolutions = (16,)
-    config.model.num_heads = 1
+    config.model.unet.channels = 128
+    config.model.unet.channel_mult = (1, 2, 2, 2)
+    config.model.unet.num_res_blocks = 2
+    config.model.unet.attention_resolutions = (16,)
+    config.model.unet.num_heads = 1
     config.model.dropout = 0.1
     config.diffusion.schedule = "ddpm_linear"
     config.diffusion.target = "eps"

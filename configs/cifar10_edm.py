@@ -6,23 +6,24 @@ with scale-shift conditioning at DDPM++'s widths, not the paper's exact DDPM++ a
 Data: TFDS cifar10 prepared beforehand in config.data.data_dir.
 """
 
-from configs import default
+from diffusion_jax import defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
+    config.sized_for = "accelerator"
     config.data.name = "tfds"
     config.data.tfds_name = "cifar10"
     config.data.batch_size = 512
     config.data.class_conditional = True
     config.model.name = "unet"
-    config.model.channels = 128
-    config.model.channel_mult = (2, 2, 2)
-    config.model.num_res_blocks = 4
-    config.model.attention_resolutions = (16,)
-    config.model.num_heads = 1
+    config.model.unet.channels = 128
+    config.model.unet.channel_mult = (2, 2, 2)
+    config.model.unet.num_res_blocks = 4
+    config.model.unet.attention_resolutions = (16,)
+    config.model.unet.num_heads = 1
     config.model.dropout = 0.13
-    config.model.scale_shift = True
+    config.model.unet.scale_shift = True
     # c_noise = log(sigma) / 4 spans about [-1.6, 1.1]; spread it over the embedding's periods.
     config.model.noise_scale = 250.0
     config.diffusion.schedule = "edm"

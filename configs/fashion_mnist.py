@@ -5,21 +5,23 @@ through label dropout. Data: Debian's dataset-fashion-mnist package (apt-get ins
 dataset-fashion-mnist) or config.data.path.
 """
 
-from configs import default
+from diffusion_jax import defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
+    config.sized_for = "accelerator"
+    config.cpu_preset = "configs/fashion_mnist_cpu.py"
     config.data.name = "fashion_mnist"
     config.data.batch_size = 256
     config.model.name = "unet"
-    config.model.channels = 96
-    config.model.channel_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attention_resolutions = (14, 7)
-    config.model.num_heads = 4
+    config.model.unet.channels = 96
+    config.model.unet.channel_mult = (1, 2, 2)
+    config.model.unet.num_res_blocks = 2
+    config.model.unet.attention_resolutions = (14, 7)
+    config.model.unet.num_heads = 4
     config.model.dropout = 0.1
-    config.model.scale_shift = True
+    config.model.unet.scale_shift = True
     config.model.dtype = "bfloat16"
     config.diffusion.schedule = "cosine"
     config.diffusion.target = "v"

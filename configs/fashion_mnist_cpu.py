@@ -1,8 +1,6 @@
 """Fashion-MNIST sized for a CPU: a 0.76M-parameter UNet, batch 64, 2,000 steps.
 
-Measured on a 2-core machine: about 0.7 steps/s when nothing else runs (so about 50 minutes),
-final loss about 0.037; the samples are recognisable garments of the asked-for classes
-(docs/fashion_mnist_cpu_samples.png). More cores make it proportionally faster.
+Its speed on a 2-core machine and its samples are in docs/benchmarks.md.
 """
 
 from configs import fashion_mnist
@@ -10,12 +8,14 @@ from configs import fashion_mnist
 
 def get_config():
     config = fashion_mnist.get_config()
+    config.sized_for = "any"
+    config.cpu_preset = ""
     config.data.batch_size = 64
-    config.model.channels = 32
-    config.model.channel_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attention_resolutions = (14,)
-    config.model.num_heads = 1
+    config.model.unet.channels = 32
+    config.model.unet.channel_mult = (1, 2)
+    config.model.unet.num_res_blocks = 1
+    config.model.unet.attention_resolutions = (14,)
+    config.model.unet.num_heads = 1
     config.model.dropout = 0.0
     config.model.dtype = "float32"
     config.training.num_steps = 2_000

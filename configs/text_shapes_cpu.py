@@ -2,10 +2,8 @@
 a 2-block text encoder (2.2M parameters in all). See text_shapes.py for the full-size run and what
 the data is.
 
-Measured on a 2-core machine: 0.45-0.77 steps/s (3,000 steps in about 80 minutes), loss 0.068.
-After 3,000 steps the samples follow size (86% at guidance 3) and partly background colour, but
-not yet object colour or shape, so prompt adherence is far from the data's (guidance 3 over 1:
-+0.02); it needs the longer training of text_shapes.py, which a GPU gives in minutes.
+What it reaches on a 2-core machine is in docs/text_to_image.md; it needs the longer training
+of text_shapes.py for the samples to follow colour and shape.
 """
 
 from configs import text_shapes
@@ -13,13 +11,15 @@ from configs import text_shapes
 
 def get_config():
     config = text_shapes.get_config()
+    config.sized_for = "any"
+    config.cpu_preset = ""
     config.data.batch_size = 32
     config.data.worker_count = 0  # two cores: the model, not the data, is the bottleneck
-    config.model.channels = 32
-    config.model.channel_mult = (1, 2, 2)
-    config.model.num_res_blocks = 1
-    config.model.attention_resolutions = (16, 8)
-    config.model.head_dim = 32
+    config.model.unet.channels = 32
+    config.model.unet.channel_mult = (1, 2, 2)
+    config.model.unet.num_res_blocks = 1
+    config.model.unet.attention_resolutions = (16, 8)
+    config.model.unet.head_dim = 32
     config.model.dtype = "float32"
     config.text.width = 128
     config.text.depth = 2

@@ -1,18 +1,18 @@
 """A seconds-long run for tests: a very small UNet on 16x16 procedural shapes."""
 
-from configs import default
+from diffusion_jax import defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "shapes"
     config.data.size = 256
     config.data.resolution = 16
     config.data.batch_size = 8
-    config.model.channels = 16
-    config.model.channel_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attention_resolutions = (8,)
+    config.model.unet.channels = 16
+    config.model.unet.channel_mult = (1, 2)
+    config.model.unet.num_res_blocks = 1
+    config.model.unet.attention_resolutions = (8,)
     config.model.dropout = 0.0
     config.training.num_steps = 6
     config.training.warmup_steps = 2

@@ -1,17 +1,17 @@
-"""2-D mixture of eight Gaussians with an MLP denoiser: trains on a CPU in about a minute."""
+"""2-D mixture of eight Gaussians with an MLP denoiser: a CPU-sized run that needs no data."""
 
-from configs import default
+from diffusion_jax import defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "toy2d"
     config.data.toy_kind = "mixture"
     config.data.size = 20_000
     config.data.batch_size = 512
     config.model.name = "mlp"
-    config.model.hidden = 128
-    config.model.depth = 3
+    config.model.mlp.hidden = 128
+    config.model.mlp.depth = 3
     config.model.dropout = 0.0
     config.diffusion.label_dropout = 0.15
     config.training.num_steps = 3_000

@@ -1,7 +1,8 @@
-"""Orbax checkpoints of the train state and the data iterator, with a check that a checkpoint
-belongs to the current config. Loading never executes code from the files (Orbax/tensorstore
-arrays and JSON only), and a crash mid-save leaves the previous checkpoint intact (Orbax commits a
-step only once all of it is written)."""
+"""Orbax checkpoints of the train state and the data iterator.
+
+Each checkpoint is checked to belong to the current config. Loading never executes code from the
+files (Orbax/tensorstore arrays and JSON only), and a crash mid-save leaves the previous checkpoint
+intact (Orbax commits a step only once all of it is written)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def _worker_count(state) -> Optional[int]:
 
 
 def _check_worker_count(where: str, iterator) -> None:
-    """Grain restores a data position only into an iterator with the worker count that saved
-    it (workers each batch their own share of the records): say so before Orbax fails."""
+    """Raises a clear error when the checkpoint's data worker count differs from this run's.
+
+    Grain restores a data position only into an iterator with the worker count that saved it
+    (workers each batch their own share of the records): say so before Orbax fails."""
     path = os.path.join(where, "data", f"process_{jax.process_index()}-of-"
                                        f"{jax.process_count()}.json")
     if not os.path.exists(path) or not hasattr(iterator, "get_state"):
@@ -43,7 +46,9 @@ def _check_worker_count(where: str, iterator) -> None:
 
 
 def _check_process_count(where: str) -> None:
-    """Each process saves its own data position (``data/process_<i>-of-<n>.json``); a run with
+    """Raises a clear error when the checkpoint was written by another number of processes.
+
+    Each process saves its own data position (``data/process_<i>-of-<n>.json``); a run with
     another process count has none to restore, which grain reports as an unreadable file."""
     directory = os.path.join(where, "data")
     if not os.path.isdir(directory):
@@ -64,8 +69,10 @@ class CheckpointError(RuntimeError):
 
 
 def _restore_target(leaf):
-    """Shape, dtype and sharding to restore a leaf into. A leaf without a sharding goes to the
-    first local device, so a checkpoint written on any number of devices restores on one."""
+    """Shape, dtype and sharding to restore a leaf into.
+
+    A leaf without a sharding goes to the first local device, so a checkpoint written on any
+    number of devices restores on one."""
     target = ocp.utils.to_shape_dtype_struct(leaf)
     if getattr(target, "sharding", None) is None:
         target = jax.ShapeDtypeStruct(target.shape, target.dtype,
@@ -88,8 +95,10 @@ MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 64 * 2**20
 
 
 def _type_handler_registry():
-    """Orbax's standard type handlers, with jax.Array saved as described above. Built per
-    checkpoint manager rather than changing Orbax's global registry, which other code may use."""
+    """Orbax's standard type handlers, with jax.Array saved as described above.
+
+    Built per checkpoint manager rather than changing Orbax's global registry, which other code
+    may use."""
     handlers = [(ty, ocp.type_handlers.get_type_handler(ty))
                 for ty in ocp.type_handlers.supported_types() if ty is not jax.Array]
     array_handler = ocp.type_handlers.ArrayHandler(
@@ -101,15 +110,26 @@ def _type_handler_registry():
 
 
 def _align(stored, current, defaults):
-    """``stored`` (a checkpoint's fingerprint) read with the keys of ``current``: keys it lacks
-    take their value from ``defaults`` (settings added since it was written), and keys the
-    current fingerprint no longer has are left out (settings since removed)."""
+    """``stored`` (a checkpoint's fingerprint) read with the keys of ``current``.
+
+    Keys it lacks take their value from ``defaults`` (settings added since it was written), and
+    keys the current fingerprint no longer has are left out (settings since removed)."""
     if not isinstance(stored, dict) or not isinstance(current, dict):
         return stored
     defaults = defaults if isinstance(defaults, dict) else {}
     return {key: (_align(stored[key], current[key], defaults.get(key)) if key in stored
                   else defaults.get(key, _MISSING))
             for key in current}
+
+
+def _flat(tree, prefix=""):
+    """A fingerprint's leaves by dotted path (``model.channels``), so a mismatch names them."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 class Checkpoints:
@@ -181,12 +201,13 @@ class Checkpoints:
                 f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); delete that "
                 "step's folder to fall back to an earlier one, or use a fresh workdir"
             ) from err
-        meta = _align(meta, self.fingerprint, self.fingerprint_defaults)
-        if meta != self.fingerprint:
-            differing = sorted(k for k in set(meta) | set(self.fingerprint)
-                               if meta.get(k) != self.fingerprint.get(k))
-            details = ", ".join(f"{k}: checkpoint {meta.get(k)!r} vs config "
-                                f"{self.fingerprint.get(k)!r}" for k in differing)
+        meta = _flat(_align(meta, self.fingerprint, self.fingerprint_defaults))
+        current = _flat(self.fingerprint)
+        if meta != current:
+            differing = sorted(k for k in set(meta) | set(current)
+                               if meta.get(k, _MISSING) != current.get(k, _MISSING))
+            details = ", ".join(f"{k}: checkpoint {meta.get(k, _MISSING)!r} vs config "
+                                f"{current.get(k, _MISSING)!r}" for k in differing)
             raise CheckpointError(
                 f"checkpoint {where} was written for a different model or data ({details}); "
                 "use the config it was trained with, or a fresh workdir"

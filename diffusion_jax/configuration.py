@@ -1,30 +1,60 @@
-"""From a config to objects: validation with clear messages, and builders for the data source,
-model, schedule, prediction target and loss. Everything here runs before any compilation."""
+"""From a config to objects: loading, validation with clear messages, and builders.
+
+Builders cover the data source, model, schedule and prediction target. Everything here runs
+before any compilation.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
+import os
+import sys
 from typing import Any
 
 import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
-from diffusion_jax import losses, parameterization, samplers, schedules
+from diffusion_jax import defaults, losses, parameterization, samplers, schedules
 from diffusion_jax import models
+from diffusion_jax.models import registry
 
-__all__ = ["ConfigError", "validate", "build_source", "build_model", "build_schedule",
-           "build_parameterization", "data_shape"]
+__all__ = ["ConfigError", "SOURCES", "load_config", "validate", "build_source", "build_model",
+           "build_denoiser", "build_schedule", "build_parameterization", "data_shape"]
 
 
 class ConfigError(ValueError):
     """A config key is unknown or has an invalid value; the message names the key."""
 
 
+def _procedural_seed(split):
+    return 0 if split == "train" else 1  # any other split: fresh examples
+
+
+def _captioned_shapes(d, split):
+    # "train": seen attribute combinations; "heldout": only the held-out ones; any other split
+    # name: fresh images of the seen combinations (another seed).
+    return data_lib.CaptionedShapes(d.size, d.resolution, seed=_procedural_seed(split),
+                                    split=split if split in ("train", "heldout", "all")
+                                    else "train")
+
+
+# Data sources by ``config.data.name``: ``(config.data, split) -> source``. A new dataset is one
+# entry here, beside its source class in diffusion_jax/data/.
+SOURCES = {
+    "fashion_mnist": lambda d, split: data_lib.FashionMNIST(split, path=d.path or None),
+    "tfds": lambda d, split: data_lib.TFDSSource(d.tfds_name, split,
+                                                 data_dir=d.data_dir or None),
+    "shapes": lambda d, split: data_lib.Shapes(d.size, d.resolution,
+                                               seed=_procedural_seed(split)),
+    "captions": _captioned_shapes,
+    "toy2d": lambda d, split: data_lib.Toy2D(d.toy_kind, d.size, seed=_procedural_seed(split)),
+}
+
 _CHOICES = {
-    "data.name": ("fashion_mnist", "tfds", "shapes", "captions", "toy2d"),
+    "sized_for": ("any", "accelerator"),
     "data.toy_kind": data_lib.Toy2D.KINDS,
-    "model.name": ("unet", "dit", "mlp"),
-    "model.dit_size": tuple(models.DIT_SIZES),
     "model.dtype": ("float32", "bfloat16"),
     "diffusion.schedule": tuple(schedules.SCHEDULES),
     "diffusion.target": parameterization.TARGETS,
@@ -41,8 +71,7 @@ _CHOICES = {
 _POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
              "training.learning_rate", "training.log_every", "training.checkpoint_every",
              "training.keep_checkpoints", "sampling.num_steps", "sampling.num_samples",
-             "model.channels", "model.num_res_blocks", "model.hidden", "model.depth",
-             "model.patch_size", "evaluation.num_samples", "evaluation.batch_size",
+             "evaluation.num_samples", "evaluation.batch_size",
              "evaluation.precision_recall_k", "evaluation.likelihood_steps",
              "classifier.num_steps", "classifier.batch_size", "classifier.learning_rate",
              "classifier.width", "classifier.feature_dim", "training.grad_accumulation",
@@ -64,8 +93,10 @@ def _flatten(config, prefix=""):
 
 
 def validate_distributed(config) -> None:
-    """Check ``config.distributed`` alone: ``main.py`` does so before joining the other
-    processes, which must happen before anything else touches the devices."""
+    """Check ``config.distributed`` alone.
+
+    ``main.py`` does so before joining the other processes, which must happen before anything
+    else touches the devices."""
     d = config.distributed
     if not isinstance(d.num_processes, int) or not (d.num_processes == -1
                                                     or d.num_processes >= 1):
@@ -81,22 +112,99 @@ def validate_distributed(config) -> None:
                           f"got {d.timeout_s!r}")
 
 
-def validate(config, reference=None) -> None:
-    """Check every key against the defaults in configs/default.py and every value against its
-    allowed range; raise :class:`ConfigError` naming the first offending key."""
-    if reference is None:
-        from configs import default  # the repository's defaults define the valid keys
+# Keys of config.model that moved into their family's sub-group.
+_MOVED_MODEL_KEYS = {
+    **{f"model.{key}": f"model.unet.{key}" for key in registry.get("unet").defaults()},
+    "model.dit_size": "model.dit.size", "model.patch_size": "model.dit.patch_size",
+    "model.hidden": "model.mlp.hidden", "model.depth": "model.mlp.depth",
+}
 
-        reference = default.get_config()
-    given, known = _flatten(config), _flatten(reference)
+
+def load_config(path: str):
+    """The config that the file at ``path`` builds with ``get_config()``.
+
+    A config file inside a package folder (one with ``__init__.py``, as ``configs/`` is) may
+    import its siblings through that package (``from configs import fashion_mnist``), from any
+    working directory. Raises :class:`ConfigError` for a missing or broken file.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    folder = os.path.dirname(path)
+    root = os.path.dirname(folder) if os.path.exists(os.path.join(folder, "__init__.py")) \
+        else folder
+    name = "_diffusion_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    with _on_sys_path(root):
+        spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module.get_config()
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder):
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def validate(config, reference=None) -> None:
+    """Check every key and value of ``config``; raise :class:`ConfigError` naming the first bad one.
+
+    Keys are checked against ``reference`` (default: :func:`diffusion_jax.defaults.get_config`),
+    values against their allowed choices and ranges, the model family's keys against its record
+    in :mod:`diffusion_jax.models.registry`, and the diffusion components by building them.
+    """
+    reference = defaults.get_config() if reference is None else reference
+    given = _flatten(config)
+    _check_keys(given, _flatten(reference))
+    _check_model_family(config)
+    _check_ranges(given)
+    validate_distributed(config)
+    _check_combinations(given)
+    _check_components(config)
+
+
+def _check_keys(given, known):
+    """Every key known and none missing; a key that moved names its new place."""
     unknown = sorted(set(given) - set(known))
+    moved = [f"config.{k} is now config.{_MOVED_MODEL_KEYS[k]}" for k in unknown
+             if k in _MOVED_MODEL_KEYS]
+    if moved:
+        raise ConfigError(f"{'; '.join(moved)} (each model family has its own group of keys)")
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys are listed in "
-                          "configs/default.py")
+                          "diffusion_jax/defaults.py")
     missing = sorted(set(known) - set(given))
     if missing:
         raise ConfigError(f"config is missing key(s) {missing}; start presets from "
-                          "configs/default.get_config()")
+                          "diffusion_jax.defaults.get_config()")
+
+
+def _check_model_family(config):
+    """A registered family, and its own keys in their ranges."""
+    if config.model.name not in registry.FAMILIES:
+        raise ConfigError(f"config.model.name={config.model.name!r} is not one of "
+                          f"{tuple(registry.FAMILIES)}")
+    family = registry.get(config.model.name)
+    for key in family.positive:
+        if not config.model[family.name][key] > 0:
+            raise ConfigError(f"config.model.{family.name}.{key} must be > 0, got "
+                              f"{config.model[family.name][key]!r}")
+
+
+def _check_ranges(given):
+    """Each value among its choices or in its range."""
+    if given["data.name"] not in SOURCES:  # looked up now: sources may be added at run time
+        raise ConfigError(f"config.data.name={given['data.name']!r} is not one of "
+                          f"{tuple(SOURCES)}")
     for key, choices in _CHOICES.items():
         if given[key] not in choices:
             raise ConfigError(f"config.{key}={given[key]!r} is not one of {tuple(choices)}")
@@ -107,7 +215,6 @@ def validate(config, reference=None) -> None:
                 "model.dropout"):
         if not 0.0 <= given[key] < 1.0:
             raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
-    validate_distributed(config)
     for key in ("mesh.data", "mesh.fsdp"):
         if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
             raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
@@ -115,6 +222,19 @@ def validate(config, reference=None) -> None:
     for key in ("training.grad_accumulation", "training.steps_per_call", "training.prefetch"):
         if not isinstance(given[key], int):
             raise ConfigError(f"config.{key} must be an integer, got {given[key]!r}")
+    if not isinstance(given["data.worker_count"], int) or given["data.worker_count"] < 0:
+        raise ConfigError("config.data.worker_count must be an integer >= 0 (0 reads data in "
+                          f"the training process), got {given['data.worker_count']!r}")
+    if given["evaluation.likelihood_examples"] < 0:
+        raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
+    if not 0.0 <= given["sampling.guidance_rescale"] <= 1.0:
+        raise ConfigError("config.sampling.guidance_rescale must be in [0, 1]")
+    if given["sampling.guidance_scale"] < 0:
+        raise ConfigError("config.sampling.guidance_scale must be >= 0")
+
+
+def _check_combinations(given):
+    """Values that must fit each other."""
     k = given["training.steps_per_call"]
     for key in ("training.num_steps", "training.log_every", "training.checkpoint_every",
                 "training.sample_every"):
@@ -132,13 +252,6 @@ def validate(config, reference=None) -> None:
             "config.evaluation.inception_weights: the path of pytorch-fid's FID Inception "
             "weights (pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's releases) or an "
             ".npz converted from it")
-    if not isinstance(given["data.worker_count"], int) or given["data.worker_count"] < 0:
-        raise ConfigError("config.data.worker_count must be an integer >= 0 (0 reads data in "
-                          f"the training process), got {given['data.worker_count']!r}")
-    if given["evaluation.likelihood_examples"] < 0:
-        raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
-    if not 0.0 <= given["sampling.guidance_rescale"] <= 1.0:
-        raise ConfigError("config.sampling.guidance_rescale must be in [0, 1]")
     if given["text.width"] % given["text.num_heads"]:
         raise ConfigError(f"config.text.width={given['text.width']} must be divisible by "
                           f"config.text.num_heads={given['text.num_heads']}")
@@ -147,11 +260,12 @@ def validate(config, reference=None) -> None:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions'); this config trains on "
                           f"{given['data.name']!r}")
-    if given["sampling.guidance_scale"] < 0:
-        raise ConfigError("config.sampling.guidance_scale must be >= 0")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:
         raise ConfigError("config.data.tfds_name must name the dataset when data.name='tfds'")
-    # Component parameters are checked by building the components (still before compiling).
+
+
+def _check_components(config):
+    """Schedule, target, loss and their parameters, checked by building them (no compiling)."""
     try:
         schedule = build_schedule(config)
         par = build_parameterization(config)
@@ -178,24 +292,8 @@ def build_parameterization(config):
 
 
 def build_source(data_config, split=None):
-    """The random-access data source named by config.data."""
-    split = split or data_config.split
-    if data_config.name == "fashion_mnist":
-        return data_lib.FashionMNIST(split, path=data_config.path or None)
-    if data_config.name == "tfds":
-        return data_lib.TFDSSource(data_config.tfds_name, split,
-                                   data_dir=data_config.data_dir or None)
-    if data_config.name == "shapes":
-        return data_lib.Shapes(data_config.size, data_config.resolution,
-                               seed=0 if split == "train" else 1)
-    if data_config.name == "captions":
-        # "train": seen attribute combinations; "heldout": only the held-out ones; any other
-        # split name: fresh images of the seen combinations (another seed).
-        return data_lib.CaptionedShapes(
-            data_config.size, data_config.resolution, seed=0 if split == "train" else 1,
-            split=split if split in ("train", "heldout", "all") else "train")
-    return data_lib.Toy2D(data_config.toy_kind, data_config.size,
-                          seed=0 if split == "train" else 1)
+    """The random-access data source named by ``config.data.name`` (see :data:`SOURCES`)."""
+    return SOURCES[data_config.name](data_config, split or data_config.split)
 
 
 def data_shape(source):
@@ -205,56 +303,47 @@ def data_shape(source):
 
 
 def build_model(model_config, example_shape, num_classes=None) -> Any:
-    dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
-    common = dict(num_classes=num_classes, noise_scale=model_config.noise_scale, dtype=dtype)
-    for key in ("context_dim", "pooled_dim", "head_dim"):
+    """The denoiser of ``config.model``: its family's network, built by the family's record."""
+    try:
+        family = registry.get(model_config.name)
+    except ValueError as err:
+        raise ConfigError(f"config.model.name: {err}") from err
+    for key in ("context_dim", "pooled_dim"):
         if model_config[key] < 0:
             raise ConfigError(f"config.model.{key} must be >= 0 (0 = off), got "
                               f"{model_config[key]!r}")
-    if model_config.transformer_depth < 1:
-        raise ConfigError(f"config.model.transformer_depth must be >= 1, got "
-                          f"{model_config.transformer_depth!r}")
-    if model_config.name == "mlp":
-        if len(example_shape) != 1:
-            raise ConfigError(f"config.model.name='mlp' needs vector data, got {example_shape}")
-        if model_config.context_dim or model_config.pooled_dim:
-            raise ConfigError("config.model.name='mlp' has no text conditioning; set "
-                              "config.model.context_dim and pooled_dim to 0 or use unet / dit")
-        return models.MLP(hidden=model_config.hidden, depth=model_config.depth,
-                          dropout=model_config.dropout, **common)
+    if len(example_shape) != family.data_rank:
+        fitting = tuple(f.name for f in registry.FAMILIES.values()
+                        if f.data_rank == len(example_shape))
+        raise ConfigError(f"config.model.name={family.name!r} needs "
+                          f"{'images' if family.data_rank == 3 else 'vectors'}, got data of shape "
+                          f"{tuple(example_shape)}; use model.name in {fitting}")
+    if not family.text and (model_config.context_dim or model_config.pooled_dim):
+        texts = tuple(f.name for f in registry.FAMILIES.values() if f.text)
+        raise ConfigError(f"config.model.name={family.name!r} has no text conditioning; set "
+                          f"config.model.context_dim and pooled_dim to 0 or use one of {texts}")
+    group = model_config[family.name]
+    try:
+        family.check(group, tuple(example_shape))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
     # 0 means off; the models take None, which creates no text-conditioning parameters at all.
-    common.update(context_dim=model_config.context_dim or None,
+    common = dict(num_classes=num_classes, noise_scale=model_config.noise_scale, dtype=dtype,
+                  dropout=model_config.dropout, context_dim=model_config.context_dim or None,
                   pooled_dim=model_config.pooled_dim or None, remat=model_config.remat,
                   attention=model_config.attention)
-    if len(example_shape) != 3:
-        raise ConfigError(f"config.model.name={model_config.name!r} needs images, got data of "
-                          f"shape {example_shape}; use model.name='mlp'")
-    if model_config.name == "unet":
-        levels = len(model_config.channel_mult)
-        if example_shape[0] % 2 ** (levels - 1):
-            raise ConfigError(f"config.model.channel_mult has {levels} levels; the image size "
-                              f"{example_shape[0]} must be divisible by {2 ** (levels - 1)}")
-        groups = min(32, model_config.channels)
-        return models.UNet(channels=model_config.channels,
-                           channel_mult=tuple(model_config.channel_mult),
-                           num_res_blocks=model_config.num_res_blocks,
-                           attention_resolutions=tuple(model_config.attention_resolutions),
-                           num_heads=model_config.num_heads, dropout=model_config.dropout,
-                           scale_shift=model_config.scale_shift, num_groups=groups,
-                           head_dim=model_config.head_dim or None,
-                           mid_attention=model_config.mid_attention,
-                           transformer_depth=model_config.transformer_depth, **common)
-    return models.dit(model_config.dit_size, model_config.patch_size, **common)
-
+    return family.build(group, tuple(example_shape), common)
 
 
 def build_denoiser(config, example_shape, num_classes=None) -> Any:
-    """The network of a whole config: :func:`build_model`, wrapped with a text encoder
-    (:class:`~diffusion_jax.models.TextConditioned`) when the data is captioned."""
+    """The network of a whole config, with a text encoder when the data is captioned.
+
+    That is :func:`build_model`, wrapped in :class:`~diffusion_jax.models.TextConditioned` for
+    captioned data.
+    """
     if config.data.name != "captions":
         return build_model(config.model, example_shape, num_classes)
-    from diffusion_jax import text as text_lib
-
     t = config.text
     for key in ("context_dim", "pooled_dim"):
         if config.model[key] not in (0, t.width):
@@ -264,11 +353,12 @@ def build_denoiser(config, example_shape, num_classes=None) -> Any:
     model_config = config.model.copy_and_resolve_references()
     with model_config.unlocked():
         model_config.context_dim = model_config.pooled_dim = t.width
-    if model_config.name == "mlp":
-        raise ConfigError("captioned data needs model.name='unet' or 'dit'")
+    if not registry.get(model_config.name).text:
+        texts = tuple(f.name for f in registry.FAMILIES.values() if f.text)
+        raise ConfigError(f"captioned data needs a model that reads text: model.name in {texts}")
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     encoder = models.TextEncoder(max_length=t.max_length, width=t.width, depth=t.depth,
-                                   num_heads=t.num_heads, dtype=dtype,
-                                   attention=config.model.attention)
+                                 num_heads=t.num_heads, dtype=dtype,
+                                 attention=config.model.attention)
     return models.TextConditioned(build_model(model_config, example_shape, num_classes),
                                   encoder, freeze_text=t.freeze)

@@ -1,6 +1,8 @@
-"""Metrics of generated samples: a classifier trained on the run's data gives the feature space
-for a Fréchet distance and precision/recall, and scores class-conditional samples; the
-probability-flow ODE gives bits/dim on held-out data.
+"""Metrics of generated samples: Fréchet distance, precision/recall, class scores and bits/dim.
+
+A classifier trained on the run's data gives the feature space for a Fréchet distance and
+precision/recall, and scores class-conditional samples; the probability-flow ODE gives bits/dim
+on held-out data.
 
 By default the Fréchet distance is measured in that classifier's features, not Inception-v3's: it
 ranks samplers, step counts and checkpoints of one dataset, but it is not FID and is not
@@ -17,7 +19,6 @@ what their prompts ask for, per guidance scale (see :mod:`diffusion_jax.prompt_e
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Optional
@@ -26,63 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from diffusion_jax import configuration, data, likelihood, metrics, models, parallel
-from diffusion_jax import parameterization, sample, writers
+from diffusion_jax import classifier_store, configuration, data, files, generate, likelihood
+from diffusion_jax import metrics, models, parallel, parameterization, prompt_eval, run, writers
+from diffusion_jax.classifier_store import EvaluationError
+from diffusion_jax.models import inception
 
-__all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier", "load_classifier", "evaluate",
-           "reference_features"]
+__all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier",
+           "load_classifier", "evaluate", "reference_features"]
 
 FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of a classifier "
                       "trained on this dataset (not Inception-v3: not FID, not comparable to "
                       "published FID numbers)")
-
-
-def _classifier_dir(config, workdir):
-    return os.path.abspath(config.evaluation.classifier_dir or os.path.join(workdir, "classifier"))
-
-
-def save_classifier(config, workdir: str, params, summary: dict) -> str:
-    """Write a trained classifier (feature extractor or attribute judge) to its directory:
-    ``params`` with Orbax, ``summary`` as ``classifier.json``. Returns the directory."""
-    directory = _classifier_dir(config, workdir)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
-    checkpointer.wait_until_finished()
-    sample.save_json(os.path.join(directory, "classifier.json"), summary)
-    return directory
-
-
-def classifier_optimizer(config):
-    """AdamW with a cosine decay over ``config.classifier``'s steps: the optimizer of every
-    classifier --mode=train_classifier trains (feature extractor and attribute judge)."""
-    c = config.classifier
-    return optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.num_steps),
-                       weight_decay=1e-4)
-
-
-def restore_classifier_params(directory: str, abstract):
-    """A saved classifier's parameters onto this process's first device, whatever machine
-    trained it (the saved sharding names the devices of the machine that wrote it)."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    return ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
-
-
-def read_classifier_summary(config, workdir: str, kind: str = "classifier"):
-    """``(directory, summary)`` of the classifier saved by :func:`save_classifier`, or an
-    :class:`EvaluationError` that says how to train one (``kind`` names it in the message)."""
-    directory = _classifier_dir(config, workdir)
-    summary_path = os.path.join(directory, "classifier.json")
-    if not os.path.exists(summary_path):
-        raise EvaluationError(
-            f"no trained {kind} in {directory}; train one with `python main.py "
-            f"--config=... --workdir={workdir} --mode=train_classifier` or set "
-            "config.evaluation.classifier_dir")
-    with open(summary_path) as f:
-        return directory, json.load(f)
 
 
 def _classifier_model(config, num_classes):
@@ -93,14 +49,6 @@ def _classifier_model(config, num_classes):
 # Held-out data: Fashion-MNIST's and TFDS datasets' test split; fresh examples (another seed)
 # for procedural data.
 HELD_OUT_SPLIT = "test"
-
-
-class EvaluationError(RuntimeError):
-    """Something evaluation needs is missing or does not fit; the message says what to do."""
-
-
-def _quiet(line: str) -> None:  # the console of processes other than 0
-    del line
 
 
 def _batched_apply(apply_fn, params, images, batch_size=500):
@@ -123,10 +71,11 @@ def _examples(source, indices=None):
 
 
 def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
-    """Train the feature-extractor classifier on ``config.data`` (its training split) and
-    measure its accuracy on the held-out split; saves to ``evaluation.classifier_dir`` (default
-    ``workdir/classifier``) and returns the summary written to ``classifier.json`` there.
-    Captioned data trains the attribute classifier of
+    """Train the feature-extractor classifier on ``config.data`` and measure its accuracy.
+
+    It trains on the training split and is measured on the held-out split; saves to
+    ``evaluation.classifier_dir`` (default ``workdir/classifier``) and returns the summary
+    written to ``classifier.json`` there. Captioned data trains the attribute classifier of
     :func:`diffusion_jax.prompt_eval.train_attribute_classifier` instead."""
     configuration.validate(config)
     if jax.process_count() > 1:
@@ -135,9 +84,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
             f"is one of {jax.process_count()}: run it as one task (e.g. `srun -n1`, or plain "
             "python on one host) without --config.distributed.initialize; --mode=eval then "
             "reads it on every host")
-    if sample.is_text_model(config):
-        from diffusion_jax import prompt_eval
-
+    if generate.is_text_model(config):
         return prompt_eval.train_attribute_classifier(config, workdir, log=log)
     source = configuration.build_source(config.data)
     example_shape, num_classes = configuration.data_shape(source)
@@ -149,7 +96,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     model = _classifier_model(config, num_classes)
     key_init, key_train = jax.random.split(jax.random.key(config.seed))
     params = model.init(key_init, jnp.zeros((1,) + tuple(example_shape)))["params"]
-    optimizer = classifier_optimizer(config)
+    optimizer = classifier_store.classifier_optimizer(config)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -185,16 +132,17 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
                "num_classes": int(num_classes), "example_shape": list(example_shape),
                "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
                "device": jax.devices()[0].device_kind}
-    directory = save_classifier(config, workdir, params, summary)
+    directory = classifier_store.save_classifier(config, workdir, params, summary)
     log(f"classifier: test accuracy {test_accuracy:.4f} on {len(labels)} held-out examples "
         f"after {c.num_steps} steps ({seconds:.0f} s); saved to {directory}")
     return summary
 
 
 def load_classifier(config, workdir: str):
-    """``(apply(params, images) -> (logits, features), params, summary)`` of the classifier
-    trained for this run's data."""
-    directory, summary = read_classifier_summary(config, workdir)
+    """Load the classifier trained for this run's data.
+
+    Returns ``(apply(params, images) -> (logits, features), params, summary)``."""
+    directory, summary = classifier_store.read_classifier_summary(config, workdir)
     if summary["data"].get("name") != config.data.name:
         raise EvaluationError(
             f"the classifier in {directory} was trained on data {summary['data'].get('name')!r}, "
@@ -204,14 +152,15 @@ def load_classifier(config, workdir: str):
                               feature_dim=summary["classifier"]["feature_dim"])
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(summary["example_shape"])))["params"])
-    params = restore_classifier_params(directory, abstract)
+    params = classifier_store.restore_classifier_params(directory, abstract)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     return apply, params, summary
 
 
 def reference_features(config, workdir, extract, num):
-    """Features of ``num`` training examples (the reference set), cached in
-    ``workdir/eval`` so later evaluations skip recomputing them."""
+    """Features of ``num`` training examples (the reference set).
+
+    They are cached in ``workdir/eval`` so later evaluations skip recomputing them."""
     name = config.evaluation.feature_extractor
     path = os.path.join(workdir, "eval", f"reference_{name}_{config.data.split}_{num}.npz")
     # Processes may differ in finding this cache (process 0 writes it): harmless while feature
@@ -224,12 +173,8 @@ def reference_features(config, workdir, extract, num):
     images, _ = _examples(source, np.linspace(0, len(source) - 1, min(num, len(source))))
     features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
     if parallel.is_writer():
-        sample.save_arrays(path, features=features)
+        files.save_arrays(path, features=features)
     return features
-
-
-def _quantize(images):
-    return sample.to_uint8(images).astype(np.float32) / 127.5 - 1.0
 
 
 INCEPTION_NOTE = ("Fréchet distance (FID when the weights are pytorch-fid's standard ones) and "
@@ -241,8 +186,6 @@ def _feature_extractor(config, classifier):
     if config.evaluation.feature_extractor == "classifier":
         apply, params, _ = classifier
         return (lambda images: _batched_apply(apply, params, images)[1]), FEATURE_SPACE_NOTE
-    from diffusion_jax.models import inception
-
     try:
         variables = inception.load_weights(config.evaluation.inception_weights)
     except (FileNotFoundError, ValueError, ImportError) as err:
@@ -261,35 +204,34 @@ def _feature_extractor(config, classifier):
 
 def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
              step: Optional[int] = None) -> dict:
-    """Generate ``evaluation.num_samples`` samples from the run's checkpoint of ``step`` (default
+    """Generate samples from a checkpoint of the run and measure them.
+
+    Generates ``evaluation.num_samples`` samples from the run's checkpoint of ``step`` (default
     ``sampling.checkpoint_step``, -1 for the latest, as ``--mode=sample`` uses) with
-    ``config.sampling``'s sampler, and measure them (see the module docstring). Writes
+    ``config.sampling``'s sampler, and measures them (see the module docstring). Writes
     ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
     under ``eval/``, and returns the results. Captioned data is measured by prompt adherence
     at each of ``evaluation.guidance_scales`` instead
     (:func:`diffusion_jax.prompt_eval.evaluate_prompts`)."""
-    from diffusion_jax import prompt_eval
-    from diffusion_jax import train  # train composes everything; import it late
-
     # Every process of a multi-process run generates its share and computes the same results;
     # process 0 alone writes and reports them.
-    log = log if parallel.is_writer() else _quiet
+    log = log if parallel.is_writer() else classifier_store.quiet
     configuration.validate(config)
     prompt_eval.validate(config)
     if step is None and config.sampling.checkpoint_step != -1:
         step = config.sampling.checkpoint_step
-    if sample.is_text_model(config):
+    if generate.is_text_model(config):
         return prompt_eval.evaluate_prompts(config, workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling
     classifier = None
     if e.feature_extractor == "classifier" or os.path.exists(
-            os.path.join(_classifier_dir(config, workdir), "classifier.json")):
+            os.path.join(classifier_store.classifier_dir(config, workdir), "classifier.json")):
         classifier = load_classifier(config, workdir)
     extract, feature_space = _feature_extractor(config, classifier)
-    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
-    generate = sample.make_generate_fn(config, model, example_shape, num_classes,
-                                       mesh=train.sampling_mesh(config))
+    generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
+                                            mesh=run.sampling_mesh(config))
 
     # Batches are generated over all devices, scored by the classifier, and folded into float64
     # running statistics as they come; only the feature vectors are kept (for precision/recall).
@@ -299,8 +241,8 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     for offset in range(0, e.num_samples, e.batch_size):
         num = min(e.batch_size, e.num_samples - offset)
         # Quantised to 8 bits like saved images, so generated and real images are alike.
-        batch = _quantize(parallel.to_host(generate(params, jax.random.fold_in(key, offset),
-                                                    num)))
+        batch = files.quantize(parallel.to_host(
+            generate_fn(params, jax.random.fold_in(key, offset), num)))
         batch_features = extract(batch)
         if generated_stats is None:
             generated_stats = metrics.FeatureStatistics(batch_features.shape[1])
@@ -308,7 +250,7 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
         features.append(batch_features)
         if classifier is not None:
             logits.append(_batched_apply(classifier[0], classifier[1], batch)[0])
-        wanted = sample.sampling_labels(config, num_classes, num)  # what generate asked for
+        wanted = generate.sampling_labels(config, num_classes, num)  # what generate asked for
         if wanted is not None:
             labels.append(np.asarray(wanted))
     features = np.concatenate(features)
@@ -339,7 +281,7 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
     out_path = os.path.join(workdir, "eval", name + ".json")
     if parallel.is_writer():
-        sample.save_json(out_path, results)
+        files.save_json(out_path, results)
     writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                   enabled=parallel.is_writer())
     writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
@@ -351,8 +293,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
 
 
 def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_steps):
-    """Bits/dim of held-out examples under the model (unconditional when it has classes: the
-    null label), with the Hutchinson estimator."""
+    """Bits/dim of held-out examples under the model, with the Hutchinson estimator.
+
+    A model with classes is evaluated unconditionally (with the null label)."""
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
 

@@ -1,12 +1,13 @@
-"""Generate from trained parameters: the sampling function of a config, image grids, files."""
+"""Generation from a trained run: a config's sampling function, prompts, labels and files.
+
+``make_generate_fn`` binds a config's sampler, guidance and conditioning into
+``generate(params, key, num) -> samples``; ``generate_to_files`` is what ``--mode=sample`` runs.
+(The samplers themselves are :mod:`diffusion_jax.samplers`.)
+"""
 
 from __future__ import annotations
 
-import functools
-import json
-import math
 import os
-import tempfile
 import warnings
 
 import jax
@@ -14,36 +15,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from diffusion_jax import configuration, guidance, parallel, parameterization, samplers
+from diffusion_jax import configuration, files, guidance, parallel, parameterization, run
+from diffusion_jax import samplers
+from diffusion_jax import text as text_lib
+from diffusion_jax.conditioning import sampling_network
 
-__all__ = ["make_generate_fn", "generate_from_prompts", "sampling_labels", "sampling_prompts",
-           "encode_prompts", "is_text_model", "to_uint8", "make_grid", "save_grid",
-           "save_arrays", "save_json"]
-
-
-# Condition entries handed to the network as keyword arguments: caption tokens (for
-# TextConditioned), or precomputed text embeddings (e.g. from a frozen external encoder) for a
-# UNet/DiT built with context_dim.
-TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
-
-
-@functools.lru_cache(maxsize=None)
-def _network(model):
-    def apply(params, x, noise_level, cond):
-        if isinstance(cond, dict):  # {"label": ...} and/or text {"tokens", "token_mask"}
-            text = {k: cond[k] for k in TEXT_KEYS if k in cond}
-            return model.apply({"params": params}, x, noise_level, cond.get("label"), **text)
-        return model.apply({"params": params}, x, noise_level, cond)
-
-    return apply
+__all__ = ["make_generate_fn", "generate_from_prompts", "generate_to_files", "sampling_labels",
+           "sampling_prompts", "encode_prompts", "is_text_model", "cast_params_once"]
 
 
 def cast_params_once(network, params, x_shape, cond=None):
-    """``params`` with every leaf that ``network(params, x, noise_level, cond)`` only ever casts,
-    all to one dtype, cast to it here: the convolution and dense kernels of a bfloat16 network,
-    not its float32 norm scales. Inside a sampler's loop those casts would otherwise run at
-    every step (XLA does not hoist them); the results are bit for bit the same. Found by
-    tracing the network once at batch 1 (``x_shape``, and ``cond`` for its structure)."""
+    """``params`` with the leaves that the network only ever casts already cast, once.
+
+    Every leaf that ``network(params, x, noise_level, cond)`` only ever casts, all to one dtype,
+    is cast to it here: the convolution and dense kernels of a bfloat16 network, not its float32
+    norm scales. Inside a sampler's loop those casts would otherwise run at every step (XLA does
+    not hoist them); the results are bit for bit the same. Found by tracing the network once at
+    batch 1 (``x_shape``, and ``cond`` for its structure)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if not leaves:
         return params
@@ -72,8 +60,10 @@ def is_text_model(config) -> bool:
 
 
 def sampling_prompts(config, num):
-    """The ``num`` prompts to generate (``config.sampling.prompt``, several separated by "|",
-    used in turn), or, when it is empty, the captions of ``num`` examples of the data."""
+    """The ``num`` prompts to generate.
+
+    They come from ``config.sampling.prompt`` (several separated by "|", used in turn), or, when
+    it is empty, are the captions of ``num`` examples of the data."""
     if config.sampling.prompt.strip():
         prompts = [p.strip() for p in config.sampling.prompt.split("|") if p.strip()]
         return [prompts[i % len(prompts)] for i in range(num)]
@@ -83,9 +73,7 @@ def sampling_prompts(config, num):
 
 def encode_prompts(config, prompts):
     """Tokens and masks (int32 / bool [len(prompts), config.text.max_length]) of prompts."""
-    from diffusion_jax import text
-
-    tokens, mask = text.encode(list(prompts), config.text.max_length)
+    tokens, mask = text_lib.encode(list(prompts), config.text.max_length)
     return {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(mask)}
 
 
@@ -112,13 +100,14 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
 
 
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **sampling):
-    """``generate(params, key, num, prompts=None) -> samples`` following ``config.sampling``,
-    with any of its keys overridden by keyword (``method``, ``num_steps``, ``grid``, ``label``,
-    ``guidance_scale``, ``guidance_rescale``, ``prompt``, ``negative_prompt``); parameters,
-    labels, prompt tokens and the guidance scale are data to the compiled sampler. A text model
-    draws ``prompts`` (a list of ``num`` strings) when given, else the config's prompts (see
-    :func:`sampling_prompts`). With a ``mesh`` the batch is split over all its devices (when
-    ``num`` divides evenly; otherwise it runs replicated)."""
+    """Make ``generate(params, key, num, prompts=None) -> samples`` for ``config.sampling``.
+
+    Any of the config's sampling keys can be overridden by keyword (``method``, ``num_steps``,
+    ``grid``, ``label``, ``guidance_scale``, ``guidance_rescale``, ``prompt``,
+    ``negative_prompt``); parameters, labels, prompt tokens and the guidance scale are data to
+    the compiled sampler. A text model draws ``prompts`` (a list of ``num`` strings) when given,
+    else the config's prompts (see :func:`sampling_prompts`). With a ``mesh`` the batch is split
+    over all its devices (when ``num`` divides evenly; otherwise it runs replicated)."""
     if sampling:
         config = config.copy_and_resolve_references()
         with config.unlocked():
@@ -134,8 +123,6 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
     sampling = config.sampling
     text_model = is_text_model(config)
     if text_model:
-        from diffusion_jax import text as text_lib
-
         if sampling.negative_prompt:
             other = encode_prompts(config, [sampling.negative_prompt])
         else:
@@ -155,9 +142,9 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
             labels = sampling_labels(config, num_classes, num)
             cond = labels if labels is None else {"label": labels}
             uncond = None if labels is None else {"label": jnp.full_like(labels, num_classes)}
-        params = cast_params_once(_network(model), params, (1,) + tuple(example_shape), cond)
+        params = cast_params_once(sampling_network(model), params, (1,) + tuple(example_shape), cond)
         denoise = parameterization.make_denoise_fn(
-            jax.tree_util.Partial(_network(model), params), schedule, par)
+            jax.tree_util.Partial(sampling_network(model), params), schedule, par)
         if cond is None:
             fn = jax.tree_util.Partial(_unconditional, denoise)
         else:
@@ -181,75 +168,48 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
 
 
 def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **sampling):
-    """Load the trained text-to-image run in ``workdir`` and generate one image per prompt:
-    ``(images uint8 [n, H, W, C], state)``. ``sampling`` overrides config.sampling keys, e.g.
-    ``method="dpmpp_2m", num_steps=30, guidance_scale=4.0, negative_prompt="..."``."""
-    from diffusion_jax import train
+    """Load the trained text-to-image run in ``workdir`` and generate one image per prompt.
 
+    Returns ``(images uint8 [n, H, W, C], state)``. ``sampling`` overrides config.sampling keys,
+    e.g. ``method="dpmpp_2m", num_steps=30, guidance_scale=4.0, negative_prompt="..."``."""
     if not is_text_model(config):
         raise configuration.ConfigError("generate_from_prompts needs a text-conditioned run "
                                         "(data.name='captions')")
-    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     generate = make_generate_fn(config, model, example_shape, num_classes,
-                                mesh=train.sampling_mesh(config), **sampling)
+                                mesh=run.sampling_mesh(config), **sampling)
     images = generate(state.ema_params, jax.random.key(seed), len(prompts), list(prompts))
-    return to_uint8(images), state
+    return files.to_uint8(images), state
 
 
-def to_uint8(images):
-    """[-1, 1] floats -> uint8 pixels."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8)
+def generate_to_files(config, workdir):
+    """Generate ``config.sampling.num_samples`` samples of a run and save them (``--mode=sample``).
 
-
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def make_grid(images, columns=None) -> np.ndarray:
-    """Tile a batch of NHWC images in [-1, 1] into one uint8 image, row by row (``columns``
-    defaults to a square layout); a single channel is returned as a 2-D grayscale image."""
-    pixels = to_uint8(images)
-    num, height, width, channels = pixels.shape
-    columns = columns or int(math.ceil(math.sqrt(num)))
-    rows = int(math.ceil(num / columns))
-    grid = np.zeros((rows * height, columns * width, channels), np.uint8)
-    for i in range(num):
-        r, c = divmod(i, columns)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
-    return grid[..., 0] if channels == 1 else grid
-
-
-def save_grid(images, path, columns=None):
-    """Write a batch of NHWC images in [-1, 1] as one PNG grid (written atomically)."""
-    from PIL import Image
-
-    grid = make_grid(images, columns)
-    image = Image.fromarray(grid)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-    return grid
-
-
-def save_json(path, value):
-    """Write a JSON-able value to ``path`` atomically (indented, for people to read)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=1)
-    _atomic_write(path, write)
-
-
-def save_arrays(path, **arrays):
-    """Write arrays to an .npz file atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    _atomic_write(path, write)
+    Reads the checkpoint ``config.sampling.checkpoint_step`` (-1: the latest) and writes
+    ``workdir/samples/step<N>_<method>_<steps>steps_cfg<scale>.npz`` (samples, and the labels or
+    prompts asked for) and, for images, a PNG grid beside it. Every process of a multi-process
+    run takes part in generating; process 0 writes. Returns the paths written.
+    """
+    step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
+    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
+    params = state.ema_params if config.sampling.use_ema else state.params
+    generate = make_generate_fn(config, model, example_shape, num_classes,
+                                mesh=run.sampling_mesh(config))
+    images = parallel.to_host(generate(params, jax.random.key(config.sampling.seed),
+                                       config.sampling.num_samples))
+    if not parallel.is_writer():
+        return []
+    s = config.sampling
+    stem = os.path.join(workdir, "samples", f"step{int(state.step)}_{s.method}_{s.num_steps}steps"
+                                            f"_cfg{s.guidance_scale:g}")
+    if is_text_model(config):
+        extra = {"prompts": np.array(sampling_prompts(config, s.num_samples))}
+    else:
+        labels = sampling_labels(config, num_classes, s.num_samples)
+        extra = {} if labels is None else {"labels": labels}
+    files.save_arrays(stem + ".npz", samples=images, **extra)
+    written = [stem + ".npz"]
+    if len(example_shape) == 3:
+        files.save_grid(images, stem + ".png")
+        written.append(stem + ".png")
+    return written

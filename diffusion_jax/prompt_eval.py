@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import configuration, parallel, sample, writers
+from diffusion_jax import classifier_store, configuration, files, generate, parallel, run
+from diffusion_jax import writers
 from diffusion_jax.data import captions
 from diffusion_jax.models.classifier import AttributeClassifier
 
@@ -46,8 +47,9 @@ _CLASSIFY_BATCH = 250  # images per call of the jitted classifier (padded: one c
 
 
 def _seeds(config):
-    """CaptionedShapes seeds of the judge's training images, its test images and the evaluation
-    prompts: none of them is a seed the diffusion model's data uses (0 and 1)."""
+    """CaptionedShapes seeds of the judge's training images, test images and evaluation prompts.
+
+    None of them is a seed the diffusion model's data uses (0 and 1)."""
     return config.seed + 10_000, config.seed + 20_000, config.sampling.seed + 30_000
 
 
@@ -60,8 +62,9 @@ def heads(max_objects: int = 3):
 
 
 def attribute_targets(attributes: Sequence[dict]) -> dict:
-    """Class indices (int32 [n] per attribute) of a list of CaptionedShapes attribute dicts:
-    count 1..k becomes class 0..k-1, and position -1 (several objects) the class NO_POSITION."""
+    """Class indices (int32 [n] per attribute) of a list of CaptionedShapes attribute dicts.
+
+    Count 1..k becomes class 0..k-1, and position -1 (several objects) the class NO_POSITION."""
     out = {name: np.array([int(a[name]) for a in attributes], np.int32) for name in ATTRIBUTES}
     out["count"] = out["count"] - 1
     out["position"] = np.where(out["position"] < 0, NO_POSITION, out["position"]).astype(np.int32)
@@ -78,8 +81,10 @@ def _images_and_attributes(source, indices):
 
 
 def validate(config) -> None:
-    """Check the keys of config.evaluation that only prompt adherence uses (before anything
-    compiles); raise :class:`~diffusion_jax.configuration.ConfigError` naming the key."""
+    """Check the keys of config.evaluation that only prompt adherence uses.
+
+    It runs before anything compiles, and raises
+    :class:`~diffusion_jax.configuration.ConfigError` naming the key."""
     scales = config.evaluation.guidance_scales
     if not isinstance(scales, (tuple, list)):
         raise configuration.ConfigError(
@@ -91,7 +96,7 @@ def validate(config) -> None:
             raise configuration.ConfigError(
                 f"config.evaluation.guidance_scales must hold finite numbers >= 0 (0 = "
                 f"unconditional), got {tuple(scales)!r}")
-    if scales and not sample.is_text_model(config):
+    if scales and not generate.is_text_model(config):
         raise configuration.ConfigError(
             "config.evaluation.guidance_scales is for prompt adherence of text-to-image runs "
             f"(data.name='captions'); this config's data is {config.data.name!r}: leave it empty "
@@ -99,8 +104,10 @@ def validate(config) -> None:
 
 
 def guidance_scales(config):
-    """The guidance scales to evaluate: config.evaluation.guidance_scales, or
-    config.sampling.guidance_scale alone when that is empty."""
+    """The guidance scales to evaluate.
+
+    They are config.evaluation.guidance_scales, or config.sampling.guidance_scale alone when that
+    is empty."""
     scales = config.evaluation.guidance_scales or (config.sampling.guidance_scale,)
     return tuple(float(s) for s in scales)
 
@@ -130,8 +137,9 @@ def _make_classify(model, params):
 
 
 def _judge_accuracy(predicted, targets):
-    """Per-attribute accuracy of the judge on images with known attributes (position over all
-    images, "none" included, and over single objects), and the all-correct rate."""
+    """Per-attribute accuracy of the judge on images with known attributes, and all-correct rate.
+
+    Position is scored over all images, "none" included, and over single objects."""
     correct = {name: predicted[name] == targets[name] for name in ATTRIBUTES}
     single = targets["count"] == 0
     out = {name: float(np.mean(correct[name])) for name in ATTRIBUTES}
@@ -142,13 +150,13 @@ def _judge_accuracy(predicted, targets):
 
 def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], None] = print
                                ) -> dict:
-    """Train the judge on fresh CaptionedShapes images of split "all" (``config.classifier``'s
-    num_steps, batch_size, learning_rate, width and feature_dim), measure its per-attribute
-    accuracy on TEST_EXAMPLES images of another seed, and save it where
-    ``evaluate.train_classifier`` saves classifiers (``evaluation.classifier_dir`` or
-    ``workdir/classifier``). Returns the summary written to ``classifier.json`` there."""
-    from diffusion_jax import evaluate  # evaluate dispatches here; import it late
+    """Train the judge (the attribute classifier), test it and save it.
 
+    It trains on fresh CaptionedShapes images of split "all" (``config.classifier``'s num_steps,
+    batch_size, learning_rate, width and feature_dim), measures its per-attribute accuracy on
+    TEST_EXAMPLES images of another seed, and saves it where ``evaluate.train_classifier`` saves
+    classifiers (``evaluation.classifier_dir`` or ``workdir/classifier``). Returns the summary
+    written to ``classifier.json`` there."""
     configuration.validate(config)
     c, d = config.classifier, config.data
     train_seed, test_seed, _ = _seeds(config)
@@ -158,7 +166,7 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
     model = AttributeClassifier(heads=heads(source.max_objects), width=c.width,
                                 feature_dim=c.feature_dim)
     params = model.init(jax.random.key(config.seed), jnp.zeros((1,) + example_shape))["params"]
-    optimizer = evaluate.classifier_optimizer(config)
+    optimizer = classifier_store.classifier_optimizer(config)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -207,7 +215,7 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
         "data": config.data.to_dict(), "classifier": config.classifier.to_dict(),
         "device": jax.devices()[0].device_kind,
     }
-    directory = evaluate.save_classifier(config, workdir, params, summary)
+    directory = classifier_store.save_classifier(config, workdir, params, summary)
     accuracies = "  ".join(f"{n} {per_attribute[n]:.3f}" for n in ATTRIBUTES)
     log(f"attribute classifier: held-out accuracy {accuracies}  (all correct "
         f"{per_attribute['all_correct']:.3f}) on {len(test)} fresh images after "
@@ -216,20 +224,18 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
 
 
 def load_attribute_classifier(config, workdir: str):
-    """``(classify(images) -> {attribute: predicted class [n]}, summary)`` of the judge trained
-    with ``--mode=train_classifier`` for this run's data."""
-    from diffusion_jax.evaluate import (EvaluationError, read_classifier_summary,
-                                        restore_classifier_params)
+    """Load the judge trained with ``--mode=train_classifier`` for this run's data.
 
-    directory, summary = read_classifier_summary(config, workdir, "attribute classifier")
+    Returns ``(classify(images) -> {attribute: predicted class [n]}, summary)``."""
+    directory, summary = classifier_store.read_classifier_summary(config, workdir, "attribute classifier")
     if summary.get("kind") != "attributes":
-        raise EvaluationError(
+        raise classifier_store.EvaluationError(
             f"the classifier in {directory} is not an attribute classifier for captioned data "
             f"(it was trained on {summary['data'].get('name')!r}); retrain it with "
             "--mode=train_classifier and this config")
     wanted = [config.data.resolution, config.data.resolution, 3]
     if summary["example_shape"] != wanted:
-        raise EvaluationError(
+        raise classifier_store.EvaluationError(
             f"the attribute classifier in {directory} was trained on images of shape "
             f"{summary['example_shape']}, this config makes {wanted}; retrain it with "
             "--mode=train_classifier")
@@ -238,7 +244,7 @@ def load_attribute_classifier(config, workdir: str):
                                 feature_dim=summary["classifier"]["feature_dim"])
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(wanted)))["params"])
-    params = restore_classifier_params(directory, abstract)
+    params = classifier_store.restore_classifier_params(directory, abstract)
     return _make_classify(model, params), summary
 
 
@@ -246,9 +252,11 @@ def load_attribute_classifier(config, workdir: str):
 
 
 def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3):
-    """``(attributes, prompts, heldout)`` of ``num`` prompts: attribute dicts drawn with
-    ``seed``, alternately from (shape, colour) pairs of split "train" and from HELDOUT_PAIRS
-    (``heldout[i]`` says which), and a caption of each from ``caption_for``."""
+    """``(attributes, prompts, heldout)`` of ``num`` prompts.
+
+    The attribute dicts are drawn with ``seed``, alternately from (shape, colour) pairs of split
+    "train" and from HELDOUT_PAIRS (``heldout[i]`` says which), and a caption of each from
+    ``caption_for``."""
     rng = np.random.default_rng(seed)
     sources = [captions.CaptionedShapes(1, resolution, split=split, max_objects=max_objects)
                for split in ("train", "heldout")]
@@ -259,11 +267,12 @@ def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3):
 
 
 def score(predicted: dict, attributes: Sequence[dict], heldout) -> dict:
-    """Prompt adherence of images classified as ``predicted`` ({attribute: class [n]}) that were
-    generated for ``attributes``: for "seen", "heldout" and "all" prompts, the accuracy of each
-    attribute (position over single-object prompts only), ``mean_accuracy`` (per image, the
-    fraction of the attributes its prompt names that are right; averaged) and ``all_correct``
-    (the rate of images with every named attribute right)."""
+    """Prompt adherence of images generated for ``attributes`` and classified as ``predicted``.
+
+    ``predicted`` is {attribute: class [n]}. Reports, for "seen", "heldout" and "all" prompts,
+    the accuracy of each attribute (position over single-object prompts only), ``mean_accuracy``
+    (per image, the fraction of the attributes its prompt names that are right; averaged) and
+    ``all_correct`` (the rate of images with every named attribute right)."""
     targets = attribute_targets(attributes)
     heldout = np.asarray(heldout, bool)
     single = targets["count"] == 0
@@ -288,8 +297,10 @@ def score(predicted: dict, attributes: Sequence[dict], heldout) -> dict:
 
 
 def _chance(attributes, num_heads):
-    """Per-attribute accuracy of guessing uniformly among a head's classes (position among its
-    nine cells), and the mean over the attributes each prompt names."""
+    """Per-attribute accuracy of guessing uniformly among a head's classes, and its mean.
+
+    Position is guessed among its nine cells; the mean is over the attributes each prompt
+    names."""
     classes = dict(num_heads)
     chance = {name: 1.0 / classes[name] for name in ATTRIBUTES}
     chance["position"] = 1.0 / len(captions.POSITIONS)
@@ -301,18 +312,16 @@ def _chance(attributes, num_heads):
 
 
 def _checkpoint_generator(config, workdir, step):
-    """The default generator source: the run's checkpoint, through ``sample.make_generate_fn``."""
-    from diffusion_jax import train  # train composes everything; import it late
-
-    state, model, example_shape, num_classes = train.restore_run(config, workdir, step=step)
+    """The default generator source: the run's checkpoint, through ``generate.make_generate_fn``."""
+    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
-    mesh = train.sampling_mesh(config)
+    mesh = run.sampling_mesh(config)
 
     def for_scale(scale):
-        generate = sample.make_generate_fn(config, model, example_shape, num_classes, mesh=mesh,
-                                           guidance_scale=scale)
-        return lambda key, prompts, attributes: generate(params, key, len(prompts),
-                                                         list(prompts))
+        generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
+                                                mesh=mesh, guidance_scale=scale)
+        return lambda key, prompts, attributes: generate_fn(params, key, len(prompts),
+                                                            list(prompts))
 
     return int(state.step), for_scale
 
@@ -320,19 +329,18 @@ def _checkpoint_generator(config, workdir, step):
 def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print,
                      step: Optional[int] = None, load_generator: Optional[Callable] = None
                      ) -> dict:
-    """Prompt adherence at each of :func:`guidance_scales`: ``evaluation.num_samples`` prompts
-    (see :func:`draw_prompts`; the same at every scale, and the same noise), generated in
-    batches of ``evaluation.batch_size``, quantised to 8 bits like saved images and scored by the
-    judge (see :func:`score`). Writes
+    """Prompt adherence at each of :func:`guidance_scales`.
+
+    ``evaluation.num_samples`` prompts (see :func:`draw_prompts`; the same at every scale, and
+    the same noise) are generated in batches of ``evaluation.batch_size``, quantised to 8 bits
+    like saved images and scored by the judge (see :func:`score`). Writes
     ``workdir/eval/step<N>_<method>_<steps>steps_prompts.json`` and TensorBoard scalars under
     ``eval/prompts/``, and returns the results.
 
     ``load_generator(config, workdir, step) -> (step, for_scale)``, where ``for_scale(scale)``
     returns ``generate(key, prompts, attributes) -> images [n, H, W, 3] in [-1, 1]``, replaces
     the run's checkpoint (tests use a renderer of the prompts' attributes, or noise)."""
-    from diffusion_jax import evaluate  # evaluate dispatches here; import it late
-
-    log = log if parallel.is_writer() else evaluate._quiet  # process 0 reports
+    log = log if parallel.is_writer() else classifier_store.quiet  # process 0 reports
     configuration.validate(config)
     validate(config)
     e, s = config.evaluation, config.sampling
@@ -348,13 +356,14 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     per_scale = []
     start = time.time()
     for scale in scales:
-        generate = for_scale(scale)
+        generate_scale = for_scale(scale)
         scale_start = time.time()
         predicted = {name: [] for name in ATTRIBUTES}
         for offset in range(0, e.num_samples, e.batch_size):
             chunk = slice(offset, min(offset + e.batch_size, e.num_samples))
-            images = generate(jax.random.fold_in(key, offset), prompts[chunk], attributes[chunk])
-            images = evaluate._quantize(parallel.to_host(images))
+            images = generate_scale(jax.random.fold_in(key, offset), prompts[chunk],
+                                    attributes[chunk])
+            images = files.quantize(parallel.to_host(images))
             for name, value in classify(images).items():
                 predicted[name].append(value)
         predicted = {name: np.concatenate(v) for name, v in predicted.items()}
@@ -384,7 +393,7 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts"
     out_path = os.path.join(workdir, "eval", name + ".json")
     if parallel.is_writer():
-        sample.save_json(out_path, results)
+        files.save_json(out_path, results)
     writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                   enabled=parallel.is_writer())
     scalars = {}
@@ -403,8 +412,10 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
 
 
 def format_table(results: dict) -> str:
-    """One row per guidance scale and prompt group: mean accuracy over the named attributes,
-    all-correct rate, and each attribute's accuracy."""
+    """One row per guidance scale and prompt group.
+
+    Each row has the mean accuracy over the named attributes, the all-correct rate, and each
+    attribute's accuracy."""
     def cell(value, width=6):
         return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
 

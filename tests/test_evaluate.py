@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import configuration, data, evaluate, sample, train
+from diffusion_jax import checkpoints, configuration, data, evaluate, generate, train
+from diffusion_jax import run as run_lib
 
 
 def _config():
@@ -50,12 +51,12 @@ def test_classifier_accuracy_is_what_it_scores(run):
 
 def _fake_generator(monkeypatch, make_images):
     def make_generate_fn(config, model, example_shape, num_classes, **overrides):
-        def generate(params, key, num):
-            labels = np.asarray(sample.sampling_labels(config, num_classes, num))
+        def generate_fn(params, key, num):
+            labels = np.asarray(generate.sampling_labels(config, num_classes, num))
             return make_images(labels, key)
-        return generate
+        return generate_fn
 
-    monkeypatch.setattr(sample, "make_generate_fn", make_generate_fn)
+    monkeypatch.setattr(generate, "make_generate_fn", make_generate_fn)
 
 
 def test_real_data_scores_like_data_and_noise_does_not(run, monkeypatch):
@@ -117,7 +118,7 @@ def test_eval_measures_the_checkpoint_that_sampling_checkpoint_step_names(run, m
     config, workdir, _ = run
     config = config.copy_and_resolve_references()
     config.sampling.checkpoint_step = 5  # the run has only step 1
-    with pytest.raises(train.ckpt_lib.CheckpointError, match="no checkpoint for step 5"):
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint for step 5"):
         evaluate.evaluate(config, workdir, log=lambda line: None)
     config.sampling.checkpoint_step = 1
     _fake_generator(monkeypatch, lambda labels, key: np.zeros((len(labels), 16, 16, 3)))
@@ -128,7 +129,7 @@ def test_bits_per_dim_differentiates_the_unet_in_forward_mode(run):
     """The likelihood's divergence is a jax.jvp through the network (here the tiny UNet, whose
     GroupNorm has a written reverse-mode gradient only in training)."""
     config, workdir, _ = run
-    state, model, shape, num_classes = train.restore_run(config, workdir)
+    state, model, shape, num_classes = run_lib.restore_run(config, workdir)
     result = evaluate._bits_per_dim(config, model, state.ema_params, shape, num_classes, 4, 2)
     assert result["bits_per_dim_examples"] == 4 and np.isfinite(result["bits_per_dim"])
     assert result["bits_per_dim"] > 0

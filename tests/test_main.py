@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from diffusion_jax import checkpoints, configuration, train
+from diffusion_jax import checkpoints, configuration, files, run, train, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,10 +142,10 @@ def test_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
                                                 checkpoint_every=4),
                                         str(tmp_path / "straight"), log=_quiet)
     config = _config(num_steps=num_steps)
-    _, model, shape, num_classes, optimizer = train.build(config)
-    manager = train.open_checkpoints(config, str(tmp_path / "killed"), shape, num_classes)
+    _, model, shape, num_classes, optimizer = run.build(config)
+    manager = run.open_checkpoints(config, str(tmp_path / "killed"), shape, num_classes)
     assert manager.latest_step() == num_steps
-    killed = manager.restore(train.abstract_train_state(model, optimizer, shape, num_classes, 0))
+    killed = manager.restore(train_state.abstract_train_state(model, optimizer, shape, num_classes, 0))
     manager.close()
     for a, b in zip(_leaves(straight), _leaves(killed)):
         np.testing.assert_array_equal(a, b)
@@ -165,16 +165,14 @@ def test_sigterm_saves_and_stops(tmp_path):
 def test_signal_during_sampling_still_saves(tmp_path, monkeypatch):
     """A signal that lands after the step's save decision (here: while the sample grid is
     written) stops the run one step later, with a checkpoint of that step."""
-    from diffusion_jax import sample
-
-    original = sample.save_grid
+    original = files.save_grid
 
     def save_and_signal(*args, **kwargs):
         grid = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return grid
 
-    monkeypatch.setattr(sample, "save_grid", save_and_signal)
+    monkeypatch.setattr(files, "save_grid", save_and_signal)
     lines = []
     state = train.train_and_evaluate(
         _config(num_steps=50, sample_every=3, checkpoint_every=100), str(tmp_path),
@@ -206,22 +204,22 @@ def test_nan_stops_the_run_without_saving_it(tmp_path, monkeypatch):
 def test_checkpoint_problems_are_reported_clearly(tmp_path):
     config = _config(num_steps=3)
     train.train_and_evaluate(config, str(tmp_path), log=_quiet)
-    source, model, shape, num_classes, optimizer = train.build(config)
-    abstract = train.abstract_train_state(model, optimizer, shape, num_classes, 0)
+    source, model, shape, num_classes, optimizer = run.build(config)
+    abstract = train_state.abstract_train_state(model, optimizer, shape, num_classes, 0)
 
     other = _config(num_steps=3)
-    other.model.channels = 32
-    manager = train.open_checkpoints(other, str(tmp_path), shape, num_classes)
+    other.model.unet.channels = 32
+    manager = run.open_checkpoints(other, str(tmp_path), shape, num_classes)
     with pytest.raises(checkpoints.CheckpointError, match="different model.*channels"):
         manager.restore(abstract)
     manager.close()
 
     # Corrupt the saved arrays: a clear error, not a deep traceback.
-    for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "state"):
-        for name in files:
+    for root, _, names in os.walk(tmp_path / "checkpoints" / "3" / "state"):
+        for name in names:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    manager = train.open_checkpoints(config, str(tmp_path), shape, num_classes)
+    manager = run.open_checkpoints(config, str(tmp_path), shape, num_classes)
     with pytest.raises(checkpoints.CheckpointError, match="unreadable"):
         manager.restore(abstract)
     manager.close()
@@ -260,7 +258,7 @@ def test_bad_configs_name_the_key():
     config = tiny.get_config()
     config.mesh.data = 3  # this process sees one CPU device
     with pytest.raises(configuration.ConfigError, match="must use all 1 devices"):
-        train.build_mesh(config)
+        run.build_mesh(config)
     config = tiny.get_config()
     config.data.worker_count = -2
     with pytest.raises(configuration.ConfigError, match="data.worker_count must be an integer"):

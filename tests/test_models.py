@@ -313,8 +313,8 @@ def test_build_model_passes_the_text_and_remat_options():
     model = configuration.build_model(config.model, (16, 16, 3), 10)
     assert model.context_dim is None and model.pooled_dim is None and not model.remat
     assert model.mid_attention and model.head_dim is None and model.transformer_depth == 1
-    config.model.update(context_dim=768, pooled_dim=512, remat=True, transformer_depth=2,
-                        head_dim=32)
+    config.model.update(context_dim=768, pooled_dim=512, remat=True)
+    config.model.unet.update(transformer_depth=2, head_dim=32)
     model = configuration.build_model(config.model, (16, 16, 3), None)
     assert (model.context_dim, model.pooled_dim, model.remat, model.transformer_depth,
             model.head_dim) == (768, 512, True, 2, 32)
@@ -468,14 +468,14 @@ def test_sampler_casts_parameters_once_with_the_same_results(dtype):
     """Samplers hand the network the leaves it only ever casts already cast (once, before the
     loop): kernels, dense/conv biases and embeddings of a bf16 network, never its float32 norm
     parameters; a float32 network is left alone. The outputs are bit for bit the same."""
-    from diffusion_jax import sample
+    from diffusion_jax import conditioning, generate
 
     model = UNet(**TINY_UNET, num_classes=3, dtype=dtype)
-    net = sample._network(model)
+    net = conditioning.sampling_network(model)
     params = _randomised(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros(1),
                                     jnp.zeros(1, jnp.int32))["params"], jax.random.key(1))
     cond = {"label": jnp.arange(4) % 4}  # 3 is the null label
-    cast = sample.cast_params_once(net, params, (1, 16, 16, 3), cond)
+    cast = generate.cast_params_once(net, params, (1, 16, 16, 3), cond)
     for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
         name = jax.tree_util.keystr(path)
         if "norm" in name or dtype == jnp.float32:

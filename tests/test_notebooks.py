@@ -56,8 +56,8 @@ def test_text_to_image_notebook_runs(tmp_path):
     notebook = _run("text_to_image.ipynb", {
         "WORKDIR": str(tmp_path / "run"), "PRESET": "text_shapes_cpu", "NUM_STEPS": 4,
         "BATCH_SIZE": 8, "RESOLUTION": 16, "SAMPLING_STEPS": 2,
-        "CONFIG_OVERRIDES": {"model.channels": 16, "model.channel_mult": (1, 2),
-                             "model.attention_resolutions": (8,), "text.width": 32,
+        "CONFIG_OVERRIDES": {"model.unet.channels": 16, "model.unet.channel_mult": (1, 2),
+                             "model.unet.attention_resolutions": (8,), "text.width": 32,
                              "text.depth": 1, "text.num_heads": 2}})
     text, images = _outputs(notebook)
     assert "preset text_shapes_cpu: 4 steps of 8 16x16 images" in text

@@ -3,6 +3,7 @@ not depend on how many devices run it."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import checkpoints, parallel, sample, train
+from diffusion_jax import checkpoints, data, generate, parallel, train
+from diffusion_jax import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +74,8 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from tests.test_parallel import VARIANTS, _config
-    from diffusion_jax import train
+    from diffusion_jax import generate, train
+    from diffusion_jax import run as run_lib
     assert jax.device_count() == 8
     out = {}
     for name, overrides in VARIANTS.items():
@@ -84,7 +87,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
             out[f"{name}/{i}"] = np.asarray(leaf)
 
     # The single-device run's checkpoint restores onto the 8 devices, split over fsdp.
-    restored, *_ = train.restore_run(_config(mesh__data=4, mesh__fsdp=2), sys.argv[1] + "/one")
+    restored, *_ = run_lib.restore_run(_config(mesh__data=4, mesh__fsdp=2), sys.argv[1] + "/one")
     specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(restored.params)}
     print("restored on", len(restored.params["conv_in"]["kernel"].sharding.device_set),
           "devices, specs", sorted(specs))
@@ -93,11 +96,11 @@ _EIGHT_DEVICES = textwrap.dedent("""
     np.savez(sys.argv[1] + "/states.npz", **out)
 
     # Sampling spreads the batch over all 8 devices and gives what a single device gives.
-    from diffusion_jax import parallel, sample
+    from diffusion_jax import parallel
     from tests.test_parallel import DROPOUT
     config = _config(**DROPOUT)
-    restored, model, shape, num_classes = train.restore_run(config, sys.argv[1] + "/data8")
-    spread = sample.make_generate_fn(config, model, shape, num_classes,
+    restored, model, shape, num_classes = run_lib.restore_run(config, sys.argv[1] + "/data8")
+    spread = generate.make_generate_fn(config, model, shape, num_classes,
                                      mesh=parallel.make_mesh(-1, 1))
     images = spread(restored.ema_params, jax.random.key(0), 16)
     print("sample devices", len(images.sharding.device_set))
@@ -131,10 +134,10 @@ def single_device_run(tmp_path_factory):
 
 
 def _logged(output_lines):
-    """(loss, grad_norm) of each "step ..." log line."""
+    """(loss, grad_norm) of each "step N/M ..." log line."""
     values = []
     for line in output_lines:
-        if line.startswith("step "):
+        if re.match(r"step \d+/", line):
             words = line.split()
             values.append([float(words[words.index(k) + 1]) for k in ("loss", "grad_norm")])
     return np.array(values)
@@ -196,14 +199,14 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
                                       err_msg=jax.tree_util.keystr(path))
 
     assert "sample devices 8" in run.stdout
-    restored, model, shape, num_classes = train.restore_run(_config(**DROPOUT),
+    restored, model, shape, num_classes = run_lib.restore_run(_config(**DROPOUT),
                                                             str(tmp_path / "data8"))
-    single_device = sample.make_generate_fn(_config(**DROPOUT), model, shape, num_classes)(
+    single_device = generate.make_generate_fn(_config(**DROPOUT), model, shape, num_classes)(
         restored.ema_params, jax.random.key(0), 16)
     np.testing.assert_allclose(np.load(tmp_path / "samples8.npy"), single_device, atol=1e-5)
 
     # 8 -> 1: a checkpoint written on 8 devices (sharded over fsdp) restores on this device.
-    state, *_ = train.restore_run(_config(**DROPOUT), str(tmp_path / "data2_fsdp4"))
+    state, *_ = run_lib.restore_run(_config(**DROPOUT), str(tmp_path / "data2_fsdp4"))
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(leaf), states[f"data2_fsdp4/{i}"])
 
@@ -211,11 +214,13 @@ def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_devi
 _SHARD_MAP_COLLECTIVES = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from tests.test_parallel import _config
-    from diffusion_jax import parallel, train
+    from diffusion_jax import parallel, train, train_state
+    from diffusion_jax import run as run_lib
     for data, fsdp in ((1, 8), (4, 2)):
         config = _config(mesh__data=data, mesh__fsdp=fsdp, mesh__train_step="shard_map")
-        source, model, shape, num_classes, optimizer = train.build(config)
-        abstract = train.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
+        source, model, shape, num_classes, optimizer = run_lib.build(config)
+        abstract = train_state.abstract_train_state(model, optimizer, shape, num_classes,
+                                                    config.seed)
         mesh = parallel.make_mesh(data, fsdp)
         place = lambda tree, sharding: jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding)
@@ -414,7 +419,7 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
     assert os.path.exists(workdir / "samples" / "step_00000004.png")
 
     # The checkpoint both processes wrote restores on one device and equals the 1-process run.
-    state, *_ = train.restore_run(_config(**DROPOUT), str(workdir))
+    state, *_ = run_lib.restore_run(_config(**DROPOUT), str(workdir))
     for (path, expected), actual in zip(jax.tree_util.tree_flatten_with_path(single)[0],
                                         jax.tree_util.tree_leaves(state)):
         where = jax.tree_util.keystr(path)
@@ -437,10 +442,10 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
                        "--config.sampling.num_samples=8"], processes=2, devices_each=4)
     assert "wrote" in outputs[0] and "wrote" not in outputs[1], outputs
     (written,) = (workdir / "samples").glob("*.npz")
-    _, model, shape, num_classes = train.restore_run(_config(**DROPOUT), str(workdir))
+    _, model, shape, num_classes = run_lib.restore_run(_config(**DROPOUT), str(workdir))
     config = _config(**DROPOUT)
     config.sampling.num_samples = 8
-    expected = sample.make_generate_fn(config, model, shape, num_classes)(
+    expected = generate.make_generate_fn(config, model, shape, num_classes)(
         state.ema_params, jax.random.key(config.sampling.seed), 8)
     np.testing.assert_allclose(np.load(written)["samples"], expected, atol=1e-5)
 
@@ -504,7 +509,7 @@ def test_training_reads_the_slice_the_mesh_gives_this_process(monkeypatch, tmp_p
         raise Stop
 
     monkeypatch.setattr(parallel, "process_batch_slot", lambda mesh, batch: (3, 4))
-    monkeypatch.setattr(train.data, "make_iterator", make_iterator)
+    monkeypatch.setattr(data, "make_iterator", make_iterator)
     with pytest.raises(Stop):
         train.train_and_evaluate(_config(), str(tmp_path))
     assert asked["shard_index"] == 3

@@ -206,7 +206,7 @@ def test_a_classifier_of_other_data_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_prompt_adherence_of_a_trained_run(judge):
-    """The default generator: a (2-step) diffusion checkpoint through sample.make_generate_fn."""
+    """The default generator: a (2-step) diffusion checkpoint through generate.make_generate_fn."""
     from diffusion_jax import train
 
     config, workdir, _, _ = judge

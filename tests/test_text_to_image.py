@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import (configuration, data, guidance, parameterization, sample, text,
-                           train)
+from diffusion_jax import (conditioning, configuration, data, generate, guidance,
+                           parameterization, run, text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def _config():
 @pytest.fixture(scope="module")
 def network():
     config = _config()
-    _, model, shape, num_classes, _ = train.build(config)
+    _, model, shape, num_classes, _ = run.build(config)
     tokens, mask = text.encode(["a small red circle in the top left"] * 2, 80)
     x = jax.random.normal(jax.random.key(1), (2,) + shape)
     params = model.init(jax.random.key(0), x, jnp.ones(2), tokens=tokens,
@@ -75,8 +75,8 @@ def _guided(network, prompts, scale):
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
     denoise = parameterization.make_denoise_fn(
-        jax.tree_util.Partial(sample._network(model), params), schedule, par)
-    cond = sample.encode_prompts(config, prompts)
+        jax.tree_util.Partial(conditioning.sampling_network(model), params), schedule, par)
+    cond = generate.encode_prompts(config, prompts)
     null_tokens, null_mask = text.null_text(config.text.max_length)
     uncond = {"tokens": jnp.broadcast_to(null_tokens, cond["tokens"].shape),
               "token_mask": jnp.broadcast_to(null_mask, cond["tokens"].shape)}
@@ -102,7 +102,7 @@ def test_guidance_scale_one_is_the_conditional_and_zero_ignores_the_prompt(netwo
 
 
 def test_caption_dropout_replaces_whole_captions_by_the_empty_one():
-    prepare = train.drop_captions(0.5, 80)
+    prepare = conditioning.drop_captions(0.5, 80)
     tokens, mask = text.encode([f"caption number {i}" for i in range(64)], 80)
     out = prepare({"x": jnp.zeros((64, 2)), "tokens": jnp.asarray(tokens),
                    "token_mask": jnp.asarray(mask)}, jax.random.key(0))
@@ -141,7 +141,7 @@ def test_tiny_text_run_trains_and_samples_from_prompts(tmp_path):
                                       "a small white circle in the center"] * 2
 
     # The Python API: a list of prompts, a sampler and a step count.
-    images, state = sample.generate_from_prompts(
+    images, state = generate.generate_from_prompts(
         _config(), workdir, ["a large green triangle", "three black circles"],
         method="ddim", num_steps=3, guidance_scale=3.0)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8

@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import data, guidance, losses, metrics, parameterization, samplers, train
+from diffusion_jax import conditioning, data, guidance, losses, metrics, parallel
+from diffusion_jax import optimizer as optimizer_lib
+from diffusion_jax import parameterization, run, samplers, train, train_state
 from diffusion_jax.models import MLP
 
 SCHEDULE = "cosine"
@@ -17,11 +19,11 @@ TARGET = "v"
 
 def _setup(num_classes=None, label_dropout=0.0, lr=2e-3, ema_decay=0.999, hidden=128):
     model = MLP(hidden=hidden, depth=3, num_classes=num_classes)
-    optimizer = train.make_optimizer(lr, warmup_steps=100, grad_clip=1.0)
-    apply_fn = train.network_apply_fn(model, num_classes=num_classes, label_dropout=label_dropout)
+    optimizer = optimizer_lib.make_optimizer(lr, warmup_steps=100, grad_clip=1.0)
+    apply_fn = conditioning.network_apply_fn(model, num_classes=num_classes, label_dropout=label_dropout)
     loss_fn = losses.make_loss_fn(apply_fn, schedule=SCHEDULE, parameterization=TARGET)
     step = jax.jit(train.make_train_step(loss_fn, optimizer, ema_decay=ema_decay))
-    state = train.create_train_state(model, optimizer, jnp.zeros((1, 2)), jax.random.key(0),
+    state = train_state.create_train_state(model, optimizer, jnp.zeros((1, 2)), jax.random.key(0),
                                      with_labels=num_classes is not None)
     return model, step, state
 
@@ -196,7 +198,7 @@ def test_dropout_masks_from_either_generator():
     x = jnp.ones((4, 2048))
     outs = {}
     for impl in ("threefry", "rbg"):
-        apply_fn = jax.jit(train.network_apply_fn(Drop(), dropout_rng=impl))
+        apply_fn = jax.jit(conditioning.network_apply_fn(Drop(), dropout_rng=impl))
         a, b, c = (apply_fn({}, x, jnp.zeros(4), {}, jax.random.key(k)) for k in (0, 0, 1))
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c)
@@ -206,7 +208,7 @@ def test_dropout_masks_from_either_generator():
         outs[impl] = a
     assert not np.array_equal(outs["threefry"], outs["rbg"])
     with pytest.raises(ValueError, match="dropout_rng"):
-        train.network_apply_fn(Drop(), dropout_rng="philox")
+        conditioning.network_apply_fn(Drop(), dropout_rng="philox")
 
 
 def test_compute_settings_are_not_part_of_the_run_fingerprint(tmp_path):
@@ -220,7 +222,7 @@ def test_compute_settings_are_not_part_of_the_run_fingerprint(tmp_path):
                                                  ("bfloat16", True, "auto", "rbg")):
         config.model.dtype, config.model.remat = dtype, remat
         config.model.attention, config.model.dropout_rng = attention, dropout_rng
-        manager = train.open_checkpoints(config, str(tmp_path), (16, 16, 3), 3)
+        manager = run.open_checkpoints(config, str(tmp_path), (16, 16, 3), 3)
         fingerprints.append(manager.fingerprint)
         manager.close()
     assert fingerprints[0] == fingerprints[1]
@@ -232,11 +234,11 @@ def test_gradient_accumulation_and_scanned_steps_give_the_same_training():
     stacked batches) change memory and dispatch, not the result: with class labels dropped for
     the whole batch before it is split, the parameters match plain steps to float32 round-off."""
     model = MLP(hidden=64, depth=2, num_classes=4)
-    optimizer = train.make_optimizer(2e-3, warmup_steps=5, grad_clip=1.0)
-    loss_fn = losses.make_loss_fn(train.network_apply_fn(model, num_classes=4),
+    optimizer = optimizer_lib.make_optimizer(2e-3, warmup_steps=5, grad_clip=1.0)
+    loss_fn = losses.make_loss_fn(conditioning.network_apply_fn(model, num_classes=4),
                                   schedule=SCHEDULE, parameterization=TARGET,
-                                  prepare=train.drop_labels(4, 0.3))
-    state = train.create_train_state(model, optimizer, jnp.zeros((1, 2)), jax.random.key(0),
+                                  prepare=conditioning.drop_labels(4, 0.3))
+    state = train_state.create_train_state(model, optimizer, jnp.zeros((1, 2)), jax.random.key(0),
                                      with_labels=True)
     batches = [next(_batches(32, i)) for i in range(4)]
     batches = [{**b, "label": b["label"] % 4} for b in batches]
@@ -274,26 +276,26 @@ def test_clip_by_global_norm_matches_optax_and_takes_the_norm_from_the_step():
                               for x in jax.tree_util.tree_leaves(tree))))
     for concat_below in (0, 4, np.inf):
         np.testing.assert_allclose(
-            float(train.parallel.global_norm(tree, concat_below=concat_below)), exact, rtol=1e-6)
-    assert float(train.parallel.global_norm({})) == 0.0
+            float(parallel.global_norm(tree, concat_below=concat_below)), exact, rtol=1e-6)
+    assert float(parallel.global_norm({})) == 0.0
     for max_norm in (0.5 * exact, 2 * exact):  # clipped, and left alone
-        ours = train.clip_by_global_norm(max_norm)
+        ours = optimizer_lib.clip_by_global_norm(max_norm)
         reference = jax.tree_util.tree_map(np.asarray, optax.clip_by_global_norm(max_norm).update(
             tree, optax.EmptyState())[0])
         assert ours.init(tree) == optax.clip_by_global_norm(max_norm).init(tree)
-        for kwargs in ({}, {"grad_norm": train.parallel.global_norm(tree, concat_below=np.inf)}):
+        for kwargs in ({}, {"grad_norm": parallel.global_norm(tree, concat_below=np.inf)}):
             got, _ = ours.update(tree, optax.EmptyState(), **kwargs)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference)):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # The norm handed in is the one used (the train step computes it once, for the metric too).
-    halved, _ = train.clip_by_global_norm(1.0).update(tree, optax.EmptyState(),
+    halved, _ = optimizer_lib.clip_by_global_norm(1.0).update(tree, optax.EmptyState(),
                                                       grad_norm=jnp.float32(2.0))
     np.testing.assert_allclose(halved["w"], np.asarray(tree["w"]) / 2)
     # The optimizer's state has the same structure as with optax's clipping, so checkpoints
     # written before still restore.
     params = {"w": jnp.zeros((3, 4))}
     with_optax = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    assert (jax.tree_util.tree_structure(train.make_optimizer(1e-3).init(params))
+    assert (jax.tree_util.tree_structure(optimizer_lib.make_optimizer(1e-3).init(params))
             == jax.tree_util.tree_structure(with_optax.init(params)))
 
 
@@ -301,7 +303,7 @@ def test_gradient_norm_reduces_small_leaves_together():
     tree = {f"p{i}": jnp.ones((i + 1, 3)) for i in range(40)}  # 3 to 120 elements
 
     def reductions(concat_below):  # in the compiled program
-        compiled = jax.jit(lambda t: train.parallel.global_norm(
+        compiled = jax.jit(lambda t: parallel.global_norm(
             t, concat_below=concat_below)).lower(tree).compile()
         return compiled.as_text().count(" reduce(")
 

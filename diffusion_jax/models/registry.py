@@ -1,0 +1,140 @@
+"""Model families by name: each family's own config keys, their checks, and how to build it.
+
+``config.model.name`` picks a family; the family's own keys live in the sub-group of the same name
+(``config.model.unet.channels``, ``config.model.dit.size``, ...), and the keys every denoiser
+shares (``dtype``, ``dropout``, ``noise_scale``, ``remat``, ``attention``, ``dropout_rng``,
+``context_dim``, ``pooled_dim``) stay in ``config.model``. Adding a family is one
+:class:`Family` record passed to :func:`register`, beside the module that defines its network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import ml_collections
+
+from diffusion_jax.models.dit import DIT_SIZES, dit
+from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.unet import UNet
+
+__all__ = ["Family", "FAMILIES", "register", "get", "SHARED_KEYS"]
+
+# Keys of config.model that every family reads (each may refuse the ones it cannot honour).
+SHARED_KEYS = ("dtype", "dropout", "noise_scale", "remat", "attention", "dropout_rng",
+               "context_dim", "pooled_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family: its config sub-group, checks and builder.
+
+    ``defaults()`` returns the family's own keys with their default values (the sub-group
+    ``config.model.<name>``); ``positive`` lists those that must be > 0; ``check(group,
+    example_shape)`` raises ``ValueError`` naming the key for anything else wrong;
+    ``build(group, example_shape, common)`` returns the Flax module, where ``common`` holds the
+    shared settings as keyword arguments. ``data_rank`` is the rank of one example the family
+    takes (3 for images, 1 for vectors) and ``text`` whether it can cross-attend to text.
+    ``fingerprint_names`` maps a key to the name checkpoints store it under (the flat names
+    of the layout before families had groups, so that older checkpoints still restore).
+    """
+
+    name: str
+    defaults: Callable[[], Mapping[str, Any]]
+    build: Callable[..., Any]
+    data_rank: int
+    text: bool
+    positive: tuple = ()
+    check: Callable[..., None] = lambda group, example_shape: None
+    fingerprint_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def default_group(self) -> ml_collections.ConfigDict:
+        """The sub-group ``config.model.<name>`` with the family's defaults."""
+        return ml_collections.ConfigDict(dict(self.defaults()))
+
+    def fingerprint(self, group) -> dict:
+        """The family's keys as a checkpoint stores them (see ``fingerprint_names``)."""
+        return {self.fingerprint_names.get(k, k): v for k, v in group.to_dict().items()}
+
+
+FAMILIES: dict = {}
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` available as ``config.model.name = family.name``."""
+    if family.name in FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    """The registered family called ``name``."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered: {tuple(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def _unet_defaults():
+    return dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                attention_resolutions=(16,), num_heads=1, scale_shift=False, head_dim=0,
+                mid_attention=True, transformer_depth=1)
+
+
+def _check_unet(group, example_shape):
+    if group.head_dim < 0:
+        raise ValueError(f"config.model.unet.head_dim must be >= 0 (0 = num_heads heads), got "
+                         f"{group.head_dim!r}")
+    levels = len(group.channel_mult)
+    if levels < 1:
+        raise ValueError("config.model.unet.channel_mult needs at least one level")
+    if example_shape[0] % 2 ** (levels - 1):
+        raise ValueError(f"config.model.unet.channel_mult has {levels} levels; the image size "
+                         f"{example_shape[0]} must be divisible by {2 ** (levels - 1)}")
+
+
+def _build_unet(group, example_shape, common):
+    del example_shape
+    return UNet(channels=group.channels, channel_mult=tuple(group.channel_mult),
+                num_res_blocks=group.num_res_blocks,
+                attention_resolutions=tuple(group.attention_resolutions),
+                num_heads=group.num_heads, scale_shift=group.scale_shift,
+                num_groups=min(32, group.channels), head_dim=group.head_dim or None,
+                mid_attention=group.mid_attention, transformer_depth=group.transformer_depth,
+                **common)
+
+
+def _check_dit(group, example_shape):
+    if group.size not in DIT_SIZES:
+        raise ValueError(f"config.model.dit.size={group.size!r} is not one of "
+                         f"{tuple(DIT_SIZES)}")
+    if example_shape[0] % group.patch_size or example_shape[1] % group.patch_size:
+        raise ValueError(f"config.model.dit.patch_size={group.patch_size} does not divide the "
+                         f"image size {tuple(example_shape[:2])}")
+
+
+def _build_dit(group, example_shape, common):
+    del example_shape
+    # DiT has no dropout layers (as in Peebles & Xie 2023); config.model.dropout does not apply.
+    return dit(group.size, group.patch_size, **{k: v for k, v in common.items()
+                                                 if k != "dropout"})
+
+
+def _build_mlp(group, example_shape, common):
+    del example_shape
+    return MLP(hidden=group.hidden, depth=group.depth, num_classes=common["num_classes"],
+               noise_scale=common["noise_scale"], dropout=common["dropout"],
+               dtype=common["dtype"])
+
+
+register(Family(
+    name="unet", defaults=_unet_defaults, build=_build_unet, data_rank=3, text=True,
+    positive=("channels", "num_res_blocks", "num_heads", "transformer_depth"),
+    check=_check_unet))
+register(Family(
+    name="dit", defaults=lambda: dict(size="S", patch_size=2), build=_build_dit, data_rank=3,
+    text=True, positive=("patch_size",), check=_check_dit,
+    fingerprint_names={"size": "dit_size"}))
+register(Family(
+    name="mlp", defaults=lambda: dict(hidden=256, depth=4), build=_build_mlp, data_rank=1,
+    text=False, positive=("hidden", "depth")))

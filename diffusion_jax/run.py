@@ -1,0 +1,113 @@
+"""A run from its config: the model, the device mesh, the checkpoints, and a restored state.
+
+Training, generation, evaluation, ``main.py`` and the notebooks all load a run through here, so
+they agree on what a config builds and on which checkpoints fit it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from diffusion_jax import checkpoints as ckpt_lib
+from diffusion_jax import configuration, defaults, parallel, train_state
+from diffusion_jax import optimizer as optimizer_lib
+from diffusion_jax.models import registry
+
+__all__ = ["build", "build_mesh", "sampling_mesh", "open_checkpoints", "model_fingerprint",
+           "restore_run"]
+
+
+def build(config):
+    """Validate ``config`` and build ``(source, model, example_shape, num_classes, optimizer)``."""
+    configuration.validate(config)
+    source = configuration.build_source(config.data)
+    example_shape, num_classes = configuration.data_shape(source)
+    if not config.data.class_conditional:
+        num_classes = None
+    model = configuration.build_denoiser(config, example_shape, num_classes)
+    return source, model, tuple(example_shape), num_classes, optimizer_lib.optimizer_from_config(config)
+
+
+def build_mesh(config):
+    """The device mesh of ``config.mesh``; checks that the global batch splits over it."""
+    try:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except parallel.MeshError as err:
+        raise configuration.ConfigError(str(err)) from err
+    devices = mesh.devices.size
+    if config.data.batch_size % devices:
+        raise configuration.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split over the "
+            f"{devices} devices of the mesh; use a multiple of {devices}")
+    micro = config.training.grad_accumulation
+    if config.data.batch_size % (devices * micro):
+        raise configuration.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not split into "
+            f"config.training.grad_accumulation={micro} microbatches on each of the {devices} "
+            f"devices; use a multiple of {devices * micro}")
+    return mesh
+
+
+def sampling_mesh(config):
+    """The config's mesh when it fits these devices, else all devices data-parallel.
+
+    A run trained on 8 devices generates on 1 (the training batch size plays no part here).
+    """
+    try:
+        return parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except parallel.MeshError:
+        return parallel.make_mesh(-1, 1)
+
+
+# Shared model settings that change how the network computes, not its parameters: a checkpoint
+# restores under any value of these.
+_NOT_IN_FINGERPRINT = ("dtype", "remat", "dropout_rng", "attention")
+
+
+def model_fingerprint(model_config) -> dict:
+    """What a checkpoint records of ``config.model``: the family, its keys, the shared ones.
+
+    The keys are flat, under the names of the layout before families had their own groups
+    (``dit_size``, ``channels``, ...), so checkpoints written then still compare equal.
+    """
+    family = registry.get(model_config.name)
+    shared = {k: model_config[k] for k in registry.SHARED_KEYS if k not in _NOT_IN_FINGERPRINT}
+    return {"name": family.name, **shared, **family.fingerprint(model_config[family.name])}
+
+
+def open_checkpoints(config, workdir, example_shape, num_classes) -> ckpt_lib.Checkpoints:
+    """The run's checkpoint manager in ``workdir/checkpoints``.
+
+    Its fingerprint (model config, data shape, classes, target) must match for a checkpoint to
+    be restored; keys a checkpoint lacks (settings added after it was written) take their
+    default values.
+    """
+    fingerprint = {"model": model_fingerprint(config.model), "data_shape": list(example_shape),
+                   "num_classes": num_classes, "target": config.diffusion.target}
+    reference = defaults.get_config().model
+    reference.name = config.model.name
+    return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
+                                max_to_keep=config.training.keep_checkpoints,
+                                fingerprint_defaults={"model": model_fingerprint(reference)})
+
+
+def restore_run(config, workdir: str, *, step: Optional[int] = None):
+    """Load a trained run: ``(state, model, example_shape, num_classes)``.
+
+    The state comes from the checkpoint of ``step`` (default: the latest) in ``workdir``, laid
+    out over :func:`sampling_mesh`. ``config`` must describe the same model and data as the run
+    (``workdir/config.json`` holds the one it was trained with).
+    """
+    _, model, example_shape, num_classes, optimizer = build(config)
+    checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
+    try:
+        if checkpoints.latest_step() is None:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint in {checkpoints.directory}; train first with "
+                f"`python main.py --config=... --workdir={workdir}`")
+        abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+        state = checkpoints.restore(train_state.with_shardings(abstract, sampling_mesh(config)), step=step)
+    finally:
+        checkpoints.close()
+    return state, model, example_shape, num_classes

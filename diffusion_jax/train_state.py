@@ -1,0 +1,77 @@
+"""The train state: what a run checkpoints, and how it is created and laid out on devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import parallel
+
+__all__ = ["TrainState", "create_train_state", "abstract_train_state", "with_shardings",
+           "init_train_state"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run needs to continue.
+
+    That is the step, the parameters, their exponential moving average, the optimizer state and
+    the base PRNG key (raw uint32 key data, so that it checkpoints like any array).
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_train_state(model, optimizer, example_x, key, *, with_labels: bool = False) -> TrainState:
+    """Initialise parameters from an example input (only its shape and dtype matter)."""
+    key_params, key_dropout, key_rng = jax.random.split(key, 3)
+    batch = example_x.shape[0]
+    args = [jnp.zeros(example_x.shape, jnp.float32), jnp.zeros((batch,), jnp.float32)]
+    if with_labels:
+        args.append(jnp.zeros((batch,), jnp.int32))
+    variables = model.init({"params": key_params, "dropout": key_dropout}, *args)
+    params = variables["params"]
+    if jnp.issubdtype(key_rng.dtype, jax.dtypes.prng_key):
+        key_rng = jax.random.key_data(key_rng)  # raw uint32 words: plain data for checkpoints
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        rng=key_rng,
+    )
+
+
+def abstract_train_state(model, optimizer, example_shape, num_classes, seed):
+    """The train state's shapes and dtypes, without allocating it."""
+    return jax.eval_shape(
+        lambda: create_train_state(model, optimizer, jnp.zeros((1,) + tuple(example_shape)),
+                                   jax.random.key(seed), with_labels=num_classes is not None))
+
+
+def with_shardings(abstract, mesh):
+    """The abstract state with each leaf's sharding over ``mesh``, to restore into."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        parallel.state_shardings(mesh, abstract))
+
+
+def init_train_state(config, model, optimizer, example_shape, num_classes, mesh):
+    """A fresh train state from ``config.seed``, created directly in its sharding over ``mesh``.
+
+    A model too large for one device never exists whole on one.
+    """
+    abstract = abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
+    return jax.jit(
+        lambda: create_train_state(model, optimizer,
+                                   jnp.zeros((1,) + tuple(example_shape), jnp.float32),
+                                   jax.random.key(config.seed),
+                                   with_labels=num_classes is not None),
+        out_shardings=parallel.state_shardings(mesh, abstract))()
