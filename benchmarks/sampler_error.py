@@ -4,7 +4,7 @@ Data: x0 ~ N(mu, diag(lambda)) in 64 dimensions, whose exact denoiser is
 E[x0 | x_t] = mu + alpha lambda / (alpha^2 lambda + sigma^2) (x_t - alpha mu). With it a sampler's
 only error is its discretisation error:
 
-* deterministic methods (euler, ddim, heun, dpmpp_2m): RMS distance between the sampler's output and
+* deterministic methods (euler, ddim, heun, dpmpp_2m, dpmpp_3m, unipc): RMS distance between the sampler's output and
   the exact probability-flow ODE solution from the same noise (solved analytically to the last
   network time, then denoised exactly as every method's final step does);
 * stochastic methods (ddpm, euler_ancestral): 2-Wasserstein distance between the data distribution
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from diffusion_jax import analytic, samplers, schedules  # noqa: E402
 
-DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp_2m")
+DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 STOCHASTIC = ("ddpm", "euler_ancestral")
 
 

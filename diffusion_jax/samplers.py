@@ -1,8 +1,9 @@
 """The reverse process: samplers over a denoiser, each one jit-compiled ``lax.scan``.
 
 A sampler sees the model only through ``denoise_fn(x_t, t) -> x0_hat`` (batched, ``t`` of shape
-[batch]) and walks a decreasing time grid ``t_0 = t_max > t_1 > ... > t_{N-1} >= t_min`` followed by
-a final step to clean data (``sigma = 0``; recorded as ``t = 0`` in :attr:`SampleResult.times`).
+[batch], t in [0, 1]) and walks a decreasing time grid ``t_0 = t_max > t_1 > ... > t_{N-1} >= t_min``
+followed by a final step to clean data (``sigma = 0``; recorded as ``t = 0`` in
+:attr:`SampleResult.times`).
 
 All updates are written in the variables ``x_t = alpha x0 + sigma eps`` with ratios of alpha and
 sigma (or differences of log-SNR) rather than with ``x_t / alpha``, so every method stays finite at
@@ -10,42 +11,39 @@ both ends: at the final step (sigma -> 0, log-SNR -> +inf) and when sampling sta
 (alpha = 0, zero terminal SNR). In the notation of EDM (Karras et al. 2022) the probability-flow ODE
 of any schedule is ``d xbar / d sigmabar = (xbar - D(x; t)) / sigmabar`` with ``xbar = x / alpha`` and
 ``sigmabar = sigma / alpha = exp(-logSNR / 2)``; the methods below are steps of that ODE (or of its
-reverse SDE) mapped back to ``x``.
+reverse SDE) mapped back to ``x``. The exponential integrators (DPM-Solver++, UniPC) use
+``lambda = logSNR / 2`` and the exact solution ``x_t = (sigma_t / sigma_s) x_s + sigma_t
+int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda`` (Lu et al. 2022a, Eq. 3.4, in the data
+prediction form of Lu et al. 2022b).
 
-Public API: :func:`sample`, :func:`time_grid`, :data:`METHODS`, :data:`GRIDS`.
+Each method is one :class:`Method` record in :data:`METHODS_TABLE`: its options and defaults, when
+it is stochastic, its per-step flags and evaluations, and its step function, a short function that
+follows its paper's equation. :func:`_sample_impl` is the frame they share: the grid's coefficients,
+then one ``lax.scan`` of the step. Adding a sampler is one record and one step function (see
+``docs/samplers.md``). A ``jax.tree_util.Partial`` denoiser travels as data, so new parameters
+reuse the compiled program.
+
+Public API: :func:`sample`, :func:`time_grid`, :func:`number_of_evaluations`, :data:`METHODS`,
+:data:`METHODS_TABLE`, :class:`Method`, :data:`GRIDS`, :class:`SampleResult`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules as schedules_lib
+from diffusion_jax import time_grids
+from diffusion_jax.time_grids import GRIDS, time_grid  # re-exported: part of this module's API
 
-__all__ = ["METHODS", "GRIDS", "SampleResult", "sample", "time_grid", "number_of_evaluations"]
-
-# Option names and defaults of each method.
-_OPTIONS = {
-    "ddpm": {},
-    "ddim": {"eta": 0.0},
-    "euler": {},
-    "euler_ancestral": {"eta": 1.0, "s_noise": 1.0},
-    "heun": {"s_churn": 0.0, "s_min": 0.0, "s_max": float("inf"), "s_noise": 1.0},
-    "dpmpp_2m": {},
-}
-METHODS = tuple(_OPTIONS)
-GRIDS = ("uniform", "trailing", "logsnr", "karras")
-
-# Where the schedule reaches zero SNR, the log-SNR and Karras grids space their points as if the
-# first time had EDM's sigma_max = 80 (log-SNR -8.76); the first point itself stays at t_max, where
-# the sampler starts from pure noise.
-_GRID_LOGSNR_FLOOR = -2.0 * math.log(80.0)
-
+__all__ = ["METHODS", "METHODS_TABLE", "Method", "GRIDS", "SampleResult", "sample", "time_grid",
+           "number_of_evaluations"]
 
 class SampleResult(NamedTuple):
     """What :func:`sample` returns.
@@ -56,6 +54,7 @@ class SampleResult(NamedTuple):
         for VE and EDM, whose sigma(0) = sigma_min, the last network time may also be 0).
     trajectory: the states x at every grid time, shape [N + 1, *noise.shape], when asked for
         (``return_trajectory=True``); the first is the scaled prior sample, the last the output.
+        For ``unipc`` these are the states the network is evaluated at (before UniC's correction).
     """
 
     samples: jax.Array
@@ -65,106 +64,7 @@ class SampleResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Time grids.
-# --------------------------------------------------------------------------------------------
-
-
-def _eager(fn, t):
-    with jax.ensure_compile_time_eval():
-        return np.array(fn(jnp.asarray(t)), dtype=np.float64)
-
-
-def _make_time_grid(
-    schedule,
-    num_steps: int,
-    grid: str = "uniform",
-    *,
-    t_min: Optional[float] = None,
-    t_max: Optional[float] = None,
-    rho: float = 7.0,
-    snap: Optional[bool] = None,
-) -> np.ndarray:
-    """The N + 1 times a sampler visits: N network times from ``t_max`` down, then the final clean
-    state, recorded as 0 (sigma = 0 there by definition, whatever the schedule gives at t = 0).
-
-    grid:
-      ``uniform``  N times evenly spaced in t from t_max to t_min (diffusers' "linspace" spacing);
-      ``trailing`` t_max * (1 - i / N), i = 0..N-1: the last network step starts at t_max / N and
-                   goes straight to clean data (Lin et al. 2023, Table 2);
-      ``logsnr``   evenly spaced in log-SNR between t_max and t_min (Lu et al. 2022, DPM-Solver);
-      ``karras``   sigmabar^(1/rho) evenly spaced (Karras et al. 2022, Eq. 5).
-    For discrete-time schedules ``snap`` (default on for ``uniform`` and ``trailing``) rounds the
-    times to the training lattice i / T.
-    """
-    schedule = schedules_lib.get(schedule)
-    if grid not in GRIDS:
-        raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    num_steps = int(num_steps)
-    if grid == "trailing" and t_min is not None:
-        raise ValueError("the 'trailing' grid runs down to clean data; it takes no t_min")
-    t_min = float(schedule.t_min if t_min is None else t_min)
-    t_max = float(schedule.t_max if t_max is None else t_max)
-    if not 0.0 <= t_min < t_max <= 1.0:
-        raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    if grid in ("logsnr", "karras") and not np.isfinite(_eager(schedule.logsnr, t_min)):
-        raise ValueError(
-            f"the {grid!r} grid needs a finite log-SNR at t_min; schedule {schedule.name!r} has "
-            f"an infinite one at t_min={t_min}: pass a positive t_min"
-        )
-
-    if num_steps == 1:
-        times = np.array([t_max])
-    elif grid == "uniform":
-        times = np.linspace(t_max, t_min, num_steps)
-    elif grid == "trailing":
-        times = t_max * (1.0 - np.arange(num_steps) / num_steps)
-    else:
-        lam_hi = float(_eager(schedule.logsnr, t_min))
-        lam_lo = float(_eager(schedule.logsnr, t_max))
-        if not np.isfinite(lam_lo):
-            lam_lo = min(_GRID_LOGSNR_FLOOR, lam_hi - 1.0)
-        if grid == "logsnr":
-            lam = np.linspace(lam_lo, lam_hi, num_steps)
-        else:
-            s_max, s_min = math.exp(-lam_lo / 2), math.exp(-lam_hi / 2)
-            ramp = np.linspace(0.0, 1.0, num_steps)
-            sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-            lam = -2.0 * np.log(sig)
-        times = _eager(schedule.t_from_logsnr, lam).copy()
-        times[0], times[-1] = t_max, t_min
-
-    if snap is None:
-        snap = schedule.num_timesteps is not None and grid in ("uniform", "trailing")
-    if snap:
-        if schedule.num_timesteps is None:
-            raise ValueError(f"snap=True needs a discrete-time schedule; {schedule.name!r} is not")
-        big_t = schedule.num_timesteps
-        times = np.round(times * big_t) / big_t
-    return _finish_grid(schedule, times, f"the {grid!r} grid with {num_steps} steps")
-
-
-def _finish_grid(schedule, network_times, what):
-    """Validate N decreasing network times and append the final clean state (recorded as t = 0)."""
-    times = np.asarray(network_times, dtype=np.float64)
-    if times.ndim != 1 or times.size < 1:
-        raise ValueError(f"{what} must be a 1-D sequence of at least one time")
-    if times[0] > 1.0 or times[-1] < 0.0 or np.any(np.diff(times) >= 0):
-        raise ValueError(
-            f"{what} must be strictly decreasing times in [0, 1], got {times} (too many steps "
-            "for a discrete schedule's resolution?)"
-        )
-    if not np.all(_eager(schedule.sigma, times) > 0):
-        raise ValueError(
-            f"{what} contains a time where schedule {schedule.name!r} has sigma = 0: leave it out, "
-            "the final step to clean data is always added"
-        )
-    return np.concatenate([times, [0.0]])
-
-
-# --------------------------------------------------------------------------------------------
-# Per-grid quantities and step functions.
+# What every step function may use.
 # --------------------------------------------------------------------------------------------
 
 
@@ -180,6 +80,21 @@ class _Static:
     output_dtype: Any
 
 
+class _Run(NamedTuple):
+    """What a step function sees besides its carry and the grid values ``s`` of its step.
+
+    ``s`` holds ``t, alpha, sigma, logsnr`` at the step's start, the same with ``_next`` at its end
+    (sigma = 0 and logsnr = +inf at the final one), the method's ``flag`` and a PRNG ``key``.
+    """
+
+    evaluate: Callable[[jax.Array, jax.Array], jax.Array]  # (x, t) -> x0_hat in the state dtype
+    options: dict
+    stochastic: bool
+    num_steps: int
+    schedule: Any
+    dtype: Any
+
+
 def _grid_coefficients(schedule, times, dtype):
     """alpha, sigma, logSNR at every grid time; the last entry is clean data by definition."""
     t = jnp.asarray(times, dtype)
@@ -193,42 +108,323 @@ def _eps_hat(x, x0_hat, alpha, sigma):
     return (x - alpha * x0_hat) / sigma
 
 
-def _first_order_step(x0_hat, eps_hat, alpha_next, sigma_next, noise_fraction, noise):
-    """x_next = alpha' x0_hat + sigma' (sqrt(1 - u^2) eps_hat + u z).
-
-    With u = 0 this is Euler's method in (sigmabar, xbar) (EDM Algorithm 1 with s = alpha), i.e.
-    DDIM with eta = 0 (Song et al. 2021, Eq. 12): xbar' = xbar + (sigmabar' - sigmabar) eps_hat,
-    multiplied through by alpha'. With u > 0 a fraction u of the new noise is fresh (DDIM's eta,
-    DDPM's ancestral step, k-diffusion's Euler ancestral).
-    """
-    direction = eps_hat if noise is None else (
-        jnp.sqrt(1.0 - noise_fraction**2) * eps_hat + noise_fraction * noise
-    )
-    return alpha_next * x0_hat + sigma_next * direction
-
-
 def _fresh_noise_fraction(logsnr, logsnr_next):
     """sqrt(1 - sigmabar'^2 / sigmabar^2): the share of sigma' that the DDPM posterior
     q(x_s | x_t, x0) draws afresh (Ho et al. 2020, Eq. 7; equal to DDIM's eta = 1)."""
     return jnp.sqrt(-jnp.expm1(logsnr - logsnr_next))
 
 
-def _method_noise_fraction(method, options, logsnr, logsnr_next):
-    if method == "euler":
-        return None
-    fraction = _fresh_noise_fraction(logsnr, logsnr_next)
-    if method == "ddpm":
-        return fraction
-    if method == "ddim":
-        return options["eta"] * fraction
-    if method == "euler_ancestral":
-        # k-diffusion's sigma_up / sigma_next, capped at 1.
-        return jnp.minimum(options["eta"] * fraction, 1.0)
-    raise AssertionError(method)
+# --------------------------------------------------------------------------------------------
+# Step functions: step(run, carry, s) -> carry, with the state x at the step's end in carry[0].
+# --------------------------------------------------------------------------------------------
+
+
+def _first_order(run, carry, s, noise_fraction):
+    """x' = alpha' x0_hat + sigma' (sqrt(1 - u^2) eps_hat + u z), u = noise_fraction.
+
+    With u = 0 this is Euler's method in (sigmabar, xbar) (EDM Algorithm 1 with s = alpha), i.e.
+    DDIM with eta = 0 (Song et al. 2021, Eq. 12): xbar' = xbar + (sigmabar' - sigmabar) eps_hat,
+    multiplied through by alpha'. With u > 0 a fraction u of the new noise is fresh.
+    """
+    (x,) = carry
+    x0_hat = run.evaluate(x, s["t"])
+    direction = _eps_hat(x, x0_hat, s["alpha"], s["sigma"])
+    if run.stochastic:
+        z = run.options.get("s_noise", 1.0) * jax.random.normal(s["key"], x.shape, run.dtype)
+        direction = jnp.sqrt(1.0 - noise_fraction**2) * direction + noise_fraction * z
+    return (s["alpha_next"] * x0_hat + s["sigma_next"] * direction,)
+
+
+def _ddpm_step(run, carry, s):
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = x0_hat) (Ho et al. 2020,
+    Eq. 6-7): u = sqrt(1 - sigmabar'^2 / sigmabar^2) of the new noise is fresh."""
+    return _first_order(run, carry, s, _fresh_noise_fraction(s["logsnr"], s["logsnr_next"]))
+
+
+def _ddim_step(run, carry, s):
+    """DDIM (Song et al. 2021, Eq. 12) with sigma_t(eta) of Eq. 16: u = eta times DDPM's."""
+    eta = run.options["eta"]
+    return _first_order(run, carry, s, eta * _fresh_noise_fraction(s["logsnr"], s["logsnr_next"]))
+
+
+def _euler_step(run, carry, s):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
+    return _first_order(run, carry, s, None)
+
+
+def _euler_ancestral_step(run, carry, s):
+    """k-diffusion's Euler ancestral: an Euler step to sigma_down, then fresh noise sigma_up; in
+    these variables u = sigma_up / sigmabar' = min(eta * DDPM's fraction, 1)."""
+    fraction = run.options["eta"] * _fresh_noise_fraction(s["logsnr"], s["logsnr_next"])
+    return _first_order(run, carry, s, jnp.minimum(fraction, 1.0))
+
+
+def _churn(run, x, s, gamma_max):
+    """Raise the noise level to sigmahat = (1 + gamma) sigmabar with fresh noise (EDM Algorithm 2,
+    lines 4-6), clipped to the schedule's range. Returns (x_hat, t_hat, alpha_hat, sigma_hat)."""
+    s_min, s_max, s_noise = (run.options[k] for k in ("s_min", "s_max", "s_noise"))
+    sigmabar = jnp.exp(-0.5 * s["logsnr"])
+    active = jnp.isfinite(sigmabar) & (sigmabar >= s_min) & (sigmabar <= s_max)
+    gamma = jnp.where(active, gamma_max, 0.0)
+    t_hat = jnp.where(
+        active,
+        run.schedule.t_from_logsnr(s["logsnr"] - 2.0 * jnp.log1p(gamma)).astype(run.dtype),
+        s["t"],
+    )
+    alpha_hat = jnp.where(active, run.schedule.alpha(t_hat), s["alpha"])
+    sigma_hat = jnp.where(active, run.schedule.sigma(t_hat), s["sigma"])
+    z = jax.random.normal(s["key"], x.shape, run.dtype)
+    # xhat = alpha_hat (x / alpha + sqrt(sigmahat^2 - sigmabar^2) z): the noise term is
+    # sqrt(sigma_hat^2 - (alpha_hat sigmabar)^2), which needs no division by alpha_hat.
+    sigmabar_safe = jnp.where(active, sigmabar, 0.0)
+    extra = jnp.sqrt(jnp.maximum(sigma_hat**2 - (alpha_hat * sigmabar_safe) ** 2, 0.0))
+    alpha_safe = jnp.where(active, s["alpha"], 1.0)
+    x_hat = jnp.where(active, x * (alpha_hat / alpha_safe) + extra * s_noise * z, x)
+    return x_hat, t_hat, alpha_hat, sigma_hat
+
+
+def _heun_step(run, carry, s):
+    """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x: churn, an Euler
+    step, and where flagged the trapezoidal correction xbar' = xbar_hat + (sigmabar' - sigmahat)
+    (d + d') / 2 (line 8)."""
+    (x,) = carry
+    gamma_max = min(run.options["s_churn"] / run.num_steps, math.sqrt(2.0) - 1.0)
+    if gamma_max > 0:
+        x_hat, t_hat, alpha_hat, sigma_hat = _churn(run, x, s, gamma_max)
+    else:
+        x_hat, t_hat, alpha_hat, sigma_hat = x, s["t"], s["alpha"], s["sigma"]
+    x0_hat = run.evaluate(x_hat, t_hat)
+    eps_hat = _eps_hat(x_hat, x0_hat, alpha_hat, sigma_hat)
+    x_next = s["alpha_next"] * x0_hat + s["sigma_next"] * eps_hat  # Euler step
+
+    def correct(x_euler):
+        x0_next = run.evaluate(x_euler, s["t_next"])
+        eps_next = _eps_hat(x_euler, x0_next, s["alpha_next"], s["sigma_next"])
+        step_size = s["sigma_next"] - s["alpha_next"] * sigma_hat / alpha_hat  # times alpha'
+        return x_euler + 0.5 * step_size * (eps_next - eps_hat)
+
+    return (jax.lax.cond(s["flag"], correct, lambda v: v, x_next),)
+
+
+def _dpmpp_2m_update(x, x0_hat, x0_prev, h, h_prev, second, s):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), h = lambda' - lambda, lambda = logSNR / 2:
+    x' = (sigma' / sigma) x - alpha' (e^-h - 1) D, D = (1 + 1/(2r)) x0_hat - x0_prev / (2r),
+    r = h_prev / h; D = x0_hat (first order, DDIM) where ``second`` is off."""
+    r = jnp.where(second, h_prev / jnp.where(second, h, 1.0), 1.0)
+    x0_mix = jnp.where(second, (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev, x0_hat)
+    return s["sigma_next"] / s["sigma"] * x - s["alpha_next"] * jnp.expm1(-h) * x0_mix
+
+
+def _dpmpp_2m_step(run, carry, s):
+    """DPM-Solver++(2M): second order where flagged (see :func:`_multistep_orders`)."""
+    x, x0_prev, h_prev = carry
+    x0_hat = run.evaluate(x, s["t"])
+    h = 0.5 * (s["logsnr_next"] - s["logsnr"])
+    return _dpmpp_2m_update(x, x0_hat, x0_prev, h, h_prev, s["flag"] >= 2, s), x0_hat, h
+
+
+def _dpmpp_3m_step(run, carry, s):
+    """DPM-Solver++(3M), the third-order multistep update of Lu et al.'s DPM-Solver++ code (and of
+    diffusers' DPMSolverMultistepScheduler): with r0 = h_1 / h, r1 = h_2 / h,
+    D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 (D1_0 - D1_1) / (r0 + r1),
+    D2 = (D1_0 - D1_1) / (r0 + r1):
+    x' = (sigma' / sigma) x + alpha' (h phi_1 m0 + h phi_2 D1 + w h phi_3 D2), phi_k = phi_k(-h).
+    D2 estimates h^2 x0'' / 2, so integrating the quadratic exactly (Lu et al. 2022a, Eq. 3.4)
+    takes w = 2 (option ``d2_weight``): third order. The published w = 1, the default, makes the
+    method second order (docs/samplers.md). Order 2 (flagged) is the 2M update, order 1 DDIM."""
+    x, m1, m2, h1, h2 = carry  # x0_hat and h of the previous two steps
+    m0 = run.evaluate(x, s["t"])
+    h = 0.5 * (s["logsnr_next"] - s["logsnr"])
+
+    def third():
+        r0, r1 = h1 / h, h2 / h
+        d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        h_phi_1 = -jnp.expm1(-h)
+        h_phi_2 = 1.0 - h_phi_1 / h
+        h_phi_3 = 0.5 - h_phi_2 / h
+        return s["sigma_next"] / s["sigma"] * x + s["alpha_next"] * (
+            h_phi_1 * m0 + h_phi_2 * d1 + run.options["d2_weight"] * h_phi_3 * d2)
+
+    lower = [functools.partial(_dpmpp_2m_update, x, m0, m1, h, h1, second, s)
+             for second in (False, True)]
+    x_next = jax.lax.switch(s["flag"] - 1, lower + [third])
+    return x_next, m0, m1, h, h1
+
+
+def _phis(z, n):
+    """phi_1(z) .. phi_n(z), phi_k(z) = sum_j z^j / (j + k)!, by phi_{k+1} = (phi_k - 1/k!) / z;
+    for |z| < 1, where that recurrence loses digits, by the series."""
+    small = jnp.abs(z) < 1.0
+    z_small, z_big = jnp.where(small, z, 0.0), jnp.where(small, 1.0, z)
+    phi, out = jnp.expm1(z_big) / z_big, []
+    for k in range(1, n + 1):
+        series = functools.reduce(lambda acc, j: acc * z_small + 1.0 / math.factorial(j + k),
+                                  range(17, -1, -1), 0.0)
+        out.append(jnp.where(small, series, phi))
+        phi = (phi - 1.0 / math.factorial(k)) / z_big
+    return out
+
+
+def _unipc_update(x_s, m_s, lam_s, lam_t, earlier, m_t, sigma_s, sigma_t, alpha_t):
+    """One UniP (``m_t`` None) or UniC (``m_t`` the evaluation at t) update from s to t, data
+    prediction with B(h) = e^h - 1, "bh2" (Zhao et al. 2023, Sec. 3.1-3.2 and Appendix):
+    x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) (m_s + sum_k rho_k D_k), D_k =
+    (m_k - m_s) / r_k over the ``earlier`` (m_k, lambda_k), r_k = (lambda_k - lambda_s) / h, then
+    (UniC) r = 1, D = m_t - m_s. rho solves sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) / phi_1(-h),
+    j = 1..K; rho = 1/2 for K = 1 (Zhao et al.'s code, and diffusers)."""
+    h = lam_t - lam_s
+    rs = [(lam_k - lam_s) / h for _, lam_k in earlier]
+    ds = [(m_k - m_s) / r for (m_k, _), r in zip(earlier, rs)]
+    if m_t is not None:
+        rs, ds = rs + [jnp.ones_like(h)], ds + [m_t - m_s]
+    if len(rs) == 1:
+        rhos = [0.5]
+    elif rs:
+        phi = _phis(-h, len(rs) + 1)
+        b = jnp.stack([math.factorial(j) * phi[j] / phi[0] for j in range(1, len(rs) + 1)])
+        vandermonde = jnp.stack([jnp.stack(rs) ** j for j in range(len(rs))])
+        rhos = list(jnp.linalg.solve(vandermonde, b))
+    m_mix = m_s + sum(rho * d for rho, d in zip(rhos, ds)) if rs else m_s
+    return sigma_t / sigma_s * x_s - alpha_t * jnp.expm1(-h) * m_mix
+
+
+def _unipc_step(run, carry, s):
+    """UniPC-p (Zhao et al. 2023): UniC corrects the state just reached with the evaluation made
+    there (flag[1] = its order, 0: none), then UniP of order flag[0] takes the next step from the
+    corrected state. One evaluation per step: the corrector reuses the predictor's."""
+    x, x_prev, ms, lams, sigma_prev = carry  # previous corrected state, x0_hats, lambdas, sigma
+    m = run.evaluate(x, s["t"])
+    lam, lam_next = 0.5 * s["logsnr"], 0.5 * s["logsnr_next"]
+    k_max = len(ms)
+    unic = [lambda: x] + [
+        functools.partial(_unipc_update, x_prev, ms[0], lams[0], lam,
+                          list(zip(ms[1:k], lams[1:k])), m, sigma_prev, s["sigma"], s["alpha"])
+        for k in range(1, k_max + 1)]
+    x_corrected = jax.lax.switch(s["flag"][1], unic)
+    unip = [functools.partial(_unipc_update, x_corrected, m, lam, lam_next,
+                              list(zip(ms[:k - 1], lams[:k - 1])), None, s["sigma"],
+                              s["sigma_next"], s["alpha_next"])
+            for k in range(1, k_max + 1)]
+    x_next = jax.lax.switch(s["flag"][0] - 1, unip)
+    return x_next, x_corrected, (m,) + ms[:-1], (lam,) + lams[:-1], s["sigma"]
+
+
+def _unipc_init(x, options):
+    k = int(options["order"])
+    return x, x, (jnp.zeros_like(x),) * k, (jnp.zeros((), x.dtype),) * k, jnp.ones((), x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step flags, fixed by the grid (and options) before compiling.
+# --------------------------------------------------------------------------------------------
+
+
+def _multistep_orders(start_finite, max_order, tail=(1,)):
+    """The order of each step of a multistep method: 1 + the number of earlier evaluations it can
+    use (at the consecutive finite-log-SNR times just before it: a step from zero SNR is infinitely
+    long in log-SNR), capped at ``max_order``, and at ``tail`` for the last steps (the final step,
+    to sigma = 0, is first order)."""
+    usable = np.zeros(len(start_finite), dtype=np.int64)
+    for i in range(1, len(start_finite)):
+        usable[i] = usable[i - 1] + 1 if start_finite[i - 1] else 0
+    orders = np.minimum(1 + usable, max_order)
+    caps = np.asarray(tail[-len(orders):])
+    orders[len(orders) - len(caps):] = np.minimum(orders[len(orders) - len(caps):], caps)
+    return orders
+
+
+def _dpmpp_3m_orders(start_finite, options):
+    """Orders 1, 2, 3, 3, ..., 3, 1; with fewer than 15 steps the second-to-last is second order
+    (diffusers' lower_order_final)."""
+    return _multistep_orders(start_finite, 3, (2, 1) if len(start_finite) < 15 else (1,))
+
+
+def _unipc_flags(start_finite, options):
+    """[UniP order, UniC order] per step: UniP as diffusers' UniPCMultistepScheduler
+    (lower_order_final: min(order, steps left)); UniC of the previous step's order from step 1 on,
+    except after a step from zero SNR."""
+    predictor = _multistep_orders(start_finite, int(options["order"]), (2, 1))
+    corrector = np.concatenate([[0], np.where(start_finite[:-1], predictor[:-1], 0)])
+    return np.stack([predictor, corrector], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Method:
+    """One sampler, all the frame needs to know about it.
+
+    name: what ``sample(method=...)`` takes.
+    step: ``step(run, carry, s) -> carry``, one step of the grid; ``carry[0]`` is the state.
+    summary: one line, with its paper.
+    options: the option names and their defaults (numbers).
+    checks: (predicate(options), message) pairs; the message is formatted with the options.
+    is_stochastic: whether these options draw noise (and so need a key).
+    step_flags: ``step_flags(start_finite, options)``, with ``start_finite[i]`` whether step i
+        starts at a finite log-SNR: the per-step ``s["flag"]`` (leading axis: the N steps).
+    evaluations: denoiser evaluations per sample, given the flags.
+    init: ``init(x_init, options) -> carry`` before the first step.
+    """
+
+    name: str
+    step: Callable[..., tuple]
+    summary: str
+    options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    checks: tuple = ()
+    is_stochastic: Callable[[dict], bool] = lambda options: False
+    step_flags: Callable[[np.ndarray, dict], np.ndarray] = (
+        lambda start_finite, options: np.zeros(len(start_finite), dtype=bool))
+    evaluations: Callable[[np.ndarray], int] = len
+    init: Callable[[jax.Array, dict], tuple] = lambda x, options: (x,)
+
+
+METHODS_TABLE = {m.name: m for m in [
+    Method("ddpm", _ddpm_step, "ancestral sampling of the DDPM posterior (Ho et al. 2020)",
+           is_stochastic=lambda o: True),
+    Method("ddim", _ddim_step, "DDIM (Song et al. 2021); eta = 0 is deterministic",
+           {"eta": 0.0}, ((lambda o: 0.0 <= o["eta"] <= 1.0, "ddim eta must be in [0, 1], got "
+                           "{eta}"),), is_stochastic=lambda o: o["eta"] > 0),
+    Method("euler", _euler_step, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+    Method("euler_ancestral", _euler_ancestral_step, "k-diffusion's Euler ancestral",
+           {"eta": 1.0, "s_noise": 1.0},
+           ((lambda o: o["eta"] >= 0, "euler_ancestral eta must be >= 0, got {eta}"),),
+           is_stochastic=lambda o: o["eta"] > 0),
+    Method("heun", _heun_step, "EDM's Algorithm 2, Heun with optional churn (Karras et al. 2022)",
+           {"s_churn": 0.0, "s_min": 0.0, "s_max": float("inf"), "s_noise": 1.0},
+           ((lambda o: o["s_churn"] >= 0, "heun s_churn must be >= 0, got {s_churn}"),
+            (lambda o: o["s_min"] <= o["s_max"], "heun needs s_min <= s_max")),
+           is_stochastic=lambda o: o["s_churn"] > 0,
+           step_flags=lambda finite, o: finite & (np.arange(len(finite)) < len(finite) - 1),
+           evaluations=lambda flags: len(flags) + int(np.sum(flags))),
+    Method("dpmpp_2m", _dpmpp_2m_step, "DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2)",
+           step_flags=lambda finite, o: _multistep_orders(finite, 2),
+           init=lambda x, o: (x, jnp.zeros_like(x), jnp.ones((), x.dtype))),
+    Method("dpmpp_3m", _dpmpp_3m_step, "DPM-Solver++(3M), Lu et al.'s third-order multistep",
+           {"d2_weight": 1.0}, ((lambda o: o["d2_weight"] in (1, 2),
+                                 "dpmpp_3m d2_weight must be 1 or 2, got {d2_weight:g}"),),
+           step_flags=_dpmpp_3m_orders,
+           init=lambda x, o: (x,) + (jnp.zeros_like(x),) * 2 + (jnp.ones((), x.dtype),) * 2),
+    Method("unipc", _unipc_step, "UniPC-p, B(h) = e^h - 1, data prediction (Zhao et al. 2023)",
+           {"order": 2.0}, ((lambda o: o["order"] in (2, 3), "unipc order must be 2 or 3, got "
+                             "{order:g}"),),
+           step_flags=_unipc_flags, init=_unipc_init),
+]}
+METHODS = tuple(METHODS_TABLE)
+
+
+# --------------------------------------------------------------------------------------------
+# The frame.
+# --------------------------------------------------------------------------------------------
 
 
 def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
-    schedule, method = static.schedule, static.method
+    """The frame every method shares: the grid's coefficients, then one lax.scan of its step."""
+    method, schedule = METHODS_TABLE[static.method], static.schedule
     options = dict(static.options)
     denoise_fn = static.denoise_fn or dynamic_denoise_fn
     # The state and the grid coefficients stay in at least float32 even for bfloat16 noise.
@@ -237,7 +433,6 @@ def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
     times, flags = grid_arrays
     num_steps = times.shape[0] - 1
     t, alpha, sigma, logsnr = _grid_coefficients(schedule, times, dtype)
-
     x_init = noise * jnp.sqrt(alpha[0] ** 2 + sigma[0] ** 2)
     batch = noise.shape[0]
 
@@ -251,177 +446,76 @@ def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
         return x0_hat.astype(dtype)
 
     keys = jax.random.split(key, num_steps) if key is not None else jnp.zeros((num_steps,))
-    per_step = {
-        "t": t[:-1],
-        "t_next": t[1:],
-        "alpha": alpha[:-1],
-        "alpha_next": alpha[1:],
-        "sigma": sigma[:-1],
-        "sigma_next": sigma[1:],
-        "logsnr": logsnr[:-1],
-        "logsnr_next": logsnr[1:],
-        "flag": flags,
-        "key": keys,
-    }
+    per_step = {"flag": flags, "key": keys}
+    for name, values in (("t", t), ("alpha", alpha), ("sigma", sigma), ("logsnr", logsnr)):
+        per_step[name], per_step[name + "_next"] = values[:-1], values[1:]
+    run = _Run(evaluate, options, method.is_stochastic(options), num_steps, schedule, dtype)
 
-    if method in ("ddpm", "ddim", "euler", "euler_ancestral"):
-        stochastic = _is_stochastic(method, options)
-        scale = options.get("s_noise", 1.0)
+    def body(carry, s):
+        carry = method.step(run, carry, s)
+        return carry, carry[0]
 
-        def step(carry, s):
-            x = carry
-            x0_hat = evaluate(x, s["t"])
-            eps_hat = _eps_hat(x, x0_hat, s["alpha"], s["sigma"])
-            noise_step = None
-            fraction = None
-            if stochastic:
-                noise_step = scale * jax.random.normal(s["key"], x.shape, dtype)
-                fraction = _method_noise_fraction(method, options, s["logsnr"], s["logsnr_next"])
-            x_next = _first_order_step(
-                x0_hat, eps_hat, s["alpha_next"], s["sigma_next"], fraction, noise_step
-            )
-            return x_next, x_next
-
-        carry = x_init
-
-    elif method == "heun":
-        s_churn, s_min, s_max = options["s_churn"], options["s_min"], options["s_max"]
-        s_noise = options["s_noise"]
-        gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
-
-        def churn(x, s):
-            """Raise the noise level to sigmahat = (1 + gamma) sigmabar by adding fresh noise
-            (EDM Algorithm 2, lines 4-6), clipped to the schedule's range. Returns
-            (x_hat, t_hat, alpha_hat, sigma_hat)."""
-            sigmabar = jnp.exp(-0.5 * s["logsnr"])
-            active = jnp.isfinite(sigmabar) & (sigmabar >= s_min) & (sigmabar <= s_max)
-            gamma = jnp.where(active, gamma_max, 0.0)
-            t_hat = jnp.where(
-                active,
-                schedule.t_from_logsnr(s["logsnr"] - 2.0 * jnp.log1p(gamma)).astype(dtype),
-                s["t"],
-            )
-            alpha_hat = jnp.where(active, schedule.alpha(t_hat), s["alpha"])
-            sigma_hat = jnp.where(active, schedule.sigma(t_hat), s["sigma"])
-            z = jax.random.normal(s["key"], x.shape, dtype)
-            # xhat = alpha_hat (x / alpha + sqrt(sigmahat^2 - sigmabar^2) z): the noise term is
-            # sqrt(sigma_hat^2 - (alpha_hat sigmabar)^2), which needs no division by alpha_hat.
-            sigmabar_safe = jnp.where(active, sigmabar, 0.0)
-            extra = jnp.sqrt(jnp.maximum(sigma_hat**2 - (alpha_hat * sigmabar_safe) ** 2, 0.0))
-            alpha_safe = jnp.where(active, s["alpha"], 1.0)
-            x_hat = jnp.where(active, x * (alpha_hat / alpha_safe) + extra * s_noise * z, x)
-            return x_hat, t_hat, alpha_hat, sigma_hat
-
-        def step(carry, s):
-            """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x."""
-            x = carry
-            if gamma_max > 0:
-                x_hat, t_hat, alpha_hat, sigma_hat = churn(x, s)
-            else:
-                x_hat, t_hat, alpha_hat, sigma_hat = x, s["t"], s["alpha"], s["sigma"]
-            x0_hat = evaluate(x_hat, t_hat)
-            eps_hat = _eps_hat(x_hat, x0_hat, alpha_hat, sigma_hat)
-            x_next = s["alpha_next"] * x0_hat + s["sigma_next"] * eps_hat  # Euler step
-
-            def correct(x_euler):
-                x0_next = evaluate(x_euler, s["t_next"])
-                eps_next = _eps_hat(x_euler, x0_next, s["alpha_next"], s["sigma_next"])
-                # xbar' = xbar_hat + (sigmabar' - sigmahat) (d + d') / 2, times alpha'.
-                step_size = s["sigma_next"] - s["alpha_next"] * sigma_hat / alpha_hat
-                return x_euler + 0.5 * step_size * (eps_next - eps_hat)
-
-            x_next = jax.lax.cond(s["flag"], correct, lambda v: v, x_next)
-            return x_next, x_next
-
-        carry = x_init
-
-    elif method == "dpmpp_2m":
-
-        def step(carry, s):
-            """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), lambda = logSNR / 2."""
-            x, x0_prev, h_prev = carry
-            x0_hat = evaluate(x, s["t"])
-            h = 0.5 * (s["logsnr_next"] - s["logsnr"])
-            # Second order where flagged: not the first step, not the final step to sigma = 0,
-            # and the previous step had a finite size (it did not start at zero SNR).
-            r = jnp.where(s["flag"], h_prev / jnp.where(s["flag"], h, 1.0), 1.0)
-            x0_mix = jnp.where(
-                s["flag"], (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev, x0_hat
-            )
-            ratio = s["sigma_next"] / s["sigma"]
-            x_next = ratio * x - s["alpha_next"] * jnp.expm1(-h) * x0_mix
-            return (x_next, x0_hat, h), x_next
-
-        carry = (x_init, jnp.zeros_like(x_init), jnp.asarray(1.0, dtype))
-    else:  # pragma: no cover - validated in sample()
-        raise AssertionError(method)
-
-    final, path = jax.lax.scan(step, carry, per_step)
-    samples = final[0] if isinstance(final, tuple) else final
+    final, path = jax.lax.scan(body, method.init(x_init, options), per_step)
     out_dtype = static.output_dtype
     trajectory = None
     if static.return_trajectory:
         trajectory = jnp.concatenate([x_init[None], path], axis=0).astype(out_dtype)
-    return samples.astype(out_dtype), trajectory
+    return final[0].astype(out_dtype), trajectory
 
 
 _sample_jit = jax.jit(_sample_impl, static_argnums=0)
 
 
-def _step_flags(method, times, schedule):
-    """Per-step booleans fixed by the grid: Heun's correction step, DPM-Solver++'s second order."""
-    with jax.ensure_compile_time_eval():
-        logsnr = np.asarray(schedule.logsnr(jnp.asarray(times[:-1])), dtype=np.float64)
-    start_finite = np.isfinite(logsnr)
-    to_clean = np.zeros(len(times) - 1, dtype=bool)
-    to_clean[-1] = True
-    if method == "heun":
-        return start_finite & ~to_clean
-    if method == "dpmpp_2m":
-        previous_finite = np.concatenate([[False], start_finite[:-1]])
-        return previous_finite & ~to_clean
-    return np.zeros(len(times) - 1, dtype=bool)
-
-
-def number_of_evaluations(method, times, schedule) -> int:
-    """Denoiser evaluations per sample for ``method`` on the grid ``times``."""
-    num_steps = len(times) - 1
-    if method == "heun":
-        return num_steps + int(_step_flags(method, times, schedule).sum())
-    return num_steps
-
-
-def _validated_options(method, options):
-    if method not in _OPTIONS:
+def _method_and_options(method, options):
+    """The record of ``method`` and its options merged over the defaults, checked."""
+    if method not in METHODS_TABLE:
         raise ValueError(f"unknown sampler method {method!r}; choose one of {METHODS}")
-    allowed = _OPTIONS[method]
-    unknown = sorted(set(options) - set(allowed))
+    record = METHODS_TABLE[method]
+    unknown = sorted(set(options) - set(record.options))
     if unknown:
         raise ValueError(
             f"sampler {method!r} got unknown option(s) {unknown}; it accepts "
-            f"{sorted(allowed) if allowed else 'no options'}"
+            f"{sorted(record.options) if record.options else 'no options'}"
         )
-    merged = {**allowed, **{k: float(v) for k, v in options.items()}}
-    if method == "ddim" and not 0.0 <= merged["eta"] <= 1.0:
-        raise ValueError(f"ddim eta must be in [0, 1], got {merged['eta']}")
-    if method == "euler_ancestral" and merged["eta"] < 0:
-        raise ValueError(f"euler_ancestral eta must be >= 0, got {merged['eta']}")
-    if method == "heun":
-        if merged["s_churn"] < 0:
-            raise ValueError(f"heun s_churn must be >= 0, got {merged['s_churn']}")
-        if merged["s_min"] > merged["s_max"]:
-            raise ValueError("heun needs s_min <= s_max")
-    return merged
+    merged = {**record.options, **{k: float(v) for k, v in options.items()}}
+    for predicate, message in record.checks:
+        if not predicate(merged):
+            raise ValueError(message.format(**merged))
+    return record, merged
 
 
-def _is_stochastic(method, options):
-    if method in ("ddpm", "euler_ancestral"):
-        return options["eta"] > 0 if method == "euler_ancestral" else True
-    if method == "ddim":
-        return options["eta"] > 0
-    if method == "heun":
-        return options["s_churn"] > 0
-    return False
+def _step_flags(record, options, times, schedule):
+    with jax.ensure_compile_time_eval():
+        logsnr = np.asarray(schedule.logsnr(jnp.asarray(times[:-1])), dtype=np.float64)
+    return np.asarray(record.step_flags(np.isfinite(logsnr), options))
+
+
+def _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap):
+    """The grid of :func:`sample`: ``time_grid`` with the final step appended, or a named grid."""
+    if time_grid is None:
+        if num_steps is None:
+            raise ValueError("give num_steps (or an explicit time_grid)")
+        return time_grids.time_grid(schedule, num_steps, grid, t_min=t_min, t_max=t_max, rho=rho,
+                                     snap=snap)
+    ignored = {"grid": grid != "uniform", "t_min": t_min is not None,
+               "t_max": t_max is not None, "rho": rho != 7.0, "snap": snap is not None}
+    if any(ignored.values()):
+        raise ValueError(
+            f"time_grid fixes the times; do not also pass {[k for k, v in ignored.items() if v]}"
+        )
+    times = time_grids.finish_grid(schedule, time_grid, "time_grid")
+    if num_steps is not None and num_steps != len(times) - 1:
+        raise ValueError(
+            f"num_steps={num_steps} disagrees with the {len(times) - 1} steps of time_grid"
+        )
+    return times
+
+
+def number_of_evaluations(method, times, schedule, **options) -> int:
+    """Denoiser evaluations per sample for ``method`` (with ``options``) on the grid ``times``."""
+    record, merged = _method_and_options(method, options)
+    schedule = schedules_lib.get(schedule)
+    return record.evaluations(_step_flags(record, merged, times, schedule))
 
 
 def sample(
@@ -454,16 +548,8 @@ def sample(
         (by sqrt(alpha(t_max)^2 + sigma(t_max)^2)). The samples come back in its dtype; the
         sampler's own arithmetic runs in float32 at least (float64 when the noise is float64).
       schedule: a :class:`~diffusion_jax.schedules.Schedule` or a schedule name.
-      method: one of :data:`METHODS`:
-        ``ddpm`` ancestral sampling from the DDPM posterior (Ho et al. 2020);
-        ``ddim`` (option ``eta`` in [0, 1], default 0; Song et al. 2021);
-        ``euler`` Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1);
-        ``euler_ancestral`` (options ``eta`` = 1, ``s_noise`` = 1);
-        ``heun`` EDM's Algorithm 2 (options ``s_churn`` = 0, ``s_min`` = 0, ``s_max`` = inf,
-        ``s_noise`` = 1; the thresholds compare with sigmabar = sigma / alpha; the raised noise
-        level is capped at the schedule's largest, so a step that starts at t = 1 gets no churn,
-        where EDM's code would evaluate the network above sigma_max);
-        ``dpmpp_2m`` DPM-Solver++(2M) (Lu et al. 2022b).
+      method: one of :data:`METHODS`; its options are keyword arguments (names, defaults and
+        papers: :data:`METHODS_TABLE` and ``docs/samplers.md``).
       num_steps: number of steps N (the final step to clean data included).
       key: PRNG key; required by stochastic settings.
       grid: one of :data:`GRIDS`, see :func:`time_grid`; ``t_min``, ``t_max``, ``rho`` and ``snap``
@@ -476,37 +562,19 @@ def sample(
       A :class:`SampleResult` (samples, nfe, times, trajectory).
     """
     schedule = schedules_lib.get(schedule)
-    merged = _validated_options(method, options)
+    record, merged = _method_and_options(method, options)
     noise = jnp.asarray(noise)
     if noise.ndim < 1 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(
             f"noise must be a floating-point array of shape [batch, ...], got {noise.dtype} "
             f"of shape {noise.shape}"
         )
-    if time_grid is not None:
-        ignored = {"grid": grid != "uniform", "t_min": t_min is not None,
-                   "t_max": t_max is not None, "rho": rho != 7.0, "snap": snap is not None}
-        if any(ignored.values()):
-            raise ValueError(
-                f"time_grid fixes the times; do not also pass {[k for k, v in ignored.items() if v]}"
-            )
-        times = _finish_grid(schedule, time_grid, "time_grid")
-        if num_steps is not None and num_steps != len(times) - 1:
-            raise ValueError(
-                f"num_steps={num_steps} disagrees with the {len(times) - 1} steps of time_grid"
-            )
-    else:
-        if num_steps is None:
-            raise ValueError("give num_steps (or an explicit time_grid)")
-        times = _make_time_grid(
-            schedule, num_steps, grid, t_min=t_min, t_max=t_max, rho=rho, snap=snap
-        )
-    if _is_stochastic(method, merged) and key is None:
-        raise ValueError(f"sampler {method!r} with options {merged} is stochastic: pass key=")
-    if not _is_stochastic(method, merged):
+    times = _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap)
+    if not record.is_stochastic(merged):
         key = None
-
-    flags = _step_flags(method, times, schedule)
+    elif key is None:
+        raise ValueError(f"sampler {method!r} with options {merged} is stochastic: pass key=")
+    flags = _step_flags(record, merged, times, schedule)
     # A jax.tree_util.Partial travels as data (its leaves, e.g. parameters, are jit arguments),
     # so new parameters reuse the compiled program; any other callable is part of the program.
     dynamic_fn = denoise_fn if isinstance(denoise_fn, jax.tree_util.Partial) else None
@@ -522,12 +590,5 @@ def sample(
     samples, trajectory = _sample_jit(
         static, dynamic_fn, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags))
     )
-    return SampleResult(
-        samples=samples,
-        nfe=number_of_evaluations(method, times, schedule),
-        times=times,
-        trajectory=trajectory,
-    )
+    return SampleResult(samples, record.evaluations(flags), times, trajectory)
 
-
-time_grid = _make_time_grid

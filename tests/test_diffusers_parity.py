@@ -1,10 +1,11 @@
 """Float64 parity of our deterministic samplers with the reference schedulers in diffusers.
 
 On the DDPM-linear schedule (betas = linspace(1e-4, 0.02, 1000)) our ``ddim``, ``dpmpp_2m``,
-``euler`` and ``heun`` samplers must reproduce, state by state, the trajectories of diffusers'
-``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M), ``EulerDiscreteScheduler`` and
-``HeunDiscreteScheduler`` when both are driven by the same noise-prediction function at the same
-timesteps and start from the same noise.
+``dpmpp_3m``, ``euler``, ``heun`` and ``unipc`` samplers must reproduce, state by state, the
+trajectories of diffusers' ``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M and,
+with ``solver_order=3``, 3M), ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler`` and
+``UniPCMultistepScheduler`` (bh2, ``solver_order`` 2 and 3) when both are driven by the same
+noise-prediction function at the same timesteps and start from the same noise.
 
 Conventions (see ``diffusion_jax.schedules.DiscreteVP``): diffusers' integer timestep ``k`` is our
 time ``t = (k + 1) / 1000``, whose alpha-bar is diffusers' ``alphas_cumprod[k]``. Our samplers keep
@@ -29,7 +30,9 @@ Tolerance: every state of our trajectory must match diffusers' to ``RTOL = 1e-10
 state's largest entry. Both sides compute the same update formulas in float64 (unit round-off
 1.1e-16), written differently (ratios of alpha and sigma and ``expm1`` on our side, sigmabar and
 ``exp(-h) - 1`` in diffusers) and, for Euler/Heun, with states scaled by up to sigmabar ~ 157 in
-diffusers. Over 10-19 model calls the observed errors are at most ~3e-15, so 1e-10 leaves a wide
+diffusers. Over 10-19 model calls the observed errors are at most ~3e-15 (DPM-Solver++(3M) and
+UniPC, whose weights we compute with a series for phi_k at small steps where diffusers uses a
+recurrence: at most 8.6e-16), so 1e-10 leaves a wide
 margin for round-off (other BLAS / platforms) while staying many orders of magnitude below any real
 algorithmic difference: a first-order step in place of a second-order one changes the states by
 ~1e-1, an off-by-one timestep by ~1e-2, and even diffusers' own float32 state cast (left in place)
@@ -39,6 +42,7 @@ perturbation of the model on our side alone breaks the agreement.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -123,7 +127,7 @@ _DENOISE_FN = _make_denoise_fn()
 _PERTURBED_DENOISE_FN = _make_denoise_fn(1e-7)
 
 
-def _run_ours(method, network_timesteps, denoise_fn=_DENOISE_FN):
+def _run_ours(method, network_timesteps, denoise_fn=_DENOISE_FN, **options):
     """Our sampler on time_grid = (k + 1) / 1000; returns (trajectory [N+1, B, D] float64, nfe)."""
     time_grid = (np.asarray(network_timesteps, dtype=np.float64) + 1.0) / NUM_TRAIN_TIMESTEPS
     with jax.enable_x64(True):
@@ -134,6 +138,7 @@ def _run_ours(method, network_timesteps, denoise_fn=_DENOISE_FN):
             method=method,
             time_grid=time_grid,
             return_trajectory=True,
+            **options,
         )
         trajectory = np.asarray(result.trajectory)
     assert trajectory.dtype == np.float64
@@ -281,30 +286,97 @@ def _run_diffusers_dpmpp_2m(monkeypatch, spacing, eps_fn):
 
     # Record which update each step used: first order for the first and the last (to sigma = 0)
     # step, second order in between, as our dpmpp_2m does.
+    orders = _record_dpm_solver_orders(scheduler)
+    states = _step_dpm_solver(scheduler, eps_fn)
+    assert orders == [1] + [2] * (NUM_STEPS - 2) + [1]
+    return timesteps, states
+
+
+def _record_dpm_solver_orders(scheduler):
+    """Make the scheduler append the order of each update it takes to the returned list."""
     orders = []
-    first_order, second_order = (
-        scheduler.dpm_solver_first_order_update,
-        scheduler.multistep_dpm_solver_second_order_update,
-    )
+    names = ["dpm_solver_first_order_update", "multistep_dpm_solver_second_order_update",
+             "multistep_dpm_solver_third_order_update"]
+    for order, name in enumerate(names, start=1):
+        def recording(*args, _order=order, _update=getattr(scheduler, name), **kwargs):
+            orders.append(_order)
+            return _update(*args, **kwargs)
 
-    def first(*args, **kwargs):
-        orders.append(1)
-        return first_order(*args, **kwargs)
+        setattr(scheduler, name, recording)
+    return orders
 
-    def second(*args, **kwargs):
-        orders.append(2)
-        return second_order(*args, **kwargs)
 
-    scheduler.dpm_solver_first_order_update = first
-    scheduler.multistep_dpm_solver_second_order_update = second
-
+def _step_dpm_solver(scheduler, eps_fn):
     x = torch.from_numpy(_NOISE.copy()) * scheduler.init_noise_sigma  # = 1
     states = [x]
     for timestep in scheduler.timesteps:
         x = scheduler.step(eps_fn(x, timestep), timestep, x).prev_sample
         assert x.dtype == torch.float64
         states.append(x)
-    assert orders == [1] + [2] * (NUM_STEPS - 2) + [1]
+    return states
+
+
+def _run_diffusers_dpmpp_3m(monkeypatch, spacing, eps_fn, num_steps=NUM_STEPS):
+    scheduler = _float64_scheduler(
+        monkeypatch,
+        diffusers.DPMSolverMultistepScheduler,
+        algorithm_type="dpmsolver++",
+        solver_order=3,
+        solver_type="midpoint",
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        timestep_spacing=spacing,
+        prediction_type="epsilon",
+    )
+    scheduler.set_timesteps(num_steps)
+    timesteps = _integer_timesteps(scheduler.timesteps)
+    _check_sigma_table(scheduler, timesteps)
+    orders = _record_dpm_solver_orders(scheduler)
+    states = _step_dpm_solver(scheduler, eps_fn)
+    # Warm-up 1, 2; third order; the final step (to sigma = 0) first order, and with fewer than 15
+    # steps (lower_order_final) the one before it second order.
+    tail = [2, 1] if num_steps < 15 else [1]
+    assert orders == [1, 2] + [3] * (num_steps - 2 - len(tail)) + tail
+    return timesteps, states
+
+
+def _run_diffusers_unipc(monkeypatch, spacing, eps_fn, order):
+    scheduler = _float64_scheduler(
+        monkeypatch,
+        diffusers.UniPCMultistepScheduler,
+        solver_order=order,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        disable_corrector=[],
+        final_sigmas_type="zero",
+        timestep_spacing=spacing,
+        prediction_type="epsilon",
+    )
+    scheduler.set_timesteps(NUM_STEPS)
+    timesteps = _integer_timesteps(scheduler.timesteps)
+    _check_sigma_table(scheduler, timesteps)
+    corrector_orders = []
+    corrector = scheduler.multistep_uni_c_bh_update
+
+    def recording_corrector(*args, **kwargs):
+        corrector_orders.append(kwargs["order"])
+        return corrector(*args, **kwargs)
+
+    scheduler.multistep_uni_c_bh_update = recording_corrector
+    # diffusers' states are the predictor's outputs, where the model is evaluated; UniC's
+    # corrected states only enter the next predictor step. Our trajectory records the same.
+    x = torch.from_numpy(_NOISE.copy()) * scheduler.init_noise_sigma  # = 1
+    states, predictor_orders = [x], []
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(eps_fn(x, timestep), timestep, x).prev_sample
+        assert x.dtype == torch.float64
+        states.append(x)
+        predictor_orders.append(scheduler.this_order)
+    # Warm-up, then `order`, lowered for the last steps: min(order, i + 1, steps left); UniC at
+    # every step after the first, of the order of the step it corrects.
+    expected = [min(order, i + 1, NUM_STEPS - i) for i in range(NUM_STEPS)]
+    assert predictor_orders == expected and corrector_orders == expected[:-1]
     return timesteps, states
 
 
@@ -368,17 +440,23 @@ def _run_diffusers_heun(monkeypatch, spacing, eps_fn):
 _DRIVERS = {
     "ddim": _run_diffusers_ddim,
     "dpmpp_2m": _run_diffusers_dpmpp_2m,
+    "dpmpp_3m": _run_diffusers_dpmpp_3m,
     "euler": _run_diffusers_euler,
     "heun": _run_diffusers_heun,
+    "unipc_order_2": functools.partial(_run_diffusers_unipc, order=2),
+    "unipc_order_3": functools.partial(_run_diffusers_unipc, order=3),
 }
+# Our method and options for each driver whose name is not simply our method's.
+_OURS = {"unipc_order_2": ("unipc", {"order": 2}), "unipc_order_3": ("unipc", {"order": 3})}
 
 
-def _check_parity(monkeypatch, method, spacing):
+def _check_parity(monkeypatch, case, spacing, **driver_options):
     eps_fn = _CountingTorchEps()
-    timesteps, states = _DRIVERS[method](monkeypatch, spacing, eps_fn)
-    ours, nfe = _run_ours(method, timesteps)
+    timesteps, states = _DRIVERS[case](monkeypatch, spacing, eps_fn, **driver_options)
+    method, options = _OURS.get(case, (case, {}))
+    ours, nfe = _run_ours(method, timesteps, **options)
     assert nfe == eps_fn.calls
-    what = f"{method} ({spacing} spacing, k={timesteps.tolist()})"
+    what = f"{case} ({spacing} spacing, k={timesteps.tolist()})"
     return _assert_trajectories_match(ours, states, what)
 
 
@@ -422,12 +500,34 @@ def test_heun_matches_diffusers_heun_discrete(monkeypatch, spacing):
     _check_parity(monkeypatch, "heun", spacing)
 
 
+@pytest.mark.parametrize("spacing,num_steps", [("linspace", 10), ("leading", 10), ("trailing", 10),
+                                               ("trailing", 16)])
+def test_dpmpp_3m_matches_diffusers_dpm_solver_multistep_order_3(monkeypatch, spacing, num_steps):
+    """Our 'dpmpp_3m' (default d2_weight = 1) reproduces diffusers' DPMSolverMultistepScheduler
+    (algorithm_type="dpmsolver++", solver_order=3, lower_order_final, final sigma 0) state by
+    state in float64: orders 1, 2, then 3, with the last step first order and, below 15 steps,
+    the one before it second order (16 steps: third order up to the last). Worst relative state
+    error observed: 8.6e-16."""
+    _check_parity(monkeypatch, "dpmpp_3m", spacing, num_steps=num_steps)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_matches_diffusers_unipc_multistep(monkeypatch, spacing, order):
+    """Our 'unipc' reproduces diffusers' UniPCMultistepScheduler (bh2, predict_x0, solver_order =
+    order, lower_order_final, no disabled corrector, final sigma 0) state by state in float64: the
+    predictor's states, UniC applied at every step after the first, one model call per step.
+    Worst relative state error observed: 7.0e-16."""
+    _check_parity(monkeypatch, f"unipc_order_{order}", spacing)
+
+
 @pytest.mark.parametrize("method", sorted(_DRIVERS))
 def test_parity_check_detects_a_perturbed_model(monkeypatch, method):
     """The comparison has teeth: scaling our model's eps by (1 + 1e-7), on our side only, moves our
     trajectory away from diffusers' by far more than RTOL."""
     eps_fn = _CountingTorchEps()
     timesteps, states = _DRIVERS[method](monkeypatch, "trailing", eps_fn)
-    ours, _ = _run_ours(method, timesteps, denoise_fn=_PERTURBED_DENOISE_FN)
+    ours_method, options = _OURS.get(method, (method, {}))
+    ours, _ = _run_ours(ours_method, timesteps, denoise_fn=_PERTURBED_DENOISE_FN, **options)
     with pytest.raises(AssertionError, match="states differ"):
         _assert_trajectories_match(ours, states, f"{method} with a perturbed model")
