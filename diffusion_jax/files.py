@@ -14,7 +14,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-__all__ = ["to_uint8", "quantize", "make_grid", "save_grid", "save_arrays", "save_json", "atomic_write"]
+__all__ = ["to_uint8", "quantize", "make_grid", "save_grid", "save_arrays", "save_json",
+           "atomic_write"]
 
 
 def to_uint8(images):

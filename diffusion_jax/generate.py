@@ -142,7 +142,8 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
             labels = sampling_labels(config, num_classes, num)
             cond = labels if labels is None else {"label": labels}
             uncond = None if labels is None else {"label": jnp.full_like(labels, num_classes)}
-        params = cast_params_once(sampling_network(model), params, (1,) + tuple(example_shape), cond)
+        params = cast_params_once(sampling_network(model), params, (1,) + tuple(example_shape),
+                                  cond)
         denoise = parameterization.make_denoise_fn(
             jax.tree_util.Partial(sampling_network(model), params), schedule, par)
         if cond is None:

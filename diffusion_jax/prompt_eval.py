@@ -227,7 +227,8 @@ def load_attribute_classifier(config, workdir: str):
     """Load the judge trained with ``--mode=train_classifier`` for this run's data.
 
     Returns ``(classify(images) -> {attribute: predicted class [n]}, summary)``."""
-    directory, summary = classifier_store.read_classifier_summary(config, workdir, "attribute classifier")
+    directory, summary = classifier_store.read_classifier_summary(config, workdir,
+                                                                  "attribute classifier")
     if summary.get("kind") != "attributes":
         raise classifier_store.EvaluationError(
             f"the classifier in {directory} is not an attribute classifier for captioned data "

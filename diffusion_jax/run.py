@@ -26,7 +26,8 @@ def build(config):
     if not config.data.class_conditional:
         num_classes = None
     model = configuration.build_denoiser(config, example_shape, num_classes)
-    return source, model, tuple(example_shape), num_classes, optimizer_lib.optimizer_from_config(config)
+    optimizer = optimizer_lib.optimizer_from_config(config)
+    return source, model, tuple(example_shape), num_classes, optimizer
 
 
 def build_mesh(config):
@@ -106,8 +107,10 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
             raise ckpt_lib.CheckpointError(
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`python main.py --config=... --workdir={workdir}`")
-        abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes, config.seed)
-        state = checkpoints.restore(train_state.with_shardings(abstract, sampling_mesh(config)), step=step)
+        abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
+                                                    config.seed)
+        state = checkpoints.restore(train_state.with_shardings(abstract, sampling_mesh(config)),
+                                    step=step)
     finally:
         checkpoints.close()
     return state, model, example_shape, num_classes

@@ -158,7 +158,8 @@ def make_loss_from_config(config, model, num_classes):
     if label_dropout:
         prepares.append(conditioning.drop_labels(num_classes, label_dropout))
     if config.data.name == "captions" and config.diffusion.caption_dropout:
-        prepares.append(conditioning.drop_captions(config.diffusion.caption_dropout, config.text.max_length))
+        prepares.append(conditioning.drop_captions(config.diffusion.caption_dropout,
+                                                   config.text.max_length))
 
     def prepare(batch, key):
         for i, fn in enumerate(prepares):

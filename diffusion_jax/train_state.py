@@ -29,7 +29,8 @@ class TrainState:
     rng: jax.Array
 
 
-def create_train_state(model, optimizer, example_x, key, *, with_labels: bool = False) -> TrainState:
+def create_train_state(model, optimizer, example_x, key, *,
+                       with_labels: bool = False) -> TrainState:
     """Initialise parameters from an example input (only its shape and dtype matter)."""
     key_params, key_dropout, key_rng = jax.random.split(key, 3)
     batch = example_x.shape[0]
