@@ -18,9 +18,9 @@ prediction form of Lu et al. 2022b).
 
 Each method is one :class:`Method` record in :data:`METHODS_TABLE`: its options and defaults, when
 it is stochastic, its per-step flags and evaluations, and its step function, a short function that
-follows its paper's equation. :func:`_sample_impl` is the frame they share: the grid's coefficients,
-then one ``lax.scan`` of the step. Adding a sampler is one record and one step function (see
-``docs/samplers.md``). A ``jax.tree_util.Partial`` denoiser travels as data, so new parameters
+follows its paper's equation (the multistep solvers' are in :mod:`diffusion_jax.multistep`).
+:func:`_sample_impl` is the frame they share: the grid's coefficients, then one ``lax.scan`` of the
+step. Adding a sampler is one record and one step function (see ``docs/samplers.md``). A ``jax.tree_util.Partial`` denoiser travels as data, so new parameters
 reuse the compiled program.
 
 Public API: :func:`sample`, :func:`time_grid`, :func:`number_of_evaluations`, :data:`METHODS`,
@@ -30,7 +30,6 @@ Public API: :func:`sample`, :func:`time_grid`, :func:`number_of_evaluations`, :d
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import multistep
 from diffusion_jax import schedules as schedules_lib
 from diffusion_jax import time_grids
 from diffusion_jax.time_grids import GRIDS, time_grid  # re-exported: part of this module's API
@@ -109,8 +109,11 @@ def _eps_hat(x, x0_hat, alpha, sigma):
 
 
 def _fresh_noise_fraction(logsnr, logsnr_next):
-    """sqrt(1 - sigmabar'^2 / sigmabar^2): the share of sigma' that the DDPM posterior
-    q(x_s | x_t, x0) draws afresh (Ho et al. 2020, Eq. 7; equal to DDIM's eta = 1)."""
+    """The share of sigma' that the DDPM posterior draws afresh.
+
+    sqrt(1 - sigmabar'^2 / sigmabar^2), for q(x_s | x_t, x0) (Ho et al. 2020, Eq. 7; equal to DDIM's
+    eta = 1).
+    """
     return jnp.sqrt(-jnp.expm1(logsnr - logsnr_next))
 
 
@@ -136,8 +139,11 @@ def _first_order(run, carry, s, noise_fraction):
 
 
 def _ddpm_step(run, carry, s):
-    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = x0_hat) (Ho et al. 2020,
-    Eq. 6-7): u = sqrt(1 - sigmabar'^2 / sigmabar^2) of the new noise is fresh."""
+    """Ancestral sampling from the DDPM posterior (Ho et al. 2020, Eq. 6-7).
+
+    A step of q(x_s | x_t, x0 = x0_hat): u = sqrt(1 - sigmabar'^2 / sigmabar^2) of the new noise is
+    fresh.
+    """
     return _first_order(run, carry, s, _fresh_noise_fraction(s["logsnr"], s["logsnr_next"]))
 
 
@@ -153,15 +159,21 @@ def _euler_step(run, carry, s):
 
 
 def _euler_ancestral_step(run, carry, s):
-    """k-diffusion's Euler ancestral: an Euler step to sigma_down, then fresh noise sigma_up; in
-    these variables u = sigma_up / sigmabar' = min(eta * DDPM's fraction, 1)."""
+    """k-diffusion's Euler ancestral step.
+
+    An Euler step to sigma_down, then fresh noise sigma_up; in these variables u = sigma_up /
+    sigmabar' = min(eta * DDPM's fraction, 1).
+    """
     fraction = run.options["eta"] * _fresh_noise_fraction(s["logsnr"], s["logsnr_next"])
     return _first_order(run, carry, s, jnp.minimum(fraction, 1.0))
 
 
 def _churn(run, x, s, gamma_max):
-    """Raise the noise level to sigmahat = (1 + gamma) sigmabar with fresh noise (EDM Algorithm 2,
-    lines 4-6), clipped to the schedule's range. Returns (x_hat, t_hat, alpha_hat, sigma_hat)."""
+    """Raise the noise level with fresh noise (EDM Algorithm 2, lines 4-6).
+
+    The level goes to sigmahat = (1 + gamma) sigmabar, clipped to the schedule's range. Returns
+    (x_hat, t_hat, alpha_hat, sigma_hat).
+    """
     s_min, s_max, s_noise = (run.options[k] for k in ("s_min", "s_max", "s_noise"))
     sigmabar = jnp.exp(-0.5 * s["logsnr"])
     active = jnp.isfinite(sigmabar) & (sigmabar >= s_min) & (sigmabar <= s_max)
@@ -184,9 +196,11 @@ def _churn(run, x, s, gamma_max):
 
 
 def _heun_step(run, carry, s):
-    """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x: churn, an Euler
-    step, and where flagged the trapezoidal correction xbar' = xbar_hat + (sigmabar' - sigmahat)
-    (d + d') / 2 (line 8)."""
+    """EDM Algorithm 2 (Karras et al. 2022) in (sigmabar, xbar), mapped back to x.
+
+    Churn, an Euler step, and where flagged the trapezoidal correction xbar' = xbar_hat + (sigmabar'
+    - sigmahat) (d + d') / 2 (line 8).
+    """
     (x,) = carry
     gamma_max = min(run.options["s_churn"] / run.num_steps, math.sqrt(2.0) - 1.0)
     if gamma_max > 0:
@@ -204,150 +218,6 @@ def _heun_step(run, carry, s):
         return x_euler + 0.5 * step_size * (eps_next - eps_hat)
 
     return (jax.lax.cond(s["flag"], correct, lambda v: v, x_next),)
-
-
-def _dpmpp_2m_update(x, x0_hat, x0_prev, h, h_prev, second, s):
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), h = lambda' - lambda, lambda = logSNR / 2:
-    x' = (sigma' / sigma) x - alpha' (e^-h - 1) D, D = (1 + 1/(2r)) x0_hat - x0_prev / (2r),
-    r = h_prev / h; D = x0_hat (first order, DDIM) where ``second`` is off."""
-    r = jnp.where(second, h_prev / jnp.where(second, h, 1.0), 1.0)
-    x0_mix = jnp.where(second, (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev, x0_hat)
-    return s["sigma_next"] / s["sigma"] * x - s["alpha_next"] * jnp.expm1(-h) * x0_mix
-
-
-def _dpmpp_2m_step(run, carry, s):
-    """DPM-Solver++(2M): second order where flagged (see :func:`_multistep_orders`)."""
-    x, x0_prev, h_prev = carry
-    x0_hat = run.evaluate(x, s["t"])
-    h = 0.5 * (s["logsnr_next"] - s["logsnr"])
-    return _dpmpp_2m_update(x, x0_hat, x0_prev, h, h_prev, s["flag"] >= 2, s), x0_hat, h
-
-
-def _dpmpp_3m_step(run, carry, s):
-    """DPM-Solver++(3M), the third-order multistep update of Lu et al.'s DPM-Solver++ code (and of
-    diffusers' DPMSolverMultistepScheduler): with r0 = h_1 / h, r1 = h_2 / h,
-    D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 (D1_0 - D1_1) / (r0 + r1),
-    D2 = (D1_0 - D1_1) / (r0 + r1):
-    x' = (sigma' / sigma) x + alpha' (h phi_1 m0 + h phi_2 D1 + w h phi_3 D2), phi_k = phi_k(-h).
-    D2 estimates h^2 x0'' / 2, so integrating the quadratic exactly (Lu et al. 2022a, Eq. 3.4)
-    takes w = 2 (option ``d2_weight``): third order. The published w = 1, the default, makes the
-    method second order (docs/samplers.md). Order 2 (flagged) is the 2M update, order 1 DDIM."""
-    x, m1, m2, h1, h2 = carry  # x0_hat and h of the previous two steps
-    m0 = run.evaluate(x, s["t"])
-    h = 0.5 * (s["logsnr_next"] - s["logsnr"])
-
-    def third():
-        r0, r1 = h1 / h, h2 / h
-        d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        h_phi_1 = -jnp.expm1(-h)
-        h_phi_2 = 1.0 - h_phi_1 / h
-        h_phi_3 = 0.5 - h_phi_2 / h
-        return s["sigma_next"] / s["sigma"] * x + s["alpha_next"] * (
-            h_phi_1 * m0 + h_phi_2 * d1 + run.options["d2_weight"] * h_phi_3 * d2)
-
-    lower = [functools.partial(_dpmpp_2m_update, x, m0, m1, h, h1, second, s)
-             for second in (False, True)]
-    x_next = jax.lax.switch(s["flag"] - 1, lower + [third])
-    return x_next, m0, m1, h, h1
-
-
-def _phis(z, n):
-    """phi_1(z) .. phi_n(z), phi_k(z) = sum_j z^j / (j + k)!, by phi_{k+1} = (phi_k - 1/k!) / z;
-    for |z| < 1, where that recurrence loses digits, by the series."""
-    small = jnp.abs(z) < 1.0
-    z_small, z_big = jnp.where(small, z, 0.0), jnp.where(small, 1.0, z)
-    phi, out = jnp.expm1(z_big) / z_big, []
-    for k in range(1, n + 1):
-        series = functools.reduce(lambda acc, j: acc * z_small + 1.0 / math.factorial(j + k),
-                                  range(17, -1, -1), 0.0)
-        out.append(jnp.where(small, series, phi))
-        phi = (phi - 1.0 / math.factorial(k)) / z_big
-    return out
-
-
-def _unipc_update(x_s, m_s, lam_s, lam_t, earlier, m_t, sigma_s, sigma_t, alpha_t):
-    """One UniP (``m_t`` None) or UniC (``m_t`` the evaluation at t) update from s to t, data
-    prediction with B(h) = e^h - 1, "bh2" (Zhao et al. 2023, Sec. 3.1-3.2 and Appendix):
-    x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) (m_s + sum_k rho_k D_k), D_k =
-    (m_k - m_s) / r_k over the ``earlier`` (m_k, lambda_k), r_k = (lambda_k - lambda_s) / h, then
-    (UniC) r = 1, D = m_t - m_s. rho solves sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) / phi_1(-h),
-    j = 1..K; rho = 1/2 for K = 1 (Zhao et al.'s code, and diffusers)."""
-    h = lam_t - lam_s
-    rs = [(lam_k - lam_s) / h for _, lam_k in earlier]
-    ds = [(m_k - m_s) / r for (m_k, _), r in zip(earlier, rs)]
-    if m_t is not None:
-        rs, ds = rs + [jnp.ones_like(h)], ds + [m_t - m_s]
-    if len(rs) == 1:
-        rhos = [0.5]
-    elif rs:
-        phi = _phis(-h, len(rs) + 1)
-        b = jnp.stack([math.factorial(j) * phi[j] / phi[0] for j in range(1, len(rs) + 1)])
-        vandermonde = jnp.stack([jnp.stack(rs) ** j for j in range(len(rs))])
-        rhos = list(jnp.linalg.solve(vandermonde, b))
-    m_mix = m_s + sum(rho * d for rho, d in zip(rhos, ds)) if rs else m_s
-    return sigma_t / sigma_s * x_s - alpha_t * jnp.expm1(-h) * m_mix
-
-
-def _unipc_step(run, carry, s):
-    """UniPC-p (Zhao et al. 2023): UniC corrects the state just reached with the evaluation made
-    there (flag[1] = its order, 0: none), then UniP of order flag[0] takes the next step from the
-    corrected state. One evaluation per step: the corrector reuses the predictor's."""
-    x, x_prev, ms, lams, sigma_prev = carry  # previous corrected state, x0_hats, lambdas, sigma
-    m = run.evaluate(x, s["t"])
-    lam, lam_next = 0.5 * s["logsnr"], 0.5 * s["logsnr_next"]
-    k_max = len(ms)
-    unic = [lambda: x] + [
-        functools.partial(_unipc_update, x_prev, ms[0], lams[0], lam,
-                          list(zip(ms[1:k], lams[1:k])), m, sigma_prev, s["sigma"], s["alpha"])
-        for k in range(1, k_max + 1)]
-    x_corrected = jax.lax.switch(s["flag"][1], unic)
-    unip = [functools.partial(_unipc_update, x_corrected, m, lam, lam_next,
-                              list(zip(ms[:k - 1], lams[:k - 1])), None, s["sigma"],
-                              s["sigma_next"], s["alpha_next"])
-            for k in range(1, k_max + 1)]
-    x_next = jax.lax.switch(s["flag"][0] - 1, unip)
-    return x_next, x_corrected, (m,) + ms[:-1], (lam,) + lams[:-1], s["sigma"]
-
-
-def _unipc_init(x, options):
-    k = int(options["order"])
-    return x, x, (jnp.zeros_like(x),) * k, (jnp.zeros((), x.dtype),) * k, jnp.ones((), x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-step flags, fixed by the grid (and options) before compiling.
-# --------------------------------------------------------------------------------------------
-
-
-def _multistep_orders(start_finite, max_order, tail=(1,)):
-    """The order of each step of a multistep method: 1 + the number of earlier evaluations it can
-    use (at the consecutive finite-log-SNR times just before it: a step from zero SNR is infinitely
-    long in log-SNR), capped at ``max_order``, and at ``tail`` for the last steps (the final step,
-    to sigma = 0, is first order)."""
-    usable = np.zeros(len(start_finite), dtype=np.int64)
-    for i in range(1, len(start_finite)):
-        usable[i] = usable[i - 1] + 1 if start_finite[i - 1] else 0
-    orders = np.minimum(1 + usable, max_order)
-    caps = np.asarray(tail[-len(orders):])
-    orders[len(orders) - len(caps):] = np.minimum(orders[len(orders) - len(caps):], caps)
-    return orders
-
-
-def _dpmpp_3m_orders(start_finite, options):
-    """Orders 1, 2, 3, 3, ..., 3, 1; with fewer than 15 steps the second-to-last is second order
-    (diffusers' lower_order_final)."""
-    return _multistep_orders(start_finite, 3, (2, 1) if len(start_finite) < 15 else (1,))
-
-
-def _unipc_flags(start_finite, options):
-    """[UniP order, UniC order] per step: UniP as diffusers' UniPCMultistepScheduler
-    (lower_order_final: min(order, steps left)); UniC of the previous step's order from step 1 on,
-    except after a step from zero SNR."""
-    predictor = _multistep_orders(start_finite, int(options["order"]), (2, 1))
-    corrector = np.concatenate([[0], np.where(start_finite[:-1], predictor[:-1], 0)])
-    return np.stack([predictor, corrector], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,18 +271,18 @@ METHODS_TABLE = {m.name: m for m in [
            is_stochastic=lambda o: o["s_churn"] > 0,
            step_flags=lambda finite, o: finite & (np.arange(len(finite)) < len(finite) - 1),
            evaluations=lambda flags: len(flags) + int(np.sum(flags))),
-    Method("dpmpp_2m", _dpmpp_2m_step, "DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2)",
-           step_flags=lambda finite, o: _multistep_orders(finite, 2),
+    Method("dpmpp_2m", multistep.dpmpp_2m_step, "DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2)",
+           step_flags=lambda finite, o: multistep.multistep_orders(finite, 2),
            init=lambda x, o: (x, jnp.zeros_like(x), jnp.ones((), x.dtype))),
-    Method("dpmpp_3m", _dpmpp_3m_step, "DPM-Solver++(3M), Lu et al.'s third-order multistep",
+    Method("dpmpp_3m", multistep.dpmpp_3m_step, "DPM-Solver++(3M), Lu et al.'s third-order multistep",
            {"d2_weight": 1.0}, ((lambda o: o["d2_weight"] in (1, 2),
                                  "dpmpp_3m d2_weight must be 1 or 2, got {d2_weight:g}"),),
-           step_flags=_dpmpp_3m_orders,
+           step_flags=multistep.dpmpp_3m_orders,
            init=lambda x, o: (x,) + (jnp.zeros_like(x),) * 2 + (jnp.ones((), x.dtype),) * 2),
-    Method("unipc", _unipc_step, "UniPC-p, B(h) = e^h - 1, data prediction (Zhao et al. 2023)",
+    Method("unipc", multistep.unipc_step, "UniPC-p, B(h) = e^h - 1, data prediction (Zhao et al. 2023)",
            {"order": 2.0}, ((lambda o: o["order"] in (2, 3), "unipc order must be 2 or 3, got "
                              "{order:g}"),),
-           step_flags=_unipc_flags, init=_unipc_init),
+           step_flags=multistep.unipc_flags, init=multistep.unipc_init),
 ]}
 METHODS = tuple(METHODS_TABLE)
 

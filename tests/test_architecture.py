@@ -14,7 +14,7 @@ PACKAGE = ROOT / "diffusion_jax"
 
 # The math core imports nothing above it; models and data import no application code.
 MATH = {"schedules", "parameterization", "losses", "samplers", "guidance", "analytic",
-        "likelihood", "metrics", "flops", "time_grids"}
+        "likelihood", "metrics", "flops", "time_grids", "multistep"}
 LAYERS = {
     "math": lambda name: name.split(".")[1] in MATH,
     "models": lambda name: name.startswith("diffusion_jax.models"),
