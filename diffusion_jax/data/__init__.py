@@ -1,7 +1,13 @@
 """Input pipelines: data sources and grain iterators of host-local numpy batches."""
 
 from diffusion_jax.data.captions import CaptionedShapes, caption_for
-from diffusion_jax.data.pipeline import ToModelInputs, make_iterator
+from diffusion_jax.data.pipeline import (
+    ToModelInputs,
+    check_batch,
+    check_first_batch,
+    check_source,
+    make_iterator,
+)
 from diffusion_jax.data.sources import (
     FASHION_MNIST_CLASSES,
     DataError,
@@ -22,6 +28,9 @@ __all__ = [
     "Toy2D",
     "ToModelInputs",
     "caption_for",
+    "check_batch",
+    "check_first_batch",
+    "check_source",
     "make_iterator",
     "read_idx",
 ]

@@ -10,6 +10,10 @@ interpreter lock, so grain's threaded reader (16 threads by default) only adds c
 sources computed in memory (Fashion-MNIST's arrays, the procedural datasets), which are read in
 the calling thread instead, and a source whose records are rows of arrays (``read_batch``) is
 read a whole batch at a time with the same order, values and saved positions as grain's loader.
+
+Data a run cannot use is refused with :class:`~diffusion_jax.data.DataError` before training
+compiles: :func:`make_iterator` checks the source's size and first record (:func:`check_source`),
+and :func:`check_first_batch` checks the first batch a run reads (:func:`check_batch`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ import grain.python as grain
 import numpy as np
 
 from diffusion_jax import text
+from diffusion_jax.data.sources import DataError
 
-__all__ = ["ToModelInputs", "make_iterator"]
+__all__ = ["ToModelInputs", "check_batch", "check_first_batch", "check_source", "make_iterator"]
+
+# Images in the model's range [-1, 1] may miss it by this much (float rounding of a scaling).
+_RANGE_TOLERANCE = 1e-3
 
 
 class ToModelInputs(grain.MapTransform):
@@ -70,6 +78,151 @@ class ToModelInputs(grain.MapTransform):
         if "label" in records:
             out["label"] = np.asarray(records["label"]).astype(np.int32)
         return out
+
+
+def _describe(values: np.ndarray) -> str:
+    """``float64 of shape (28, 28) in [0.0, 1.0]``: what an array holds, for a message."""
+    out = f"{values.dtype} of shape {values.shape}"
+    if values.size and values.dtype.kind in "iufb":
+        out += f" in [{values.min()}, {values.max()}]"
+    return out
+
+
+def check_source(source, *, dataset: Optional[str] = None) -> None:
+    """Raise :class:`DataError` unless ``source[0]`` is a record the pipeline can turn into inputs.
+
+    Cheap: only the first record is read. Images must be uint8 (pixels 0..255, which
+    :class:`ToModelInputs` scales to [-1, 1]), HW or HWC with 1 or 3 channels; vectors ``x``
+    numeric and finite; a ``label`` one integer. ``dataset`` names the data in the message
+    (default ``repr(source)``). :func:`make_iterator` calls it.
+    """
+    dataset = dataset or repr(source)
+    record = source[0]
+    if not hasattr(record, "keys") or not ("image" in record or "x" in record):
+        found = (f"has the keys {sorted(record)}" if hasattr(record, "keys") else
+                 f"is a {type(record).__name__}")
+        raise DataError(f"{dataset}: a record must be a dict with an 'image' (uint8 HWC) or "
+                        f"'x' (float vector) entry; record 0 {found}")
+    if "image" in record:
+        image = np.asarray(record["image"])
+        if image.dtype != np.uint8:
+            scale = (" (it looks like floats in [0, 1]: give np.round(image * 255)"
+                     ".astype(np.uint8))" if image.dtype.kind == "f" and image.size
+                     and 0 <= image.min() and image.max() <= 1 else "")
+            raise DataError(
+                f"{dataset}: record 0's image is {_describe(image)}, but sources must give "
+                "uint8 pixels 0..255 (the pipeline scales them to [-1, 1]); convert the "
+                f"source's images to uint8{scale}")
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3))):
+            raise DataError(
+                f"{dataset}: record 0's image has shape {image.shape}, but images must be "
+                "[height, width] or [height, width, channels] with 1 (grayscale) or 3 (RGB) "
+                "channels; move a leading channel axis last (np.moveaxis(image, 0, -1)) or "
+                "drop an alpha channel (image[..., :3])")
+    else:
+        x = np.asarray(record["x"])
+        if x.dtype.kind not in "iuf" or not np.all(np.isfinite(x)):
+            raise DataError(f"{dataset}: record 0's 'x' is {_describe(x)}; vector data must be "
+                            "finite numbers (float32)")
+    if "label" in record:
+        label = np.asarray(record["label"])
+        if label.dtype.kind not in "iu" or label.ndim != 0:
+            raise DataError(
+                f"{dataset}: record 0's label is {_describe(label)}, but a label must be one "
+                "integer class index (not one-hot, not a float); convert the source's labels")
+
+
+def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
+    """Raise :class:`DataError` if a batch of model inputs is not what training expects.
+
+    ``batch`` is what :func:`make_iterator` yields (after :class:`ToModelInputs`): ``x`` float32
+    and finite, images (rank >= 3 with the batch axis) within [-1, 1]; ``label`` int32 in
+    ``[0, num_classes)`` when ``num_classes`` is not None (a class-conditional model, which
+    would otherwise look up a wrong or clamped embedding without an error); ``tokens`` int32 and
+    ``token_mask`` bool of the same shape. ``dataset`` names the data in the messages. Meant for
+    the first batch of a run (:func:`check_first_batch`); it reads the whole batch.
+    """
+    if "x" not in batch:
+        raise DataError(f"{dataset}: the batch has no 'x' (keys {sorted(batch)}); the source's "
+                        "records need an 'image' or 'x' entry")
+    x = np.asarray(batch["x"])
+    if x.dtype != np.float32:
+        raise DataError(f"{dataset}: batch 'x' is {x.dtype}, expected float32 (ToModelInputs "
+                        "makes it so: build batches with make_iterator)")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{dataset}: the batch holds {int(np.sum(~np.isfinite(x)))} NaN or "
+                        "infinite values in 'x'; the source gives non-finite data: fix or "
+                        "filter those records")
+    if x.ndim >= 3:  # images (audio, video): the model's range; vectors keep their own scale
+        low, high = float(x.min()), float(x.max())
+        if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            raise DataError(
+                f"{dataset}: the batch's images lie in [{low:g}, {high:g}], outside the model's "
+                "[-1, 1]: the source gave pixels that are not uint8 0..255 (e.g. floats or "
+                "16-bit values) or scaled them already; make the source give uint8 images")
+    if "label" in batch:
+        labels = np.asarray(batch["label"])
+        if labels.dtype != np.int32 or labels.shape != x.shape[:1]:
+            raise DataError(f"{dataset}: batch 'label' is {labels.dtype} of shape "
+                            f"{labels.shape}, expected int32 of shape {x.shape[:1]} (one class "
+                            "index per example)")
+        if num_classes is not None:
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            if bad.size:
+                value = int(bad[0])
+                advice = ("negative labels often mark unlabelled examples: set "
+                          "config.data.class_conditional=False to train without labels, or "
+                          "drop those records" if value < 0 else
+                          f"the data has more classes than num_classes={num_classes} (the "
+                          "source's num_classes): fix the labels or the source's num_classes")
+                raise DataError(
+                    f"{dataset}: the batch has the label {value}, outside [0, {num_classes}); "
+                    + advice)
+    elif num_classes is not None:
+        raise DataError(f"{dataset}: the model is class-conditional (num_classes={num_classes}) "
+                        "but the batch has no 'label'; set config.data.class_conditional=False "
+                        "or give the records labels")
+    if "tokens" in batch or "token_mask" in batch:
+        tokens = np.asarray(batch.get("tokens"))
+        mask = np.asarray(batch.get("token_mask"))
+        if tokens.dtype != np.int32 or mask.dtype != np.bool_ or tokens.shape != mask.shape:
+            raise DataError(f"{dataset}: batch 'tokens' is {tokens.dtype} {tokens.shape} and "
+                            f"'token_mask' {mask.dtype} {mask.shape}; expected int32 and bool of "
+                            "the same shape [batch, max_length] (from text.encode)")
+
+
+class _FirstBatchChecked:
+    """An iterator that runs ``check`` on the first batch it yields, then passes batches through.
+
+    Everything else (``get_state``, ``set_state``, ``start_prefetch``) is the wrapped iterator's,
+    so checkpoints save and restore the same position."""
+
+    def __init__(self, iterator, check):
+        self._iterator, self._check = iterator, check
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._iterator)
+        if self._check is not None:
+            check, self._check = self._check, None
+            check(batch)
+        return batch
+
+    def __getattr__(self, name):
+        if name == "_iterator":  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self._iterator, name)
+
+
+def check_first_batch(iterator, *, num_classes: Optional[int], dataset: str):
+    """``iterator`` that runs :func:`check_batch` on the first host batch it yields.
+
+    Wrap the iterator of :func:`make_iterator` before it is restored or prefetched; it keeps its
+    ``get_state``/``set_state``, so checkpoints are unchanged."""
+    return _FirstBatchChecked(iterator, lambda batch: check_batch(
+        batch, num_classes=num_classes, dataset=dataset))
 
 
 class _RecordKeys:
@@ -206,6 +359,10 @@ def make_iterator(
     source's ``read_threads`` attribute, else 0 (read in the calling thread, best for
     records computed in memory). Without workers, a source with ``read_batch(keys)`` (Fashion-
     MNIST) is read a batch at a time instead, with the same batches and saved positions.
+
+    A source with fewer records than one global batch, or whose first record is not one the
+    pipeline can use (:func:`check_source`), raises :class:`DataError`; the other errors here
+    are a caller's mistakes (``ValueError``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -219,10 +376,15 @@ def make_iterator(
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags in worker mode
             flags.FLAGS.mark_as_parsed()
     if len(source) < batch_size * shard_count:
-        raise ValueError(
-            f"{source!r} has {len(source)} records: too few for {shard_count} shard(s) of "
-            f"batch {batch_size}"
+        processes = f" ({shard_count} processes x {batch_size})" if shard_count > 1 else ""
+        raise DataError(
+            f"{source!r} has {len(source)} records, too few for one batch of "
+            f"{batch_size * shard_count}{processes}: lower the batch size "
+            "(config.data.batch_size; config.classifier.batch_size for --mode=train_classifier) "
+            f"to at most {len(source)}, or use more data (for procedural data a larger "
+            "config.data.size)"
         )
+    check_source(source)
     sampler = _make_sampler(len(source), shuffle=shuffle, seed=seed, num_epochs=num_epochs)
     if shard_count > 1:
         sampler = _ProcessSlice(sampler, batch_size, shard_index, shard_count)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -35,39 +36,83 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# IDX type codes: (what the file calls its values, numpy dtype of one value, big-endian).
+_IDX_TYPES = {
+    0x08: ("unsigned bytes", np.dtype(np.uint8)),
+    0x09: ("signed bytes", np.dtype(np.int8)),
+    0x0B: ("16-bit integers", np.dtype(">i2")),
+    0x0C: ("32-bit integers", np.dtype(">i4")),
+    0x0D: ("32-bit floats", np.dtype(">f4")),
+    0x0E: ("64-bit floats", np.dtype(">f8")),
+}
+_REINSTALL = ("Re-download it, or for the files of Debian's package reinstall them with "
+              "`apt-get install --reinstall dataset-fashion-mnist`.")
 
 
 class DataError(ValueError):
     """A dataset is missing or unreadable; the message says what to do."""
 
 
+def _idx_type_name(code: int) -> str:
+    return f"{_IDX_TYPES[code][0]} (IDX type 0x{code:02X})"
+
+
 def read_idx(path: str) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format; gzip-compressed when the name ends in .gz).
 
-    Header: two zero bytes, a type code, the number of dimensions, then one big-endian uint32 per
-    dimension.
+    Header: two zero bytes, a type code (0x08 unsigned byte, 0x09 signed byte, 0x0B 16-bit,
+    0x0C 32-bit integer, 0x0D float, 0x0E double), the number of dimensions, then one
+    big-endian uint32 per dimension; the values follow, big-endian. The array has the file's own
+    value type. A missing file raises ``FileNotFoundError``; a damaged one (bad gzip stream,
+    header, a size that disagrees with the header, or no records) raises :class:`DataError`.
     """
-    opener = gzip.open if path.endswith(".gz") else open
+    compressed = path.endswith(".gz")
+    opener = gzip.open if compressed else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise
-    except (OSError, EOFError) as err:
-        raise DataError(f"cannot read IDX file {path}: {err}") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad header {data[:4]!r})")
-    ndim = data[3]
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        problem = ("ends early" if isinstance(err, EOFError) else
+                   f"has a damaged gzip stream ({type(err).__module__}.{type(err).__name__}: "
+                   f"{err})")
+        raise DataError(f"the compressed IDX file {path} {problem}. {_REINSTALL}") from err
+    except OSError as err:
+        raise DataError(f"cannot read the IDX file {path} ({type(err).__name__}: {err}); check "
+                        "that it is a readable file") from err
+    if len(data) >= 2 and data[:2] == b"\x1f\x8b" and not compressed:
+        raise DataError(f"{path} is gzip-compressed but its name does not end in .gz: rename it "
+                        f"to {os.path.basename(path)}.gz or decompress it (gunzip)")
+    if len(data) < 4:
+        raise DataError(f"{path} is truncated inside its header ({len(data)} bytes). "
+                        + _REINSTALL)
+    if data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad header {data[:4]!r}; an IDX file "
+                        "starts with two zero bytes, a type code and the number of dimensions)")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_TYPES:
+        known = ", ".join(f"0x{c:02X} {name}" for c, (name, _) in _IDX_TYPES.items())
+        raise DataError(f"{path} is not an IDX file: unknown type code 0x{code:02X} (known: "
+                        f"{known}). " + _REINSTALL)
+    if ndim == 0:
+        raise DataError(f"{path} declares no dimensions, so it holds no records. " + _REINSTALL)
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path} is truncated inside its header")
+        raise DataError(f"{path} is truncated inside its header ({len(data)} bytes, the header "
+                        f"of {ndim} dimensions needs {header}). " + _REINSTALL)
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
+    name, dtype = _IDX_TYPES[code]
+    if 0 in shape:
+        what = "0 records" if shape[0] == 0 else "empty records"
+        raise DataError(f"{path} holds {what}: its header declares shape {shape}. " + _REINSTALL)
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on a bad header
+    present = len(data) - header
+    if present != expected:
+        damage = "the file is truncated" if present < expected else "extra bytes follow the data"
         raise DataError(
-            f"{path} holds {len(data) - header} data bytes but its header {shape} needs {expected}"
+            f"{path} holds {present} data bytes but its header declares shape {shape} of "
+            f"{name}, {expected} bytes: {damage}. " + _REINSTALL
         )
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
@@ -78,6 +123,24 @@ def _find(directory, stem):
         if os.path.exists(candidate):
             return candidate
     return None
+
+
+def _read_fashion_file(path: str, what: str, ndim: int) -> np.ndarray:
+    """One Fashion-MNIST IDX file, checked to hold unsigned bytes in ``ndim`` dimensions."""
+    array = read_idx(path)
+    if array.dtype != np.uint8:
+        code = next(c for c, (_, dtype) in _IDX_TYPES.items() if dtype == array.dtype)
+        values = "pixels 0..255" if ndim == 3 else "class indices"
+        raise DataError(
+            f"{path} holds {_idx_type_name(code)}, but Fashion-MNIST {what} must be "
+            f"{_idx_type_name(0x08)}: {values}. Use the original files (`apt-get install "
+            "--reinstall dataset-fashion-mnist`) or write the values as uint8 (type 0x08)"
+        )
+    if array.ndim != ndim:
+        layout = "[records, height, width]" if ndim == 3 else "[records]"
+        raise DataError(f"{path} holds an array of shape {array.shape}, but Fashion-MNIST {what} "
+                        f"are {ndim}-D {layout}. Use the {what} file of the dataset")
+    return array
 
 
 class FashionMNIST:
@@ -102,16 +165,25 @@ class FashionMNIST:
                 f"{FASHION_MNIST_DEFAULT_PATH}) or set config.data.path to a folder holding "
                 f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]."
             )
-        images = read_idx(files["images"])
-        labels = read_idx(files["labels"])
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        images = _read_fashion_file(files["images"], "images", 3)
+        labels = _read_fashion_file(files["labels"], "labels", 1)
+        if len(images) != len(labels):
             raise DataError(
-                f"Fashion-MNIST files in {path} disagree: images {images.shape}, labels "
-                f"{labels.shape}"
+                f"{files['images']} holds {len(images)} images but {files['labels']} holds "
+                f"{len(labels)} labels; they must describe the same examples: use the image and "
+                "label files of one download (or reinstall them with `apt-get install "
+                "--reinstall dataset-fashion-mnist`)"
+            )
+        num_classes = len(FASHION_MNIST_CLASSES)
+        if labels.max() >= num_classes:
+            raise DataError(
+                f"{files['labels']} holds the label {int(labels.max())}, but Fashion-MNIST has "
+                f"{num_classes} classes (labels 0..{num_classes - 1}): it is not a Fashion-MNIST "
+                "labels file or it is damaged. " + _REINSTALL
             )
         self.images = images[..., None]
         self.labels = labels.astype(np.int32)
-        self.num_classes = len(FASHION_MNIST_CLASSES)
+        self.num_classes = num_classes
 
     def __len__(self):
         return len(self.labels)
@@ -145,8 +217,8 @@ class TFDSSource:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as err:  # tfds raises several types for a missing dataset
             raise DataError(
-                f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir={data_dir!r}: "
-                f"{err}. Prepare it where the internet is reachable (`tfds build {name} "
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
+                f"data_dir={data_dir!r}: {err}. Prepare it where the internet is reachable (`tfds build {name} "
                 "--file_format=array_record --data_dir DIR`), copy DIR here and set "
                 "config.data.data_dir to it."
             ) from err
