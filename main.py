@@ -12,23 +12,42 @@
 Any config key can be overridden with --config.KEY=VALUE; unknown keys and invalid values stop
 the run before anything is compiled. This file only parses the flags, joins the other processes
 of a multi-process run and hands over to the library.
+
+Exit codes: 0 finished; 2 a problem the user can fix, printed as one ``error: ...`` line
+(``--verbose`` or DIFFUSION_JAX_VERBOSE=1 adds the traceback); 143 (SIGTERM) or 130 (SIGINT) when
+a signal stopped training after it saved a checkpoint, so that a scheduler requeues the run.
 """
 
+import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import checkpoints, configuration, data, evaluate, generate, parallel, train
+from diffusion_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "train_classifier"],
-                  "train: train (or resume); sample: generate from a checkpoint; eval: metrics of "
-                  "generated samples; train_classifier: the feature extractor eval uses.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags(values=FLAGS):
+    """The command line's flags, on ``values`` (absl's global flags by default)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True, flag_values=values)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs.",
+                        flag_values=values)
+    flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "train_classifier"],
+                      "train: train (or resume); sample: generate from a checkpoint; eval: "
+                      "metrics of generated samples; train_classifier: the feature extractor "
+                      "eval uses.", flag_values=values)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of errors as well as their message.",
+                      flag_values=values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
+
+
+define_flags()
 
 
 def sample(config, workdir):
@@ -42,30 +61,80 @@ MODES = {"train": train.train_and_evaluate, "sample": sample, "eval": evaluate.e
          "train_classifier": evaluate.train_classifier}
 # What a user can cause and fix: printed as one "error:" line, exit code 2.
 USER_ERRORS = (configuration.ConfigError, data.DataError, checkpoints.CheckpointError,
-               train.TrainingDiverged, evaluate.EvaluationError, parallel.JoinError)
+               train.TrainingDiverged, evaluate.EvaluationError, parallel.JoinError,
+               workdir_lib.WorkdirError)
 
 
-def fail(message):
+def _verbose(argv=()):
+    return "--verbose" in argv or os.environ.get("DIFFUSION_JAX_VERBOSE", "") not in ("", "0")
+
+
+def fail(message, argv=()):
+    """Print ``error: message`` (and the traceback being handled, when verbose); exit 2."""
+    if _verbose(argv) and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def main(argv):
+def parse_flags(argv, values=FLAGS):
+    """absl's flag parsing, with every problem of the flags or the config file as an error line."""
+    try:
+        remaining = values(argv)
+        values.config.get("seed")  # the file loads lazily: a broken one raises here
+        return remaining
+    except flags.Error as err:
+        fail(_override_problem(argv) or f"{err} (python main.py --helpshort lists the flags)",
+             argv)
+    except Exception as err:  # noqa: BLE001 - loading the config file runs the user's code
+        fail(_override_problem(argv) or f"--config: {type(err).__name__}: {err}", argv)
+
+
+def _override_problem(argv):
+    """What is wrong with ``--config`` or a ``--config.KEY`` override ("" when nothing is)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return ""
+    try:
+        config = configuration.load_config(path)
+    except configuration.ConfigError as load_err:
+        return str(load_err)
+    except SyntaxError as syntax:
+        return f"config file {path}, line {syntax.lineno}: {syntax.msg}; fix the file"
+    except Exception as load_err:  # noqa: BLE001 - the user's code
+        return (f"config file {path} failed to load: {type(load_err).__name__}: {load_err}; "
+                "fix the file (--verbose shows where)")
+    for key in (m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)=", a))):
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                moved = configuration.moved_key_hint(key)
+                return (f"--config.{key}: config has no key {key}"
+                        f"{'; ' + moved if moved else ''} (every key is listed in "
+                        "diffusion_jax/defaults.py)")
+            node = node[part]
+    return ""
+
+
+def main(argv, values=FLAGS):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-    config, workdir = FLAGS.config, FLAGS.workdir
+    config, workdir, mode = values.config, values.workdir, values.mode
     if "://" in workdir:
         fail(f"--workdir={workdir} is a URL; the work directory must be a file system path (on "
              "several hosts, one they all see: NFS, or a bucket mounted with gcsfuse)")
+    verbose = ["--verbose"] if values.verbose else []
     try:
         configuration.validate_distributed(config)
-        parallel.join_processes(config, workdir, FLAGS.mode,
-                                log=lambda line: print(line, flush=True))
-        MODES[FLAGS.mode](config, workdir)
+        workdir_lib.check(workdir, mode)
+        parallel.join_processes(config, workdir, mode, log=lambda line: print(line, flush=True))
+        MODES[mode](config, workdir)
     except USER_ERRORS as err:
-        fail(err)
+        fail(err, verbose)
+    except train.Interrupted as stopped:
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -20,7 +20,7 @@ from diffusion_jax import defaults, losses, parameterization, samplers, schedule
 from diffusion_jax import models
 from diffusion_jax.models import registry
 
-__all__ = ["ConfigError", "SOURCES", "load_config", "validate", "build_source", "build_model",
+__all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate", "build_source", "build_model",
            "build_denoiser", "build_schedule", "build_parameterization", "data_shape"]
 
 
@@ -68,15 +68,68 @@ _CHOICES = {
     "model.dropout_rng": ("threefry", "rbg"),
     "model.attention": models.ATTENTION_IMPLEMENTATIONS,
 }
-_POSITIVE = ("data.batch_size", "data.size", "data.resolution", "training.num_steps",
-             "training.learning_rate", "training.log_every", "training.checkpoint_every",
-             "training.keep_checkpoints", "sampling.num_steps", "sampling.num_samples",
-             "evaluation.num_samples", "evaluation.batch_size",
-             "evaluation.precision_recall_k", "evaluation.likelihood_steps",
-             "classifier.num_steps", "classifier.batch_size", "classifier.learning_rate",
-             "classifier.width", "classifier.feature_dim", "training.grad_accumulation",
-             "training.steps_per_call", "training.prefetch", "text.max_length",
-             "text.width", "text.depth", "text.num_heads")
+# Every numeric key: its type and its range (a rule of :data:`RULES`). Tuples are checked element
+# by element. The model families' own keys are ranged by their records (models/registry.py).
+NUMERIC = {
+    "seed": (int, ">= 0"),
+    "data.size": (int, "> 0"), "data.resolution": (int, "> 0"), "data.batch_size": (int, "> 0"),
+    "data.worker_count": (int, ">= 0"),
+    "model.dropout": (float, "in [0, 1)"), "model.noise_scale": (float, "> 0"),
+    "model.context_dim": (int, ">= 0"), "model.pooled_dim": (int, ">= 0"),
+    "diffusion.sigma_data": (float, "> 0"), "diffusion.label_dropout": (float, "in [0, 1)"),
+    "diffusion.caption_dropout": (float, "in [0, 1)"),
+    "training.num_steps": (int, "> 0"), "training.learning_rate": (float, "> 0"),
+    "training.warmup_steps": (int, ">= 0"), "training.grad_clip": (float, ">= 0 (0 = off)"),
+    "training.weight_decay": (float, ">= 0"), "training.ema_decay": (float, "in [0, 1)"),
+    "training.log_every": (int, "> 0"), "training.checkpoint_every": (int, "> 0"),
+    "training.keep_checkpoints": (int, "> 0"), "training.sample_every": (int, ">= 0 (0 = off)"),
+    "training.grad_accumulation": (int, "> 0"), "training.steps_per_call": (int, "> 0"),
+    "training.prefetch": (int, "> 0"),
+    "sampling.num_steps": (int, "> 0"), "sampling.num_samples": (int, "> 0"),
+    "sampling.seed": (int, ">= 0"), "sampling.label": (int, ">= -1 (-1 = every class)"),
+    "sampling.guidance_scale": (float, ">= 0"), "sampling.guidance_rescale": (float, "in [0, 1]"),
+    "sampling.checkpoint_step": (int, ">= -1 (-1 = latest)"),
+    "text.max_length": (int, ">= 2"), "text.width": (int, "> 0"), "text.depth": (int, "> 0"),
+    "text.num_heads": (int, "> 0"),
+    "evaluation.num_samples": (int, "> 0"), "evaluation.batch_size": (int, "> 0"),
+    "evaluation.precision_recall_k": (int, "> 0"),
+    "evaluation.likelihood_examples": (int, ">= 0 (0 = off)"),
+    "evaluation.likelihood_steps": (int, "> 0"), "evaluation.guidance_scales": (float, ">= 0"),
+    "classifier.num_steps": (int, "> 0"), "classifier.batch_size": (int, "> 0"),
+    "classifier.learning_rate": (float, "> 0"), "classifier.width": (int, "> 0"),
+    "classifier.feature_dim": (int, "> 0"),
+    "mesh.data": (int, "-1 or >= 1 (-1 = the rest of the devices)"),
+    "mesh.fsdp": (int, "-1 or >= 1 (-1 = the rest of the devices)"),
+    "distributed.num_processes": (int, "-1 or >= 1 (-1 = found by JAX)"),
+    "distributed.process_id": (int, ">= -1 (-1 = found by JAX)"),
+    "distributed.timeout_s": (int, "> 0"),
+}
+# The ranges, by the words that open their description.
+RULES = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
+    ">= -1": lambda v: v >= -1, "-1 or >= 1": lambda v: v == -1 or v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def check_number(name: str, value, kind: type, rule: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (or each element of a tuple) fits ``rule``.
+
+    The value must also be a ``kind``: integers are accepted for float keys; booleans are not
+    numbers here.
+    """
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        typed = (isinstance(v, (int, float)) if kind is float else isinstance(v, int)) and \
+            not isinstance(v, bool)
+        test = next(t for words, t in RULES.items() if rule.startswith(words))
+        if not typed:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"config.{name} must be {what} ({rule}), got {value!r}")
+        if not test(v) or v != v:  # (NaN fails every comparison but this one)
+            raise ConfigError(f"config.{name} must be {rule}, got {value!r}")
+
+
 _FREE_FORM = ("diffusion.schedule_params", "diffusion.weighting_params",
               "diffusion.time_sampling_params")
 
@@ -118,6 +171,14 @@ _MOVED_MODEL_KEYS = {
     "model.dit_size": "model.dit.size", "model.patch_size": "model.dit.patch_size",
     "model.hidden": "model.mlp.hidden", "model.depth": "model.mlp.depth",
 }
+
+
+def moved_key_hint(key: str) -> str:
+    """Where a key of an earlier config layout lives now ("" when it did not move)."""
+    if key not in _MOVED_MODEL_KEYS:
+        return ""
+    return (f"config.{key} is now config.{_MOVED_MODEL_KEYS[key]} (each model family has its "
+            "own group of keys)")
 
 
 def load_config(path: str):
@@ -175,10 +236,9 @@ def validate(config, reference=None) -> None:
 def _check_keys(given, known):
     """Every key known and none missing; a key that moved names its new place."""
     unknown = sorted(set(given) - set(known))
-    moved = [f"config.{k} is now config.{_MOVED_MODEL_KEYS[k]}" for k in unknown
-             if k in _MOVED_MODEL_KEYS]
+    moved = [moved_key_hint(k) for k in unknown if moved_key_hint(k)]
     if moved:
-        raise ConfigError(f"{'; '.join(moved)} (each model family has its own group of keys)")
+        raise ConfigError("; ".join(moved))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys are listed in "
                           "diffusion_jax/defaults.py")
@@ -194,10 +254,8 @@ def _check_model_family(config):
         raise ConfigError(f"config.model.name={config.model.name!r} is not one of "
                           f"{tuple(registry.FAMILIES)}")
     family = registry.get(config.model.name)
-    for key in family.positive:
-        if not config.model[family.name][key] > 0:
-            raise ConfigError(f"config.model.{family.name}.{key} must be > 0, got "
-                              f"{config.model[family.name][key]!r}")
+    for key, (kind, rule) in family.ranges.items():
+        check_number(f"model.{family.name}.{key}", config.model[family.name][key], kind, rule)
 
 
 def _check_ranges(given):
@@ -208,29 +266,8 @@ def _check_ranges(given):
     for key, choices in _CHOICES.items():
         if given[key] not in choices:
             raise ConfigError(f"config.{key}={given[key]!r} is not one of {tuple(choices)}")
-    for key in _POSITIVE:
-        if not given[key] > 0:
-            raise ConfigError(f"config.{key} must be > 0, got {given[key]!r}")
-    for key in ("training.ema_decay", "diffusion.label_dropout", "diffusion.caption_dropout",
-                "model.dropout"):
-        if not 0.0 <= given[key] < 1.0:
-            raise ConfigError(f"config.{key} must be in [0, 1), got {given[key]!r}")
-    for key in ("mesh.data", "mesh.fsdp"):
-        if not isinstance(given[key], int) or not (given[key] == -1 or given[key] >= 1):
-            raise ConfigError(f"config.{key} must be -1 (the rest of the devices) or an integer "
-                              f">= 1, got {given[key]!r}")
-    for key in ("training.grad_accumulation", "training.steps_per_call", "training.prefetch"):
-        if not isinstance(given[key], int):
-            raise ConfigError(f"config.{key} must be an integer, got {given[key]!r}")
-    if not isinstance(given["data.worker_count"], int) or given["data.worker_count"] < 0:
-        raise ConfigError("config.data.worker_count must be an integer >= 0 (0 reads data in "
-                          f"the training process), got {given['data.worker_count']!r}")
-    if given["evaluation.likelihood_examples"] < 0:
-        raise ConfigError("config.evaluation.likelihood_examples must be >= 0 (0 skips it)")
-    if not 0.0 <= given["sampling.guidance_rescale"] <= 1.0:
-        raise ConfigError("config.sampling.guidance_rescale must be in [0, 1]")
-    if given["sampling.guidance_scale"] < 0:
-        raise ConfigError("config.sampling.guidance_scale must be >= 0")
+    for key, (kind, rule) in NUMERIC.items():
+        check_number(key, given[key], kind, rule)
 
 
 def _check_combinations(given):
@@ -297,7 +334,8 @@ def build_source(data_config, split=None):
 
 
 def data_shape(source):
-    """(shape of one model input, number of classes or None)."""
+    """(shape of one model input, number of classes or None), once its first record is checked."""
+    data_lib.check_source(source)
     record = data_lib.ToModelInputs().map(source[0])  # (the text length does not matter here)
     return record["x"].shape, getattr(source, "num_classes", None)
 

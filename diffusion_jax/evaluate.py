@@ -279,9 +279,10 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
                                      e.likelihood_examples, e.likelihood_steps))
 
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
-    out_path = os.path.join(workdir, "eval", name + ".json")
-    if parallel.is_writer():
-        files.save_json(out_path, results)
+    settings = {"workdir": os.path.abspath(workdir), "sampling": s.to_dict(),
+                "evaluation": e.to_dict(), "data": config.data.to_dict()}
+    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
+                if parallel.is_writer() else None)
     writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                   enabled=parallel.is_writer())
     writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()

@@ -6,6 +6,7 @@ crash leaves either the previous file or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["to_uint8", "quantize", "make_grid", "save_grid", "save_arrays", "save_json",
-           "atomic_write"]
+           "atomic_write", "settings_digest", "reserve_stem", "save_result"]
 
 
 def to_uint8(images):
@@ -82,3 +83,39 @@ def save_arrays(path, **arrays):
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
     atomic_write(path, write)
+
+
+def settings_digest(settings) -> str:
+    """Eight hex digits that differ between any two different JSON-able ``settings``."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def reserve_stem(directory: str, name: str) -> str:
+    """A new path stem ``directory/name`` (or ``name_2``, ``name_3``, ...) that nothing uses yet.
+
+    The stem is reserved by creating ``stem.json`` exclusively (atomic even between processes),
+    so two writers never get the same one and no earlier output is overwritten; the caller
+    writes its files beside it and then the JSON itself (with :func:`save_json`).
+    """
+    os.makedirs(directory, exist_ok=True)
+    for attempt in range(1, 10_000):
+        stem = os.path.join(directory, name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            os.close(os.open(stem + ".json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        return stem
+    raise FileExistsError(f"{directory} holds 10,000 outputs named {name}; clear it out")
+
+
+def save_result(directory: str, name: str, result: dict, settings: dict) -> str:
+    """Write ``result`` with its ``settings`` as a new JSON file; return its path.
+
+    The file is ``directory/<name>_<digest of settings>.json`` (with a ``_2``... suffix when that
+    exists already, see :func:`reserve_stem`), so results of different settings never share a
+    name and none is overwritten.
+    """
+    stem = reserve_stem(directory, f"{name}_{settings_digest(settings)}")
+    save_json(stem + ".json", {**result, "settings": settings})
+    return stem + ".json"

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -187,8 +188,11 @@ def generate_to_files(config, workdir):
     """Generate ``config.sampling.num_samples`` samples of a run and save them (``--mode=sample``).
 
     Reads the checkpoint ``config.sampling.checkpoint_step`` (-1: the latest) and writes
-    ``workdir/samples/step<N>_<method>_<steps>steps_cfg<scale>.npz`` (samples, and the labels or
-    prompts asked for) and, for images, a PNG grid beside it. Every process of a multi-process
+    ``workdir/samples/step<N>_<method>_<steps>steps_cfg<scale>_<digest>.npz`` (samples, and the
+    labels or prompts asked for), for images a PNG grid beside it, and a JSON of the settings
+    (step, sampling group, whole config). The digest is that of the settings, so runs that
+    differ in any sampling key never share a name, and a repeat gets a ``_2`` suffix: no output
+    is overwritten. Samples that are not finite (a diverged checkpoint) are an error. Every process of a multi-process
     run takes part in generating; process 0 writes. Returns the paths written.
     """
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
@@ -200,9 +204,17 @@ def generate_to_files(config, workdir):
                                        config.sampling.num_samples))
     if not parallel.is_writer():
         return []
+    if not np.all(np.isfinite(images)):
+        raise configuration.ConfigError(
+            f"the samples of checkpoint step {int(state.step)} in {workdir} are NaN/Inf: its "
+            f"{'EMA ' if config.sampling.use_ema else ''}parameters are not finite (a run that "
+            "diverged); sample an earlier step with --config.sampling.checkpoint_step")
     s = config.sampling
-    stem = os.path.join(workdir, "samples", f"step{int(state.step)}_{s.method}_{s.num_steps}steps"
-                                            f"_cfg{s.guidance_scale:g}")
+    settings = {"step": int(state.step), "workdir": os.path.abspath(workdir),
+                "sampling": s.to_dict()}
+    stem = files.reserve_stem(os.path.join(workdir, "samples"),
+                              f"step{int(state.step)}_{s.method}_{s.num_steps}steps"
+                              f"_cfg{s.guidance_scale:g}_{files.settings_digest(settings)}")
     if is_text_model(config):
         extra = {"prompts": np.array(sampling_prompts(config, s.num_samples))}
     else:
@@ -213,4 +225,7 @@ def generate_to_files(config, workdir):
     if len(example_shape) == 3:
         files.save_grid(images, stem + ".png")
         written.append(stem + ".png")
+    files.save_json(stem + ".json", {**settings, "files": [os.path.basename(p) for p in written],
+                                     "config": json.loads(config.to_json_best_effort())})
+    written.append(stem + ".json")
     return written

@@ -392,9 +392,10 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
         "generation_and_scoring_seconds": round(time.time() - start, 2),
     }
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts"
-    out_path = os.path.join(workdir, "eval", name + ".json")
-    if parallel.is_writer():
-        files.save_json(out_path, results)
+    settings = {"workdir": os.path.abspath(workdir), "sampling": s.to_dict(),
+                "evaluation": e.to_dict(), "data": config.data.to_dict()}
+    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
+                if parallel.is_writer() else None)
     writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                   enabled=parallel.is_writer())
     scalars = {}

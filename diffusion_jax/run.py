@@ -15,7 +15,7 @@ from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models import registry
 
 __all__ = ["build", "build_mesh", "sampling_mesh", "open_checkpoints", "model_fingerprint",
-           "restore_run"]
+           "diffusion_fingerprint", "restore_run"]
 
 
 def build(config):
@@ -77,6 +77,23 @@ def model_fingerprint(model_config) -> dict:
     return {"name": family.name, **shared, **family.fingerprint(model_config[family.name])}
 
 
+# The text encoder's settings a checkpoint of a captioned run records.
+TEXT_FINGERPRINT = ("max_length", "width", "depth", "num_heads")
+
+
+def diffusion_fingerprint(config) -> dict:
+    """What a checkpoint records of the forward process its network was trained for.
+
+    The schedule and its parameters (and EDM's sigma_data) decide what the network's input means
+    at each noise level, so sampling or resuming under another one is refused.
+    """
+    d = config.diffusion
+    out = {"schedule": d.schedule, "schedule_params": d.schedule_params.to_dict()}
+    if d.target == "edm":
+        out["sigma_data"] = d.sigma_data
+    return out
+
+
 def open_checkpoints(config, workdir, example_shape, num_classes) -> ckpt_lib.Checkpoints:
     """The run's checkpoint manager in ``workdir/checkpoints``.
 
@@ -85,12 +102,24 @@ def open_checkpoints(config, workdir, example_shape, num_classes) -> ckpt_lib.Ch
     default values.
     """
     fingerprint = {"model": model_fingerprint(config.model), "data_shape": list(example_shape),
-                   "num_classes": num_classes, "target": config.diffusion.target}
+                   "num_classes": num_classes, "target": config.diffusion.target,
+                   "diffusion": diffusion_fingerprint(config),
+                   # What shapes the optimizer state: a warmup schedule counts steps, and
+                   # clipping adds a stage (their values may change on resuming, not these).
+                   "optimizer": {"warmup": config.training.warmup_steps > 0,
+                                 "clipping": config.training.grad_clip > 0}}
+    if config.data.name == "captions":
+        fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
     reference = defaults.get_config().model
     reference.name = config.model.name
+    # Keys a checkpoint lacks: model keys added since take their defaults; the diffusion,
+    # optimizer and text groups, which older checkpoints did not record, cannot be checked and
+    # are taken as given.
+    known = {"model": model_fingerprint(reference), "diffusion": fingerprint["diffusion"],
+             "optimizer": fingerprint["optimizer"], "text": fingerprint.get("text")}
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
                                 max_to_keep=config.training.keep_checkpoints,
-                                fingerprint_defaults={"model": model_fingerprint(reference)})
+                                fingerprint_defaults=known)
 
 
 def restore_run(config, workdir: str, *, step: Optional[int] = None):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from typing import Callable
@@ -28,9 +29,11 @@ from jax.experimental.layout import Format, Layout
 
 from diffusion_jax import conditioning, configuration, data, files, generate, gradients, losses
 from diffusion_jax import parallel, run, train_state, writers
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax import optimizer as optimizer_lib
 
-__all__ = ["TrainMetrics", "make_train_step", "TrainingDiverged", "make_loss_from_config",
+__all__ = ["TrainMetrics", "make_train_step", "all_finite", "TrainingDiverged", "Interrupted",
+           "make_loss_from_config",
            "compiled_train_step", "compile_train_step", "place_state", "empty_running_metrics",
            "train_and_evaluate"]
 
@@ -76,8 +79,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     ``loss_fn(params, batch, key) -> (loss, aux)`` comes from
     :func:`diffusion_jax.losses.make_loss_fn`. Metrics: ``loss``, ``grad_norm``, and
-    ``finite`` (False when the loss or a gradient is NaN or Inf; the caller stops the run then,
-    before the state is saved).
+    ``finite`` (False when the loss, a gradient, or anything in the new state (parameters, EMA,
+    optimizer state) is NaN or Inf; the caller stops the run then, before that state is saved).
 
     ``grad_accumulation`` splits the batch into that many microbatches whose gradients are
     summed in a ``lax.scan`` (the same update as the whole batch, with a fraction of the
@@ -132,17 +135,38 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                                   opt_state=opt_state)
+        metrics["finite"] = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                             & all_finite((params, ema, opt_state)))
         return new_state, metrics
 
     return train_step
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point number in ``tree`` is finite (one boolean, on device)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss or a gradient became NaN or Inf; nothing from that point was saved."""
+    """The loss, a gradient or the state became NaN or Inf; nothing from then on was saved."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after it saved a checkpoint of ``step``.
+
+    ``exit_code`` is what a process killed by that signal reports (128 + the signal number: 143
+    for SIGTERM, 130 for SIGINT), so that a scheduler sees an unfinished run and requeues it.
+    """
+
+    def __init__(self, signum: int, step: int, state):
+        super().__init__(f"stopped by signal {signum} after saving step {step}")
+        self.signum, self.step, self.state = signum, step, state
+        self.exit_code = 128 + signum
 
 
 def make_loss_from_config(config, model, num_classes):
@@ -279,7 +303,15 @@ class _StopSignals:
 
     def _handle(self, signum, frame):
         del frame
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
+            return
+        # A second signal: stop now, as the signal would without this handler. A checkpoint being
+        # written is not committed, and the earlier ones stay as they are.
+        print(f"received signal {signum} again: exiting without waiting for the save in progress",
+              file=sys.stderr, flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def requested(self, at_log_boundary: bool) -> bool:
         """Whether to save and stop now."""
@@ -373,15 +405,20 @@ def _check_finite(running, checkpoints, step: int) -> None:
     """Raise :class:`TrainingDiverged` if any step since the last check was not finite."""
     if bool(running["finite"]):
         return
+    checkpoints.wait()
     latest = checkpoints.latest_step()
-    before = ("no checkpoint was written" if latest is None else
-              f"the last checkpoint, step {latest} in {checkpoints.directory}, is from before")
-    raise TrainingDiverged(f"loss or gradients became NaN/Inf before step {step}; {before}. "
-                           "Lower training.learning_rate or check the data.")
+    kept = ("no checkpoint was written" if latest is None else
+            f"the newest checkpoint, step {latest} in {checkpoints.directory}, is the last good "
+            "state and a rerun resumes from it")
+    raise TrainingDiverged(
+        f"training diverged: the loss, the gradients or the parameters became NaN/Inf before "
+        f"step {step}, and nothing from then on was saved; {kept}. Lower "
+        "training.learning_rate (or raise training.warmup_steps, or set training.grad_clip) or "
+        "check the data")
 
 
-def _data_iterator(config, source, mesh):
-    """This process's iterator over its slice of every global batch."""
+def _data_iterator(config, source, mesh, num_classes):
+    """This process's iterator over its slice of every global batch (the first one checked)."""
     process_count = jax.process_count()
     if config.data.batch_size % process_count:
         raise configuration.ConfigError(
@@ -389,16 +426,24 @@ def _data_iterator(config, source, mesh):
             f"{process_count} processes")
     # The rows of the global batch that the mesh puts on this process's devices.
     slot, _ = parallel.process_batch_slot(mesh, config.data.batch_size)
-    return data.make_iterator(source, batch_size=config.data.batch_size // process_count,
-                              max_length=config.text.max_length, seed=config.seed,
-                              shard_index=slot, shard_count=process_count,
-                              worker_count=config.data.worker_count)
+    iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
+                                  max_length=config.text.max_length, seed=config.seed,
+                                  shard_index=slot, shard_count=process_count,
+                                  worker_count=config.data.worker_count)
+    return data.check_first_batch(iterator, num_classes=num_classes,
+                                  dataset=f"config.data.name={config.data.name!r} ({source!r})")
 
 
 def _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts):
     """``(state, resumed)``: the latest checkpoint (and data position), or a fresh state."""
     _, model, example_shape, num_classes, optimizer = parts
-    if checkpoints.latest_step() is not None:
+    latest = checkpoints.latest_step()
+    if latest is not None and latest > config.training.num_steps:
+        raise configuration.ConfigError(
+            f"the run in {os.path.dirname(checkpoints.directory)} is at step {latest}, past "
+            f"config.training.num_steps={config.training.num_steps}: nothing to train; raise "
+            "num_steps to train further, or give another --workdir for a new run")
+    if latest is not None:
         state = checkpoints.restore(train_state.with_shardings(abstract, mesh), iterator)
         if int(state.step) % config.training.steps_per_call:
             raise configuration.ConfigError(
@@ -424,20 +469,28 @@ def train_and_evaluate(config, workdir: str, *, log: Callable[[str], None] = _pr
     the end and when the process receives SIGTERM or SIGINT (then it stops cleanly); TensorBoard
     events (loss, gradient norm, learning rate, steps/s, sample grids) to ``workdir/tensorboard``;
     console lines through ``log``; and sample grids from the EMA parameters to
-    ``workdir/samples`` every ``training.sample_every`` steps. A NaN or Inf loss raises
-    :class:`TrainingDiverged` before anything from the diverged steps is saved. Returns the
-    final :class:`~diffusion_jax.train_state.TrainState`.
+    ``workdir/samples`` every ``training.sample_every`` steps. A NaN or Inf loss, gradient or
+    state raises :class:`TrainingDiverged` before anything from the diverged steps is saved; a
+    signal raises :class:`Interrupted` once its checkpoint is saved. Returns the final
+    :class:`~diffusion_jax.train_state.TrainState`. The run holds ``workdir`` for itself while it
+    runs (:class:`diffusion_jax.workdir.Lock`): a second run there stops with an error.
     """
     parts = run.build(config)
+    workdir = workdir_lib.check(workdir, "train")
+    with workdir_lib.Lock(workdir, enabled=parallel.is_writer()):
+        return _train(config, workdir, parts, log)
+
+
+def _train(config, workdir, parts, log):
+    """:func:`train_and_evaluate` once the config is built and the workdir is held."""
     source, model, example_shape, num_classes, optimizer = parts
     mesh = run.build_mesh(config)
     t = config.training
     if _size_advice(config):
         log(f"note: {_size_advice(config)}; the first step will show how long it would take")
-    iterator = _data_iterator(config, source, mesh)
+    iterator = _data_iterator(config, source, mesh, num_classes)
     checkpoints = run.open_checkpoints(config, workdir, example_shape, num_classes)
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
-                                  enabled=parallel.is_writer())
+    writer = None  # opened once the state is restored: a refused resume writes nothing
     try:
         # The state is created (or restored) directly in its sharding over the mesh.
         abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
@@ -448,6 +501,8 @@ def train_and_evaluate(config, workdir: str, *, log: Callable[[str], None] = _pr
         # position of the last batch used, not of those waiting.
         iterator = parallel.DevicePrefetcher(iterator, mesh, size=t.prefetch,
                                              stack=t.steps_per_call)
+        writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                      enabled=parallel.is_writer())
         _write_config_once(config, workdir)
         num_params = clu_parameter_overview.count_parameters(abstract.params)
         writer.text(f"model: {config.model.name}, {num_params:,} parameters; mesh "
@@ -455,15 +510,21 @@ def train_and_evaluate(config, workdir: str, *, log: Callable[[str], None] = _pr
                     f"{mesh.devices.size} {jax.devices()[0].platform} device(s)")
         if resumed:
             writer.text(f"resumed from step {int(state.step)} in {checkpoints.directory}")
+        if int(state.step) == t.num_steps:
+            writer.text(f"the run is already at config.training.num_steps={t.num_steps}; "
+                        "nothing to train (raise num_steps to train further)")
         grids = _SampleGrids(config, model, example_shape, num_classes, mesh, workdir, writer)
         with _StopSignals() as signals:
             state, stopped_at = _loop(config, state, step_fn, iterator, mesh, checkpoints,
                                       writer, grids, signals)
         if stopped_at is not None:
+            checkpoints.wait()  # the saved step is complete before the run reports it
             writer.text(f"{signals.reason()}: saved step {stopped_at} and stopped")
+            raise Interrupted(signals.signal or signal.SIGTERM, stopped_at, state)
     finally:
         checkpoints.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return state
 
 

@@ -2,6 +2,7 @@
 returns real data scores like data, one that returns noise does not, and missing pieces give
 clear errors."""
 
+import glob
 import json
 import os
 
@@ -92,7 +93,9 @@ def test_real_data_scores_like_data_and_noise_does_not(run, monkeypatch):
     assert real["class_accuracy"] > 0.4
     assert abs(real["class_accuracy"] - summary["test_accuracy"]) < 0.15
     assert "not FID" in real["feature_space"]
-    written = os.path.join(workdir, "eval", "step1_dpmpp_2m_3steps_cfg1.json")
+    # Every evaluation wrote its own file (same settings: a numbered suffix); the newest is noise's.
+    written = max(glob.glob(os.path.join(workdir, "eval", "step1_dpmpp_2m_3steps_cfg1_*.json")),
+                  key=os.path.getmtime)
     with open(written) as f:
         assert json.load(f)["frechet_distance"] == noise["frechet_distance"]
 

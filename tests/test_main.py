@@ -1,6 +1,8 @@
 """End to end from a config: train, checkpoint, resume bit for bit, stop on a signal, refuse NaNs,
 sample; clear errors for bad configs and bad checkpoints."""
 
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -90,7 +92,10 @@ def test_cli_train_then_sample(tmp_path):
          "--mode=sample", "--config.sampling.guidance_scale=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert sample_run.returncode == 0, sample_run.stderr[-3000:]
-    stem = os.path.join(workdir, "samples", "step6_dpmpp_2m_3steps_cfg2")
+    (npz,) = glob.glob(os.path.join(workdir, "samples", "step6_dpmpp_2m_3steps_cfg2_*.npz"))
+    stem = npz[:-len(".npz")]
+    with open(stem + ".json") as f:  # the settings beside the samples
+        assert json.load(f)["sampling"]["guidance_scale"] == 2
     grid = np.asarray(Image.open(stem + ".png"))
     assert grid.shape == (32, 32, 3)  # four 16x16 RGB samples in a 2 x 2 grid
     arrays = np.load(stem + ".npz")
@@ -156,8 +161,10 @@ def test_sigterm_saves_and_stops(tmp_path):
         if line.startswith("step 2/"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    state = train.train_and_evaluate(_config(num_steps=50), str(tmp_path), log=log)
-    assert int(state.step) == 2
+    with pytest.raises(train.Interrupted) as stopped:
+        train.train_and_evaluate(_config(num_steps=50), str(tmp_path), log=log)
+    assert stopped.value.exit_code == 143 and stopped.value.step == 2
+    assert int(stopped.value.state.step) == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
@@ -174,10 +181,10 @@ def test_signal_during_sampling_still_saves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "save_grid", save_and_signal)
     lines = []
-    state = train.train_and_evaluate(
-        _config(num_steps=50, sample_every=3, checkpoint_every=100), str(tmp_path),
-        log=lines.append)
-    assert int(state.step) == 4
+    with pytest.raises(train.Interrupted) as stopped:
+        train.train_and_evaluate(_config(num_steps=50, sample_every=3, checkpoint_every=100),
+                                 str(tmp_path), log=lines.append)
+    assert int(stopped.value.state.step) == 4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
     assert lines[-1] == "received signal 15: saved step 4 and stopped"
 

@@ -2,6 +2,7 @@
 generator that draws exactly what the prompt says scores what the classifier can see, one that
 returns noise scores like guessing, and the guidance scales to evaluate are checked."""
 
+import glob
 import json
 import os
 
@@ -115,7 +116,8 @@ def test_perfect_generator_scores_like_the_classifier_and_noise_like_chance(judg
         assert noise["scales"][0][group]["mean_accuracy"] < noise["chance"]["mean_accuracy"] + 0.15
         assert noise["scales"][0][group]["all_correct"] < 0.05
     assert noise["chance"]["mean_accuracy"] == pytest.approx(0.29, abs=0.02)
-    written = os.path.join(workdir, "eval", "step7_dpmpp_2m_3steps_prompts.json")
+    written = max(glob.glob(os.path.join(workdir, "eval", "step7_dpmpp_2m_3steps_prompts_*.json")),
+                  key=os.path.getmtime)
     with open(written) as f:
         assert json.load(f)["scales"][1] == second
     table = "\n".join(lines)
@@ -219,4 +221,4 @@ def test_prompt_adherence_of_a_trained_run(judge):
     train.train_and_evaluate(config, workdir, log=lambda line: None)
     results = evaluate.evaluate(config, workdir, log=lambda line: None)
     assert results["step"] == 2 and [r["guidance_scale"] for r in results["scales"]] == [0, 2]
-    assert os.path.exists(os.path.join(workdir, "eval", "step2_dpmpp_2m_3steps_prompts.json"))
+    assert glob.glob(os.path.join(workdir, "eval", "step2_dpmpp_2m_3steps_prompts_*.json"))

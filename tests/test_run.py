@@ -35,8 +35,10 @@ def test_a_checkpoint_from_before_the_restructure_restores_and_samples_the_same(
     state, _, shape, num_classes = run.restore_run(config, str(old_run))
     assert int(state.step) == 2 and shape == (16, 16, 3) and num_classes == 3
     written = generate.generate_to_files(config, str(old_run))
-    assert [pathlib.Path(p).name for p in written] == ["step2_dpmpp_2m_3steps_cfg1.npz",
-                                                      "step2_dpmpp_2m_3steps_cfg1.png"]
+    names = [pathlib.Path(p).name for p in written]
+    stem = names[0][:-len(".npz")]
+    assert stem.startswith("step2_dpmpp_2m_3steps_cfg1_")
+    assert names == [stem + ".npz", stem + ".png", stem + ".json"]
     new, old = np.load(written[0]), np.load(OLD_RUN / "samples_step2.npz")
     assert set(new.files) == set(old.files) == {"samples", "labels"}
     np.testing.assert_array_equal(new["labels"], old["labels"])
@@ -102,7 +104,7 @@ def test_a_new_family_is_one_record(monkeypatch):
     monkeypatch.setattr(registry, "FAMILIES", dict(registry.FAMILIES))
     registry.register(registry.Family(
         name="wide_mlp", defaults=lambda: {"hidden": 512}, data_rank=1, text=False,
-        positive=("hidden",),
+        ranges={"hidden": (int, "> 0")},
         build=lambda group, shape, common: models.MLP(hidden=group.hidden, depth=2,
                                                       num_classes=common["num_classes"])))
     config = defaults.get_config()

@@ -30,7 +30,8 @@ class Family:
     """One model family: its config sub-group, checks and builder.
 
     ``defaults()`` returns the family's own keys with their default values (the sub-group
-    ``config.model.<name>``); ``positive`` lists those that must be > 0; ``check(group,
+    ``config.model.<name>``); ``ranges`` gives each numeric one its type and range (a rule of
+    :data:`diffusion_jax.configuration.RULES`, e.g. ``(int, "> 0")``); ``check(group,
     example_shape)`` raises ``ValueError`` naming the key for anything else wrong;
     ``build(group, example_shape, common)`` returns the Flax module, where ``common`` holds the
     shared settings as keyword arguments. ``data_rank`` is the rank of one example the family
@@ -44,7 +45,7 @@ class Family:
     build: Callable[..., Any]
     data_rank: int
     text: bool
-    positive: tuple = ()
+    ranges: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     check: Callable[..., None] = lambda group, example_shape: None
     fingerprint_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -82,9 +83,6 @@ def _unet_defaults():
 
 
 def _check_unet(group, example_shape):
-    if group.head_dim < 0:
-        raise ValueError(f"config.model.unet.head_dim must be >= 0 (0 = num_heads heads), got "
-                         f"{group.head_dim!r}")
     levels = len(group.channel_mult)
     if levels < 1:
         raise ValueError("config.model.unet.channel_mult needs at least one level")
@@ -129,12 +127,15 @@ def _build_mlp(group, example_shape, common):
 
 register(Family(
     name="unet", defaults=_unet_defaults, build=_build_unet, data_rank=3, text=True,
-    positive=("channels", "num_res_blocks", "num_heads", "transformer_depth"),
+    ranges={"channels": (int, "> 0"), "channel_mult": (int, "> 0"),
+            "num_res_blocks": (int, "> 0"), "attention_resolutions": (int, "> 0"),
+            "num_heads": (int, "> 0"), "head_dim": (int, ">= 0 (0 = num_heads heads)"),
+            "transformer_depth": (int, "> 0")},
     check=_check_unet))
 register(Family(
     name="dit", defaults=lambda: dict(size="S", patch_size=2), build=_build_dit, data_rank=3,
-    text=True, positive=("patch_size",), check=_check_dit,
+    text=True, ranges={"patch_size": (int, "> 0")}, check=_check_dit,
     fingerprint_names={"size": "dit_size"}))
 register(Family(
     name="mlp", defaults=lambda: dict(hidden=256, depth=4), build=_build_mlp, data_rank=1,
-    text=False, positive=("hidden", "depth")))
+    text=False, ranges={"hidden": (int, "> 0"), "depth": (int, "> 0")}))
