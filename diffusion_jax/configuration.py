@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
+from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import defaults, losses, parameterization, samplers, schedules
 from diffusion_jax import models
 from diffusion_jax.models import registry
@@ -67,6 +68,7 @@ _CHOICES = {
     "mesh.state_layouts": ("auto", "default"),
     "model.dropout_rng": ("threefry", "rbg"),
     "model.attention": models.ATTENTION_IMPLEMENTATIONS,
+    "training.on_corrupt_checkpoint": ckpt_lib.ON_CORRUPT_CHOICES,
 }
 # Every numeric key: its type and its range (a rule of :data:`RULES`). Tuples are checked element
 # by element. The model families' own keys are ranged by their records (models/registry.py).
@@ -227,8 +229,8 @@ def validate(config, reference=None) -> None:
     given = _flatten(config)
     _check_keys(given, _flatten(reference))
     _check_model_family(config)
+    validate_distributed(config)  # (its own messages, before the generic ranges)
     _check_ranges(given)
-    validate_distributed(config)
     _check_combinations(given)
     _check_components(config)
 

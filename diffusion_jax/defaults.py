@@ -107,6 +107,9 @@ def _training() -> ml_collections.ConfigDict:
     training.log_every = 100
     training.checkpoint_every = 2_000
     training.keep_checkpoints = 3
+    # A damaged newest checkpoint: "error" stops and says which; "fallback" restores the newest
+    # readable one instead (the damaged ones are moved aside at the next save).
+    training.on_corrupt_checkpoint = "error"
     training.sample_every = 5_000  # 0 disables periodic sample grids
     # Speed and memory (the result does not depend on them, up to float rounding):
     training.grad_accumulation = 1  # microbatches per step (divides the per-device batch)

@@ -94,7 +94,8 @@ def diffusion_fingerprint(config) -> dict:
     return out
 
 
-def open_checkpoints(config, workdir, example_shape, num_classes) -> ckpt_lib.Checkpoints:
+def open_checkpoints(config, workdir, example_shape, num_classes, *,
+                     log=None) -> ckpt_lib.Checkpoints:
     """The run's checkpoint manager in ``workdir/checkpoints``.
 
     Its fingerprint (model config, data shape, classes, target) must match for a checkpoint to
@@ -119,7 +120,9 @@ def open_checkpoints(config, workdir, example_shape, num_classes) -> ckpt_lib.Ch
              "optimizer": fingerprint["optimizer"], "text": fingerprint.get("text")}
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
                                 max_to_keep=config.training.keep_checkpoints,
-                                fingerprint_defaults=known)
+                                fingerprint_defaults=known,
+                                on_corrupt=config.training.on_corrupt_checkpoint,
+                                log=log if parallel.is_writer() else (lambda line: None))
 
 
 def restore_run(config, workdir: str, *, step: Optional[int] = None):

@@ -27,6 +27,7 @@ from clu import parameter_overview as clu_parameter_overview
 from jax.experimental import multihost_utils
 from jax.experimental.layout import Format, Layout
 
+from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, generate, gradients, losses
 from diffusion_jax import parallel, run, train_state, writers
 from diffusion_jax import workdir as workdir_lib
@@ -489,12 +490,14 @@ def _train(config, workdir, parts, log):
     if _size_advice(config):
         log(f"note: {_size_advice(config)}; the first step will show how long it would take")
     iterator = _data_iterator(config, source, mesh, num_classes)
-    checkpoints = run.open_checkpoints(config, workdir, example_shape, num_classes)
+    checkpoints = run.open_checkpoints(config, workdir, example_shape, num_classes, log=log)
     writer = None  # opened once the state is restored: a refused resume writes nothing
     try:
         # The state is created (or restored) directly in its sharding over the mesh.
         abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
                                                     config.seed)
+        # A full disk or an unwritable folder is found now, not at the first save.
+        checkpoints.check_writable(ckpt_lib.state_bytes(abstract))
         state, resumed = _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts)
         step_fn = compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
         # Batches are assembled on the devices ahead of the step; checkpoints record the data

@@ -244,6 +244,52 @@ def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint(capsys, run_co
     assert snapshot(run_copy / "checkpoints") == before
 
 
+def test_a_damaged_checkpoint_is_one_paragraph_or_falls_back(capsys, run_copy):
+    """Garbage in step 4's array files: an error naming step 4 and the fix; with
+    on_corrupt_checkpoint=fallback, sampling reads step 3 instead."""
+    for root, _, names in os.walk(run_copy / "checkpoints" / "4" / "state"):
+        for name in names:
+            if name != "commit_success.txt":
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.write(b"garbage")
+    line = expect_error(capsys, r"checkpoint step 4 in .* is damaged or unreadable .*delete the "
+                                r"folder .*4 to resume from step 3, or set "
+                                r"training\.on_corrupt_checkpoint=\"fallback\"",
+                        f"--config={TINY}", f"--workdir={run_copy}", "--mode=sample",
+                        unchanged=run_copy)
+    assert "TensorStore" not in line and "{" not in line
+    code, out, err = run_cli(capsys, f"--config={TINY}", f"--workdir={run_copy}", "--mode=sample",
+                             "--config.training.on_corrupt_checkpoint=fallback")
+    assert code == 0, err[-2000:]
+    assert "step3_" in out and "damaged" in err
+
+
+def test_a_flipped_bit_is_an_error(capsys, run_copy):
+    """One bit flipped in the middle of the largest array file of step 4: an error about step 4
+    (the stored arrays are compressed, so the flip is caught by decompression or by the
+    checksums saved with the checkpoint, which name the array; tests/test_checkpoints.py flips
+    bits in uncompressed array data and checks the name)."""
+    files = [p for p in (run_copy / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    raw = bytearray(largest.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    largest.write_bytes(bytes(raw))
+    expect_error(capsys, r"checkpoint step 4 in .* is damaged or unreadable \((the data of "
+                         r"(params|ema_params|opt_state).* does not match the checksum|.+)\); "
+                         r"delete the folder", f"--config={TINY}", f"--workdir={run_copy}",
+                 "--mode=sample", unchanged=run_copy)
+
+
+def test_a_full_disk_is_found_before_training(capsys, monkeypatch, tmp_path):
+    from diffusion_jax import checkpoints as checkpoints_lib
+
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(checkpoints_lib.shutil, "disk_usage", lambda path: full)
+    expect_error(capsys, r"not enough disk space .* needs about .* the disk has 1\.0 kB free",
+                 f"--config={TINY}", f"--workdir={tmp_path}")
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
 # --------------------------------------------------------------------------------------------
 # Data.
 # --------------------------------------------------------------------------------------------
@@ -315,6 +361,23 @@ def test_a_signal_stop_exits_with_the_signals_code(capsys, monkeypatch, tmp_path
 
         monkeypatch.setitem(cli.MODES, "train", stopped)
         assert run_cli(capsys, f"--config={TINY}", f"--workdir={tmp_path}")[0] == code
+
+
+def test_a_second_signal_ends_the_process_at_once(monkeypatch, capsys):
+    """The first SIGINT asks for a save and a stop; a second one, while that save runs, restores
+    the signal's default action and sends it again (the process ends as a killed one would)."""
+    import signal as signal_lib
+
+    sent = []
+    monkeypatch.setattr(train.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    with train._StopSignals() as signals:
+        signals._handle(signal_lib.SIGINT, None)
+        assert signals.requested(True) and not sent
+        signals._handle(signal_lib.SIGINT, None)
+        assert sent == [(os.getpid(), signal_lib.SIGINT)]
+        assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.SIG_DFL
+    assert "exiting without waiting for the save" in capsys.readouterr().err
+    assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.default_int_handler
 
 
 # --------------------------------------------------------------------------------------------
