@@ -36,3 +36,24 @@ def test_preset_validates_and_builds(name):
     if name == "cifar10_ddpm":
         assert count == 35_746_307
     assert count > 0
+
+
+def test_every_numeric_key_has_a_range():
+    """A new numeric key must be given a type and range (configuration.NUMERIC, or its model
+    family's ranges), or validation would let any value through."""
+    from diffusion_jax import configuration, defaults
+    from diffusion_jax.models import registry
+
+    config = defaults.get_config()
+    flat = configuration._flatten(config)
+    families = {f"model.{name}." for name in registry.FAMILIES}
+    numeric = {k for k, v in flat.items() if not isinstance(v, (bool, str)) and (
+        isinstance(v, (int, float)) or (isinstance(v, tuple) and all(
+            isinstance(x, (int, float)) for x in v)))}
+    shared = {k for k in numeric if not any(k.startswith(f) for f in families)}
+    assert shared == set(configuration.NUMERIC), shared ^ set(configuration.NUMERIC)
+    for name, family in registry.FAMILIES.items():
+        own = {k.split(".", 2)[2] for k in numeric if k.startswith(f"model.{name}.")}
+        assert own == set(family.ranges), (name, own ^ set(family.ranges))
+    for key, (kind, rule) in configuration.NUMERIC.items():
+        configuration.check_number(key, flat[key], kind, rule)  # the defaults are in range

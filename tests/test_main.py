@@ -268,7 +268,7 @@ def test_bad_configs_name_the_key():
         run.build_mesh(config)
     config = tiny.get_config()
     config.data.worker_count = -2
-    with pytest.raises(configuration.ConfigError, match="data.worker_count must be an integer"):
+    with pytest.raises(configuration.ConfigError, match="data.worker_count must be >= 0"):
         configuration.validate(config)
     config = tiny.get_config()
     config.model.attention = "flash"
