@@ -268,27 +268,29 @@ def _run_diffusers_ddim(monkeypatch, spacing, eps_fn):
     return timesteps, states
 
 
-def _run_diffusers_dpmpp_2m(monkeypatch, spacing, eps_fn):
+def _run_diffusers_dpmpp(monkeypatch, spacing, eps_fn, order, num_steps=NUM_STEPS):
     scheduler = _float64_scheduler(
         monkeypatch,
         diffusers.DPMSolverMultistepScheduler,
         algorithm_type="dpmsolver++",
-        solver_order=2,
+        solver_order=order,
         solver_type="midpoint",
         final_sigmas_type="zero",
         lower_order_final=True,
         timestep_spacing=spacing,
         prediction_type="epsilon",
     )
-    scheduler.set_timesteps(NUM_STEPS)
+    scheduler.set_timesteps(num_steps)
     timesteps = _integer_timesteps(scheduler.timesteps)
     _check_sigma_table(scheduler, timesteps)
-
-    # Record which update each step used: first order for the first and the last (to sigma = 0)
-    # step, second order in between, as our dpmpp_2m does.
+    # Record which update each step used, and check it is what our dpmpp_2m / dpmpp_3m take:
+    # warm-up orders 1 (and 2), then `order`; the final step (to sigma = 0) first order, and for
+    # 3M with fewer than 15 steps (lower_order_final) the one before it second order.
     orders = _record_dpm_solver_orders(scheduler)
     states = _step_dpm_solver(scheduler, eps_fn)
-    assert orders == [1] + [2] * (NUM_STEPS - 2) + [1]
+    tail = [2, 1] if order == 3 and num_steps < 15 else [1]
+    warm_up = list(range(1, order))
+    assert orders == warm_up + [order] * (num_steps - len(warm_up) - len(tail)) + tail
     return timesteps, states
 
 
@@ -314,30 +316,6 @@ def _step_dpm_solver(scheduler, eps_fn):
         assert x.dtype == torch.float64
         states.append(x)
     return states
-
-
-def _run_diffusers_dpmpp_3m(monkeypatch, spacing, eps_fn, num_steps=NUM_STEPS):
-    scheduler = _float64_scheduler(
-        monkeypatch,
-        diffusers.DPMSolverMultistepScheduler,
-        algorithm_type="dpmsolver++",
-        solver_order=3,
-        solver_type="midpoint",
-        final_sigmas_type="zero",
-        lower_order_final=True,
-        timestep_spacing=spacing,
-        prediction_type="epsilon",
-    )
-    scheduler.set_timesteps(num_steps)
-    timesteps = _integer_timesteps(scheduler.timesteps)
-    _check_sigma_table(scheduler, timesteps)
-    orders = _record_dpm_solver_orders(scheduler)
-    states = _step_dpm_solver(scheduler, eps_fn)
-    # Warm-up 1, 2; third order; the final step (to sigma = 0) first order, and with fewer than 15
-    # steps (lower_order_final) the one before it second order.
-    tail = [2, 1] if num_steps < 15 else [1]
-    assert orders == [1, 2] + [3] * (num_steps - 2 - len(tail)) + tail
-    return timesteps, states
 
 
 def _run_diffusers_unipc(monkeypatch, spacing, eps_fn, order):
@@ -439,8 +417,8 @@ def _run_diffusers_heun(monkeypatch, spacing, eps_fn):
 
 _DRIVERS = {
     "ddim": _run_diffusers_ddim,
-    "dpmpp_2m": _run_diffusers_dpmpp_2m,
-    "dpmpp_3m": _run_diffusers_dpmpp_3m,
+    "dpmpp_2m": functools.partial(_run_diffusers_dpmpp, order=2),
+    "dpmpp_3m": functools.partial(_run_diffusers_dpmpp, order=3),
     "euler": _run_diffusers_euler,
     "heun": _run_diffusers_heun,
     "unipc_order_2": functools.partial(_run_diffusers_unipc, order=2),
