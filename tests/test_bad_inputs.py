@@ -235,6 +235,27 @@ def test_a_diverging_run_saves_no_non_finite_state(capsys, tmp_path):
     assert not list((tmp_path / "checkpoints").iterdir())
 
 
+def test_sampling_a_non_finite_checkpoint_is_refused(capsys, run_copy):
+    """A checkpoint holding NaN parameters (as runs could save before states were checked) does
+    not give all-NaN files and exit 0: sampling it is an error naming the step."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import run
+
+    config = tiny.get_config()
+    state, _, shape, num_classes = run.restore_run(config, str(run_copy))
+    poisoned = state.replace(step=state.step + 1, ema_params=jax.tree_util.tree_map(
+        lambda p: jnp.full_like(p, jnp.nan), state.ema_params))
+    manager = run.open_checkpoints(config, str(run_copy), shape, num_classes)
+    manager.save(5, poisoned)
+    manager.close()
+    expect_error(capsys, r"samples of checkpoint step 5 .* are NaN/Inf: its EMA parameters are "
+                         r"not finite", f"--config={TINY}", f"--workdir={run_copy}",
+                 "--mode=sample", unchanged=run_copy)
+    assert not list((run_copy / "samples").glob("step5_*"))
+
+
 def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint(capsys, run_copy):
     before = snapshot(run_copy / "checkpoints")
     expect_error(capsys, r"the newest checkpoint, step 4 in .*, is the last good state",
