@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from diffusion_jax import files
 
 __all__ = ["EvaluationError", "classifier_dir", "save_classifier", "classifier_optimizer",
-           "restore_classifier_params", "read_classifier_summary", "quiet"]
+           "restore_classifier_params", "read_classifier_summary"]
 
 
 class EvaluationError(RuntimeError):
@@ -80,8 +80,3 @@ def read_classifier_summary(config, workdir: str, kind: str = "classifier"):
             "config.evaluation.classifier_dir")
     with open(summary_path) as f:
         return directory, json.load(f)
-
-
-def quiet(line: str) -> None:
-    """A console that prints nothing: that of processes other than 0."""
-    del line

@@ -215,7 +215,7 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     (:func:`diffusion_jax.prompt_eval.evaluate_prompts`)."""
     # Every process of a multi-process run generates its share and computes the same results;
     # process 0 alone writes and reports them.
-    log = log if parallel.is_writer() else classifier_store.quiet
+    log = log if parallel.is_writer() else writers.quiet
     configuration.validate(config)
     prompt_eval.validate(config)
     if step is None and config.sampling.checkpoint_step != -1:

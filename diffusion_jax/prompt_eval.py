@@ -341,7 +341,7 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     ``load_generator(config, workdir, step) -> (step, for_scale)``, where ``for_scale(scale)``
     returns ``generate(key, prompts, attributes) -> images [n, H, W, 3] in [-1, 1]``, replaces
     the run's checkpoint (tests use a renderer of the prompts' attributes, or noise)."""
-    log = log if parallel.is_writer() else classifier_store.quiet  # process 0 reports
+    log = log if parallel.is_writer() else writers.quiet  # process 0 reports
     configuration.validate(config)
     validate(config)
     e, s = config.evaluation, config.sampling

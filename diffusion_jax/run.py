@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import configuration, defaults, parallel, train_state
+from diffusion_jax import configuration, defaults, parallel, train_state, writers
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models import registry
 
@@ -122,7 +122,7 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
                                 max_to_keep=config.training.keep_checkpoints,
                                 fingerprint_defaults=known,
                                 on_corrupt=config.training.on_corrupt_checkpoint,
-                                log=log if parallel.is_writer() else (lambda line: None))
+                                log=log if parallel.is_writer() else writers.quiet)
 
 
 def restore_run(config, workdir: str, *, step: Optional[int] = None):

@@ -18,6 +18,8 @@ import socket
 import tempfile
 from typing import Optional
 
+from diffusion_jax.checkpoint_failures import OS_PROBLEMS
+
 __all__ = ["WorkdirError", "check", "Lock"]
 
 LOCK_FILE = ".lock"
@@ -61,10 +63,9 @@ def check(workdir: str, mode: str = "train") -> str:
 
 
 def _reason(err: OSError) -> str:
-    names = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-             errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
-             errno.ENOTDIR: "a part of the path is a file"}
-    return names.get(err.errno, err.strerror or str(err))
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is a file"
+    return OS_PROBLEMS.get(err.errno, err.strerror or str(err))
 
 
 class Lock:

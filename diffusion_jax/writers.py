@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["progress_bar", "format_duration", "MetricWriter"]
+__all__ = ["progress_bar", "format_duration", "quiet", "MetricWriter"]
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
@@ -26,6 +26,11 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def quiet(line: str) -> None:
+    """A console that prints nothing: that of processes other than 0."""
+    del line
 
 
 class MetricWriter:
