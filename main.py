@@ -26,7 +26,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoints, configuration, data, evaluate, generate, parallel, train
+from diffusion_jax import autoencoder_eval, checkpoints, configuration, data, evaluate, generate
+from diffusion_jax import latent, parallel, train
 from diffusion_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -38,27 +39,38 @@ def define_flags(values=FLAGS):
                                     lock_config=True, flag_values=values)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs.",
                         flag_values=values)
-    flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "train_classifier"],
-                      "train: train (or resume); sample: generate from a checkpoint; eval: "
-                      "metrics of generated samples; train_classifier: the feature extractor "
-                      "eval uses.", flag_values=values)
+    flags.DEFINE_enum("mode", "train", list(MODES),
+                      "train: train (or resume); sample: generate from a checkpoint (an "
+                      "autoencoder run: reconstructions); eval: metrics of generated samples (of "
+                      "reconstructions); train_classifier: the feature extractor eval uses; "
+                      "encode_dataset: precompute a latent run's latents (config.latent).",
+                      flag_values=values)
     flags.DEFINE_bool("verbose", False, "Print the traceback of errors as well as their message.",
                       flag_values=values)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
 
 
-define_flags()
-
-
 def sample(config, workdir):
     """--mode=sample: generate from the run's checkpoint and say which files were written."""
-    written = generate.generate_to_files(config, workdir)
+    if config.task == "autoencoder":
+        written = autoencoder_eval.reconstruct_to_files(config, workdir)
+    else:
+        written = generate.generate_to_files(config, workdir)
     if written:
         print(f"wrote {' and '.join(written)}")
 
 
-MODES = {"train": train.train_and_evaluate, "sample": sample, "eval": evaluate.evaluate,
-         "train_classifier": evaluate.train_classifier}
+def evaluate_run(config, workdir):
+    """--mode=eval: sample metrics of a diffusion run, reconstruction metrics of an autoencoder."""
+    if config.task == "autoencoder":
+        return autoencoder_eval.evaluate_autoencoder(config, workdir)
+    return evaluate.evaluate(config, workdir)
+
+
+MODES = {"train": train.train_and_evaluate, "sample": sample, "eval": evaluate_run,
+         "train_classifier": evaluate.train_classifier, "encode_dataset": latent.encode_dataset}
+
+define_flags()
 # What a user can cause and fix: printed as one "error:" line, exit code 2.
 USER_ERRORS = (configuration.ConfigError, data.DataError, checkpoints.CheckpointError,
                train.TrainingDiverged, evaluate.EvaluationError, parallel.JoinError,

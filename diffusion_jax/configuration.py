@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
@@ -41,20 +42,48 @@ def _captioned_shapes(d, split):
                                     else "train")
 
 
+def _image_folder(d, split):
+    del split  # a folder has no splits: every split reads all of it
+    source = data_lib.ImageFolder(d.path, d.resolution, captions=d.captions,
+                                  log=print if jax.process_index() == 0 else None)
+    if d.captions != "none" and not source.has_captions:
+        raise data_lib.DataError(
+            f"config.data.captions={d.captions!r} trains a text-conditioned model, but {d.path} "
+            "has no captions (a metadata.jsonl, or a .txt beside each image); add them or set "
+            "config.data.captions='none'")
+    return source
+
+
+def _tfds(d, split):
+    source = data_lib.TFDSSource(d.tfds_name, split, data_dir=d.data_dir or None,
+                                 label_key="label" if d.class_conditional else None)
+    return data_lib.Resized(source, d.resolution) if d.resize else source
+
+
+def is_text_model(config) -> bool:
+    """Whether the run's data is captioned, so that the model reads text."""
+    return config.data.name == "captions" or (config.data.name == "folder"
+                                              and config.data.captions != "none")
+
+
 # Data sources by ``config.data.name``: ``(config.data, split) -> source``. A new dataset is one
 # entry here, beside its source class in diffusion_jax/data/.
 SOURCES = {
     "fashion_mnist": lambda d, split: data_lib.FashionMNIST(split, path=d.path or None),
-    "tfds": lambda d, split: data_lib.TFDSSource(d.tfds_name, split,
-                                                 data_dir=d.data_dir or None),
+    "tfds": _tfds,
     "shapes": lambda d, split: data_lib.Shapes(d.size, d.resolution,
                                                seed=_procedural_seed(split)),
     "captions": _captioned_shapes,
     "toy2d": lambda d, split: data_lib.Toy2D(d.toy_kind, d.size, seed=_procedural_seed(split)),
+    "folder": _image_folder,
 }
 
 _CHOICES = {
     "sized_for": ("any", "accelerator"),
+    "task": ("diffusion", "autoencoder"),
+    "data.captions": data_lib.ImageFolder.CAPTION_MODES,
+    "data.resize": (False, True),
+    "autoencoder.reconstruction": ("l1", "l2"),
     "data.toy_kind": data_lib.Toy2D.KINDS,
     "model.dtype": ("float32", "bfloat16"),
     "diffusion.schedule": tuple(schedules.SCHEDULES),
@@ -91,6 +120,15 @@ NUMERIC = {
     "sampling.seed": (int, ">= 0"), "sampling.label": (int, ">= -1 (-1 = every class)"),
     "sampling.guidance_scale": (float, ">= 0"), "sampling.guidance_rescale": (float, "in [0, 1]"),
     "sampling.checkpoint_step": (int, ">= -1 (-1 = latest)"),
+    "autoencoder.block_out_channels": (int, "> 0"), "autoencoder.layers_per_block": (int, "> 0"),
+    "autoencoder.latent_channels": (int, "> 0"), "autoencoder.norm_num_groups": (int, "> 0"),
+    "autoencoder.kl_weight": (float, ">= 0"), "autoencoder.perceptual_weight": (float, ">= 0"),
+    "autoencoder.disc_weight": (float, ">= 0 (0 = no discriminator)"),
+    "autoencoder.disc_start": (int, ">= 0"), "autoencoder.disc_layers": (int, "> 0"),
+    "autoencoder.disc_channels": (int, "> 0"),
+    "latent.checkpoint_step": (int, ">= -1 (-1 = latest)"),
+    "latent.scale": (float, ">= 0 (0 = from the autoencoder or the data)"),
+    "latent.scale_batches": (int, "> 0"),
     "text.max_length": (int, ">= 2"), "text.width": (int, "> 0"), "text.depth": (int, "> 0"),
     "text.num_heads": (int, "> 0"),
     "evaluation.num_samples": (int, "> 0"), "evaluation.batch_size": (int, "> 0"),
@@ -294,11 +332,14 @@ def _check_combinations(given):
     if given["text.width"] % given["text.num_heads"]:
         raise ConfigError(f"config.text.width={given['text.width']} must be divisible by "
                           f"config.text.num_heads={given['text.num_heads']}")
-    if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and given[
-            "data.name"] != "captions":
+    text = given["data.name"] == "captions" or (given["data.name"] == "folder"
+                                                and given["data.captions"] != "none")
+    if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
-                          "(data.name='captions'); this config trains on "
-                          f"{given['data.name']!r}")
+                          "(data.name='captions', or 'folder' with data.captions); this config "
+                          f"trains on {given['data.name']!r}")
+    if given["data.name"] == "folder" and not given["data.path"]:
+        raise ConfigError("config.data.path must name the image folder when data.name='folder'")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:
         raise ConfigError("config.data.tfds_name must name the dataset when data.name='tfds'")
 
@@ -382,7 +423,7 @@ def build_denoiser(config, example_shape, num_classes=None) -> Any:
     That is :func:`build_model`, wrapped in :class:`~diffusion_jax.models.TextConditioned` for
     captioned data.
     """
-    if config.data.name != "captions":
+    if not is_text_model(config):
         return build_model(config.model, example_shape, num_classes)
     t = config.text
     for key in ("context_dim", "pooled_dim"):

@@ -2,7 +2,9 @@
 
 Groups: ``data`` (what to train on), ``model`` (the denoiser), ``diffusion`` (schedule, prediction
 target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoints, logging) and
-``sampling`` (how ``--mode=sample`` and the periodic sample grids generate), ``text`` (the
+``sampling`` (how ``--mode=sample`` and the periodic sample grids generate), ``autoencoder``
+(the network and losses of ``task="autoencoder"`` runs), ``latent`` (the frozen autoencoder whose
+latent space a diffusion model works in), ``text`` (the
 text encoder of caption-conditioned models), ``evaluation`` and
 ``classifier`` (``--mode=eval`` and the feature extractor it uses), ``mesh`` (how the devices
 are arranged and how a step uses them) and ``distributed`` (runs of several processes).
@@ -24,11 +26,17 @@ def get_config() -> ml_collections.ConfigDict:
     # sized for a CPU, when there is one.
     config.sized_for = "any"
     config.cpu_preset = ""
+    # What the run trains: "diffusion" (a denoiser, in pixel space or in the latent space of
+    # config.latent.autoencoder) or "autoencoder" (the KL autoencoder of config.autoencoder, the
+    # first stage of latent diffusion).
+    config.task = "diffusion"
     config.data = _data()
     config.model = _model()
     config.diffusion = _diffusion()
     config.training = _training()
     config.sampling = _sampling()
+    config.autoencoder = _autoencoder()
+    config.latent = _latent()
     config.text = _text()
     config.evaluation = _evaluation()
     config.classifier = _classifier()
@@ -39,14 +47,20 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _data() -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict()
-    data.name = "shapes"  # fashion_mnist | tfds | shapes | captions | toy2d
-    data.path = ""  # Fashion-MNIST IDX folder; "" = the Debian package's location
+    data.name = "shapes"  # fashion_mnist | tfds | shapes | captions | toy2d | folder
+    # Fashion-MNIST IDX folder ("" = the Debian package's location); folder: the folder of
+    # images (png/jpg; captions from metadata.jsonl or a .txt beside each image)
+    data.path = ""
     data.tfds_name = ""  # e.g. "cifar10" when name == "tfds"
     data.data_dir = ""  # TFDS data_dir holding the prepared dataset
     data.split = "train"
     data.toy_kind = "mixture"  # toy2d: mixture | checkerboard | swiss_roll
     data.size = 50_000  # number of procedural examples (shapes, captions, toy2d)
-    data.resolution = 32  # shapes, captions: image size
+    data.resolution = 32  # shapes, captions, folder: image size (folder, resized tfds: crop size)
+    data.resize = False  # tfds: resize and centre-crop the images to data.resolution
+    # folder: "none" (unconditional), "auto" (captions where given, "" elsewhere) or "required";
+    # anything but "none" trains a text-conditioned model, as for data.name="captions"
+    data.captions = "none"
     data.batch_size = 128  # global batch size
     data.class_conditional = True  # use labels when the data has them
     # Processes that decode/render examples beside the training process (grain workers); 0 reads
@@ -117,6 +131,52 @@ def _training() -> ml_collections.ConfigDict:
     #   log/checkpoint/sample intervals and num_steps
     training.prefetch = 2  # batches assembled on the devices ahead of the step
     return training
+
+
+def _autoencoder() -> ml_collections.ConfigDict:
+    # task="autoencoder": the network (the architecture of Stable Diffusion's AutoencoderKL,
+    # downsampling by 2 ** (levels - 1)) and its training objective (Rombach et al. 2022, after
+    # Esser et al. 2021): reconstruction + kl_weight * KL + an optional perceptual (LPIPS) term
+    # and an optional PatchGAN discriminator. Reconstruction and KL are summed over each
+    # example's values (the convention SD's kl_weight=1e-6 was chosen under), averaged over the
+    # batch.
+    autoencoder = ml_collections.ConfigDict()
+    autoencoder.block_out_channels = (64, 128, 128)  # widths per level
+    autoencoder.layers_per_block = 1
+    autoencoder.latent_channels = 4
+    autoencoder.norm_num_groups = 32
+    autoencoder.mid_attention = True  # self-attention in the middle blocks
+    autoencoder.reconstruction = "l1"  # l1 | l2
+    autoencoder.kl_weight = 1e-6
+    # LPIPS-VGG perceptual loss: the weights file (an .npz converted with `python -m
+    # diffusion_jax.models.lpips convert`); "" = off whatever the weight.
+    autoencoder.perceptual_weight = 1.0
+    autoencoder.lpips_weights = ""
+    # PatchGAN discriminator with the hinge loss, switched on at step disc_start; its loss is
+    # weighted adaptively (Esser et al. 2021) times disc_weight; 0 = no discriminator.
+    autoencoder.disc_weight = 0.0
+    autoencoder.disc_start = 5_000
+    autoencoder.disc_layers = 3
+    autoencoder.disc_channels = 64
+    return autoencoder
+
+
+def _latent() -> ml_collections.ConfigDict:
+    # Latent diffusion (task="diffusion"): the denoiser works on the latents of a frozen
+    # autoencoder and samples are decoded to images. "" = pixel-space diffusion.
+    latent = ml_collections.ConfigDict()
+    latent.autoencoder = ""  # workdir of a task="autoencoder" run, or a diffusers `vae/` folder
+    latent.checkpoint_step = -1  # of the autoencoder run; -1 = its latest
+    # Latents are multiplied by scale (to unit variance) before diffusion; 0 = a diffusers
+    # folder's scaling_factor, or for an autoencoder run 1 / std of the latents of
+    # scale_batches batches of the data, measured when the run starts and kept in
+    # WORKDIR/latent.json.
+    latent.scale = 0.0
+    latent.scale_batches = 8
+    # A folder of latents written once by --mode=encode_dataset; "" = encode each batch in the
+    # train step's input pipeline (posterior samples drawn from the step's key).
+    latent.precomputed = ""
+    return latent
 
 
 def _sampling() -> ml_collections.ConfigDict:

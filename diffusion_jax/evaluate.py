@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from diffusion_jax import classifier_store, configuration, data, files, generate, likelihood
-from diffusion_jax import metrics, models, parallel, parameterization, prompt_eval, run, writers
+from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
+from diffusion_jax import writers
 from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
@@ -84,7 +85,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
             f"is one of {jax.process_count()}: run it as one task (e.g. `srun -n1`, or plain "
             "python on one host) without --config.distributed.initialize; --mode=eval then "
             "reads it on every host")
-    if generate.is_text_model(config):
+    if config.data.name == "captions":  # prompt adherence: captioned shapes
         return prompt_eval.train_attribute_classifier(config, workdir, log=log)
     source = configuration.build_source(config.data)
     example_shape, num_classes = configuration.data_shape(source)
@@ -181,8 +182,11 @@ INCEPTION_NOTE = ("Fréchet distance (FID when the weights are pytorch-fid's sta
                   "precision/recall in FID Inception-v3 pool features")
 
 
-def _feature_extractor(config, classifier):
-    """``(extract(images) -> features [n, d] float64-ready numpy, description)``."""
+def feature_extractor(config, classifier):
+    """``(extract(images) -> features [n, d] float64-ready numpy, description)``.
+
+    ``classifier`` is :func:`load_classifier`'s result (unused for Inception features).
+    """
     if config.evaluation.feature_extractor == "classifier":
         apply, params, _ = classifier
         return (lambda images: _batched_apply(apply, params, images)[1]), FEATURE_SPACE_NOTE
@@ -220,18 +224,19 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     prompt_eval.validate(config)
     if step is None and config.sampling.checkpoint_step != -1:
         step = config.sampling.checkpoint_step
-    if generate.is_text_model(config):
+    if config.data.name == "captions":  # prompt adherence: captioned shapes
         return prompt_eval.evaluate_prompts(config, workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling
     classifier = None
     if e.feature_extractor == "classifier" or os.path.exists(
             os.path.join(classifier_store.classifier_dir(config, workdir), "classifier.json")):
         classifier = load_classifier(config, workdir)
-    extract, feature_space = _feature_extractor(config, classifier)
+    extract, feature_space = feature_extractor(config, classifier)
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                            mesh=run.sampling_mesh(config))
+                                            mesh=run.sampling_mesh(config),
+                                            decode=latent.decoder_for(config, workdir))
 
     # Batches are generated over all devices, scored by the classifier, and folded into float64
     # running statistics as they come; only the feature vectors are kept (for precision/recall).

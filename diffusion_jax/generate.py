@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from diffusion_jax import configuration, files, guidance, parallel, parameterization, run
-from diffusion_jax import samplers
+from diffusion_jax import configuration, files, guidance, latent, parallel, parameterization
+from diffusion_jax import run, samplers
 from diffusion_jax import text as text_lib
 from diffusion_jax.conditioning import sampling_network
 
@@ -57,7 +57,8 @@ def cast_params_once(network, params, x_shape, cond=None):
 
 
 def is_text_model(config) -> bool:
-    return config.data.name == "captions"
+    """Whether the run's model reads text (captioned shapes, or a folder with captions)."""
+    return configuration.is_text_model(config)
 
 
 def sampling_prompts(config, num):
@@ -100,8 +101,12 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
                 "prompt", "negative_prompt")
 
 
-def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **sampling):
+def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, decode=None,
+                     **sampling):
     """Make ``generate(params, key, num, prompts=None) -> samples`` for ``config.sampling``.
+
+    ``decode``, if given, maps the generated samples to what is returned: a latent run's
+    decoder (:func:`diffusion_jax.latent.decoder_for`), which runs as its own compiled program.
 
     Any of the config's sampling keys can be overridden by keyword (``method``, ``num_steps``,
     ``grid``, ``label``, ``guidance_scale``, ``guidance_rescale``, ``prompt``,
@@ -162,9 +167,10 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, **
                 f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
                 f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
                 "for a multiple to spread it (same results, less time and memory per device)")
-        return samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
-                               num_steps=sampling.num_steps, grid=sampling.grid,
-                               key=key_sampler).samples
+        samples = samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
+                                  num_steps=sampling.num_steps, grid=sampling.grid,
+                                  key=key_sampler).samples
+        return samples if decode is None else decode(samples)
 
     return generate
 
@@ -176,10 +182,11 @@ def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **samp
     e.g. ``method="dpmpp_2m", num_steps=30, guidance_scale=4.0, negative_prompt="..."``."""
     if not is_text_model(config):
         raise configuration.ConfigError("generate_from_prompts needs a text-conditioned run "
-                                        "(data.name='captions')")
+                                        "(data.name='captions', or a folder with captions)")
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     generate = make_generate_fn(config, model, example_shape, num_classes,
-                                mesh=run.sampling_mesh(config), **sampling)
+                                mesh=run.sampling_mesh(config),
+                                decode=latent.decoder_for(config, workdir), **sampling)
     images = generate(state.ema_params, jax.random.key(seed), len(prompts), list(prompts))
     return files.to_uint8(images), state
 
@@ -199,7 +206,8 @@ def generate_to_files(config, workdir):
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     generate = make_generate_fn(config, model, example_shape, num_classes,
-                                mesh=run.sampling_mesh(config))
+                                mesh=run.sampling_mesh(config),
+                                decode=latent.decoder_for(config, workdir))
     images = parallel.to_host(generate(params, jax.random.key(config.sampling.seed),
                                        config.sampling.num_samples))
     if not parallel.is_writer():
@@ -222,7 +230,7 @@ def generate_to_files(config, workdir):
         extra = {} if labels is None else {"labels": labels}
     files.save_arrays(stem + ".npz", samples=images, **extra)
     written = [stem + ".npz"]
-    if len(example_shape) == 3:
+    if images.ndim == 4:
         files.save_grid(images, stem + ".png")
         written.append(stem + ".png")
     files.save_json(stem + ".json", {**settings, "files": [os.path.basename(p) for p in written],

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import classifier_store, configuration, files, generate, parallel, run
-from diffusion_jax import writers
+from diffusion_jax import latent, writers
 from diffusion_jax.data import captions
 from diffusion_jax.models.classifier import AttributeClassifier
 
@@ -96,7 +96,7 @@ def validate(config) -> None:
             raise configuration.ConfigError(
                 f"config.evaluation.guidance_scales must hold finite numbers >= 0 (0 = "
                 f"unconditional), got {tuple(scales)!r}")
-    if scales and not generate.is_text_model(config):
+    if scales and config.data.name != "captions":
         raise configuration.ConfigError(
             "config.evaluation.guidance_scales is for prompt adherence of text-to-image runs "
             f"(data.name='captions'); this config's data is {config.data.name!r}: leave it empty "
@@ -223,10 +223,24 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
     return summary
 
 
+def attribute_features(config, workdir: str) -> Callable:
+    """``extract(images) -> features [n, feature_dim]`` of the run's attribute classifier."""
+    model, params = _attribute_classifier(config, workdir)[:2]
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[1])
+    return lambda images: np.concatenate([np.asarray(apply(params, images[i:i + 250]))
+                                          for i in range(0, len(images), 250)])
+
+
 def load_attribute_classifier(config, workdir: str):
     """Load the judge trained with ``--mode=train_classifier`` for this run's data.
 
     Returns ``(classify(images) -> {attribute: predicted class [n]}, summary)``."""
+    model, params, summary = _attribute_classifier(config, workdir)
+    return _make_classify(model, params), summary
+
+
+def _attribute_classifier(config, workdir: str):
+    """``(model, params, summary)`` of the attribute classifier in the run's classifier folder."""
     directory, summary = classifier_store.read_classifier_summary(config, workdir,
                                                                   "attribute classifier")
     if summary.get("kind") != "attributes":
@@ -246,7 +260,7 @@ def load_attribute_classifier(config, workdir: str):
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(wanted)))["params"])
     params = classifier_store.restore_classifier_params(directory, abstract)
-    return _make_classify(model, params), summary
+    return model, params, summary
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -317,10 +331,11 @@ def _checkpoint_generator(config, workdir, step):
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
     mesh = run.sampling_mesh(config)
+    decode = latent.decoder_for(config, workdir)
 
     def for_scale(scale):
         generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                                mesh=mesh, guidance_scale=scale)
+                                                mesh=mesh, decode=decode, guidance_scale=scale)
         return lambda key, prompts, attributes: generate_fn(params, key, len(prompts),
                                                             list(prompts))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from diffusion_jax import autoencoders
 from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import configuration, defaults, parallel, train_state, writers
 from diffusion_jax import optimizer as optimizer_lib
@@ -19,14 +20,38 @@ __all__ = ["build", "build_mesh", "sampling_mesh", "open_checkpoints", "model_fi
 
 
 def build(config):
-    """Validate ``config`` and build ``(source, model, example_shape, num_classes, optimizer)``."""
+    """Validate ``config`` and build ``(source, model, example_shape, num_classes, optimizer)``.
+
+    For an autoencoder run the model is the :class:`~diffusion_jax.autoencoder_training.\
+AutoencoderTask` and there are no classes; for a latent-diffusion run ``example_shape`` is the
+    shape of the autoencoder's latents of the data's images, which the denoiser works on.
+    """
     configuration.validate(config)
     source = configuration.build_source(config.data)
     example_shape, num_classes = configuration.data_shape(source)
     if not config.data.class_conditional:
         num_classes = None
-    model = configuration.build_denoiser(config, example_shape, num_classes)
     optimizer = optimizer_lib.optimizer_from_config(config)
+    if config.task == "autoencoder":
+        if config.latent.autoencoder:
+            raise configuration.ConfigError(
+                "config.latent.autoencoder is for diffusion runs; an autoencoder run "
+                "(task='autoencoder') trains its own: leave it ''")
+        model = autoencoders.build_task(config, tuple(example_shape))
+        return source, model, tuple(example_shape), None, optimizer
+    if config.latent.autoencoder:
+        described = autoencoders.describe(config.latent.autoencoder, config.model.dtype)
+        where = f"config.latent.autoencoder={config.latent.autoencoder!r}"
+        example_shape = autoencoders.latent_shape(described.autoencoder, example_shape,
+                                                  where=where)
+        try:
+            model = configuration.build_denoiser(config, example_shape, num_classes)
+        except configuration.ConfigError as err:
+            raise configuration.ConfigError(
+                f"{err} (the denoiser works on the latents of {where}, of shape "
+                f"{tuple(example_shape)})") from err
+    else:
+        model = configuration.build_denoiser(config, example_shape, num_classes)
     return source, model, tuple(example_shape), num_classes, optimizer
 
 
@@ -102,6 +127,8 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
     be restored; keys a checkpoint lacks (settings added after it was written) take their
     default values.
     """
+    if config.task == "autoencoder":
+        return _open_autoencoder_checkpoints(config, workdir, example_shape, log)
     fingerprint = {"model": model_fingerprint(config.model), "data_shape": list(example_shape),
                    "num_classes": num_classes, "target": config.diffusion.target,
                    "diffusion": diffusion_fingerprint(config),
@@ -109,8 +136,10 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
                    # clipping adds a stage (their values may change on resuming, not these).
                    "optimizer": {"warmup": config.training.warmup_steps > 0,
                                  "clipping": config.training.grad_clip > 0}}
-    if config.data.name == "captions":
+    if configuration.is_text_model(config):
         fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
+    if config.latent.autoencoder:  # (pixel runs record nothing here, as before latents)
+        fingerprint["latent"] = autoencoders.describe(config.latent.autoencoder).fingerprint()
     reference = defaults.get_config().model
     reference.name = config.model.name
     # Keys a checkpoint lacks: model keys added since take their defaults; the diffusion,
@@ -121,6 +150,25 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
                                 max_to_keep=config.training.keep_checkpoints,
                                 fingerprint_defaults=known,
+                                on_corrupt=config.training.on_corrupt_checkpoint,
+                                log=log if parallel.is_writer() else writers.quiet)
+
+
+# The autoencoder settings a checkpoint of an autoencoder run records.
+AUTOENCODER_FINGERPRINT = ("block_out_channels", "layers_per_block", "latent_channels",
+                           "norm_num_groups", "mid_attention", "disc_layers", "disc_channels")
+
+
+def _open_autoencoder_checkpoints(config, workdir, example_shape, log):
+    a = config.autoencoder
+    fingerprint = {"task": "autoencoder", "data_shape": list(example_shape),
+                   "autoencoder": {k: (list(a[k]) if isinstance(a[k], (tuple, list)) else a[k])
+                                   for k in AUTOENCODER_FINGERPRINT},
+                   "discriminator": a.disc_weight > 0,
+                   "optimizer": {"warmup": config.training.warmup_steps > 0,
+                                 "clipping": config.training.grad_clip > 0}}
+    return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
+                                max_to_keep=config.training.keep_checkpoints,
                                 on_corrupt=config.training.on_corrupt_checkpoint,
                                 log=log if parallel.is_writer() else writers.quiet)
 

@@ -27,11 +27,13 @@ from clu import parameter_overview as clu_parameter_overview
 from jax.experimental import multihost_utils
 from jax.experimental.layout import Format, Layout
 
+from diffusion_jax import autoencoder_training
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import conditioning, configuration, data, files, generate, gradients, losses
-from diffusion_jax import parallel, run, train_state, writers
+from diffusion_jax import conditioning, configuration, data, files, gradients, latent
+from diffusion_jax import console as console_lib
+from diffusion_jax import grids as grids_lib
+from diffusion_jax import losses, parallel, run, train_state, writers
 from diffusion_jax import workdir as workdir_lib
-from diffusion_jax import optimizer as optimizer_lib
 
 __all__ = ["TrainMetrics", "make_train_step", "all_finite", "TrainingDiverged", "Interrupted",
            "make_loss_from_config",
@@ -79,7 +81,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     """Build the pure ``train_step(state, batch) -> (state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, aux)`` comes from
-    :func:`diffusion_jax.losses.make_loss_fn`. Metrics: ``loss``, ``grad_norm``, and
+    :func:`diffusion_jax.losses.make_loss_fn` (or is an autoencoder's loss, whose ``draw`` also
+    takes the step: ``draw_takes_step``). Metrics: ``loss``, ``grad_norm``, and
     ``finite`` (False when the loss, a gradient, or anything in the new state (parameters, EMA,
     optimizer state) is NaN or Inf; the caller stops the run then, before that state is saved).
 
@@ -122,9 +125,11 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             return gradients.mean_loss_and_grads(compute, params, batch, draws,
                                                  grad_accumulation, micro_sharding)
 
+    takes_step = getattr(loss_fn, "draw_takes_step", False)
+
     def train_step(state: train_state.TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        batch, draws = draw(batch, key)
+        batch, draws = draw(batch, key, state.step) if takes_step else draw(batch, key)
         loss, grads = loss_and_grads(state.params, batch, draws)
         grad_norm = parallel.global_norm(grads, concat_below=concat_below)
         extra = ({"grad_norm": grad_norm}
@@ -174,15 +179,18 @@ def make_loss_from_config(config, model, num_classes):
     """The training loss of ``config.diffusion`` for ``model``.
 
     With label dropout (drawn for the whole global batch) when the model is class-conditional,
-    and caption dropout for captioned data.
+    and caption dropout for captioned data. An autoencoder run's loss is that of
+    ``config.autoencoder`` (:mod:`diffusion_jax.autoencoder_training`).
     """
+    if config.task == "autoencoder":
+        return autoencoder_training.loss_from_config(config, model)
     apply_fn = conditioning.network_apply_fn(model, num_classes=num_classes,
                                 dropout_rng=config.model.dropout_rng)
     label_dropout = config.diffusion.label_dropout if num_classes else 0.0
     prepares = []
     if label_dropout:
         prepares.append(conditioning.drop_labels(num_classes, label_dropout))
-    if config.data.name == "captions" and config.diffusion.caption_dropout:
+    if configuration.is_text_model(config) and config.diffusion.caption_dropout:
         prepares.append(conditioning.drop_captions(config.diffusion.caption_dropout,
                                                    config.text.max_length))
 
@@ -329,79 +337,6 @@ class _StopSignals:
                 else "another process received a signal")
 
 
-def _on_accelerator() -> bool:
-    return jax.default_backend() != "cpu"
-
-
-def _size_advice(config) -> str:
-    """What to say when a config sized for an accelerator runs on a CPU ("" otherwise)."""
-    if config.sized_for != "accelerator" or _on_accelerator():
-        return ""
-    instead = (f"; {config.cpu_preset} is the same job sized for a CPU" if config.cpu_preset
-               else "")
-    return f"this config is sized for a GPU or TPU and this machine has none{instead}"
-
-
-class _Console:
-    """The console and TensorBoard lines: the first step's timing, then one line per interval."""
-
-    def __init__(self, writer, config, first_step: int):
-        self._writer = writer
-        self._num_steps = config.training.num_steps
-        self._learning_rate = optimizer_lib.learning_rate_schedule(
-            config.training.learning_rate, config.training.warmup_steps)
-        self._advice = _size_advice(config)
-        self._last_time, self._last_step = time.time(), first_step
-
-    def first_step(self, step: int, compile_seconds: float, step_seconds: float) -> None:
-        """Say how long compiling took, how long a step takes, and the ETA that implies."""
-        left = self._num_steps - step
-        line = (f"step {step}: compiled the train step in {compile_seconds:.1f} s; "
-                f"{step_seconds:.3g} s/step, so about "
-                f"{writers.format_duration(left * step_seconds)} for the {left:,} steps left")
-        self._writer.text(line + (f" ({self._advice})" if self._advice else ""))
-        self._last_time, self._last_step = time.time(), step
-
-    def log(self, step: int, values: dict) -> None:
-        """One line of the losses averaged since the last one, with the speed and time left."""
-        scalars = {"train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
-                   "train/learning_rate": float(self._learning_rate(step - 1))}
-        now = time.time()
-        speed = ""
-        if step > self._last_step:
-            rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-            eta = (self._num_steps - step) / max(rate, 1e-9)
-            speed = f"  {rate:.2f} steps/s  ETA {writers.format_duration(eta)}"
-            scalars["train/steps_per_sec"] = rate
-        self._last_time, self._last_step = now, step
-        self._writer.text(f"step {step}/{self._num_steps} "
-                          f"{writers.progress_bar(step, self._num_steps)}  loss "
-                          f"{values['loss']:.4f}  grad_norm {values['grad_norm']:.3f}{speed}")
-        self._writer.scalars(step, scalars)
-
-
-class _SampleGrids:
-    """Sample grids from the EMA parameters, written to ``workdir/samples`` and TensorBoard."""
-
-    def __init__(self, config, model, example_shape, num_classes, mesh, workdir, writer):
-        self._config, self._workdir, self._writer = config, workdir, writer
-        self._images = len(example_shape) == 3
-        self._make = lambda: jax.jit(generate.make_generate_fn(
-            config, model, example_shape, num_classes, mesh=mesh), static_argnums=2)
-        self._generate = None  # compiled when first needed
-
-    def write(self, step: int, state) -> None:
-        if self._generate is None:
-            self._generate = self._make()
-        s = self._config.sampling
-        images = parallel.to_host(self._generate(state.ema_params, jax.random.key(s.seed),
-                                                 s.num_samples))
-        if parallel.is_writer() and self._images:
-            grid = files.save_grid(images, os.path.join(self._workdir, "samples",
-                                                        f"step_{step:08d}.png"))
-            self._writer.image(step, "samples/ema", grid)
-
-
 def _check_finite(running, checkpoints, step: int) -> None:
     """Raise :class:`TrainingDiverged` if any step since the last check was not finite."""
     if bool(running["finite"]):
@@ -456,11 +391,51 @@ def _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts):
                                         mesh), False
 
 
-def _write_config_once(config, workdir) -> None:
-    """Keep the config the run started with as ``workdir/config.json`` (process 0)."""
+def _write_config_once(config, workdir, model, example_shape) -> None:
+    """Keep the config the run started with as ``workdir/config.json`` (process 0).
+
+    An autoencoder run also writes ``autoencoder.json``: its image and latent shapes, which a
+    latent run reads without loading the autoencoder's data.
+    """
     path = os.path.join(workdir, "config.json")
     if parallel.is_writer() and not os.path.exists(path):
         files.save_json(path, json.loads(config.to_json_best_effort()))
+    shapes = os.path.join(workdir, "autoencoder.json")
+    if config.task == "autoencoder" and parallel.is_writer() and not os.path.exists(shapes):
+        factor = model.autoencoder.downsampling_factor
+        files.save_json(shapes, {"image_shape": list(example_shape),
+                                 "latent_shape": [example_shape[0] // factor,
+                                                  example_shape[1] // factor,
+                                                  model.autoencoder.latent_channels],
+                                 "downsampling_factor": factor})
+
+
+def _describe_model(config, abstract, mesh, example_shape) -> str:
+    """The run's first log line: what it trains, how big, on which devices."""
+    num_params = clu_parameter_overview.count_parameters(abstract.params)
+    devices = (f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+               f"{mesh.devices.size} {jax.devices()[0].platform} device(s)")
+    if config.task == "autoencoder":
+        return (f"model: autoencoder (f={2 ** (len(config.autoencoder.block_out_channels) - 1)}, "
+                f"{config.autoencoder.latent_channels} latent channels"
+                f"{', with a discriminator' if config.autoencoder.disc_weight else ''}), "
+                f"{num_params:,} parameters; {autoencoder_training.perceptual_status(config.autoencoder)}"
+                f"; {devices}")
+    where = (f" on latents of shape {tuple(example_shape)} of {config.latent.autoencoder}"
+             f"{' (precomputed)' if config.latent.precomputed else ''}"
+             if config.latent.autoencoder else "")
+    return f"model: {config.model.name}{where}, {num_params:,} parameters; {devices}"
+
+
+def _latent_space(config, workdir, source, mesh, num_classes, log):
+    """The latent run's autoencoder and scale (estimated from the data on a fresh start)."""
+    def estimate(space):
+        batches = parallel.DevicePrefetcher(_data_iterator(config, source, mesh, num_classes),
+                                            mesh, size=1)
+        key = jax.random.fold_in(jax.random.key(config.seed), 0x5CA1E)
+        return latent.estimate_scale(space, batches, config.latent.scale_batches, key)
+
+    return latent.load_space(config, workdir, estimate=estimate, log=log)
 
 
 def train_and_evaluate(config, workdir: str, *, log: Callable[[str], None] = _print_now):
@@ -487,8 +462,10 @@ def _train(config, workdir, parts, log):
     source, model, example_shape, num_classes, optimizer = parts
     mesh = run.build_mesh(config)
     t = config.training
-    if _size_advice(config):
-        log(f"note: {_size_advice(config)}; the first step will show how long it would take")
+    if console_lib.size_advice(config):
+        log(f"note: {console_lib.size_advice(config)}; the first step will show how long it would take")
+    if config.latent.precomputed:
+        source = latent.precomputed_source(config)
     iterator = _data_iterator(config, source, mesh, num_classes)
     checkpoints = run.open_checkpoints(config, workdir, example_shape, num_classes, log=log)
     writer = None  # opened once the state is restored: a refused resume writes nothing
@@ -504,19 +481,22 @@ def _train(config, workdir, parts, log):
         # position of the last batch used, not of those waiting.
         iterator = parallel.DevicePrefetcher(iterator, mesh, size=t.prefetch,
                                              stack=t.steps_per_call)
+        space = None
+        if config.latent.autoencoder:
+            space = _latent_space(config, workdir, source, mesh, num_classes, log)
+            iterator = latent.LatentBatches(iterator, space, seed=config.seed,
+                                            first_step=int(state.step), stack=t.steps_per_call)
         writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                       enabled=parallel.is_writer())
-        _write_config_once(config, workdir)
-        num_params = clu_parameter_overview.count_parameters(abstract.params)
-        writer.text(f"model: {config.model.name}, {num_params:,} parameters; mesh "
-                    f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
-                    f"{mesh.devices.size} {jax.devices()[0].platform} device(s)")
+        _write_config_once(config, workdir, model, example_shape)
+        writer.text(_describe_model(config, abstract, mesh, example_shape))
         if resumed:
             writer.text(f"resumed from step {int(state.step)} in {checkpoints.directory}")
         if int(state.step) == t.num_steps:
             writer.text(f"the run is already at config.training.num_steps={t.num_steps}; "
                         "nothing to train (raise num_steps to train further)")
-        grids = _SampleGrids(config, model, example_shape, num_classes, mesh, workdir, writer)
+        grids = grids_lib.for_run(config, model, example_shape, num_classes, mesh, workdir,
+                                  writer, space)
         with _StopSignals() as signals:
             state, stopped_at = _loop(config, state, step_fn, iterator, mesh, checkpoints,
                                       writer, grids, signals)
@@ -535,7 +515,7 @@ def _loop(config, state, step_fn, iterator, mesh, checkpoints, writer, grids, si
     """Run the steps with their periodic actions; ``(state, step stopped at by a signal)``."""
     t = config.training
     step = int(state.step)
-    console = _Console(writer, config, step)
+    console = console_lib.Console(writer, config, step)
     running = empty_running_metrics(mesh)
     compiled = None
     while step < t.num_steps:

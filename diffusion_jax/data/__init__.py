@@ -1,6 +1,8 @@
 """Input pipelines: data sources and grain iterators of host-local numpy batches."""
 
 from diffusion_jax.data.captions import CaptionedShapes, caption_for
+from diffusion_jax.data.folder import ImageFolder, Resized, resize_center_crop
+from diffusion_jax.data.latent_files import PrecomputedLatents
 from diffusion_jax.data.pipeline import (
     ToModelInputs,
     check_batch,
@@ -23,6 +25,9 @@ __all__ = [
     "DataError",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
+    "ImageFolder",
+    "PrecomputedLatents",
+    "Resized",
     "Shapes",
     "TFDSSource",
     "Toy2D",
@@ -33,4 +38,5 @@ __all__ = [
     "check_source",
     "make_iterator",
     "read_idx",
+    "resize_center_crop",
 ]

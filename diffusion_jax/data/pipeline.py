@@ -51,6 +51,8 @@ class ToModelInputs(grain.MapTransform):
             if image.ndim == 2:
                 image = image[..., None]
             out["x"] = image.astype(np.float32) / 127.5 - 1.0
+        elif "moments" in record:  # precomputed latents: the posterior's mean and log-variance
+            out["moments"] = np.asarray(record["moments"], np.float32)
         else:
             out["x"] = np.asarray(record["x"], np.float32)
         if "label" in record:
@@ -73,6 +75,8 @@ class ToModelInputs(grain.MapTransform):
             if images.ndim == 3:
                 images = images[..., None]
             out["x"] = images.astype(np.float32) / 127.5 - 1.0
+        elif "moments" in records:
+            out["moments"] = np.asarray(records["moments"], np.float32)
         else:
             out["x"] = np.asarray(records["x"], np.float32)
         if "label" in records:
@@ -98,7 +102,7 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
     """
     dataset = dataset or repr(source)
     record = source[0]
-    if not hasattr(record, "keys") or not ("image" in record or "x" in record):
+    if not hasattr(record, "keys") or not any(k in record for k in ("image", "x", "moments")):
         found = (f"has the keys {sorted(record)}" if hasattr(record, "keys") else
                  f"is a {type(record).__name__}")
         raise DataError(f"{dataset}: a record must be a dict with an 'image' (uint8 HWC) or "
@@ -120,7 +124,7 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
                 "channels; move a leading channel axis last (np.moveaxis(image, 0, -1)) or "
                 "drop an alpha channel (image[..., :3])")
     else:
-        x = np.asarray(record["x"])
+        x = np.asarray(record["x" if "x" in record else "moments"])
         if x.dtype.kind not in "iuf" or not np.all(np.isfinite(x)):
             raise DataError(f"{dataset}: record 0's 'x' is {_describe(x)}; vector data must be "
                             "finite numbers (float32)")
@@ -142,10 +146,11 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
     ``token_mask`` bool of the same shape. ``dataset`` names the data in the messages. Meant for
     the first batch of a run (:func:`check_first_batch`); it reads the whole batch.
     """
-    if "x" not in batch:
+    if "x" not in batch and "moments" not in batch:
         raise DataError(f"{dataset}: the batch has no 'x' (keys {sorted(batch)}); the source's "
                         "records need an 'image' or 'x' entry")
-    x = np.asarray(batch["x"])
+    latents = "x" not in batch  # precomputed latents: any finite values
+    x = np.asarray(batch["moments"] if latents else batch["x"])
     if x.dtype != np.float32:
         raise DataError(f"{dataset}: batch 'x' is {x.dtype}, expected float32 (ToModelInputs "
                         "makes it so: build batches with make_iterator)")
@@ -153,7 +158,7 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
         raise DataError(f"{dataset}: the batch holds {int(np.sum(~np.isfinite(x)))} NaN or "
                         "infinite values in 'x'; the source gives non-finite data: fix or "
                         "filter those records")
-    if x.ndim >= 3:  # images (audio, video): the model's range; vectors keep their own scale
+    if x.ndim >= 3 and not latents:  # images (audio, video): the model's range
         low, high = float(x.min()), float(x.max())
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
             raise DataError(

@@ -1,0 +1,76 @@
+"""The image grids a training run writes as it goes: samples, or an autoencoder's reconstructions.
+
+Written to ``workdir/samples/step_<N>.png`` and to TensorBoard by process 0, from the EMA
+parameters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from diffusion_jax import autoencoder_training, configuration, data, files, generate, parallel
+
+__all__ = ["SampleGrids", "ReconstructionGrids", "for_run"]
+
+
+class SampleGrids:
+    """Samples of ``config.sampling`` (decoded to images in a latent run)."""
+
+    def __init__(self, config, model, example_shape, num_classes, mesh, workdir, writer,
+                 space=None):
+        self._config, self._workdir, self._writer = config, workdir, writer
+        self._space = space
+        self._images = len(example_shape) == 3
+        self._make = lambda: jax.jit(generate.make_generate_fn(
+            config, model, example_shape, num_classes, mesh=mesh), static_argnums=2)
+        self._generate = None  # compiled when first needed
+
+    def write(self, step: int, state) -> None:
+        """Generate and write the grid of ``step``."""
+        if self._generate is None:
+            self._generate = self._make()
+        s = self._config.sampling
+        samples = self._generate(state.ema_params, jax.random.key(s.seed), s.num_samples)
+        if self._space is not None:
+            samples = self._space.decode(samples)
+        images = parallel.to_host(samples)
+        if parallel.is_writer() and self._images:
+            grid = files.save_grid(images, os.path.join(self._workdir, "samples",
+                                                        f"step_{step:08d}.png"))
+            self._writer.image(step, "samples/ema", grid)
+
+
+class ReconstructionGrids:
+    """Held-out images beside their reconstructions (pairs side by side, original first)."""
+
+    def __init__(self, config, model, workdir, writer):
+        self._workdir, self._writer = workdir, writer
+        source = configuration.build_source(config.data, split="test")
+        count = min(config.sampling.num_samples, len(source))
+        self._images = _images(config, source, count)
+        self._reconstruct = autoencoder_training.make_reconstruct_fn(model.autoencoder)
+
+    def write(self, step: int, state) -> None:
+        """Reconstruct the held-out images with the EMA parameters and write the grid."""
+        reconstructions = parallel.to_host(self._reconstruct(state.ema_params, self._images))
+        if parallel.is_writer():
+            pairs = autoencoder_training.pair_grid(self._images, reconstructions)
+            columns = 2 * max(1, int(len(self._images) ** 0.5))
+            grid = files.save_grid(pairs, os.path.join(self._workdir, "samples",
+                                                       f"step_{step:08d}.png"), columns=columns)
+            self._writer.image(step, "reconstructions/ema", grid)
+
+
+def _images(config, source, count):
+    to_inputs = data.ToModelInputs(config.text.max_length)
+    return np.stack([to_inputs.map(source[i])["x"] for i in range(count)])
+
+
+def for_run(config, model, example_shape, num_classes, mesh, workdir, writer, space=None):
+    """The grids of this run: reconstructions for an autoencoder run, else samples."""
+    if config.task == "autoencoder":
+        return ReconstructionGrids(config, model, workdir, writer)
+    return SampleGrids(config, model, example_shape, num_classes, mesh, workdir, writer, space)

@@ -1,0 +1,269 @@
+"""Latent diffusion end to end on tiny settings: an autoencoder run, a latent run on its latents.
+
+The autoencoder's objective (adaptive GAN weight, hinge loss, which network each term trains),
+resuming both kinds of run bit for bit, the latent scale kept with the run, precomputed latents
+equal to those encoded on the fly, sampling and decoding, a diffusers vae/ folder as the
+autoencoder, and the errors of configs that point at the wrong thing.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from diffusion_jax import autoencoder_training, configuration, generate, latent, run, train
+from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.models.patchgan import PatchDiscriminator
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def autoencoder_config(**overrides):
+    """A tiny autoencoder run: 16x16 shapes, f=2, 2 latent channels, discriminator from step 2."""
+    config = tiny.get_config()
+    config.task = "autoencoder"
+    a = config.autoencoder
+    a.block_out_channels = (8, 16)
+    a.norm_num_groups = 4
+    a.latent_channels = 2
+    a.disc_weight = 0.5
+    a.disc_start = 2
+    a.disc_layers = 1
+    a.disc_channels = 8
+    config.training.num_steps = 4
+    config.training.checkpoint_every = 2
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        config[group][name] = value
+    return config
+
+
+def latent_config(autoencoder_dir, **overrides):
+    """A tiny denoiser on the 8x8x2 latents of the autoencoder run in ``autoencoder_dir``."""
+    config = tiny.get_config()
+    config.latent.autoencoder = str(autoencoder_dir)
+    config.model.unet.attention_resolutions = (4,)
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        config[group][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("autoencoder")
+    state = train.train_and_evaluate(autoencoder_config(), str(workdir), log=_quiet)
+    return workdir, state
+
+
+def test_autoencoder_run_resumes_bit_for_bit(autoencoder_run, tmp_path):
+    """Steps 3 and 4 (discriminator on) after a restart equal those of the straight run."""
+    _, straight = autoencoder_run
+    train.train_and_evaluate(autoencoder_config(training__num_steps=2), str(tmp_path), log=_quiet)
+    lines = []
+    resumed = train.train_and_evaluate(autoencoder_config(), str(tmp_path), log=lines.append)
+    assert any("resumed from step 2" in line for line in lines)
+    assert any("with a discriminator" in line and "perceptual loss off" in line
+               for line in lines)
+    for a, b in zip(_leaves(straight), _leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(straight.params) == ["autoencoder", "discriminator"]
+
+
+def _loss_setup():
+    ae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       latent_channels=2, norm_num_groups=4)
+    disc = PatchDiscriminator(layers=1, channels=8)
+    task = autoencoder_training.AutoencoderTask(ae, disc)
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    params = task.init(jax.random.key(0), x)["params"]
+    loss = autoencoder_training.AutoencoderLoss(ae, disc, kl_weight=1e-3, disc_weight=0.5,
+                                                disc_start=0)
+    return ae, disc, loss, params, x
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    """The vjp through the last convolution gives the gradients jax.grad takes of the whole net."""
+    ae, disc, loss, params, x = _loss_setup()
+    batch, draws = loss.draw({"x": x}, jax.random.key(3), 5)
+    _, aux = loss.compute(params, batch, draws)
+
+    def terms(kernel):
+        p = jax.tree_util.tree_map(lambda a: a, params)
+        p["autoencoder"]["decoder"]["conv_out"]["kernel"] = kernel
+        mean, logvar = ae.apply({"params": p["autoencoder"]}, x, method=AutoencoderKL.encode)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(draws["key"], mean.shape)
+        recon = ae.apply({"params": p["autoencoder"]}, z, method=AutoencoderKL.decode)
+        nll = jnp.mean(jnp.sum(jnp.abs(x - recon), axis=(1, 2, 3)))
+        gan = -jnp.mean(disc.apply({"params": params["discriminator"]}, recon))
+        return nll, gan
+
+    kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]
+    nll_grad = jax.grad(lambda k: terms(k)[0])(kernel)
+    gan_grad = jax.grad(lambda k: terms(k)[1])(kernel)
+    expected = 0.5 * jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(gan_grad) + 1e-4)
+    np.testing.assert_allclose(aux["gan_weight"], expected, rtol=1e-5)
+    np.testing.assert_allclose(aux["reconstruction"], terms(kernel)[0], rtol=1e-6)
+
+
+def test_each_network_is_trained_by_its_own_terms():
+    """Before disc_start the discriminator gets no gradient; after, only the hinge loss moves it."""
+    ae, disc, loss, params, x = _loss_setup()
+    grad = lambda step: jax.grad(lambda p: loss.compute(  # noqa: E731
+        p, *loss.draw({"x": x}, jax.random.key(3), step))[0])(params)
+    late = autoencoder_training.AutoencoderLoss(ae, disc, kl_weight=1e-3, disc_weight=0.5,
+                                                disc_start=10)
+    before = jax.grad(lambda p: late.compute(p, *late.draw({"x": x}, jax.random.key(3), 9))[0])(
+        params)
+    assert all(np.all(g == 0) for g in _leaves(before["discriminator"]))
+    after = grad(0)["discriminator"]
+    recon = _reconstruction(loss, params, x)
+    hinge = jax.grad(lambda d: autoencoder_training.hinge_discriminator_loss(
+        disc.apply({"params": d}, x), disc.apply({"params": d}, recon)))(params["discriminator"])
+    for a, b in zip(_leaves(after), _leaves(hinge)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def _reconstruction(loss, params, x):
+    """The posterior-sample reconstruction the loss computes for draw key 3."""
+    ae = loss.autoencoder
+    key = loss.draw({"x": x}, jax.random.key(3), 0)[1]["key"]
+    mean, logvar = ae.apply({"params": params["autoencoder"]}, x, method=AutoencoderKL.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return ae.apply({"params": params["autoencoder"]}, z, method=AutoencoderKL.decode)
+
+
+def test_hinge_loss_values():
+    real, fake = jnp.array([2.0, 0.5]), jnp.array([-3.0, 0.0])
+    # real: relu(1-2)=0, relu(1-0.5)=0.5 -> mean 0.25; fake: relu(1-3)=0, relu(1+0)=1 -> mean 0.5
+    assert float(autoencoder_training.hinge_discriminator_loss(real, fake)) == pytest.approx(0.375)
+
+
+@pytest.fixture(scope="module")
+def latent_run(autoencoder_run, tmp_path_factory):
+    autoencoder_dir, _ = autoencoder_run
+    workdir = tmp_path_factory.mktemp("latent")
+    lines = []
+    state = train.train_and_evaluate(latent_config(autoencoder_dir), str(workdir),
+                                     log=lines.append)
+    return workdir, state, lines
+
+
+def test_latent_run_keeps_its_scale_and_resumes_bit_for_bit(autoencoder_run, latent_run,
+                                                            tmp_path):
+    autoencoder_dir, _ = autoencoder_run
+    workdir, straight, lines = latent_run
+    with open(workdir / "latent.json") as f:
+        kept = json.load(f)
+    assert any(f"latent scale {kept['scale']:.6g} (1 / std of" in line for line in lines)
+    assert any("on latents of shape (8, 8, 2)" in line for line in lines)
+    # The scale is 1 / std of the (unscaled) latents of the data, recomputed here by hand.
+    config = latent_config(autoencoder_dir)
+    space = latent.load_space(config, str(workdir), log=_quiet)
+    assert space.scale == kept["scale"]
+    train.train_and_evaluate(latent_config(autoencoder_dir, training__num_steps=3),
+                             str(tmp_path), log=_quiet)
+    resumed = train.train_and_evaluate(config, str(tmp_path), log=_quiet)
+    for a, b in zip(_leaves(straight), _leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scale_estimate_is_one_over_the_std_of_the_latents():
+    ae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=2,
+                       norm_num_groups=4)
+    images = jax.random.uniform(jax.random.key(0), (3, 4, 8, 8, 3), minval=-1, maxval=1)
+    params = ae.init(jax.random.key(1), images[0])["params"]
+    space = latent.LatentSpace(ae, params, scale=7.0)  # the estimate ignores the current scale
+    batches = iter([{"x": b} for b in images])
+    scale, count = latent.estimate_scale(space, batches, 3, jax.random.key(5))
+    samples = [latent.LatentSpace(ae, params).encode_batch({"x": b}, jax.random.fold_in(
+        jax.random.key(5), i))["x"] for i, b in enumerate(images)]
+    assert count == 3 * 4 * 8 * 8 * 2
+    np.testing.assert_allclose(scale, 1 / np.std(np.concatenate(samples)), rtol=1e-5)
+
+
+def test_latent_samples_decode_to_images(autoencoder_run, latent_run):
+    autoencoder_dir, _ = autoencoder_run
+    workdir, _, _ = latent_run
+    written = generate.generate_to_files(latent_config(autoencoder_dir), str(workdir))
+    arrays = np.load([p for p in written if p.endswith(".npz")][0])
+    assert arrays["samples"].shape == (4, 16, 16, 3)
+    assert np.all(np.abs(arrays["samples"]) <= 1)
+
+
+def test_precomputed_latents_equal_those_encoded_on_the_fly(autoencoder_run, tmp_path):
+    autoencoder_dir, _ = autoencoder_run
+    config = latent_config(autoencoder_dir, latent__precomputed=str(tmp_path / "latents"))
+    out = latent.encode_dataset(config, str(tmp_path), log=_quiet)
+    source = latent.precomputed_source(config)
+    assert len(source) == config.data.size and source.num_classes == 3
+    pixels = configuration.build_source(config.data)
+    space = latent.load_space(config, str(tmp_path), estimate=lambda s: (1.0, 0), log=_quiet)
+    images = np.stack([np.asarray(pixels[i]["image"], np.float32) / 127.5 - 1 for i in (0, 9)])
+    mean, logvar = space.moments(images)
+    stored = np.stack([source[i]["moments"] for i in (0, 9)])
+    np.testing.assert_allclose(stored, np.concatenate([mean, logvar], -1), atol=1e-5)
+    key = jax.random.key(4)
+    np.testing.assert_allclose(space.encode_batch({"moments": stored}, key)["x"],
+                               space.encode_batch({"x": images}, key)["x"], atol=1e-5)
+    with pytest.raises(configuration.ConfigError, match="exists already"):
+        latent.encode_dataset(config, str(tmp_path), log=_quiet)
+    assert os.path.isdir(out) and not os.path.exists(out + ".partial")
+    other = latent_config(autoencoder_dir, latent__precomputed=out, data__resolution=32)
+    with pytest.raises(configuration.ConfigError, match="other data"):
+        latent.precomputed_source(other)
+
+
+def test_a_diffusers_vae_folder_is_an_autoencoder_with_its_scaling_factor(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
+                                  latent_channels=2, norm_num_groups=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
+                                  scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    config = latent_config(tmp_path / "vae")
+    _, _, shape, _, _ = run.build(config)
+    assert shape == (8, 8, 2)
+    space = latent.load_space(config, str(tmp_path / "run"), log=_quiet)
+    assert space.scale == 0.5
+
+
+def test_configs_pointing_at_the_wrong_thing_say_so(autoencoder_run, latent_run, tmp_path):
+    autoencoder_dir, _ = autoencoder_run
+    latent_dir, _, _ = latent_run
+    cases = [
+        (latent_config(tmp_path / "nowhere"), "is not a folder"),
+        (latent_config(latent_dir), "is the workdir of a latent-diffusion run"),
+        (latent_config(autoencoder_dir, data__resolution=17), "not a multiple of 2"),
+        (latent_config(autoencoder_dir, data__name="toy2d"), "encodes images"),
+        (latent_config(autoencoder_dir, model__name="dit"), "the denoiser works on the latents"),
+        (autoencoder_config(latent__autoencoder=str(autoencoder_dir)), "for diffusion runs"),
+        (autoencoder_config(autoencoder__norm_num_groups=3), "not divisible by"),
+    ]
+    cases[4][0].model.dit.patch_size = 3
+    for config, message in cases:
+        with pytest.raises(configuration.ConfigError, match=message):
+            run.build(config)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(configuration.ConfigError, match="has no config.json"):
+        run.build(latent_config(tmp_path / "empty"))
+
+
+def test_pixel_run_workdir_is_not_an_autoencoder(tmp_path):
+    train.train_and_evaluate(tiny.get_config(), str(tmp_path / "pixels"), log=_quiet)
+    with pytest.raises(configuration.ConfigError, match="pixel-space diffusion run"):
+        run.build(latent_config(tmp_path / "pixels"))
