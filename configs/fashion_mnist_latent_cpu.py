@@ -3,6 +3,9 @@
 It denoises the 7x7x4 latents of the autoencoder trained with
 configs/fashion_mnist_autoencoder_cpu.py, whose workdir config.latent.autoencoder names (give
 yours with --config.latent.autoencoder=DIR). Samples are decoded to 28x28 images.
+
+    python main.py --config=configs/fashion_mnist_latent_cpu.py --workdir=runs/fm_latent_cpu \\
+        --config.latent.autoencoder=runs/fm_autoencoder_cpu
 """
 
 from configs import fashion_mnist_cpu
@@ -10,7 +13,7 @@ from configs import fashion_mnist_cpu
 
 def get_config():
     config = fashion_mnist_cpu.get_config()
-    config.latent.autoencoder = "/tmp/fashion_mnist_autoencoder"
+    config.latent.autoencoder = "runs/fm_autoencoder_cpu"
     config.model.unet.channels = 64
     config.model.unet.channel_mult = (1,)  # 7x7 latents: one level, no downsampling
     config.model.unet.num_res_blocks = 2

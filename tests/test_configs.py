@@ -7,12 +7,19 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import configuration
+from diffusion_jax import autoencoders, configuration
 
 PRESETS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem != "__init__")
 SHAPES = {"fashion_mnist": ((28, 28, 1), 10), "tfds": ((32, 32, 3), 10),
           "shapes": (None, 3), "captions": (None, None), "toy2d": ((2,), 8)}
+
+
+# Each latent-diffusion preset and the autoencoder preset whose run it names.
+LATENT_PAIRS = {"fashion_mnist_latent": "fashion_mnist_autoencoder",
+                "fashion_mnist_latent_cpu": "fashion_mnist_autoencoder_cpu",
+                "shapes128_latent": "shapes128_autoencoder",
+                "shapes128_latent_cpu": "shapes128_autoencoder_cpu"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -23,12 +30,25 @@ def test_preset_validates_and_builds(name):
     if shape is None:
         shape = (config.data.resolution, config.data.resolution, 3)
     classes = classes if config.data.class_conditional else None
+    if config.task == "autoencoder":
+        model = autoencoders.build_task(config, shape)
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape)))
+        assert sum(p.size for p in jax.tree_util.tree_leaves(params)) > 0
+        return
+    if config.latent.autoencoder:  # the denoiser works on the latents of the paired preset's run
+        stage_one = importlib.import_module(f"configs.{LATENT_PAIRS[name]}").get_config()
+        assert stage_one.data.to_dict() == {**config.data.to_dict(),
+                                            "batch_size": stage_one.data.batch_size,
+                                            "worker_count": stage_one.data.worker_count,
+                                            "class_conditional": stage_one.data.class_conditional}
+        autoencoder = autoencoders.build_autoencoder(stage_one.autoencoder, shape[-1])
+        shape = autoencoders.latent_shape(autoencoder, shape, where=name)
     model = configuration.build_denoiser(config, shape, classes)
     args = [jnp.zeros((1,) + shape), jnp.zeros((1,))]
     if classes:
         args.append(jnp.zeros((1,), jnp.int32))
     kwargs = {}
-    if config.data.name == "captions":  # a caption-conditioned network takes byte tokens
+    if configuration.is_text_model(config):  # a caption-conditioned network takes byte tokens
         kwargs = {"tokens": jnp.zeros((1, config.text.max_length), jnp.int32),
                   "token_mask": jnp.ones((1, config.text.max_length), bool)}
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))

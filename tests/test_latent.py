@@ -8,6 +8,9 @@ autoencoder, and the errors of configs that point at the wrong thing.
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import pytest
 
 from configs import tiny
 from diffusion_jax import autoencoder_training, configuration, generate, latent, run, train
+from diffusion_jax import train_state
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.patchgan import PatchDiscriminator
 
@@ -267,3 +271,83 @@ def test_pixel_run_workdir_is_not_an_autoencoder(tmp_path):
     train.train_and_evaluate(tiny.get_config(), str(tmp_path / "pixels"), log=_quiet)
     with pytest.raises(configuration.ConfigError, match="pixel-space diffusion run"):
         run.build(latent_config(tmp_path / "pixels"))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUTOENCODER_FLAGS = ["--config.task=autoencoder", "--config.autoencoder.block_out_channels=(8,16)",
+                     "--config.autoencoder.norm_num_groups=4",
+                     "--config.autoencoder.latent_channels=2",
+                     "--config.autoencoder.disc_weight=0.5", "--config.autoencoder.disc_start=6",
+                     "--config.autoencoder.disc_layers=1", "--config.autoencoder.disc_channels=8"]
+
+
+def _kill_at_step_and_rerun(command, kill_at, env):
+    """Start ``command``, SIGKILL it when it logs step ``kill_at``, run it again to the end."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith(f"step {kill_at}/"):
+                process.kill()
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step" in rerun.stdout, rerun.stdout
+
+
+@pytest.mark.slow  # runs in subprocesses, killed and rerun
+@pytest.mark.parametrize("kind", ["autoencoder", "latent"])
+def test_a_run_killed_with_sigkill_resumes_bit_for_bit(kind, autoencoder_run, tmp_path):
+    """kill -9 mid-run, then the same command: the end state equals an uninterrupted run's."""
+    autoencoder_dir, _ = autoencoder_run
+    steps = ["--config.training.num_steps=24", "--config.training.log_every=1",
+             "--config.training.checkpoint_every=4"]
+    if kind == "autoencoder":
+        extra = AUTOENCODER_FLAGS
+        config = autoencoder_config(autoencoder__disc_start=6)
+    else:
+        extra = [f"--config.latent.autoencoder={autoencoder_dir}",
+                 "--config.model.unet.attention_resolutions=(4,)"]
+        config = latent_config(autoencoder_dir)
+    for flag in steps:
+        key, value = flag[len("--config."):].split("=")
+        group, name = key.split(".")
+        config[group][name] = int(value)
+    command = [sys.executable, "main.py", "--config=configs/tiny.py",
+               f"--workdir={tmp_path / 'killed'}", *extra, *steps]
+    _kill_at_step_and_rerun(command, 9, {**os.environ, "PYTHONPATH": ROOT})
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), log=_quiet)
+    _, model, shape, num_classes, optimizer = run.build(config)
+    manager = run.open_checkpoints(config, str(tmp_path / "killed"), shape, num_classes)
+    assert manager.latest_step() == 24
+    killed = manager.restore(train_state.abstract_train_state(model, optimizer, shape,
+                                                              num_classes, 0))
+    manager.close()
+    for a, b in zip(_leaves(straight), _leaves(killed)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # trains a classifier for the Fréchet distance
+def test_autoencoder_cli_sample_and_eval(autoencoder_run, tmp_path):
+    """--mode=sample writes originals beside reconstructions; --mode=eval reports PSNR and FD."""
+    autoencoder_dir, _ = autoencoder_run
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    base = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={autoencoder_dir}",
+            *AUTOENCODER_FLAGS, "--config.autoencoder.disc_start=2",
+            "--config.training.num_steps=4"]
+    for mode in ("sample", "train_classifier", "eval"):
+        done = subprocess.run(base + [f"--mode={mode}", "--config.classifier.num_steps=20",
+                                      "--config.evaluation.num_samples=64"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (mode, done.stderr[-3000:])
+    assert "PSNR" in done.stdout and "Fréchet distance" in done.stdout
+    (result,) = [f for f in os.listdir(autoencoder_dir / "eval") if f.endswith(".json")]
+    with open(autoencoder_dir / "eval" / result) as f:
+        values = json.load(f)
+    assert values["num_images"] == 64 and 0 < values["psnr_db"] < 100
+    assert values["frechet_distance"] >= 0
