@@ -288,3 +288,24 @@ def test_resized_wraps_any_image_source():
     assert one["x"].shape == (4, 16, 16, 3)
     with pytest.raises(data.DataError, match="needs records with an 'image'"):
         data.Resized(data.Toy2D(size=4), 8)[0]
+
+
+def test_a_captioned_folder_config_builds_a_text_model(tmp_path):
+    """data.name='folder' with captions trains a text-conditioned model, as captioned shapes do."""
+    from configs import tiny
+    from diffusion_jax import configuration, models, run
+
+    for i in range(8):
+        _save(tmp_path / f"{i}.png", _solid(20 + i, 24, (10 * i, 0, 0)))
+        (tmp_path / f"{i}.txt").write_text(f"picture {i}")
+    config = tiny.get_config()
+    config.data.name, config.data.path, config.data.captions = "folder", str(tmp_path), "auto"
+    config.data.class_conditional = False
+    source, model, shape, classes, _ = run.build(config)
+    assert shape == (16, 16, 3) and classes is None and source[3]["caption"] == "picture 3"
+    assert isinstance(model, models.TextConditioned) and configuration.is_text_model(config)
+    config.data.captions = "none"
+    assert not isinstance(run.build(config)[1], models.TextConditioned)
+    config.data.path = ""
+    with pytest.raises(configuration.ConfigError, match="must name the image folder"):
+        run.build(config)

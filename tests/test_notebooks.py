@@ -69,3 +69,51 @@ def test_text_to_image_notebook_runs(tmp_path):
     # data, prompts, 4 guidance scales, 2 negative prompt, 2 rescale, held out
     assert images == 1 + 1 + 4 + 2 + 2 + 1
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+
+
+@pytest.mark.slow  # half a minute or more: the notebook trains two models and samples
+def test_latent_diffusion_notebook_runs(tmp_path):
+    # Both stages shrunk to a few steps of tiny networks; the notebook itself picks the data
+    # (Fashion-MNIST where its files are installed, else procedural shapes), as a person's run would.
+    import json
+    import math
+
+    import numpy as np
+
+    from diffusion_jax import data
+
+    try:
+        data.FashionMNIST("test")
+        channels, classes = 1, data.FASHION_MNIST_CLASSES
+    except data.DataError:
+        channels, classes = 3, data.Shapes.CLASSES
+    workdir = tmp_path / "run"
+    notebook = _run("latent_diffusion.ipynb", {
+        "WORKDIR": str(workdir), "AUTOENCODER_STEPS": 4, "DIFFUSION_STEPS": 4, "BATCH_SIZE": 8,
+        "NUM_SAMPLES": 4, "SAMPLING_STEPS": 3,
+        "AUTOENCODER_OVERRIDES": {"autoencoder.block_out_channels": (8, 16, 16),
+                                  "autoencoder.norm_num_groups": 8,
+                                  "sampling.num_samples": 8},
+        "DIFFUSION_OVERRIDES": {"model.unet.channels": 16, "model.unet.num_res_blocks": 1,
+                                "latent.scale_batches": 2}})
+    text, images = _outputs(notebook)
+    assert f"({len(classes)} classes: {', '.join(classes)})" in text
+    assert "28x28 -> 7x7x4" in text
+    assert text.count("step 4/4") == 2  # both stages
+    assert text.count("finished at step 4") == 2
+    assert "latents (7, 7, 4)" in text
+    assert images == 3  # reconstructions, latents, samples
+
+    autoencoder, latent_dir = workdir / "autoencoder", workdir / "latent"
+    assert (autoencoder / "samples" / "step_00000004.png").is_file()  # the reconstruction grid
+    with open(latent_dir / "latent.json") as f:
+        kept = json.load(f)
+    assert math.isfinite(kept["scale"]) and kept["scale"] > 0
+    assert f"latent scale {kept['scale']:.4f}" in text
+    assert kept["autoencoder_path"] == str(autoencoder)
+    written = sorted(os.listdir(latent_dir / "samples"))
+    assert [os.path.splitext(name)[1] for name in written] == [".json", ".npz", ".png"]
+    samples = np.load(latent_dir / "samples" / written[1])
+    assert samples["samples"].shape == (4, 28, 28, channels)
+    assert np.all(np.abs(samples["samples"]) <= 1)  # decoded images in [-1, 1]
+    assert list(samples["labels"]) == [i % len(classes) for i in range(4)]
