@@ -257,7 +257,8 @@ def measure(config, autoencoder: str, steps: int, sample_batch: int) -> tuple[li
                   "latent_shape": list(shape)}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help="config file of the denoiser and the data (configs/*.py)")
@@ -275,17 +276,25 @@ def main(argv=None):
                         help="sampler steps (default: the preset's sampling.num_steps)")
     parser.add_argument("--name", default="latent_vs_pixel", help="results file stem")
     parser.add_argument("--out", default=None, help="also write the JSON to this path")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("resolution", "batch_size", "steps", "sample_batch", "sampling_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    config = pixel_config(args.preset, args.resolution, args.batch_size)
-    if args.sampling_steps:
-        config.sampling.num_steps = args.sampling_steps
+    for flag, path in (("--preset", args.preset), ("--autoencoder", args.autoencoder)):
+        if not os.path.exists(path):
+            parser.error(f"{flag} {path} does not exist")
     steps = args.steps or (50 if on_accelerator() else 5)
     sample_batch = args.sample_batch or (64 if on_accelerator() else 8)
     print(f"device: {accelerator()}, jax {jax.__version__}")
     try:
+        config = pixel_config(args.preset, args.resolution, args.batch_size)
+        if args.sampling_steps:
+            config.sampling.num_steps = args.sampling_steps
         rows, compared = measure(config, args.autoencoder, steps, sample_batch)
     except configuration.ConfigError as err:
         parser.error(str(err))

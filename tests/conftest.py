@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 
 import jax
@@ -45,3 +47,27 @@ def x64():
     """Run the test with 64-bit floats enabled (restored afterwards)."""
     with _enable_x64(True):
         yield
+
+
+def kill_at_step_and_rerun(command, kill_at, *, cwd, env):
+    """Start a training ``command``, SIGKILL it when it logs step ``kill_at``, rerun it to the end.
+
+    kill -9 gives the run no chance to clean up: it may die mid-step or mid-save. Returns the
+    completed rerun (which must have resumed from a checkpoint).
+    """
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith(f"step {kill_at}/"):
+                process.kill()  # SIGKILL
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    rerun = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step" in rerun.stdout, rerun.stdout
+    return rerun

@@ -2,6 +2,7 @@
 scarce accelerator time is not spent finding a broken script."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -130,3 +131,73 @@ def test_gpu_comparison_script_runs_every_step_and_collects_the_files(tmp_path):
     log = (copies / "test_gpu_comparison.log").read_text()
     assert "=== torch_baseline" in log and "=== done in" in log
     assert not [line for line in log.splitlines() if line.startswith("===") and "failed" in line]
+
+
+TINY_TEXT_PRESET = """
+from configs import text_shapes_cpu
+
+
+def get_config():
+    config = text_shapes_cpu.get_config()
+    config.model.unet.channels = 16
+    config.model.unet.channel_mult = (1, 2)
+    config.model.unet.attention_resolutions = (8,)
+    config.model.unet.head_dim = 16
+    config.text.width = 32
+    config.text.depth = 1
+    return config
+"""
+
+TINY_AUTOENCODER = """
+from diffusion_jax import defaults
+
+
+def get_config():
+    config = defaults.get_config()
+    config.task = "autoencoder"
+    config.autoencoder.block_out_channels = (8, 16)  # f = 2
+    config.autoencoder.layers_per_block = 1
+    config.autoencoder.latent_channels = 4
+    config.autoencoder.norm_num_groups = 8
+    return config
+"""
+
+
+def test_latent_vs_pixel_reports_both_runs_and_their_ratios(tmp_path):
+    # A captioned-shapes text UNet, as the default preset, shrunk; a random f=2 autoencoder.
+    (tmp_path / "preset.py").write_text(TINY_TEXT_PRESET)
+    (tmp_path / "autoencoder.py").write_text(TINY_AUTOENCODER)
+    script = [sys.executable, "latent_vs_pixel.py", "--preset", str(tmp_path / "preset.py"),
+              "--autoencoder", str(tmp_path / "autoencoder.py")]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run = subprocess.run(script + ["--resolution", "16", "--batch-size", "4", "--steps", "2",
+                                   "--sample-batch", "2", "--sampling-steps", "2",
+                                   "--name", "test_latent_vs_pixel",
+                                   "--out", str(tmp_path / "out.json")],
+                         cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "speed_ratio" in run.stdout and "latent_precomputed" in run.stdout
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["rows"] == _rows("test_latent_vs_pixel")
+    assert result["latent_shape"] == [8, 8, 4] and result["autoencoder"]["kind"] == "random"
+    pixel, latent, precomputed = result["rows"]
+    assert [r["run"] for r in result["rows"]] == ["pixel", "latent", "latent_precomputed"]
+    assert (pixel["shape"], latent["shape"]) == ("16x16x3", "8x8x4")
+
+    def positive(*values):
+        return all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values)
+
+    for row in result["rows"]:
+        assert positive(row["steps_per_s"], row["step_ms"], row["step_peak_gb"], row["peak_gb"])
+        assert row["speed_ratio"] == pytest.approx(row["steps_per_s"] / pixel["steps_per_s"])
+        assert row["memory_ratio"] == pytest.approx(row["peak_gb"] / pixel["peak_gb"])
+    for row in (latent, precomputed):
+        assert positive(row["encode_ms"], row["encode_peak_gb"])
+        assert row["peak_gb"] >= row["step_peak_gb"]
+    assert positive(pixel["sample_s"], latent["sample_s"], latent["decode_s"])
+    assert latent["sample_speed_ratio"] == pytest.approx(pixel["sample_s"] / latent["sample_s"])
+    bad = subprocess.run(script[:2] + ["--autoencoder", str(tmp_path / "missing")],
+                         cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert bad.returncode == 2 and "missing does not exist" in bad.stderr, bad.stderr[-2000:]

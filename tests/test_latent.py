@@ -8,7 +8,6 @@ autoencoder, and the errors of configs that point at the wrong thing.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import kill_at_step_and_rerun
 
 from configs import tiny
 from diffusion_jax import autoencoder_training, configuration, generate, latent, run, train
@@ -281,25 +282,6 @@ AUTOENCODER_FLAGS = ["--config.task=autoencoder", "--config.autoencoder.block_ou
                      "--config.autoencoder.disc_layers=1", "--config.autoencoder.disc_channels=8"]
 
 
-def _kill_at_step_and_rerun(command, kill_at, env):
-    """Start ``command``, SIGKILL it when it logs step ``kill_at``, run it again to the end."""
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith(f"step {kill_at}/"):
-                process.kill()
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from step" in rerun.stdout, rerun.stdout
-
-
 @pytest.mark.slow  # runs in subprocesses, killed and rerun
 @pytest.mark.parametrize("kind", ["autoencoder", "latent"])
 def test_a_run_killed_with_sigkill_resumes_bit_for_bit(kind, autoencoder_run, tmp_path):
@@ -320,7 +302,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(kind, autoencoder_run, tm
         config[group][name] = int(value)
     command = [sys.executable, "main.py", "--config=configs/tiny.py",
                f"--workdir={tmp_path / 'killed'}", *extra, *steps]
-    _kill_at_step_and_rerun(command, 9, {**os.environ, "PYTHONPATH": ROOT})
+    kill_at_step_and_rerun(command, 9, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), log=_quiet)
     _, model, shape, num_classes, optimizer = run.build(config)
     manager = run.open_checkpoints(config, str(tmp_path / "killed"), shape, num_classes)

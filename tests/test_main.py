@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import kill_at_step_and_rerun
+
 from configs import tiny
 from diffusion_jax import checkpoints, configuration, files, run, train, train_state
 
@@ -124,21 +126,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
                  "--config.training.checkpoint_every=4"]
     command = [sys.executable, "main.py", "--config=configs/tiny.py",
                f"--workdir={tmp_path / 'killed'}", *overrides]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("step 10/"):
-                process.kill()  # SIGKILL
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = kill_at_step_and_rerun(command, 10, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     resumed_from = [line for line in rerun.stdout.splitlines() if "resumed from step" in line]
     assert resumed_from, rerun.stdout
     assert 0 < int(resumed_from[0].split("resumed from step ")[1].split()[0]) < num_steps

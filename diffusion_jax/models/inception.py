@@ -34,7 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
+
+from diffusion_jax.models import weight_files
+from diffusion_jax.models.weight_files import save_npz
 
 __all__ = [
     "FID_WEIGHTS_FILE",
@@ -286,12 +289,6 @@ def _torch_key(path: tuple) -> str:
     return ".".join([*modules, _LEAF_TO_TORCH[(collection, leaf)]])
 
 
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (float() also covers half-precision files)
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
 def convert_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
     """Flax variables of :class:`InceptionV3FID` from a pytorch-fid FID Inception state dict.
 
@@ -310,43 +307,8 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
     if missing or unexpected:
         raise ValueError("state dict does not match pytorch-fid's FID Inception: "
                          f"missing keys {missing}, unexpected keys {unexpected}")
-    flat, bad_shapes = {}, []
-    for key, path in wanted.items():
-        value = _to_numpy(state_dict[key])
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.shape != tuple(shapes[path]):
-            bad_shapes.append(f"{key}: got {value.shape} (after transposing), "
-                              f"expected {tuple(shapes[path])}")
-            continue
-        flat[path] = jnp.asarray(value)
-    if bad_shapes:
-        raise ValueError("state dict entries with the wrong shape: " + "; ".join(bad_shapes))
-    return unflatten_dict(flat)
-
-
-def save_npz(variables: Mapping[str, Any], path: str) -> None:
-    """Write ``variables`` to an ``.npz`` file that :func:`load_weights` reads without PyTorch."""
-    arrays = {"/".join(k): np.asarray(v, dtype=np.float32)
-              for k, v in flatten_dict(dict(variables)).items()}
-    with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz' to the name
-        np.savez(f, **arrays)
-
-
-def _load_npz(path: str) -> dict:
-    shapes = _variable_shapes()
-    with np.load(path) as data:
-        given = {tuple(name.split("/")): data[name] for name in data.files}
-    missing = sorted("/".join(p) for p in set(shapes) - set(given))
-    unexpected = sorted("/".join(p) for p in set(given) - set(shapes))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not hold FID Inception variables: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    bad = [f"{'/'.join(p)}: got {given[p].shape}, expected {tuple(s)}"
-           for p, s in shapes.items() if given[p].shape != tuple(s)]
-    if bad:
-        raise ValueError(f"{path} has entries with the wrong shape: " + "; ".join(bad))
-    return unflatten_dict({p: jnp.asarray(v, dtype=jnp.float32) for p, v in given.items()})
+    return weight_files.place_tensors(
+        {key: (state_dict[key], path) for key, path in wanted.items()}, shapes)
 
 
 def _load_pth(path: str) -> dict:
@@ -370,7 +332,7 @@ def load_weights(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights file not found: {path!r}. {_WEIGHTS_HELP}")
     if path.endswith(".npz"):
-        return _load_npz(path)
+        return weight_files.load_npz(path, _variable_shapes(), 'FID Inception')
     return _load_pth(path)
 
 

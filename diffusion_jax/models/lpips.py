@@ -35,7 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
+
+from diffusion_jax.models import weight_files
+from diffusion_jax.models.weight_files import save_npz
 
 __all__ = [
     "VGG16_WEIGHTS_FILE",
@@ -179,12 +182,6 @@ def _torch_names() -> dict[str, tuple[str, tuple]]:
     return names
 
 
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (float() also covers half-precision files)
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
 def _check_keys(state_dict: Mapping[str, Any], wanted: set, ignored: tuple, what: str,
                 other: set) -> None:
     given = {k for k in state_dict if not k.startswith(ignored)}
@@ -216,43 +213,8 @@ def convert_torch_state_dicts(vgg_state_dict: Mapping[str, Any],
                 lin_keys)
     _check_keys(lin_state_dict, lin_keys, (), "LPIPS lin-layer (lpips weights/v0.1/vgg.pth)",
                 vgg_keys)
-    flat, bad_shapes = {}, []
-    for key, (source, path) in names.items():
-        value = _to_numpy(sources[source][key])
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.shape != tuple(shapes[path]):
-            bad_shapes.append(f"{key}: got {value.shape} (after transposing), "
-                              f"expected {tuple(shapes[path])}")
-            continue
-        flat[path] = jnp.asarray(value)
-    if bad_shapes:
-        raise ValueError("state dict entries with the wrong shape: " + "; ".join(bad_shapes))
-    return unflatten_dict(flat)
-
-
-def save_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write ``variables`` to an ``.npz`` file that :func:`load_weights` reads without PyTorch."""
-    arrays = {"/".join(k): np.asarray(v, dtype=np.float32)
-              for k, v in flatten_dict(dict(variables)).items()}
-    with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz' to the name
-        np.savez(f, **arrays)
-
-
-def _load_npz(path: str) -> dict:
-    shapes = _variable_shapes()
-    with np.load(path, allow_pickle=False) as data:
-        given = {tuple(name.split("/")): data[name] for name in data.files}
-    missing = sorted("/".join(p) for p in set(shapes) - set(given))
-    unexpected = sorted("/".join(p) for p in set(given) - set(shapes))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not hold LPIPS (VGG-16) variables: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    bad = [f"{'/'.join(p)}: got {given[p].shape}, expected {tuple(s)}"
-           for p, s in shapes.items() if given[p].shape != tuple(s)]
-    if bad:
-        raise ValueError(f"{path} has entries with the wrong shape: " + "; ".join(bad))
-    return unflatten_dict({p: jnp.asarray(v, dtype=jnp.float32) for p, v in given.items()})
+    return weight_files.place_tensors(
+        {key: (sources[source][key], path) for key, (source, path) in names.items()}, shapes)
 
 
 def _torch_load(path: str) -> dict:
@@ -280,7 +242,7 @@ def load_weights(path: str | os.PathLike, lin_path: str | os.PathLike | None = N
     path = os.fspath(path)
     if path.endswith(".npz"):
         _check_file(path, "(.npz)")
-        return _load_npz(path)
+        return weight_files.load_npz(path, _variable_shapes(), 'LPIPS (VGG-16)')
     _check_file(path, "VGG-16 backbone")
     if lin_path is None:
         raise ValueError(f"{path!r} is not an .npz file, so it is read as torchvision's VGG-16 "
