@@ -77,11 +77,12 @@ def latent_parts(config, autoencoder: str, image_shape, num_classes, mesh):
     if os.path.isdir(autoencoder):
         config = config.copy_and_resolve_references()
         config.latent.autoencoder = autoencoder
-        config.latent.scale = config.latent.scale or 1.0  # (the scale costs nothing)
+        kind = autoencoders.describe(autoencoder).kind
+        if kind != "diffusers":  # a run keeps its scale in its latent.json; it costs nothing
+            config.latent.scale = config.latent.scale or 1.0
         _, model, shape, _, _ = run.build(config)
         with tempfile.TemporaryDirectory() as workdir:  # no latent.json there: none is written
             space = latent.load_space(config, workdir, log=lambda line: None)
-        kind = autoencoders.describe(autoencoder).kind
     else:
         group = configuration.load_config(autoencoder).autoencoder
         network = autoencoders.build_autoencoder(group, image_shape[-1], config.model.dtype)
@@ -118,7 +119,7 @@ def host_batches(source, config, count: int) -> list:
 
 
 def moment_batches(space, batches) -> list:
-    """The batches with each image replaced by its posterior moments, as encode_dataset stores them."""
+    """The batches with images replaced by their posterior moments, as encode_dataset keeps them."""
     out = []
     for batch in batches:
         mean, logvar = space.moments(batch["x"])
@@ -148,7 +149,7 @@ def compiled_step(config, model, optimizer, shape, num_classes, mesh, example_ba
 
 
 def time_steps(step, state, running, batches, steps: int):
-    """Seconds per train step over ``steps`` steps after two warmup ones: ``(s, state, running)``."""
+    """``(seconds per step, state, running)`` over ``steps`` timed steps after two warmup ones."""
     def one():
         nonlocal state, running
         state, running = step(state, next(batches), running)

@@ -338,6 +338,12 @@ def _check_combinations(given):
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "
                           f"trains on {given['data.name']!r}")
+    if given["latent.autoencoder"] and given["evaluation.likelihood_examples"]:
+        raise ConfigError("config.evaluation.likelihood_examples (bits/dim) measures a pixel-space "
+                          "model; a latent run's likelihood is of latents, not images: set it to 0")
+    if given["latent.precomputed"] and not given["latent.autoencoder"]:
+        raise ConfigError("config.latent.precomputed needs config.latent.autoencoder, the "
+                          "autoencoder that encoded the latents")
     if given["data.name"] == "folder" and not given["data.path"]:
         raise ConfigError("config.data.path must name the image folder when data.name='folder'")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:
