@@ -17,12 +17,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from diffusion_jax import autoencoder_training, configuration, data, evaluate, files, metrics
+from diffusion_jax import autoencoder_training, autoencoders, configuration, data, evaluate, files
+from diffusion_jax import metrics
 from diffusion_jax import parallel, prompt_eval, run, writers
 
 __all__ = ["evaluate_autoencoder", "reconstruct_to_files", "psnr"]
-
-HELD_OUT_SPLIT = evaluate.HELD_OUT_SPLIT
 
 
 def psnr(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
@@ -34,11 +33,11 @@ def psnr(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
 
 
 def _held_out(config, num: int):
-    """``num`` held-out images in [-1, 1] (evenly spread over the split)."""
-    source = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
+    """``(images in [-1, 1], split)``: ``num`` images evenly spread over the held-out split."""
+    source, split = autoencoders.held_out_source(config)
     indices = np.linspace(0, len(source) - 1, min(num, len(source))).astype(int)
     to_inputs = data.ToModelInputs(config.text.max_length)
-    return np.stack([to_inputs.map(source[int(i)])["x"] for i in indices])
+    return np.stack([to_inputs.map(source[int(i)])["x"] for i in indices]), split
 
 
 def _restored(config, workdir, step):
@@ -73,7 +72,7 @@ def evaluate_autoencoder(config, workdir: str, *, log: Callable[[str], None] = p
     e = config.evaluation
     extract, feature_space = _features(config, workdir)
     step, reconstruct, params = _restored(config, workdir, step)
-    images = _held_out(config, e.num_samples)
+    images, split = _held_out(config, e.num_samples)
     start = time.time()
     reconstructions = _reconstruct(reconstruct, params, images, e.batch_size)
     seconds = time.time() - start
@@ -84,7 +83,7 @@ def evaluate_autoencoder(config, workdir: str, *, log: Callable[[str], None] = p
     recon_features = extract(files.quantize(reconstructions))
     recon_stats = metrics.FeatureStatistics(recon_features.shape[1]).update(recon_features)
     results = {
-        "step": step, "num_images": int(len(images)),
+        "step": step, "num_images": int(len(images)), "split": split,
         "psnr_db": float(np.mean(np.minimum(per_image, 100.0))),
         "mean_abs_error": float(np.mean(np.abs(originals_u8.astype(np.float64)
                                                - reconstructions_u8))),
@@ -100,7 +99,7 @@ def evaluate_autoencoder(config, workdir: str, *, log: Callable[[str], None] = p
                                   enabled=parallel.is_writer())
     writer.scalars(step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, float)})
     writer.close()
-    log(f"autoencoder at step {step}, {results['num_images']} held-out images: PSNR "
+    log(f"autoencoder at step {step}, {results['num_images']} images of the {split!r} split: PSNR "
         f"{results['psnr_db']:.2f} dB, mean |error| {results['mean_abs_error']:.2f}/255, "
         f"Fréchet distance {results['frechet_distance']:.4f} ({feature_space})")
     log(f"wrote {out_path}")
@@ -115,7 +114,7 @@ def reconstruct_to_files(config, workdir: str) -> list:
     """
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     step, reconstruct, params = _restored(config, workdir, step)
-    images = _held_out(config, config.sampling.num_samples)
+    images, _ = _held_out(config, config.sampling.num_samples)
     reconstructions = _reconstruct(reconstruct, params, images, config.evaluation.batch_size)
     if not parallel.is_writer():
         return []

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import configuration
 from diffusion_jax.models import lpips
-from diffusion_jax.models.autoencoder import AutoencoderKL, kl_divergence, sample_latent
+from diffusion_jax.models.autoencoder import AutoencoderKL, kl_divergence
 from diffusion_jax.models.patchgan import PatchDiscriminator
 
 __all__ = ["AutoencoderTask", "AutoencoderLoss", "loss_from_config", "perceptual_status", "hinge_discriminator_loss", "adaptive_weight",
@@ -71,9 +71,11 @@ def adaptive_weight(nll_grad, gan_grad, *, maximum: float = 1e4):
 class AutoencoderLoss:
     """``loss(params, batch, key)`` of an autoencoder run, in the draw/compute stages of the step.
 
-    ``draw(batch, key, step)`` adds to the key a per-example flag of whether the discriminator
-    is on at ``step``; ``compute(params, batch, draws) -> (loss, aux)`` is differentiated. The
-    posterior sample comes from the draws' key, so a resumed run repeats the same samples.
+    ``draw(batch, key, step)`` draws the posterior noise for the whole batch from the step's key
+    (so a resumed run repeats the same samples) and flags whether the discriminator is on at
+    ``step``; ``compute(params, batch, draws) -> (loss, aux)`` is differentiated. The adaptive
+    GAN weight is a ratio of gradient norms over the batch ``compute`` sees, which is why a
+    discriminator is refused with microbatches or the per-device shard_map path.
     """
 
     draw_takes_step = True
@@ -97,9 +99,17 @@ class AutoencoderLoss:
                                  dtype=autoencoder.dtype)
 
     def draw(self, batch, key, step=0):
-        """The key, and the discriminator's on/off flag for each example (1.0 from disc_start)."""
+        """The posterior noise of the whole batch, and the discriminator's flag per example.
+
+        Drawn before the batch is split into microbatches or over devices, so that the noise of
+        each example does not depend on the split; the flag is 1.0 from ``disc_start`` on.
+        """
+        x = batch["x"]
+        f = self.autoencoder.downsampling_factor
+        shape = (x.shape[0], x.shape[1] // f, x.shape[2] // f, self.autoencoder.latent_channels)
         on = jnp.asarray(step >= self.disc_start, jnp.float32)
-        return batch, {"key": key, "gan_on": jnp.broadcast_to(on, batch["x"].shape[:1])}
+        return batch, {"key": key, "noise": jax.random.normal(key, shape, jnp.float32),
+                       "gan_on": jnp.broadcast_to(on, x.shape[:1])}
 
     def _nll(self, x, reconstruction):
         """Per-example reconstruction loss: the error summed over the image's values."""
@@ -117,12 +127,13 @@ class AutoencoderLoss:
         x = batch["x"]
         ae = self.autoencoder
         mean, logvar = ae.apply({"params": params["autoencoder"]}, x, method=AutoencoderKL.encode)
-        z = sample_latent(mean, logvar, draws["key"])
+        z = mean + jnp.exp(0.5 * logvar) * draws["noise"]  # the reparameterisation trick
         hidden = ae.apply({"params": params["autoencoder"]}, z,
                           method=AutoencoderKL.decode_hidden)
         last = params["autoencoder"]["decoder"]["conv_out"]
-        to_image = lambda p: self._conv_out.apply({"params": p}, hidden)  # noqa: E731
-        reconstruction = to_image(last).astype(jnp.float32)
+        to_image = lambda p: self._conv_out.apply(  # noqa: E731
+            {"params": p}, hidden).astype(jnp.float32)
+        reconstruction = to_image(last)
         nll = self._nll(x, reconstruction)
         kl = jnp.mean(kl_divergence(mean, logvar))
         loss = nll + self.kl_weight * kl

@@ -18,13 +18,13 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import configuration, defaults
+from diffusion_jax import configuration, data, defaults
 from diffusion_jax.autoencoder_training import AutoencoderTask
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.patchgan import PatchDiscriminator
 from diffusion_jax.pretrained import autoencoder_kl as diffusers_vae
 
-__all__ = ["build_autoencoder", "build_task", "AutoencoderSource", "describe", "latent_shape",
+__all__ = ["build_autoencoder", "build_task", "held_out_source", "AutoencoderSource", "describe", "latent_shape",
            "DIFFUSERS_WEIGHTS"]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -84,6 +84,18 @@ def build_task(config, image_shape) -> AutoencoderTask:
     return AutoencoderTask(autoencoder, discriminator)
 
 
+def held_out_source(config):
+    """``(source, split)``: the data's "test" split, or the training split when it has none.
+
+    Reconstructions are judged on held-out images where the data has them; a folder of images
+    or a TFDS dataset without a test split is judged on the images it trains on.
+    """
+    try:
+        return configuration.build_source(config.data, split="test"), "test"
+    except data.DataError:
+        return configuration.build_source(config.data), config.data.split
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoencoderSource:
     """What ``config.latent.autoencoder`` names: where, which kind, its network and settings.
@@ -99,6 +111,7 @@ class AutoencoderSource:
     config: Any
     scaling_factor: Optional[float] = None
     shift_factor: Optional[float] = None
+    image_shape: Optional[tuple] = None  # the images an autoencoder run was trained on
 
     def fingerprint(self) -> dict:
         """What a latent run records of its autoencoder: the kind and the network's settings."""
@@ -136,8 +149,14 @@ def describe(path: str, dtype: str = "float32") -> AutoencoderSource:
             autoencoder = diffusers_vae.autoencoder_from_config(raw, dtype=_dtype(dtype))
         except ValueError as err:
             raise configuration.ConfigError(f"{where}: {err}") from err
+        for key in ("latents_mean", "latents_std"):
+            if raw.get(key) is not None:
+                raise configuration.ConfigError(
+                    f"{where}: its config.json normalises latents per channel ({key}), which "
+                    "diffusion_jax does not support yet; use an autoencoder without it")
+        # A config without scaling_factor means diffusers' default, as diffusers reads it.
         return AutoencoderSource(path, "diffusers", autoencoder, raw,
-                                 raw.get("scaling_factor"), raw.get("shift_factor"))
+                                 raw.get("scaling_factor", 0.18215), raw.get("shift_factor"))
     return _describe_run(path, raw, where, dtype)
 
 
@@ -154,9 +173,9 @@ def _describe_run(path: str, raw: dict, where: str, dtype: str) -> AutoencoderSo
             f"{where} is an autoencoder run without checkpoints (it has not trained yet); train "
             f"it first with `python main.py --config=... --workdir={path}`")
     config = _with_defaults(raw, where)
-    channels = _image_channels(path, config)
-    return AutoencoderSource(path, "run", build_autoencoder(config.autoencoder, channels, dtype),
-                             config)
+    shape = _image_shape(path, config)
+    return AutoencoderSource(path, "run", build_autoencoder(config.autoencoder, shape[-1], dtype),
+                             config, image_shape=shape)
 
 
 def _with_defaults(raw: dict, where: str):
@@ -180,10 +199,10 @@ def _with_defaults(raw: dict, where: str):
     return config
 
 
-def _image_channels(path: str, config) -> int:
-    """The channel count of an autoencoder run's images: its autoencoder.json, else its data."""
+def _image_shape(path: str, config) -> tuple:
+    """The shape of an autoencoder run's images: its autoencoder.json, else its data's."""
     shapes = os.path.join(path, "autoencoder.json")
     if os.path.isfile(shapes):
-        return int(_read_json(shapes, f"the autoencoder run {path}")["image_shape"][-1])
+        return tuple(_read_json(shapes, f"the autoencoder run {path}")["image_shape"])
     shape, _ = configuration.data_shape(configuration.build_source(config.data))
-    return int(shape[-1])
+    return tuple(shape)

@@ -338,6 +338,11 @@ def _check_combinations(given):
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "
                           f"trains on {given['data.name']!r}")
+    if given["task"] == "autoencoder" and given["autoencoder.disc_weight"] and (
+            given["training.grad_accumulation"] > 1 or given["mesh.train_step"] == "shard_map"):
+        raise ConfigError("an autoencoder with a discriminator (config.autoencoder.disc_weight > "
+                          "0) weighs its GAN loss by gradient norms over the whole batch: use "
+                          "training.grad_accumulation=1 and mesh.train_step='jit'")
     if given["latent.autoencoder"] and given["evaluation.likelihood_examples"]:
         raise ConfigError("config.evaluation.likelihood_examples (bits/dim) measures a pixel-space "
                           "model; a latent run's likelihood is of latents, not images: set it to 0")

@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import autoencoder_training, configuration, data, files, generate, parallel
+from diffusion_jax import autoencoder_training, autoencoders, data, files, generate, parallel
 
 __all__ = ["SampleGrids", "ReconstructionGrids", "for_run"]
 
@@ -48,7 +48,10 @@ class ReconstructionGrids:
 
     def __init__(self, config, model, workdir, writer):
         self._workdir, self._writer = workdir, writer
-        source = configuration.build_source(config.data, split="test")
+        source, split = autoencoders.held_out_source(config)
+        if split != "test":
+            writer.text(f"the reconstruction grids show images of the {split!r} split: the data "
+                        "has no test split")
         count = min(config.sampling.num_samples, len(source))
         self._images = _images(config, source, count)
         self._reconstruct = autoencoder_training.make_reconstruct_fn(model.autoencoder)

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import autoencoders, configuration, data, files, parallel, run
+from diffusion_jax import autoencoders, configuration, data, files, parallel, run, train_state
+from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.pretrained import autoencoder_kl as diffusers_vae
 
-__all__ = ["LatentSpace", "LatentBatches", "load_space", "decoder_for", "estimate_scale", "encode_dataset",
+__all__ = ["LatentSpace", "LatentBatches", "load_space", "decoder_for", "check_precomputed", "estimate_scale", "encode_dataset",
            "precomputed_source", "LATENT_FILE"]
 
 LATENT_FILE = "latent.json"
@@ -43,19 +44,20 @@ class LatentSpace:
     """
 
     def __init__(self, autoencoder: AutoencoderKL, params, scale: float = 1.0,
-                 shift: float = 0.0):
+                 shift: float = 0.0, autoencoder_step: Optional[int] = None):
         self.autoencoder, self.params = autoencoder, params
         self.scale, self.shift = float(scale), float(shift)
+        self.autoencoder_step = autoencoder_step  # the autoencoder run's checkpoint, if any
         apply = autoencoder.apply
         self._moments = jax.jit(
             lambda p, x: apply({"params": p}, x, method=AutoencoderKL.encode))
         self._decode = jax.jit(lambda p, z: jnp.clip(apply(
             {"params": p}, z / self.scale + self.shift, method=AutoencoderKL.decode), -1, 1))
-        self._encode_batch = jax.jit(self._encode_batch_impl, static_argnums=3)
+        self._encode_batch = jax.jit(self._encode_batch_impl, static_argnums=(3, 4))
 
     def with_scale(self, scale: float, shift: float = 0.0) -> "LatentSpace":
         """The same autoencoder and weights with another scale and shift."""
-        return LatentSpace(self.autoencoder, self.params, scale, shift)
+        return LatentSpace(self.autoencoder, self.params, scale, shift, self.autoencoder_step)
 
     def moments(self, images):
         """The posterior's ``(mean, logvar)`` for NHWC images in [-1, 1]."""
@@ -74,21 +76,26 @@ class LatentSpace:
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
         return (z - self.shift) * self.scale
 
-    def _encode_batch_impl(self, params, batch, keys, stacked):
+    def _encode_batch_impl(self, params, batch, keys, stacked, sharding):
         rest = {k: v for k, v in batch.items() if k not in ("x", "moments")}
         if not stacked:
-            return {**rest, "x": self._latents(params, batch, keys)}
-        inputs = {k: batch[k] for k in ("x", "moments") if k in batch}
-        latents = jax.vmap(lambda b, k: self._latents(params, b, k))(inputs, keys)
-        return {**rest, "x": latents}
+            out = {**rest, "x": self._latents(params, batch, keys)}
+        else:
+            inputs = {k: batch[k] for k in ("x", "moments") if k in batch}
+            latents = jax.vmap(lambda b, k: self._latents(params, b, k))(inputs, keys)
+            out = {**rest, "x": latents}
+        if sharding is not None:  # laid out as the train step takes its batches
+            out = jax.lax.with_sharding_constraint(out, sharding)
+        return out
 
-    def encode_batch(self, batch, keys):
+    def encode_batch(self, batch, keys, sharding=None):
         """A batch of images (``x``) or precomputed ``moments`` as scaled latents under ``x``.
 
         ``keys`` is one key, or one per step (a key array of shape [steps]) for a
-        ``[steps, batch, ...]`` stack.
+        ``[steps, batch, ...]`` stack; ``sharding`` (e.g. the train step's batch sharding) lays
+        out every array of the result.
         """
-        return self._encode_batch(self.params, batch, keys, keys.ndim > 0)
+        return self._encode_batch(self.params, batch, keys, keys.ndim > 0, sharding)
 
 
 def step_key(seed: int, step):
@@ -105,9 +112,9 @@ class LatentBatches:
     """
 
     def __init__(self, iterator, space: LatentSpace, *, seed: int, first_step: int,
-                 stack: int = 1):
+                 stack: int = 1, sharding=None):
         self._iterator, self._space, self._seed = iterator, space, seed
-        self._step, self._stack = first_step, stack
+        self._step, self._stack, self._sharding = first_step, stack, sharding
 
     def __iter__(self):
         return self
@@ -118,7 +125,7 @@ class LatentBatches:
         keys = (step_key(self._seed, self._step) if self._stack == 1 else
                 jax.vmap(lambda s: step_key(self._seed, s))(steps))
         self._step += self._stack
-        return self._space.encode_batch(batch, keys)
+        return self._space.encode_batch(batch, keys, self._sharding)
 
     def get_state(self):
         return self._iterator.get_state()
@@ -128,17 +135,30 @@ class LatentBatches:
 
 
 def _load_params(source: autoencoders.AutoencoderSource, step: Optional[int]):
-    """The autoencoder's weights: from its run's checkpoint, or the diffusers safetensors."""
+    """``(params, step)``: a run's checkpoint ``step`` (None: latest), or a diffusers folder's."""
     if source.kind == "diffusers":
         try:
             _, params, _ = diffusers_vae.load_vae(source.path)
         except (OSError, ValueError) as err:
             raise configuration.ConfigError(
                 f"config.latent.autoencoder={source.path!r}: {err}") from err
-        return params
-    state, _, _, _ = run.restore_run(source.config, source.path, step=step)
-    params = state.ema_params if source.config.sampling.use_ema else state.params
-    return params["autoencoder"]
+        return params, None
+    # The run's network and checkpoints, without its data (autoencoder.json gives the shape).
+    config, shape = source.config, source.image_shape
+    model = autoencoders.build_task(config, shape)
+    abstract = train_state.abstract_train_state(
+        model, optimizer_lib.optimizer_from_config(config), shape, None, config.seed)
+    checkpoints = run.open_checkpoints(config, source.path, shape, None)
+    try:
+        if checkpoints.latest_step() is None:
+            raise configuration.ConfigError(
+                f"config.latent.autoencoder={source.path!r} has no checkpoint yet; train it first")
+        state = checkpoints.restore(train_state.with_shardings(abstract, run.sampling_mesh(config)),
+                                    step=step)
+    finally:
+        checkpoints.close()
+    params = state.ema_params if config.sampling.use_ema else state.params
+    return params["autoencoder"], int(state.step)
 
 
 def decoder_for(config, workdir: str) -> Optional[Callable]:
@@ -170,29 +190,31 @@ def estimate_scale(space: LatentSpace, batches, num_batches: int, key) -> tuple[
 
 
 def load_space(config, workdir: str, *, estimate: Optional[Callable] = None,
-               log: Callable[[str], None] = print) -> LatentSpace:
+               resumed: bool = True, log: Callable[[str], None] = print) -> LatentSpace:
     """The latent space of a latent run in ``workdir``: weights, and the scale it uses.
 
-    The scale is that of ``WORKDIR/latent.json`` when there is one; otherwise
+    What ``WORKDIR/latent.json`` records wins: the autoencoder (its settings, folder and
+    checkpoint step) and the scale; a config naming another is refused. Without it the scale is
     ``config.latent.scale``, a diffusers folder's ``scaling_factor``, or ``estimate(space)``
-    (training only: ``space`` unscaled, returns ``(scale, count)``), and then it is written there.
+    (training: ``space`` unscaled, returns ``(scale, count)``), and training writes the file. A
+    run starting afresh (``resumed=False``) replaces what an earlier failed start wrote.
     """
     source = autoencoders.describe(config.latent.autoencoder, config.model.dtype)
-    step = None if config.latent.checkpoint_step == -1 else config.latent.checkpoint_step
-    space = LatentSpace(source.autoencoder, _load_params(source, step))
     path = os.path.join(workdir, LATENT_FILE)
-    if os.path.isfile(path):
+    kept = None
+    if os.path.isfile(path) and (estimate is None or resumed):
         with open(path) as f:
             kept = json.load(f)
-        if kept.get("autoencoder") != source.fingerprint():
-            raise configuration.ConfigError(
-                f"{path} records another autoencoder ({kept.get('autoencoder')}) than "
-                f"config.latent.autoencoder={config.latent.autoencoder!r} "
-                f"({source.fingerprint()}): a run keeps the autoencoder it started with")
-        if config.latent.scale and not math.isclose(config.latent.scale, kept["scale"]):
-            raise configuration.ConfigError(
-                f"config.latent.scale={config.latent.scale} differs from the scale "
-                f"{kept['scale']} this run was trained with ({path}); leave it 0")
+        _check_kept(kept, source, config, path)
+    elif estimate is not None and resumed:
+        raise configuration.ConfigError(
+            f"{workdir} has checkpoints but no {LATENT_FILE}, which records the latent scale and "
+            "autoencoder the run was trained with; restore that file (or start a new run)")
+    wanted = None if config.latent.checkpoint_step == -1 else config.latent.checkpoint_step
+    step = kept.get("autoencoder_step", wanted) if kept else wanted
+    params, step = _load_params(source, step)
+    space = LatentSpace(source.autoencoder, params, autoencoder_step=step)
+    if kept is not None:
         return space.with_scale(kept["scale"], kept["shift"])
     shift = float(source.shift_factor or 0.0)
     if config.latent.scale:
@@ -210,9 +232,44 @@ def load_space(config, workdir: str, *, estimate: Optional[Callable] = None,
     if estimate is not None and parallel.is_writer():
         files.save_json(path, {"scale": scale, "shift": shift, "how": how,
                                "autoencoder": source.fingerprint(),
-                               "autoencoder_path": os.path.abspath(config.latent.autoencoder)})
-    log(f"latent scale {scale:.6g} ({how})")
+                               "autoencoder_path": os.path.realpath(config.latent.autoencoder),
+                               "autoencoder_step": step})
+    log(f"latent scale {scale:.6g} ({how}); autoencoder {config.latent.autoencoder}"
+        f"{'' if step is None else f' at step {step}'}")
     return space.with_scale(scale, shift)
+
+
+def _check_kept(kept: dict, source, config, path: str) -> None:
+    """Refuse a config whose autoencoder or scale differs from what the run recorded."""
+    named = os.path.realpath(config.latent.autoencoder)
+    if kept.get("autoencoder") != source.fingerprint() or kept.get(
+            "autoencoder_path", named) != named:
+        raise configuration.ConfigError(
+            f"{path} records the autoencoder {kept.get('autoencoder_path')} "
+            f"({kept.get('autoencoder')}), and config.latent.autoencoder names "
+            f"{config.latent.autoencoder!r} ({source.fingerprint()}): a run keeps the autoencoder "
+            "it started with; name that one")
+    step = config.latent.checkpoint_step
+    if step != -1 and kept.get("autoencoder_step") not in (None, step):
+        raise configuration.ConfigError(
+            f"config.latent.checkpoint_step={step}, but this run was trained on the "
+            f"autoencoder's step {kept['autoencoder_step']} ({path}); leave it -1")
+    if config.latent.scale and not math.isclose(config.latent.scale, kept["scale"]):
+        raise configuration.ConfigError(
+            f"config.latent.scale={config.latent.scale} differs from the scale "
+            f"{kept['scale']} this run was trained with ({path}); leave it 0")
+
+
+def check_precomputed(source, space: LatentSpace, config) -> None:
+    """Refuse precomputed latents encoded by another checkpoint of the run's autoencoder."""
+    encoded = source.info.get("autoencoder_step")
+    if encoded != space.autoencoder_step or source.info.get(
+            "autoencoder_path") != os.path.realpath(config.latent.autoencoder):
+        raise configuration.ConfigError(
+            f"the latents in {config.latent.precomputed} were encoded by "
+            f"{source.info.get('autoencoder_path')} at step {encoded}, and this run uses "
+            f"{config.latent.autoencoder} at step {space.autoencoder_step}; encode them again "
+            "with --mode=encode_dataset")
 
 
 def precomputed_source(config):
@@ -256,7 +313,8 @@ def encode_dataset(config, workdir: str, *, log: Callable[[str], None] = print) 
     pixels = configuration.build_source(config.data)
     source = autoencoders.describe(config.latent.autoencoder, config.model.dtype)
     step = None if config.latent.checkpoint_step == -1 else config.latent.checkpoint_step
-    space = LatentSpace(source.autoencoder, _load_params(source, step))
+    params, step = _load_params(source, step)
+    space = LatentSpace(source.autoencoder, params)
     image_shape, num_classes = configuration.data_shape(pixels)
     shape = autoencoders.latent_shape(source.autoencoder, image_shape,
                                       where=f"config.latent.autoencoder={source.path!r}")
@@ -284,7 +342,8 @@ def encode_dataset(config, workdir: str, *, log: Callable[[str], None] = print) 
     seconds = time.time() - start
     files.save_json(os.path.join(partial, "info.json"), {
         "count": count, "latent_shape": list(shape), "num_classes": num_classes,
-        "autoencoder": source.fingerprint(), "autoencoder_path": os.path.abspath(source.path),
+        "autoencoder": source.fingerprint(), "autoencoder_path": os.path.realpath(source.path),
+        "autoencoder_step": step,
         "data": _data_identity(config), "seconds": seconds})
     os.replace(partial, out)
     log(f"encoded {count:,} images to {out} in {seconds:.1f} s "

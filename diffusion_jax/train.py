@@ -427,7 +427,7 @@ def _describe_model(config, abstract, mesh, example_shape) -> str:
     return f"model: {config.model.name}{where}, {num_params:,} parameters; {devices}"
 
 
-def _latent_space(config, workdir, source, mesh, num_classes, log):
+def _latent_space(config, workdir, source, mesh, num_classes, log, resumed):
     """The latent run's autoencoder and scale (estimated from the data on a fresh start)."""
     def estimate(space):
         batches = parallel.DevicePrefetcher(_data_iterator(config, source, mesh, num_classes),
@@ -435,7 +435,10 @@ def _latent_space(config, workdir, source, mesh, num_classes, log):
         key = jax.random.fold_in(jax.random.key(config.seed), 0x5CA1E)
         return latent.estimate_scale(space, batches, config.latent.scale_batches, key)
 
-    return latent.load_space(config, workdir, estimate=estimate, log=log)
+    space = latent.load_space(config, workdir, estimate=estimate, resumed=resumed, log=log)
+    if config.latent.precomputed:
+        latent.check_precomputed(source, space, config)
+    return space
 
 
 def train_and_evaluate(config, workdir: str, *, log: Callable[[str], None] = _print_now):
@@ -483,9 +486,12 @@ def _train(config, workdir, parts, log):
                                              stack=t.steps_per_call)
         space = None
         if config.latent.autoencoder:
-            space = _latent_space(config, workdir, source, mesh, num_classes, log)
-            iterator = latent.LatentBatches(iterator, space, seed=config.seed,
-                                            first_step=int(state.step), stack=t.steps_per_call)
+            space = _latent_space(config, workdir, source, mesh, num_classes, log, resumed)
+            iterator = latent.LatentBatches(
+                iterator, space, seed=config.seed, first_step=int(state.step),
+                stack=t.steps_per_call,
+                sharding=(parallel.stacked_batch_sharding(mesh) if t.steps_per_call > 1
+                          else parallel.batch_sharding(mesh)))
         writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
                                       enabled=parallel.is_writer())
         _write_config_once(config, workdir, model, example_shape)

@@ -8,8 +8,10 @@ autoencoder, and the errors of configs that point at the wrong thing.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ import pytest
 from conftest import kill_at_step_and_rerun
 
 from configs import tiny
-from diffusion_jax import autoencoder_training, configuration, generate, latent, run, train
+from diffusion_jax import autoencoder_training, configuration, files, generate, latent, run, train
 from diffusion_jax import train_state
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.patchgan import PatchDiscriminator
@@ -172,10 +174,11 @@ def test_latent_run_keeps_its_scale_and_resumes_bit_for_bit(autoencoder_run, lat
         kept = json.load(f)
     assert any(f"latent scale {kept['scale']:.6g} (1 / std of" in line for line in lines)
     assert any("on latents of shape (8, 8, 2)" in line for line in lines)
-    # The scale is 1 / std of the (unscaled) latents of the data, recomputed here by hand.
+    # Sampling reads the scale and the autoencoder's step the run recorded.
     config = latent_config(autoencoder_dir)
     space = latent.load_space(config, str(workdir), log=_quiet)
-    assert space.scale == kept["scale"]
+    assert space.scale == kept["scale"] and kept["autoencoder_step"] == 4
+    assert space.autoencoder_step == 4 and 0.1 < kept["scale"] < 10
     train.train_and_evaluate(latent_config(autoencoder_dir, training__num_steps=3),
                              str(tmp_path), log=_quiet)
     resumed = train.train_and_evaluate(config, str(tmp_path), log=_quiet)
@@ -213,7 +216,9 @@ def test_precomputed_latents_equal_those_encoded_on_the_fly(autoencoder_run, tmp
     source = latent.precomputed_source(config)
     assert len(source) == config.data.size and source.num_classes == 3
     pixels = configuration.build_source(config.data)
-    space = latent.load_space(config, str(tmp_path), estimate=lambda s: (1.0, 0), log=_quiet)
+    space = latent.load_space(config, str(tmp_path), estimate=lambda s: (1.0, 0), resumed=False,
+                              log=_quiet)
+    latent.check_precomputed(source, space, config)
     images = np.stack([np.asarray(pixels[i]["image"], np.float32) / 127.5 - 1 for i in (0, 9)])
     mean, logvar = space.moments(images)
     stored = np.stack([source[i]["moments"] for i in (0, 9)])
@@ -268,8 +273,33 @@ def test_configs_pointing_at_the_wrong_thing_say_so(autoencoder_run, latent_run,
         run.build(latent_config(tmp_path / "empty"))
 
 
+def test_a_run_keeps_the_autoencoder_and_scale_it_started_with(autoencoder_run, latent_run,
+                                                                tmp_path):
+    """latent.json decides: another autoencoder of the same shape (a copy), another checkpoint
+    step or scale is refused; a fresh start replaces what a failed start left behind."""
+    autoencoder_dir, _ = autoencoder_run
+    latent_dir, _, _ = latent_run
+    shutil.copytree(autoencoder_dir, tmp_path / "copy")
+    for config, message in [
+            (latent_config(tmp_path / "copy"), "a run keeps the autoencoder it started with"),
+            (latent_config(autoencoder_dir, latent__checkpoint_step=2), "leave it -1"),
+            (latent_config(autoencoder_dir, latent__scale=123.0), "leave it 0")]:
+        with pytest.raises(configuration.ConfigError, match=message):
+            latent.load_space(config, str(latent_dir), log=_quiet)
+    shutil.copy(latent_dir / "latent.json", tmp_path / "latent.json")
+    fresh = latent.load_space(latent_config(tmp_path / "copy"), str(tmp_path), resumed=False,
+                              estimate=lambda space: (2.5, 1), log=_quiet)
+    assert fresh.scale == 2.5
+    with pytest.raises(configuration.ConfigError, match="has checkpoints but no latent.json"):
+        latent.load_space(latent_config(autoencoder_dir), str(tmp_path / "copy"), resumed=True,
+                          estimate=lambda space: (2.5, 1), log=_quiet)
+
+
 def test_pixel_run_workdir_is_not_an_autoencoder(tmp_path):
-    train.train_and_evaluate(tiny.get_config(), str(tmp_path / "pixels"), log=_quiet)
+    """A pixel run's workdir (config.json as training writes it, checkpoints/) is refused."""
+    os.makedirs(tmp_path / "pixels" / "checkpoints")
+    files.save_json(str(tmp_path / "pixels" / "config.json"),
+                    json.loads(tiny.get_config().to_json_best_effort()))
     with pytest.raises(configuration.ConfigError, match="pixel-space diffusion run"):
         run.build(latent_config(tmp_path / "pixels"))
 
@@ -333,3 +363,62 @@ def test_autoencoder_cli_sample_and_eval(autoencoder_run, tmp_path):
         values = json.load(f)
     assert values["num_images"] == 64 and 0 < values["psnr_db"] < 100
     assert values["frechet_distance"] >= 0
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from tests.test_latent import autoencoder_config, latent_config
+    from diffusion_jax import train
+    assert jax.device_count() == 8
+    mesh = dict(mesh__data=4, mesh__fsdp=2)
+    runs = {"autoencoder": autoencoder_config(**mesh),
+            "latent": latent_config(sys.argv[2], training__steps_per_call=2,
+                                    training__log_every=2, training__checkpoint_every=2,
+                                    data__batch_size=16, **mesh)}
+    out = {}
+    for name, config in runs.items():
+        state = train.train_and_evaluate(config, sys.argv[1] + "/" + name, log=print)
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(state.params)):
+            out[f"{name}/{i}"] = np.asarray(leaf)
+    np.savez(sys.argv[1] + "/states.npz", **out)
+""")
+
+
+@pytest.mark.slow  # a subprocess with 8 simulated devices
+def test_eight_devices_train_as_one(autoencoder_run, tmp_path):
+    """An autoencoder run (with its discriminator) and a latent run (encoding each stack of two
+    steps' batches laid out for the scanned step) on a 4x2 data x fsdp mesh of 8 simulated
+    devices end where one device ends."""
+    autoencoder_dir, one_device = autoencoder_run
+    env = {**os.environ, "PYTHONPATH": ROOT,
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                         + " --xla_force_host_platform_device_count=8").strip()}
+    done = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path),
+                           str(autoencoder_dir)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eight = np.load(tmp_path / "states.npz")
+    latent_one = train.train_and_evaluate(
+        latent_config(autoencoder_dir, training__steps_per_call=2, training__log_every=2,
+                      training__checkpoint_every=2, data__batch_size=16),
+        str(tmp_path / "latent_one"), log=_quiet)
+    for name, state in (("autoencoder", one_device), ("latent", latent_one)):
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(state.params)):
+            np.testing.assert_allclose(eight[f"{name}/{i}"], np.asarray(leaf), rtol=2e-4,
+                                       atol=2e-5, err_msg=f"{name} leaf {i}")
+
+
+@pytest.mark.slow  # compiling the bfloat16 gradient takes a while on a CPU
+def test_the_autoencoder_loss_trains_in_bfloat16_with_a_discriminator():
+    """The GPU presets' setting: the GAN terms' pullbacks take float32 cotangents."""
+    ae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=2, norm_num_groups=4,
+                       dtype=jnp.bfloat16)
+    disc = PatchDiscriminator(layers=1, channels=8, dtype=jnp.bfloat16)
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    params = autoencoder_training.AutoencoderTask(ae, disc).init(jax.random.key(0), x)["params"]
+    loss = autoencoder_training.AutoencoderLoss(ae, disc, disc_weight=0.5, disc_start=0)
+    grads = jax.grad(lambda p: loss.compute(p, *loss.draw({"x": x}, jax.random.key(2), 1))[0])(
+        params)
+    assert all(np.all(np.isfinite(g)) for g in _leaves(grads))
+    assert any(np.any(g != 0) for g in _leaves(grads["discriminator"]))
