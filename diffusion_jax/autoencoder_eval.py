@@ -61,7 +61,8 @@ def _features(config, workdir) -> tuple[Callable, str]:
     if config.data.name == "captions":
         return prompt_eval.attribute_features(config, workdir), (
             "features of the attribute classifier (--mode=train_classifier)")
-    return evaluate.feature_extractor(config, evaluate.load_classifier(config, workdir))
+    extract, _ = evaluate.feature_extractor(config, evaluate.load_classifier(config, workdir))
+    return extract, "features of the data's classifier (--mode=train_classifier)"
 
 
 def evaluate_autoencoder(config, workdir: str, *, log: Callable[[str], None] = print,
