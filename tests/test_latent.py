@@ -73,6 +73,8 @@ def autoencoder_run(tmp_path_factory):
     return workdir, state
 
 
+@pytest.mark.slow  # two more runs; the default suite resumes pixel runs, and these are also
+# covered by the kill -9 test below
 def test_autoencoder_run_resumes_bit_for_bit(autoencoder_run, tmp_path):
     """Steps 3 and 4 (discriminator on) after a restart equal those of the straight run."""
     _, straight = autoencoder_run
@@ -166,6 +168,20 @@ def latent_run(autoencoder_run, tmp_path_factory):
     return workdir, state, lines
 
 
+def test_latent_run_keeps_its_scale(autoencoder_run, latent_run):
+    """The scale measured at the start is logged, kept in latent.json and read back."""
+    autoencoder_dir, _ = autoencoder_run
+    workdir, _, lines = latent_run
+    with open(workdir / "latent.json") as f:
+        kept = json.load(f)
+    assert any(f"latent scale {kept['scale']:.6g} (1 / std of" in line for line in lines)
+    assert any("on latents of shape (8, 8, 2)" in line for line in lines)
+    space = latent.load_space(latent_config(autoencoder_dir), str(workdir), log=_quiet)
+    assert space.scale == kept["scale"] and kept["autoencoder_step"] == 4
+    assert space.autoencoder_step == 4 and 0.1 < kept["scale"] < 10
+
+
+@pytest.mark.slow  # two more runs; see test_autoencoder_run_resumes_bit_for_bit
 def test_latent_run_keeps_its_scale_and_resumes_bit_for_bit(autoencoder_run, latent_run,
                                                             tmp_path):
     autoencoder_dir, _ = autoencoder_run
