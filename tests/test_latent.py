@@ -383,6 +383,7 @@ def test_autoencoder_cli_sample_and_eval(autoencoder_run, tmp_path):
 
 _EIGHT_DEVICES = textwrap.dedent("""
     import sys
+    sys.path.insert(0, "tests")  # (test_latent imports the conftest helpers by name)
     import jax, numpy as np
     from tests.test_latent import autoencoder_config, latent_config
     from diffusion_jax import train
@@ -419,10 +420,15 @@ def test_eight_devices_train_as_one(autoencoder_run, tmp_path):
         latent_config(autoencoder_dir, training__steps_per_call=2, training__log_every=2,
                       training__checkpoint_every=2, data__batch_size=16),
         str(tmp_path / "latent_one"), log=_quiet)
+    # Same math, batch reductions in another order: float32 round-off, except for biases whose
+    # true gradient is 0 (a convolution's bias right before a GroupNorm), where Adam turns the
+    # round-off gradients of either run into updates of up to the learning rate (1e-3) a step.
     for name, state in (("autoencoder", one_device), ("latent", latent_one)):
-        for i, leaf in enumerate(jax.tree_util.tree_leaves(state.params)):
+        for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state.params)[0]):
+            where = jax.tree_util.keystr(path)
+            tolerance = 1e-4 if where.endswith("['bias']") else 2e-5
             np.testing.assert_allclose(eight[f"{name}/{i}"], np.asarray(leaf), rtol=2e-4,
-                                       atol=2e-5, err_msg=f"{name} leaf {i}")
+                                       atol=tolerance, err_msg=f"{name} {where}")
 
 
 @pytest.mark.slow  # compiling the bfloat16 gradient takes a while on a CPU
