@@ -27,7 +27,7 @@ import numpy as np
 
 from diffusion_jax import autoencoders, configuration, data, files, parallel, run, train_state
 from diffusion_jax import optimizer as optimizer_lib
-from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.models.autoencoder import AutoencoderKL, sample_latent
 from diffusion_jax.pretrained import autoencoder_kl as diffusers_vae
 
 __all__ = ["LatentSpace", "LatentBatches", "load_space", "decoder_for", "check_precomputed", "estimate_scale", "encode_dataset",
@@ -73,8 +73,7 @@ class LatentSpace:
         else:
             mean, logvar = self.autoencoder.apply({"params": params}, batch["x"],
                                                   method=AutoencoderKL.encode)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-        return (z - self.shift) * self.scale
+        return (sample_latent(mean, logvar, key) - self.shift) * self.scale
 
     def _encode_batch_impl(self, params, batch, keys, stacked, sharding):
         rest = {k: v for k, v in batch.items() if k not in ("x", "moments")}

@@ -27,7 +27,7 @@ from clu import parameter_overview as clu_parameter_overview
 from jax.experimental import multihost_utils
 from jax.experimental.layout import Format, Layout
 
-from diffusion_jax import autoencoder_training
+from diffusion_jax import autoencoder_training, autoencoders
 from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, gradients, latent
 from diffusion_jax import console as console_lib
@@ -402,12 +402,11 @@ def _write_config_once(config, workdir, model, example_shape) -> None:
         files.save_json(path, json.loads(config.to_json_best_effort()))
     shapes = os.path.join(workdir, "autoencoder.json")
     if config.task == "autoencoder" and parallel.is_writer() and not os.path.exists(shapes):
-        factor = model.autoencoder.downsampling_factor
-        files.save_json(shapes, {"image_shape": list(example_shape),
-                                 "latent_shape": [example_shape[0] // factor,
-                                                  example_shape[1] // factor,
-                                                  model.autoencoder.latent_channels],
-                                 "downsampling_factor": factor})
+        files.save_json(shapes, {
+            "image_shape": list(example_shape),
+            "latent_shape": list(autoencoders.latent_shape(model.autoencoder, example_shape,
+                                                           where="config.autoencoder")),
+            "downsampling_factor": model.autoencoder.downsampling_factor})
 
 
 def _describe_model(config, abstract, mesh, example_shape) -> str:

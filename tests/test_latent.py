@@ -182,19 +182,11 @@ def test_latent_run_keeps_its_scale(autoencoder_run, latent_run):
 
 
 @pytest.mark.slow  # two more runs; see test_autoencoder_run_resumes_bit_for_bit
-def test_latent_run_keeps_its_scale_and_resumes_bit_for_bit(autoencoder_run, latent_run,
-                                                            tmp_path):
+def test_latent_run_resumes_bit_for_bit(autoencoder_run, latent_run, tmp_path):
+    """Steps 4 to 6 after a restart (the scale read back from latent.json) equal the straight run's."""
     autoencoder_dir, _ = autoencoder_run
-    workdir, straight, lines = latent_run
-    with open(workdir / "latent.json") as f:
-        kept = json.load(f)
-    assert any(f"latent scale {kept['scale']:.6g} (1 / std of" in line for line in lines)
-    assert any("on latents of shape (8, 8, 2)" in line for line in lines)
-    # Sampling reads the scale and the autoencoder's step the run recorded.
+    _, straight, _ = latent_run
     config = latent_config(autoencoder_dir)
-    space = latent.load_space(config, str(workdir), log=_quiet)
-    assert space.scale == kept["scale"] and kept["autoencoder_step"] == 4
-    assert space.autoencoder_step == 4 and 0.1 < kept["scale"] < 10
     train.train_and_evaluate(latent_config(autoencoder_dir, training__num_steps=3),
                              str(tmp_path), log=_quiet)
     resumed = train.train_and_evaluate(config, str(tmp_path), log=_quiet)
