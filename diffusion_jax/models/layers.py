@@ -166,17 +166,19 @@ class NoiseLevelEmbedding(nn.Module):
     """Noise level -> sinusoidal features -> Dense -> SiLU -> Dense.
 
     ``scale`` multiplies the network's noise input first: 1000 for t in [0, 1] (DDPM's integer
-    timesteps), about 250 for EDM's c_noise = log(sigma) / 4.
+    timesteps), about 250 for EDM's c_noise = log(sigma) / 4; ``shift`` is added after (-1 for
+    networks trained on diffusers' timestep k = 1000 t - 1).
     """
 
     features: int
     frequency_dim: int
     scale: float = 1000.0
     dtype: Dtype = jnp.float32
+    shift: float = 0.0
 
     @nn.compact
     def __call__(self, noise_level):
-        emb = sinusoidal_embedding(noise_level * self.scale, self.frequency_dim)
+        emb = sinusoidal_embedding(noise_level * self.scale + self.shift, self.frequency_dim)
         emb = nn.Dense(self.features, dtype=self.dtype, name="dense_0")(emb)
         emb = nn.Dense(self.features, dtype=self.dtype, name="dense_1")(nn.silu(emb))
         return emb

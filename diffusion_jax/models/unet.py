@@ -20,7 +20,7 @@ can also be differentiated in forward mode (``jax.jvp``), as the likelihood does
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from diffusion_jax.models.layers import (
     add_class_embedding,
     add_pooled_embedding,
     prepare_context,
+    sinusoidal_embedding,
     upsample_nearest,
 )
 
@@ -55,16 +56,18 @@ class ResBlock(nn.Module):
     scale_shift: bool = False
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
-        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm_0")(x, train))
+        h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
+                              name="norm_0")(x, train))
         h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv_0")(h)
         emb_out = nn.Dense(
             2 * self.features if self.scale_shift else self.features, dtype=self.dtype,
             name="emb",
         )(nn.silu(emb))[:, None, None, :]
-        h_norm = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_1")
+        h_norm = GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype, name="norm_1")
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = h_norm(h, train) * (1 + scale) + shift
@@ -172,7 +175,21 @@ class UNet(nn.Module):
         None: no cross-attention parameters at all.
       pooled_dim: width of a pooled text embedding ``pooled`` [batch, pooled_dim], added to the
         noise-level embedding through a Dense layer (``pooled=None`` counts as zeros).
-      transformer_depth: transformer blocks per :class:`SpatialTransformer`.
+      transformer_depth: transformer blocks per :class:`SpatialTransformer`: one number, or one
+        per level (the middle block takes the last level's).
+      attention_levels: if set, the levels (0 = full resolution) whose res blocks are followed
+        by attention, instead of choosing them by ``attention_resolutions``; Stable Diffusion's
+        UNets fix attention per level, whatever the image size.
+      num_heads may also be one number per level (the middle block takes the last level's).
+      norm_eps: epsilon of the res blocks' and the output's GroupNorms (Stable Diffusion:
+        1e-5; the attention blocks' norms keep 1e-6).
+      noise_shift: added to ``noise_level * noise_scale`` before the sinusoidal embedding;
+        Stable Diffusion's networks take diffusers' integer timestep k = 1000 t - 1.
+      time_ids_dim: Stable Diffusion XL's added conditioning ("text_time"): ``time_ids``
+        [batch, n] (original size, crop offset, target size) each get ``time_ids_dim`` sinusoidal
+        features, are concatenated with ``pooled`` [batch, pooled_dim] and added to the
+        noise-level embedding through Dense -> SiLU -> Dense (instead of ``pooled_dim``'s single
+        Dense layer).
       remat: recompute each res / attention block in the backward pass (``nn.remat``); the
         parameters and results are the same, activation memory is lower.
       attention: the attention kernel, "xla", "cudnn" or "auto" (see
@@ -195,14 +212,27 @@ class UNet(nn.Module):
     mid_attention: bool = True
     context_dim: Optional[int] = None
     pooled_dim: Optional[int] = None
-    transformer_depth: int = 1
+    transformer_depth: Union[int, Sequence[int]] = 1
     remat: bool = False
     attention: str = "xla"
+    attention_levels: Optional[Sequence[int]] = None
+    norm_eps: float = 1e-6
+    noise_shift: float = 0.0
+    time_ids_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
+
+    def _per_level(self, value, name):
+        if isinstance(value, int):
+            return (value,) * len(self.channel_mult)
+        value = tuple(value)
+        if len(value) != len(self.channel_mult):
+            raise ValueError(f"UNet {name}={value} needs one entry per level "
+                             f"({len(self.channel_mult)})")
+        return value
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
-                 context_mask=None, pooled=None):
+                 context_mask=None, pooled=None, time_ids=None):
         if x.ndim != 4:
             raise ValueError(f"UNet expects NHWC images [batch, height, width, channels], got {x.shape}")
         levels = len(self.channel_mult)
@@ -214,9 +244,16 @@ class UNet(nn.Module):
         emb_dim = 4 * self.channels
         noise_level = jnp.broadcast_to(noise_level, x.shape[:1])
         emb = NoiseLevelEmbedding(emb_dim, self.channels, self.noise_scale, dtype=self.dtype,
-                                  name="noise_embedding")(noise_level)
+                                  shift=self.noise_shift, name="noise_embedding")(noise_level)
         emb = add_class_embedding(emb, labels, self.num_classes, self.dtype, "UNet")
-        emb = add_pooled_embedding(emb, pooled, self.pooled_dim, self.dtype, "UNet")
+        if self.time_ids_dim is None:
+            if time_ids is not None:
+                raise ValueError("time_ids were given but the UNet has no time_ids_dim")
+            emb = add_pooled_embedding(emb, pooled, self.pooled_dim, self.dtype, "UNet")
+        else:
+            emb = emb + self._added_embedding(pooled, time_ids, x.shape[0], emb_dim)
+        heads_per_level = self._per_level(self.num_heads, "num_heads")
+        depth_per_level = self._per_level(self.transformer_depth, "transformer_depth")
         context, context_mask = prepare_context(context, context_mask, self.context_dim,
                                                 x.shape[0], self.dtype, "UNet")
 
@@ -228,10 +265,15 @@ class UNet(nn.Module):
 
         def res_block(features, name):
             return res_class(features, self.dropout, self.scale_shift, self.num_groups,
-                             self.dtype, name=name)
+                             self.dtype, self.norm_eps, name=name)
 
-        def attention(h, name):
-            heads = self.num_heads
+        def has_attention(h, level):
+            if self.attention_levels is not None:
+                return level in self.attention_levels
+            return h.shape[1] in self.attention_resolutions
+
+        def attention(h, name, level):
+            heads = heads_per_level[level]
             if self.head_dim:
                 if h.shape[-1] % self.head_dim:
                     raise ValueError(f"{h.shape[-1]} channels in {name} do not split into heads "
@@ -240,7 +282,7 @@ class UNet(nn.Module):
             if self.context_dim is None:
                 return attention_class(heads, self.num_groups, self.dtype, self.attention,
                                        name=name)(h)
-            return transformer_class(heads, self.transformer_depth, self.num_groups, self.dtype,
+            return transformer_class(heads, depth_per_level[level], self.num_groups, self.dtype,
                                      self.attention, name=name)(h, context, context_mask)
 
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
@@ -248,8 +290,8 @@ class UNet(nn.Module):
         for level, mult in enumerate(self.channel_mult):
             for block in range(self.num_res_blocks):
                 h = res_block(self.channels * mult, f"down_{level}_res_{block}")(h, emb, train)
-                if h.shape[1] in self.attention_resolutions:
-                    h = attention(h, f"down_{level}_attn_{block}")
+                if has_attention(h, level):
+                    h = attention(h, f"down_{level}_attn_{block}", level)
                 skips.append(h)
             if level != levels - 1:
                 h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
@@ -258,7 +300,7 @@ class UNet(nn.Module):
 
         h = res_block(h.shape[-1], "mid_res_0")(h, emb, train)
         if self.mid_attention:
-            h = attention(h, "mid_attn")
+            h = attention(h, "mid_attn", levels - 1)
         h = res_block(h.shape[-1], "mid_res_1")(h, emb, train)
 
         for level in reversed(range(levels)):
@@ -266,16 +308,35 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(self.channels * self.channel_mult[level],
                               f"up_{level}_res_{block}")(h, emb, train)
-                if h.shape[1] in self.attention_resolutions:
-                    h = attention(h, f"up_{level}_attn_{block}")
+                if has_attention(h, level):
+                    h = attention(h, f"up_{level}_attn_{block}", level)
             if level != 0:
                 h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype,
                             name=f"up_{level}_upsample")(upsample_nearest(h))
 
-        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h, train))
+        h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
+                              name="norm_out")(h, train))
         out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=self.dtype,
                       kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
+
+    def _added_embedding(self, pooled, time_ids, batch, emb_dim):
+        """SDXL's "text_time" conditioning: [pooled, sinusoidal(time_ids)] -> Dense-SiLU-Dense."""
+        if pooled is None or time_ids is None or self.pooled_dim is None:
+            raise ValueError("a UNet with time_ids_dim (Stable Diffusion XL) needs pooled "
+                             "[batch, pooled_dim] and time_ids [batch, n], and pooled_dim set")
+        pooled = jnp.asarray(pooled)
+        time_ids = jnp.asarray(time_ids)
+        if pooled.shape != (batch, self.pooled_dim) or time_ids.ndim != 2 or \
+                time_ids.shape[0] != batch:
+            raise ValueError(f"the UNet expects pooled [batch={batch}, {self.pooled_dim}] and "
+                             f"time_ids [batch={batch}, n], got {pooled.shape} and "
+                             f"{time_ids.shape}")
+        features = sinusoidal_embedding(time_ids.reshape(-1), self.time_ids_dim)
+        features = features.reshape(batch, -1)
+        h = jnp.concatenate([pooled.astype(jnp.float32), features], axis=-1).astype(self.dtype)
+        h = nn.Dense(emb_dim, dtype=self.dtype, name="added_embedding_0")(h)
+        return nn.Dense(emb_dim, dtype=self.dtype, name="added_embedding_1")(nn.silu(h))
 
 
 # Parameters of diffusers' UNet2DConditionModel for runwayml/stable-diffusion-v1-5 (its 1x1
@@ -290,17 +351,19 @@ def sd15_unet(dtype: Dtype = jnp.float32, remat: bool = False, latent_size: int 
     4 -> 4 latent channels, widths 320, 640, 1280, 1280, two res blocks per level, a depth-1
     :class:`SpatialTransformer` with 8 heads cross-attending to 768-wide CLIP text tokens after
     every res block of the first three levels (64, 32 and 16 for 64x64 latents, i.e. 512x512 images)
-    and in the middle block, no class labels, no dropout. It has :data:`SD15_UNET_PARAMETERS`
-    parameters, as diffusers' model.
+    and in the middle block, no class labels, no dropout, GroupNorm epsilon 1e-5 and diffusers'
+    timestep k = 1000 t - 1 as the noise input. It has :data:`SD15_UNET_PARAMETERS` parameters
+    and computes the same function as diffusers' model from the same weights
+    (:mod:`diffusion_jax.pretrained.sd_unet` converts them).
 
-    ``latent_size`` keeps attention at the first three levels for other latent sizes; other
-    :class:`UNet` attributes can be overridden by keyword.
+    ``latent_size`` (a multiple of 8) is checked only: attention stays at the first three
+    levels for any size. Other :class:`UNet` attributes can be overridden by keyword.
     """
     if latent_size % 8:
         raise ValueError(f"latent_size must be divisible by 8 (4 levels), got {latent_size}")
     kwargs = dict(channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                  attention_resolutions=(latent_size, latent_size // 2, latent_size // 4),
-                  num_heads=8, dropout=0.0, out_channels=4, num_groups=32, context_dim=768,
+                  attention_levels=(0, 1, 2), num_heads=8, dropout=0.0, out_channels=4,
+                  num_groups=32, context_dim=768, norm_eps=1e-5, noise_shift=-1.0,
                   remat=remat, dtype=dtype)
     kwargs.update(overrides)
     return UNet(**kwargs)

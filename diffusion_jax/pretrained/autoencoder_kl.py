@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.pretrained.weights import DictWeights, Source, WeightsFile, listed, load_tree
 
 __all__ = ["autoencoder_from_config", "convert_state_dict", "load_vae", "CONFIG_NAME",
            "WEIGHTS_NAMES"]
@@ -47,7 +48,6 @@ _IGNORED = {"sample_size", "scaling_factor", "shift_factor", "latents_mean", "la
 _ACTIVATIONS = ("silu", "swish")  # the same function in diffusers' get_activation
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
                            "proj_attn": "to_out.0"}
-_MAX_LISTED = 40  # names listed per kind of problem in an error message
 
 
 def autoencoder_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> AutoencoderKL:
@@ -101,18 +101,6 @@ def _current_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _to_flax(leaf: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-    """A PyTorch tensor in Flax's layout for a parameter of shape ``expected``."""
-    if leaf == "kernel" and len(expected) == 4 and tensor.ndim == 4:
-        return np.transpose(tensor, (2, 3, 1, 0))  # [out, in, kh, kw] -> [kh, kw, in, out]
-    if leaf == "kernel" and len(expected) == 2:
-        if tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-            tensor = tensor[:, :, 0, 0]  # a 1x1 convolution written for a linear layer
-        if tensor.ndim == 2:
-            return tensor.T
-    return tensor
-
-
 def _parameter_shapes(model: AutoencoderKL) -> dict[tuple[str, ...], tuple[int, ...]]:
     size = model.downsampling_factor
     example = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
@@ -121,10 +109,32 @@ def _parameter_shapes(model: AutoencoderKL) -> dict[tuple[str, ...], tuple[int, 
             for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
 
 
-def _listed(names) -> str:
-    names = list(names)
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+def _describe(model: AutoencoderKL) -> str:
+    return (f"AutoencoderKL(block_out_channels={tuple(model.block_out_channels)}, "
+            f"layers_per_block={model.layers_per_block}, "
+            f"latent_channels={model.latent_channels}, mid_attention={model.mid_attention}, "
+            f"use_quant_conv={model.use_quant_conv}, "
+            f"use_post_quant_conv={model.use_post_quant_conv})")
+
+
+def _convert(weights, model: AutoencoderKL, dtype=jnp.float32, sharding_for=None):
+    """Place the tensors of ``weights`` (a WeightsFile or DictWeights) on ``model``'s tree."""
+    by_name, duplicates = {}, []
+    for name in weights.names():
+        current = _current_name(name)
+        if current in by_name:
+            duplicates.append(f"{by_name[current]} and {name}")
+        by_name[current] = name
+    if duplicates:
+        raise ValueError(f"{weights.description} holds tensors under both old and new "
+                         f"attention names: {listed(duplicates)}")
+
+    def source_for(path):
+        name = _torch_name(path)
+        return Source((by_name.get(name, name),))
+
+    return load_tree(weights, _parameter_shapes(model), source_for, what=_describe(model),
+                     dtype=dtype, sharding_for=sharding_for)
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: AutoencoderKL):
@@ -133,41 +143,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: AutoencoderK
     Every tensor must be used and every parameter filled, each with the shape ``model`` expects:
     otherwise a ValueError lists the unused tensors, the missing ones and the shape mismatches.
     The result is what ``model.apply({"params": params}, ...)`` takes."""
-    by_name, duplicates = {}, []
-    for name in state_dict:
-        current = _current_name(name)
-        if current in by_name:
-            duplicates.append(f"{by_name[current]} and {name}")
-        by_name[current] = name
-    flat, missing, mismatched = {}, [], []
-    for path, shape in _parameter_shapes(model).items():
-        name = _torch_name(path)
-        if name not in by_name:
-            missing.append(name)
-            continue
-        source = by_name.pop(name)
-        value = _to_flax(path[-1], np.asarray(state_dict[source]), shape)
-        if tuple(value.shape) != shape:
-            mismatched.append(f"{source} {tuple(np.shape(state_dict[source]))} "
-                              f"(expected {shape} in Flax layout)")
-            continue
-        flat[path] = jnp.asarray(value, jnp.float32)
-    problems = [f"{what} ({len(items)}): {_listed(items)}"
-                for what, items in (("tensors the model does not use", sorted(by_name.values())),
-                                    ("parameters missing from the state dict", missing),
-                                    ("shape mismatches", mismatched),
-                                    ("tensors given under both old and new names", duplicates))
-                if items]
-    if problems:
-        raise ValueError("the state dict does not fit AutoencoderKL("
-                         f"block_out_channels={tuple(model.block_out_channels)}, "
-                         f"layers_per_block={model.layers_per_block}, "
-                         f"latent_channels={model.latent_channels}, "
-                         f"mid_attention={model.mid_attention}, "
-                         f"use_quant_conv={model.use_quant_conv}, "
-                         f"use_post_quant_conv={model.use_post_quant_conv}); check that the "
-                         "config.json belongs to these weights.\n" + "\n".join(problems))
-    return flax.traverse_util.unflatten_dict(flat)
+    return _convert(DictWeights(state_dict), model)
 
 
 def _read_config(folder: str) -> dict:
@@ -192,32 +168,12 @@ def _read_config(folder: str) -> dict:
     return config
 
 
-def _read_weights(folder: str) -> dict[str, np.ndarray]:
-    # An optional dependency, imported where it is needed: only reading weights files uses it.
-    from safetensors.numpy import load_file
+def load_vae(folder: str, dtype=jnp.float32, param_dtype=jnp.float32, sharding_for=None):
+    """Loads a diffusers ``vae/`` folder: (module, params, info).
 
-    for name in WEIGHTS_NAMES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return load_file(path)
-    index = os.path.join(folder, SHARDED_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(os.path.join(folder, shard)))
-        return tensors
-    pickled = os.path.isfile(os.path.join(folder, "diffusion_pytorch_model.bin"))
-    hint = (" Only diffusion_pytorch_model.bin (a pickle, which is never loaded) is there: "
-            "convert it with diffusers (save_pretrained writes safetensors)." if pickled else
-            " Download the weights next to config.json.")
-    raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAMES[0]} (nor {WEIGHTS_NAMES[1]} or "
-                            f"{SHARDED_INDEX_NAME}).{hint}")
-
-
-def load_vae(folder: str, dtype=jnp.float32):
-    """Loads a diffusers ``vae/`` folder: (module, float32 params, info).
+    ``dtype`` is the module's computation dtype, ``param_dtype`` the parameters' (read tensor by
+    tensor and placed by ``sharding_for(path, shape)`` when given, see
+    :func:`diffusion_jax.pretrained.weights.load_tree`).
 
     ``info`` is ``{"scaling_factor": ..., "shift_factor": ... or None, "config": the raw
     config}``: a latent diffusion model works on ``(mean - shift_factor) * scaling_factor``.
@@ -230,7 +186,8 @@ def load_vae(folder: str, dtype=jnp.float32):
                                 "safetensors)")
     config = _read_config(folder)
     model = autoencoder_from_config(config, dtype=dtype)
-    params = convert_state_dict(_read_weights(folder), model)
+    weights = WeightsFile.in_folder(folder, WEIGHTS_NAMES, SHARDED_INDEX_NAME, "the autoencoder")
+    params = _convert(weights, model, param_dtype, sharding_for)
     info = {"scaling_factor": float(config.get("scaling_factor", 0.18215)),
             "shift_factor": config.get("shift_factor"), "config": config}
     return model, params, info
