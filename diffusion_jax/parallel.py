@@ -94,6 +94,15 @@ def _leaf_sharding(mesh: Mesh, shape: tuple, min_size: int) -> NamedSharding:
     return replicated(mesh)
 
 
+def parameter_sharding(mesh: Mesh, shape: Sequence[int], *,
+                       min_size: int = FSDP_MIN_SIZE) -> NamedSharding:
+    """Where a parameter of ``shape`` lives on ``mesh``.
+
+    Split over ``fsdp`` along its largest divisible axis when the mesh has an fsdp axis and the
+    parameter is large, else replicated (the rule of :func:`state_shardings`, for one leaf)."""
+    return _leaf_sharding(mesh, tuple(shape), min_size)
+
+
 def split_axis(spec: PartitionSpec) -> Optional[int]:
     """The axis of a leaf that ``spec`` (from :func:`state_shardings`) splits over ``fsdp``.
 

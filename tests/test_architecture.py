@@ -21,14 +21,21 @@ LAYERS = {
     "models": lambda name: name.startswith("diffusion_jax.models"),
     "data": lambda name: name.startswith("diffusion_jax.data"),
     "pretrained": lambda name: name.startswith("diffusion_jax.pretrained"),
+    "pipelines": lambda name: name.startswith("diffusion_jax.pipelines"),
 }
 ALLOWED = {  # layer -> what its modules may import from the package
     "math": lambda name: name.split(".")[1] in MATH,
     "models": lambda name: name.startswith("diffusion_jax.models") or name == "diffusion_jax.text",
     "data": lambda name: name.startswith("diffusion_jax.data") or name == "diffusion_jax.text",
-    # Converters of published formats sit just above the networks they fill.
+    # Converters of published formats sit just above the networks they fill (and map scheduler
+    # configs onto the math core's schedules).
     "pretrained": lambda name: name.startswith(("diffusion_jax.pretrained",
-                                                "diffusion_jax.models")) or name == "diffusion_jax.text",
+                                                "diffusion_jax.models")) or name == "diffusion_jax.text"
+    or name.split(".")[1] in MATH,
+    # Pipelines compose loaded models with the math core, over a mesh; no training code.
+    "pipelines": lambda name: name.startswith(("diffusion_jax.pipelines", "diffusion_jax.pretrained",
+                                               "diffusion_jax.models"))
+    or name.split(".")[1] in MATH or name == "diffusion_jax.parallel",
 }
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80

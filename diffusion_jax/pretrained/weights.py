@@ -62,8 +62,10 @@ class WeightsFile:
     @classmethod
     def in_folder(cls, folder, file_names: Sequence[str], index_name: str,
                   what: str) -> "WeightsFile":
-        """The weights of ``folder``: the first of ``file_names`` present, else the shards of
-        ``index_name``. ``what`` names the component in errors ("the UNet", ...)."""
+        """The weights of ``folder``: the first of ``file_names`` present, else indexed shards.
+
+        The shards are those ``index_name`` lists. ``what`` names the component in errors
+        ("the UNet", ...)."""
         folder = os.fspath(folder)
         for name in file_names:
             path = os.path.join(folder, name)
