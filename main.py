@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import autoencoder_eval, checkpoints, configuration, data, evaluate, generate
-from diffusion_jax import latent, parallel, train
+from diffusion_jax import latent, parallel, run, train
 from diffusion_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -140,6 +140,11 @@ def main(argv, values=FLAGS):
     try:
         configuration.validate_distributed(config)
         workdir_lib.check(workdir, mode)
+        if config.pretrained.path and mode == "eval" and not run.has_checkpoints(workdir):
+            raise configuration.ConfigError(
+                f"--mode={mode} with config.pretrained.path needs a run trained from the folder "
+                f"in --workdir={workdir} (--mode=train); the folder itself can be sampled "
+                "(--mode=sample)")
         parallel.join_processes(config, workdir, mode, log=lambda line: print(line, flush=True))
         MODES[mode](config, workdir)
     except USER_ERRORS as err:

@@ -42,13 +42,16 @@ def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"
     return prepare
 
 
-def drop_captions(caption_dropout: float, max_length: int):
+def drop_captions(caption_dropout: float, max_length: int, null=None):
     """A loss ``prepare(batch, key) -> batch`` that drops captions for classifier-free guidance.
 
     Each caption is replaced by the empty caption with probability ``caption_dropout`` (the
-    unconditional branch), drawn for the whole global batch.
+    unconditional branch), drawn for the whole global batch. ``null`` is the empty caption's
+    ``(tokens, mask)`` ([1, length] each) from the run's tokenizer; by default the byte-level
+    one of :func:`diffusion_jax.text.null_text`.
     """
-    null_tokens, null_mask = (jnp.asarray(a[0]) for a in text_lib.null_text(max_length))
+    null = text_lib.null_text(max_length) if null is None else null
+    null_tokens, null_mask = (jnp.asarray(a[0]) for a in null)
 
     def prepare(batch, key):
         if "tokens" not in batch:

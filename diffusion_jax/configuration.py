@@ -18,12 +18,14 @@ import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import defaults, losses, parameterization, samplers, schedules
+from diffusion_jax import defaults, losses, parameterization, pretrained_runs, samplers, schedules
 from diffusion_jax import models
+from diffusion_jax import text as text_lib
 from diffusion_jax.models import registry
 
 __all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate", "build_source", "build_model",
-           "build_denoiser", "build_schedule", "build_parameterization", "data_shape"]
+           "build_denoiser", "build_schedule", "build_parameterization", "data_shape",
+           "caption_tokenizer", "null_caption", "encode_captions"]
 
 
 class ConfigError(ValueError):
@@ -90,8 +92,9 @@ _CHOICES = {
     "diffusion.target": parameterization.TARGETS,
     "diffusion.weighting": losses.WEIGHTINGS,
     "diffusion.time_sampling": losses.TIME_SAMPLING,
-    "sampling.method": samplers.METHODS,
-    "sampling.grid": samplers.GRIDS,
+    "sampling.method": samplers.METHODS + ("scheduler",),
+    "sampling.grid": samplers.GRIDS + ("scheduler",),
+    "pretrained.param_dtype": ("float32", "bfloat16"),
     "evaluation.feature_extractor": ("classifier", "inception"),
     "mesh.train_step": ("jit", "shard_map"),
     "mesh.state_layouts": ("auto", "default"),
@@ -143,6 +146,9 @@ NUMERIC = {
     "distributed.num_processes": (int, "-1 or >= 1 (-1 = found by JAX)"),
     "distributed.process_id": (int, ">= -1 (-1 = found by JAX)"),
     "distributed.timeout_s": (int, "> 0"),
+    "pretrained.height": (int, ">= 0 (0 = the model's size)"),
+    "pretrained.width": (int, ">= 0 (0 = the model's size)"),
+    "pretrained.batch_size": (int, "> 0"),
 }
 # The ranges, by the words that open their description.
 RULES = {
@@ -334,6 +340,12 @@ def _check_combinations(given):
                           f"config.text.num_heads={given['text.num_heads']}")
     text = given["data.name"] == "captions" or (given["data.name"] == "folder"
                                                 and given["data.captions"] != "none")
+    for key in ("sampling.method", "sampling.grid"):
+        if given[key] == "scheduler" and not given["pretrained.path"]:
+            raise ConfigError(f"config.{key}='scheduler' means the scheduler of a pretrained "
+                              "model folder: set config.pretrained.path, or choose one of "
+                              f"{tuple(_CHOICES[key][:-1])}")
+    text = text or bool(given["pretrained.path"])
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "
@@ -428,12 +440,56 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
     return family.build(group, tuple(example_shape), common)
 
 
+def caption_tokenizer(config):
+    """``tokenize(texts) -> (tokens, mask)`` of the run's captions, or None for byte tokens.
+
+    A run from a pretrained folder (``config.pretrained.path``) tokenizes with the folder's
+    CLIP tokenizer; every other text model with :func:`diffusion_jax.text.encode` (None here)."""
+    if not config.pretrained.path:
+        return None
+    try:
+        return pretrained_runs.tokenizer(config.pretrained.path).token_inputs
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config.pretrained.path: {err}") from err
+
+
+def null_caption(config):
+    """The empty caption's ``(tokens, mask)`` ([1, length] each) for the run's tokenizer."""
+    tokenize = caption_tokenizer(config)
+    return text_lib.null_text(config.text.max_length) if tokenize is None else tokenize([""])
+
+
+def encode_captions(config, texts):
+    """``(tokens int32 [n, length], mask bool)`` of ``texts`` for the run's model."""
+    tokenize = caption_tokenizer(config)
+    return (text_lib.encode(list(texts), config.text.max_length) if tokenize is None
+            else tokenize(list(texts)))
+
+
 def build_denoiser(config, example_shape, num_classes=None) -> Any:
     """The network of a whole config, with a text encoder when the data is captioned.
 
     That is :func:`build_model`, wrapped in :class:`~diffusion_jax.models.TextConditioned` for
-    captioned data.
+    captioned data; for a run from a pretrained folder (``config.pretrained.path``), the
+    folder's UNet and CLIP text encoder (:mod:`diffusion_jax.pretrained_runs`).
     """
+    if config.pretrained.path:
+        if not is_text_model(config):
+            raise ConfigError("a run from config.pretrained.path trains a text-to-image model: "
+                              "give it captioned data (data.name='captions', or 'folder' with "
+                              "data.captions)")
+        if num_classes is not None:
+            raise ConfigError("a Stable Diffusion UNet takes no class labels: set "
+                              "config.data.class_conditional=False")
+        try:
+            pretrained_runs.check(config, build_schedule(config))
+            model = pretrained_runs.build_denoiser(config)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config.pretrained.path: {err}") from err
+        if tuple(example_shape[-1:]) != (model.denoiser.out_channels,):
+            raise ConfigError(f"the pretrained UNet takes {model.denoiser.out_channels} latent "
+                              f"channels; the data's latents have shape {tuple(example_shape)}")
+        return model
     if not is_text_model(config):
         return build_model(config.model, example_shape, num_classes)
     t = config.text

@@ -6,7 +6,8 @@ target, loss weighting, time sampling), ``training`` (optimizer, steps, checkpoi
 (the network and losses of ``task="autoencoder"`` runs), ``latent`` (the frozen autoencoder whose
 latent space a diffusion model works in), ``text`` (the
 text encoder of caption-conditioned models), ``evaluation`` and
-``classifier`` (``--mode=eval`` and the feature extractor it uses), ``mesh`` (how the devices
+``classifier`` (``--mode=eval`` and the feature extractor it uses), ``pretrained`` (a Stable
+Diffusion model in the diffusers folder format), ``mesh`` (how the devices
 are arranged and how a step uses them) and ``distributed`` (runs of several processes).
 """
 
@@ -40,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.text = _text()
     config.evaluation = _evaluation()
     config.classifier = _classifier()
+    config.pretrained = _pretrained()
     config.mesh = _mesh()
     config.distributed = _distributed()
     return config
@@ -181,8 +183,11 @@ def _latent() -> ml_collections.ConfigDict:
 
 def _sampling() -> ml_collections.ConfigDict:
     sampling = ml_collections.ConfigDict()
+    # A sampler of diffusion_jax.samplers, or (with pretrained.path) "scheduler": the model
+    # folder's own scheduler, its update rule, timesteps and final step.
     sampling.method = "dpmpp_2m"
     sampling.num_steps = 30
+    # A time grid, or (with pretrained.path) "scheduler": the folder's timestep spacing.
     sampling.grid = "trailing"
     sampling.num_samples = 64
     sampling.seed = 0
@@ -243,6 +248,22 @@ def _classifier() -> ml_collections.ConfigDict:
     classifier.width = 32
     classifier.feature_dim = 128
     return classifier
+
+
+def _pretrained() -> ml_collections.ConfigDict:
+    # A pretrained Stable Diffusion model (1.x, 2.x or XL base) in the diffusers folder format
+    # (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors
+    # weights): --mode=sample generates from it with its own text encoders, UNet, VAE and, with
+    # sampling.method="scheduler", its own scheduler. "" = none.
+    pretrained = ml_collections.ConfigDict()
+    pretrained.path = ""
+    pretrained.height = 0  # image size in pixels; 0 = the size the model was trained for
+    pretrained.width = 0
+    # Parameters as loaded: "float32", or "bfloat16" (half the memory; computation follows
+    # model.dtype).
+    pretrained.param_dtype = "float32"
+    pretrained.batch_size = 4  # images per generation call (num_samples are made in batches)
+    return pretrained
 
 
 def _mesh() -> ml_collections.ConfigDict:

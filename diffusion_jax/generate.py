@@ -1,8 +1,9 @@
 """Generation from a trained run: a config's sampling function, prompts, labels and files.
 
 ``make_generate_fn`` binds a config's sampler, guidance and conditioning into
-``generate(params, key, num) -> samples``; ``generate_to_files`` is what ``--mode=sample`` runs.
-(The samplers themselves are :mod:`diffusion_jax.samplers`.)
+``generate(params, key, num) -> samples``; ``generate_to_files`` is what ``--mode=sample`` runs
+(for a pretrained Stable Diffusion folder, ``config.pretrained.path``,
+``generate_pretrained_to_files``). (The samplers themselves are :mod:`diffusion_jax.samplers`.)
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from jax.extend.core import Literal
 
 from diffusion_jax import configuration, files, guidance, latent, parallel, parameterization
 from diffusion_jax import run, samplers
-from diffusion_jax import text as text_lib
 from diffusion_jax.conditioning import sampling_network
+from diffusion_jax.pipelines import StableDiffusion
 
 __all__ = ["make_generate_fn", "generate_from_prompts", "generate_to_files", "sampling_labels",
-           "sampling_prompts", "encode_prompts", "is_text_model", "cast_params_once"]
+           "sampling_prompts", "encode_prompts", "is_text_model", "cast_params_once",
+           "load_pipeline", "generate_pretrained", "generate_pretrained_to_files"]
 
 
 def cast_params_once(network, params, x_shape, cond=None):
@@ -75,7 +77,7 @@ def sampling_prompts(config, num):
 
 def encode_prompts(config, prompts):
     """Tokens and masks (int32 / bool [len(prompts), config.text.max_length]) of prompts."""
-    tokens, mask = text_lib.encode(list(prompts), config.text.max_length)
+    tokens, mask = configuration.encode_captions(config, prompts)
     return {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(mask)}
 
 
@@ -124,6 +126,11 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
                         "(the key and the number of samples are arguments of generate)")
                 config.sampling[key] = value
         configuration.validate(config)
+    if "scheduler" in (config.sampling.method, config.sampling.grid):
+        raise configuration.ConfigError(
+            "sampling.method / sampling.grid 'scheduler' (a pretrained folder's own scheduler) "
+            "samples the folder itself; a trained run samples with the library's samplers: "
+            f"choose sampling.method in {samplers.METHODS} and sampling.grid in {samplers.GRIDS}")
     schedule = configuration.build_schedule(config)
     par = configuration.build_parameterization(config)
     sampling = config.sampling
@@ -132,7 +139,7 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
         if sampling.negative_prompt:
             other = encode_prompts(config, [sampling.negative_prompt])
         else:
-            null_tokens, null_mask = text_lib.null_text(config.text.max_length)
+            null_tokens, null_mask = configuration.null_caption(config)
             other = {"tokens": jnp.asarray(null_tokens), "token_mask": jnp.asarray(null_mask)}
 
     def generate(params, key, num, prompts=None):
@@ -202,6 +209,8 @@ def generate_to_files(config, workdir):
     is overwritten. Samples that are not finite (a diverged checkpoint) are an error. Every process of a multi-process
     run takes part in generating; process 0 writes. Returns the paths written.
     """
+    if config.pretrained.path and not run.has_checkpoints(workdir):
+        return generate_pretrained_to_files(config, workdir)
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
@@ -237,3 +246,79 @@ def generate_to_files(config, workdir):
                                      "config": json.loads(config.to_json_best_effort())})
     written.append(stem + ".json")
     return written
+
+
+def load_pipeline(config) -> StableDiffusion:
+    """The Stable Diffusion folder ``config.pretrained.path``, on the sampling mesh.
+
+    Computation in ``config.model.dtype``, parameters in ``config.pretrained.param_dtype``,
+    split over the mesh's fsdp axis when ``config.mesh.fsdp`` > 1; a folder that cannot be
+    loaded is a :class:`~diffusion_jax.configuration.ConfigError` naming what is wrong."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    mesh = run.sampling_mesh(config)
+    try:
+        return StableDiffusion.from_pretrained(
+            config.pretrained.path, dtype=dtypes[config.model.dtype],
+            param_dtype=dtypes[config.pretrained.param_dtype], mesh=mesh,
+            fsdp=mesh.shape["fsdp"] > 1, attention=config.model.attention)
+    except (OSError, ValueError) as err:
+        raise configuration.ConfigError(f"config.pretrained.path: {err}") from err
+
+
+def generate_pretrained(config, pipeline, prompts):
+    """Images [len(prompts), H, W, 3] in [-1, 1] from a pretrained pipeline, in batches.
+
+    ``config.sampling`` gives the sampler ("scheduler": the folder's), steps, guidance scale and
+    rescale, negative prompt and seed; ``config.pretrained`` the size and the batch."""
+    s, p = config.sampling, config.pretrained
+    method = None if s.method == "scheduler" else s.method
+    grid = None if s.grid == "scheduler" else s.grid
+    if method is None and grid is not None:
+        raise configuration.ConfigError(
+            f"config.sampling.grid={s.grid!r} with sampling.method='scheduler': the folder's "
+            "scheduler brings its own timesteps; set sampling.grid='scheduler', or choose a "
+            "sampling.method of the library to run on that grid")
+    key = jax.random.key(s.seed)
+    images = []
+    for start in range(0, len(prompts), p.batch_size):
+        batch = prompts[start:start + p.batch_size]
+        try:
+            out = pipeline(batch, negative_prompt=s.negative_prompt or None,
+                           num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                           method=method, grid=grid, height=p.height or None,
+                           width=p.width or None, key=jax.random.fold_in(key, start),
+                           guidance_rescale=s.guidance_rescale)
+        except ValueError as err:
+            raise configuration.ConfigError(str(err)) from err
+        images.append(out * 2.0 - 1.0)
+    return np.concatenate(images)
+
+
+def generate_pretrained_to_files(config, workdir):
+    """``--mode=sample`` for ``config.pretrained.path``: a grid, arrays and settings in WORKDIR.
+
+    Writes ``workdir/samples/pretrained_<method>_<steps>steps_cfg<scale>_<digest>`` ``.npz``
+    (samples in [-1, 1] and their prompts), ``.png`` (the grid) and ``.json`` (the settings and
+    the folder), as :func:`generate_to_files` does for a run. Returns the paths written."""
+    if not config.sampling.prompt.strip():
+        raise configuration.ConfigError(
+            "config.sampling.prompt is empty: say what to draw (several prompts separated by "
+            "'|' are used in turn)")
+    pipeline = load_pipeline(config)
+    prompts = sampling_prompts(config, config.sampling.num_samples)
+    images = generate_pretrained(config, pipeline, prompts)
+    if not parallel.is_writer():
+        return []
+    s = config.sampling
+    settings = {"pretrained": os.path.abspath(config.pretrained.path),
+                "pipeline": pipeline.models.index["_class_name"], "sampling": s.to_dict(),
+                "size": list(images.shape[1:3])}
+    stem = files.reserve_stem(os.path.join(workdir, "samples"),
+                              f"pretrained_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
+                              f"_{files.settings_digest(settings)}")
+    files.save_arrays(stem + ".npz", samples=images, prompts=np.array(prompts))
+    files.save_grid(images, stem + ".png")
+    written = [stem + ".npz", stem + ".png"]
+    files.save_json(stem + ".json", {**settings, "files": [os.path.basename(p) for p in written],
+                                     "config": json.loads(config.to_json_best_effort())})
+    return written + [stem + ".json"]

@@ -1,11 +1,12 @@
-"""Multistep solvers of the probability-flow ODE in log-SNR: DPM-Solver++(2M, 3M) and UniPC.
+"""Multistep solvers of the probability-flow ODE: DPM-Solver++(2M, 3M), UniPC and PLMS.
 
 Step functions for :data:`diffusion_jax.samplers.METHODS_TABLE` (``step(run, carry, s)``, see
 :class:`diffusion_jax.samplers.Method`) and the per-step orders that the grid fixes before
-compiling. They are exponential integrators in ``lambda = logSNR / 2``: the exact solution
-``x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda``
-(Lu et al. 2022a, Eq. 3.4, in the data-prediction form of Lu et al. 2022b) with ``x0`` replaced by
-a polynomial through the current and earlier denoiser outputs.
+compiling. DPM-Solver++ and UniPC are exponential integrators in ``lambda = logSNR / 2``: the exact
+solution ``x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda)
+dlambda`` (Lu et al. 2022a, Eq. 3.4, in the data-prediction form of Lu et al. 2022b) with ``x0``
+replaced by a polynomial through the current and earlier denoiser outputs. PLMS (Liu et al. 2022)
+instead extrapolates the noise estimate over grid steps and moves with DDIM's update.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["dpmpp_2m_step", "dpmpp_3m_step", "unipc_step", "unipc_init", "multistep_orders",
-           "dpmpp_3m_orders", "unipc_flags", "phis"]
+           "dpmpp_3m_orders", "unipc_flags", "phis", "plms_step", "plms_flags",
+           "plms_evaluations"]
 
 
 def dpmpp_2m_update(x, x0_hat, x0_prev, h, h_prev, second, s):
@@ -178,3 +180,64 @@ def unipc_flags(start_finite, options):
     predictor = multistep_orders(start_finite, int(options["order"]), (2, 1))
     corrector = np.concatenate([[0], np.where(start_finite[:-1], predictor[:-1], 0)])
     return np.stack([predictor, corrector], axis=1)
+
+
+# Adams-Bashforth weights of the current and the earlier noise estimates, by order.
+_ADAMS_BASHFORTH = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def plms_step(run, carry, s):
+    """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022).
+
+    The noise estimate eps_hat = (x - alpha x0_hat) / sigma is extrapolated over the grid with
+    Adams-Bashforth weights as if the steps were equal, eps' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3)
+    / 24 (orders 2 and 3 while fewer earlier estimates exist), and the state moves with their
+    transfer part phi (Eq. 9), DDIM's update with x0 and eps consistent at x: x' = alpha' (x -
+    sigma eps') / alpha + sigma' eps'. Flag 0, the first step: the pseudo improved Euler start
+    (S-PNDM), a DDIM step to x_pred, an evaluation there, and the step redone from x with the
+    average of both noise estimates (one extra evaluation). Flag 1: DDIM (a step from zero SNR,
+    or a single step). As in diffusers' PNDMScheduler(skip_prk_steps=True), the start's second
+    evaluation is not kept: the next step evaluates again at the corrected state.
+    """
+    x, earlier = carry[0], carry[1:]  # the noise estimates of the previous three steps
+    x0_hat = run.evaluate(x, s["t"])
+    eps = (x - s["alpha"] * x0_hat) / s["sigma"]
+
+    def move(eps_mix):
+        x0_mix = x0_hat + s["sigma"] / s["alpha"] * (eps - eps_mix)
+        return s["alpha_next"] * x0_mix + s["sigma_next"] * eps_mix
+
+    def ddim():
+        return s["alpha_next"] * x0_hat + s["sigma_next"] * eps
+
+    def improved_euler():
+        x_pred = ddim()
+        x0_pred = run.evaluate(x_pred, s["t_next"])
+        eps_pred = (x_pred - s["alpha_next"] * x0_pred) / s["sigma_next"]
+        return move(0.5 * (eps + eps_pred))
+
+    def adams_bashforth(order):
+        weights = _ADAMS_BASHFORTH[order]
+        return move(sum(w * e for w, e in zip(weights, (eps,) + earlier)))
+
+    branches = [improved_euler, ddim] + [functools.partial(adams_bashforth, k) for k in (2, 3, 4)]
+    return (jax.lax.switch(s["flag"], branches), eps) + earlier[:-1]
+
+
+def plms_flags(start_finite, options):
+    """PLMS's step kinds: 0 (the improved Euler start), then the Adams-Bashforth orders 2, 3, 4.
+
+    A step from zero SNR is DDIM (flag 1; the improved Euler start needs alpha > 0) and, as for
+    the other multistep methods, nothing extrapolates through it, so the orders restart after it.
+    A single step is DDIM. No final step is lowered (diffusers' PNDM scheduler lowers none).
+    """
+    flags = multistep_orders(start_finite, 4, tail=(4,))
+    if len(flags) > 1 and start_finite[0]:
+        flags[0] = 0
+    return flags
+
+
+def plms_evaluations(flags):
+    """One evaluation per step, and one more for the improved Euler start."""
+    return len(flags) + int(np.sum(np.asarray(flags) == 0))

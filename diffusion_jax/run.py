@@ -11,11 +11,11 @@ from typing import Optional
 
 from diffusion_jax import autoencoders
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import configuration, defaults, parallel, train_state, writers
+from diffusion_jax import configuration, defaults, parallel, pretrained_runs, train_state, writers
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models import registry
 
-__all__ = ["build", "build_mesh", "sampling_mesh", "open_checkpoints", "model_fingerprint",
+__all__ = ["build", "build_mesh", "sampling_mesh", "has_checkpoints", "open_checkpoints", "model_fingerprint",
            "diffusion_fingerprint", "restore_run"]
 
 
@@ -73,6 +73,12 @@ def build_mesh(config):
             f"config.training.grad_accumulation={micro} microbatches on each of the {devices} "
             f"devices; use a multiple of {devices * micro}")
     return mesh
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether ``workdir`` holds a run's checkpoint directory with anything in it."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
 def sampling_mesh(config):
@@ -138,6 +144,8 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
                                  "clipping": config.training.grad_clip > 0}}
     if configuration.is_text_model(config):
         fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
+    if config.pretrained.path:  # the folder's networks (their configs, not its location)
+        fingerprint["pretrained"] = pretrained_runs.fingerprint(config.pretrained.path)
     if config.latent.autoencoder:  # (pixel runs record nothing here, as before latents)
         fingerprint["latent"] = autoencoders.describe(config.latent.autoencoder).fingerprint()
     reference = defaults.get_config().model

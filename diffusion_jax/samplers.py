@@ -3,7 +3,8 @@
 A sampler sees the model only through ``denoise_fn(x_t, t) -> x0_hat`` (batched, ``t`` of shape
 [batch], t in [0, 1]) and walks a decreasing time grid ``t_0 = t_max > t_1 > ... > t_{N-1} >= t_min``
 followed by a final step to clean data (``sigma = 0``; recorded as ``t = 0`` in
-:attr:`SampleResult.times`).
+:attr:`SampleResult.times`), or, with ``t_end > 0``, to the noisy state at ``t_end`` (what
+diffusers' DDIM and PNDM schedulers return with ``set_alpha_to_one=False``).
 
 All updates are written in the variables ``x_t = alpha x0 + sigma eps`` with ratios of alpha and
 sigma (or differences of log-SNR) rather than with ``x_t / alpha``, so every method stays finite at
@@ -51,7 +52,8 @@ class SampleResult(NamedTuple):
     samples: the generated batch, shape and dtype of the noise.
     nfe: number of ``denoise_fn`` evaluations per sample (a Python int).
     times: the N network times followed by 0, which stands for the final clean state (sigma = 0;
-        for VE and EDM, whose sigma(0) = sigma_min, the last network time may also be 0).
+        for VE and EDM, whose sigma(0) = sigma_min, the last network time may also be 0), or by
+        ``t_end`` when the sampler was asked to stop there.
     trajectory: the states x at every grid time, shape [N + 1, *noise.shape], when asked for
         (``return_trajectory=True``); the first is the scaled prior sample, the last the output.
         For ``unipc`` these are the states the network is evaluated at (before UniC's correction).
@@ -96,11 +98,16 @@ class _Run(NamedTuple):
 
 
 def _grid_coefficients(schedule, times, dtype):
-    """alpha, sigma, logSNR at every grid time; the last entry is clean data by definition."""
+    """alpha, sigma, logSNR at every grid time.
+
+    A last time of 0 stands for clean data by definition (sigma = 0, whatever the schedule gives
+    there); a positive last time (``t_end``) is the schedule's state there."""
     t = jnp.asarray(times, dtype)
-    alpha = schedule.alpha(t).at[-1].set(1.0)
-    sigma = schedule.sigma(t).at[-1].set(0.0)
-    logsnr = schedule.logsnr(t).at[-1].set(jnp.inf)
+    clean = t[-1] == 0
+    alpha, sigma, logsnr = schedule.alpha(t), schedule.sigma(t), schedule.logsnr(t)
+    alpha = alpha.at[-1].set(jnp.where(clean, 1.0, alpha[-1]))
+    sigma = sigma.at[-1].set(jnp.where(clean, 0.0, sigma[-1]))
+    logsnr = logsnr.at[-1].set(jnp.where(clean, jnp.inf, logsnr[-1]))
     return t, alpha, sigma, logsnr
 
 
@@ -283,6 +290,9 @@ METHODS_TABLE = {m.name: m for m in [
            {"order": 2.0}, ((lambda o: o["order"] in (2, 3), "unipc order must be 2 or 3, got "
                              "{order:g}"),),
            step_flags=multistep.unipc_flags, init=multistep.unipc_init),
+    Method("plms", multistep.plms_step, "PLMS, PNDM's pseudo linear multistep (Liu et al. 2022)",
+           step_flags=multistep.plms_flags, evaluations=multistep.plms_evaluations,
+           init=lambda x, o: (x,) + (jnp.zeros_like(x),) * 3),
 ]}
 METHODS = tuple(METHODS_TABLE)
 
@@ -300,10 +310,12 @@ def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
     # The state and the grid coefficients stay in at least float32 even for bfloat16 noise.
     dtype = jnp.promote_types(noise.dtype, jnp.float32)
     noise = noise.astype(dtype)
-    times, flags = grid_arrays
+    times, flags, prior_scale = grid_arrays
     num_steps = times.shape[0] - 1
     t, alpha, sigma, logsnr = _grid_coefficients(schedule, times, dtype)
-    x_init = noise * jnp.sqrt(alpha[0] ** 2 + sigma[0] ** 2)
+    if prior_scale is None:
+        prior_scale = jnp.sqrt(alpha[0] ** 2 + sigma[0] ** 2)
+    x_init = noise * prior_scale.astype(dtype)
     batch = noise.shape[0]
 
     def evaluate(x, t_value):
@@ -360,8 +372,21 @@ def _step_flags(record, options, times, schedule):
     return np.asarray(record.step_flags(np.isfinite(logsnr), options))
 
 
-def _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap):
-    """The grid of :func:`sample`: ``time_grid`` with the final step appended, or a named grid."""
+def _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap, t_end):
+    """The grid of :func:`sample`: ``time_grid`` or a named grid, then the final time."""
+    times = _network_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap)
+    if t_end is not None and t_end != 0:
+        t_end = float(t_end)
+        if not 0.0 < t_end < times[-2]:
+            raise ValueError(
+                f"t_end must lie between 0 and the last network time {times[-2]:g}, got {t_end:g}"
+            )
+        times[-1] = t_end
+    return times
+
+
+def _network_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap):
+    """``time_grid`` with the final step appended, or a named grid."""
     if time_grid is None:
         if num_steps is None:
             raise ValueError("give num_steps (or an explicit time_grid)")
@@ -402,6 +427,8 @@ def sample(
     t_max: Optional[float] = None,
     rho: float = 7.0,
     snap: Optional[bool] = None,
+    t_end: Optional[float] = None,
+    prior_scale: Optional[float] = None,
     return_trajectory: bool = False,
     **options,
 ) -> SampleResult:
@@ -415,8 +442,9 @@ def sample(
         labels or the guidance scale, are passed as data and the compiled sampler is reused when
         they change; any other function is compiled once per function object.
       noise: standard normal, shape [batch, ...]; it is scaled to the schedule's prior
-        (by sqrt(alpha(t_max)^2 + sigma(t_max)^2)). The samples come back in its dtype; the
-        sampler's own arithmetic runs in float32 at least (float64 when the noise is float64).
+        (by sqrt(alpha(t_max)^2 + sigma(t_max)^2), or ``prior_scale``). The samples come back
+        in its dtype; the sampler's own arithmetic runs in float32 at least (float64 when the
+        noise is float64).
       schedule: a :class:`~diffusion_jax.schedules.Schedule` or a schedule name.
       method: one of :data:`METHODS`; its options are keyword arguments (names, defaults and
         papers: :data:`METHODS_TABLE` and ``docs/samplers.md``).
@@ -426,6 +454,12 @@ def sample(
         are passed on to it.
       time_grid: the N network times (strictly decreasing, sigma > 0 at each), instead of
         ``grid``; the final step to clean data is appended.
+      t_end: where the final step ends: None or 0 for clean data (sigma = 0), or a time between
+        0 and the last network time, whose noisy state is then returned (diffusers' DDIM with
+        ``set_alpha_to_one=False`` ends at alpha-bar_0, t_end = 1 / T). The last step is still
+        the method's final step (first order for the multistep methods, no Heun correction).
+      prior_scale: the first state is ``prior_scale * noise``; by default the schedule's
+        sqrt(alpha(t_0)^2 + sigma(t_0)^2), the spread of data of unit variance noised to t_0.
       return_trajectory: also return every intermediate state.
 
     Returns:
@@ -439,7 +473,7 @@ def sample(
             f"noise must be a floating-point array of shape [batch, ...], got {noise.dtype} "
             f"of shape {noise.shape}"
         )
-    times = _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap)
+    times = _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap, t_end)
     if not record.is_stochastic(merged):
         key = None
     elif key is None:
@@ -457,8 +491,9 @@ def sample(
         output_dtype=jnp.dtype(noise.dtype),
     )
     time_dtype = jnp.promote_types(noise.dtype, jnp.float32)
+    scale = None if prior_scale is None else jnp.asarray(prior_scale, time_dtype)
     samples, trajectory = _sample_jit(
-        static, dynamic_fn, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags))
+        static, dynamic_fn, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags), scale)
     )
     return SampleResult(samples, record.evaluations(flags), times, trajectory)
 

@@ -32,7 +32,7 @@ from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, gradients, latent
 from diffusion_jax import console as console_lib
 from diffusion_jax import grids as grids_lib
-from diffusion_jax import losses, parallel, run, train_state, writers
+from diffusion_jax import losses, parallel, pretrained_runs, run, train_state, writers
 from diffusion_jax import workdir as workdir_lib
 
 __all__ = ["TrainMetrics", "make_train_step", "all_finite", "TrainingDiverged", "Interrupted",
@@ -192,7 +192,8 @@ def make_loss_from_config(config, model, num_classes):
         prepares.append(conditioning.drop_labels(num_classes, label_dropout))
     if configuration.is_text_model(config) and config.diffusion.caption_dropout:
         prepares.append(conditioning.drop_captions(config.diffusion.caption_dropout,
-                                                   config.text.max_length))
+                                                   config.text.max_length,
+                                                   configuration.null_caption(config)))
 
     def prepare(batch, key):
         for i, fn in enumerate(prepares):
@@ -364,6 +365,7 @@ def _data_iterator(config, source, mesh, num_classes):
     slot, _ = parallel.process_batch_slot(mesh, config.data.batch_size)
     iterator = data.make_iterator(source, batch_size=config.data.batch_size // process_count,
                                   max_length=config.text.max_length, seed=config.seed,
+                                  tokenizer=configuration.caption_tokenizer(config),
                                   shard_index=slot, shard_count=process_count,
                                   worker_count=config.data.worker_count)
     return data.check_first_batch(iterator, num_classes=num_classes,
@@ -387,6 +389,10 @@ def _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts):
                 f"config.training.steps_per_call={config.training.steps_per_call}; resume with a "
                 "steps_per_call that divides it (e.g. the one the run was started with)")
         return state, True
+    if config.pretrained.path:  # the folder's weights, read into their shardings
+        params = pretrained_runs.initial_params(
+            config, model, parallel.state_shardings(mesh, abstract).params)
+        return train_state.state_from_params(config, optimizer, params, abstract, mesh), False
     return train_state.init_train_state(config, model, optimizer, example_shape, num_classes,
                                         mesh), False
 
@@ -423,7 +429,11 @@ def _describe_model(config, abstract, mesh, example_shape) -> str:
     where = (f" on latents of shape {tuple(example_shape)} of {config.latent.autoencoder}"
              f"{' (precomputed)' if config.latent.precomputed else ''}"
              if config.latent.autoencoder else "")
-    return f"model: {config.model.name}{where}, {num_params:,} parameters; {devices}"
+    name = config.model.name
+    if config.pretrained.path:
+        name = (f"the UNet and {'frozen ' if config.text.freeze else ''}CLIP text encoder of "
+                f"{config.pretrained.path}")
+    return f"model: {name}{where}, {num_params:,} parameters; {devices}"
 
 
 def _latent_space(config, workdir, source, mesh, num_classes, log, resumed):

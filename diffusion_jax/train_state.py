@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from diffusion_jax import parallel
 
 __all__ = ["TrainState", "create_train_state", "abstract_train_state", "with_shardings",
-           "init_train_state"]
+           "init_train_state", "state_from_params"]
 
 
 @flax.struct.dataclass
@@ -76,3 +76,19 @@ def init_train_state(config, model, optimizer, example_shape, num_classes, mesh)
                                    jax.random.key(config.seed),
                                    with_labels=num_classes is not None),
         out_shardings=parallel.state_shardings(mesh, abstract))()
+
+
+def state_from_params(config, optimizer, params, abstract, mesh):
+    """A fresh train state around given parameters (a pretrained model's), in its shardings.
+
+    The EMA starts at ``params``, the optimizer state is the optimizer's initial one and the
+    base key is the one :func:`init_train_state` would draw from ``config.seed``; ``params``
+    must already lie in the shardings of ``abstract``'s parameters over ``mesh``."""
+
+    def make(params):
+        key_rng = jax.random.key_data(jax.random.split(jax.random.key(config.seed), 3)[2])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                          opt_state=optimizer.init(params), rng=key_rng)
+
+    return jax.jit(make, out_shardings=parallel.state_shardings(mesh, abstract))(params)

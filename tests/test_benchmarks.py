@@ -201,3 +201,141 @@ def test_latent_vs_pixel_reports_both_runs_and_their_ratios(tmp_path):
                          cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
                          timeout=600, env=env)
     assert bad.returncode == 2 and "missing does not exist" in bad.stderr, bad.stderr[-2000:]
+
+
+# -- Stable Diffusion: the pipeline, the load's memory, the GPU comparison's SD step -------------
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A tiny SD 1.x folder with a DPM-Solver++(2M) scheduler, as the PyTorch side's."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import sd_folders
+
+    folder = tmp_path_factory.mktemp("sd") / "model"
+    pipe = sd_folders.build(folder, family="sd1", scheduler="dpmpp")
+    return folder, sum(p.numel() for p in pipe.unet.parameters())
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, name, *map(str, args)],
+                          cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _result(name):
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def test_sd_pipeline_times_a_folder_and_compares_with_torch(sd_folder, tmp_path):
+    folder, unet_parameters = sd_folder
+    fake_torch = tmp_path / "torch_sd_pipeline.json"  # as the PyTorch script writes it
+    fake_torch.write_text(json.dumps({
+        "device": "fake card", "torch": "0.0", "batch": 8, "steps": 2, "size": 32,
+        "dtype": "torch.float32", "images_per_s_eager": 2.0, "images_per_s_compiled_unet": 4.0}))
+    run = _script("sd_pipeline.py", "--folder", folder, "--batch", "1", "--steps", "2",
+                  "--size", "32", "--dtype", "float32", "--repeats", "2",
+                  "--torch-json", fake_torch, "--name", "test_sd_pipeline")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = _result("test_sd_pipeline")
+    (row,) = result["rows"]
+    assert (row["batch"], row["steps"], row["size"], row["dtype"]) == (1, 2, 32, "float32")
+    # The folder's DPMSolverMultistepScheduler, mapped onto our DPM-Solver++(2M).
+    assert (row["scheduler"], row["sampler"], row["sampler_from"]) == (
+        "DPMSolverMultistepScheduler", "dpmpp_2m", "folder")
+    assert row["parameters"]["unet"] == unet_parameters
+    assert row["load_s"] > 0 and row["first_call_s"] >= row["best_s"] > 0
+    assert row["mean_s"] >= row["best_s"]
+    assert row["images_per_s"] == pytest.approx(1 / row["best_s"])
+    assert row["unet_evaluations_per_s"] == pytest.approx(2 * 2 * row["images_per_s"])
+    assert row["ratio_to_images_per_s_eager"] == pytest.approx(row["images_per_s"] / 2.0)
+    assert row["ratio_to_images_per_s_compiled_unet"] == pytest.approx(row["images_per_s"] / 4.0)
+    assert "jax" in result and "flax" in result and "device" in result
+    assert "diffusers eager 2.000 images/s =" in run.stdout
+    assert "with torch.compile(UNet) 4.000 images/s =" in run.stdout
+    warnings = result["torch_warnings"]  # batch 8 there, 1 here; its card is not this one
+    assert any(w.startswith("batch: ours 1, diffusers 8") for w in warnings), warnings
+    assert any(w.startswith("device:") for w in warnings), warnings
+    assert "WARNING: the two ran with different batch" in run.stdout
+    summary = _script("sd_pipeline.py", "--summarize",
+                      os.path.join(ROOT, "benchmarks", "results", "test_sd_pipeline.json"),
+                      "--torch-json", fake_torch, "--train-json", tmp_path / "missing.json")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "diffusers eager 2.000 images/s" in summary.stdout
+    assert "SD 1.5 training step: no result" in summary.stdout
+    for bad, message in ((["--folder", tmp_path / "none"], "is not a directory"),
+                         ([], "give --folder DIR"),
+                         (["--folder", folder, "--torch-json", tmp_path / "no.json"],
+                          "no such file")):
+        run = _script("sd_pipeline.py", *bad)
+        assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
+
+
+def test_load_memory_accounts_for_the_peak(sd_folder):
+    folder, unet_parameters = sd_folder
+    run = _script("load_memory.py", "--folder", folder, "--dtype", "float32", "bfloat16",
+                  "--name", "test_load_memory")
+    assert run.returncode == 0, run.stderr[-3000:]
+    full, half = _result("test_load_memory")["rows"]
+    assert (full["dtype"], half["dtype"]) == ("float32", "bfloat16")
+    for row in (full, half):
+        assert row["parameters"] == unet_parameters
+        assert row["peak_bytes"] >= row["baseline_bytes"] > 0
+        assert row["largest_tensor_bytes"] > 0 and row["file_bytes"] == 4 * unet_parameters
+        assert row["residual_gib"] == pytest.approx(
+            row["peak_gib"] - row["param_gib"] - row["largest_tensor_gib"] - row["baseline_gib"])
+    assert full["param_bytes"] == 4 * unet_parameters == 2 * half["param_bytes"]
+    assert "float32: peak RSS = " in run.stdout and "GiB = params " in run.stdout
+    assert "bfloat16: peak RSS = " in run.stdout and "+ largest tensor" in run.stdout
+    bad = _script("load_memory.py", "--folder", os.path.dirname(folder))
+    assert bad.returncode != 0 and "is neither a diffusers UNet folder" in bad.stderr
+
+
+FAKE_SD_BASELINE = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import sd_folders
+save = sys.argv[sys.argv.index("--save") + 1]
+sd_folders.build(save, family="sd1", scheduler="dpmpp")
+json.dump({{"device": "fake card", "torch": "0.0", "batch": 1, "steps": 2, "size": 32,
+           "dtype": "torch.bfloat16", "images_per_s_eager": 1.0,
+           "images_per_s_compiled_unet": 2.0}},
+          open(os.path.join(os.environ["OUT"], "torch_sd_pipeline.json"), "w"))
+"""
+
+
+def test_gpu_comparison_sd_step_runs_both_pipelines_on_one_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    script = os.path.join(ROOT, "benchmarks", "gpu_comparison.sh")
+    for bad, message in ((["--sd-only"], "--sd-only needs --sd-baseline"),
+                         (["--sd-baseline", "missing.py"], "no such file")):
+        run = subprocess.run(["bash", script, *bad], cwd=tmp_path, capture_output=True,
+                             text=True)
+        assert run.returncode == 2 and message in run.stderr, (bad, run.stderr)
+    (tmp_path / "torch_sd_pipeline.py").write_text(
+        FAKE_SD_BASELINE.format(tests=os.path.join(ROOT, "tests")))
+    run = subprocess.run(
+        ["bash", script, "--sd-baseline", "torch_sd_pipeline.py", "--sd-only",
+         "--sd-args", "--batch 1 --steps 2 --size 32 --repeats 1", "--sd-folder", "kept/sd",
+         "--sd-train-args", "--models tiny --batch 4", "--iterations", "2",
+         "--name", "test_gpu_comparison_sd", "--copy-to", "copies"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:]
+    name = "test_gpu_comparison_sd"
+    assert sorted(os.listdir(tmp_path / "copies")) == [
+        f"{name}.log", f"{name}.md", f"{name}_sd15_train.json", f"{name}_sd_pipeline.json",
+        f"{name}_sd_torch.json"]
+    assert (tmp_path / "kept" / "sd" / "model_index.json").exists()  # --sd-folder keeps it
+    (row,) = json.loads((tmp_path / "copies" / f"{name}_sd_pipeline.json").read_text())["rows"]
+    assert row["attention"] == "auto" and row["sampler"] == "dpmpp_2m"
+    assert row["ratio_to_images_per_s_eager"] == pytest.approx(row["images_per_s"])
+    summary = (tmp_path / "copies" / f"{name}.md").read_text()
+    assert "diffusers eager 1.000 images/s =" in summary
+    assert "with torch.compile(UNet) 2.000 images/s =" in summary
+    assert "training step, tiny UNet" in summary and "MFU" in summary
+    log = (tmp_path / "copies" / f"{name}.log").read_text()
+    assert "=== sd_torch" in log and "=== SD 1.5 summary" in log and "=== done in" in log
+    assert "=== train (" not in log  # --sd-only: the DDPM steps did not run
+    assert not [line for line in log.splitlines() if line.startswith("===") and "failed" in line]

@@ -25,6 +25,16 @@ LATENT_PAIRS = {"fashion_mnist_latent": "fashion_mnist_autoencoder",
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_validates_and_builds(name):
     config = importlib.import_module(f"configs.{name}").get_config()
+    if name.startswith("stable_diffusion"):  # presets for a pretrained folder, which they need
+        with pytest.raises(configuration.ConfigError, match="pretrained.path|data.path"):
+            configuration.validate(config)
+        # Folders are loaded by tests/test_sd_pipeline.py and tests/test_sd_finetune.py.
+        config.pretrained.path = "a diffusers folder"
+        if config.data.name == "folder":
+            config.data.path = "a folder of captioned images"
+            config.latent.autoencoder = "a diffusers folder/vae"
+        configuration.validate(config)
+        return
     configuration.validate(config)
     shape, classes = SHAPES[config.data.name]
     if shape is None:

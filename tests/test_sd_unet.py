@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
@@ -209,3 +210,35 @@ def test_unsupported_configurations_name_the_key(saved, change, key):
     config = {**sd_unet.read_config(root / "sd1"), **change}
     with pytest.raises(ValueError, match=key):
         sd_unet.unet_from_config(config)
+
+
+@pytest.mark.slow
+def test_stable_diffusion_1_5_unet_matches_diffusers(tmp_path):
+    """SD 1.5's real UNet configuration (859,520,964 parameters), random weights, one forward.
+
+    About 3.4 GB per copy: the torch model is saved, its output kept, then freed before our
+    loader reads the folder, so that at most two copies are alive (24 GiB machines)."""
+    import gc
+
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2).eval()
+    assert sum(p.numel() for p in model.parameters()) == 859_520_964
+    with torch.no_grad():  # the zero-initialised output convolution would hide the decoder
+        model.conv_out.weight.normal_(0.0, 0.02)
+    model.save_pretrained(tmp_path / "unet")
+    rng = np.random.default_rng(0)
+    inputs = dict(x=rng.standard_normal((1, 32, 32, 4)).astype(np.float32),
+                  k=np.array([500.0], np.float32),
+                  context=rng.standard_normal((1, 77, 768)).astype(np.float32))
+    theirs = _diffusers_output(model, inputs)
+    del model
+    gc.collect()
+    unet, params, _ = sd_unet.load_unet(tmp_path / "unet")
+    count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    assert count == 859_520_964
+    ours = _our_output(unet, params, inputs)
+    error = float(np.abs(ours - theirs).max())
+    print(f"SD 1.5 UNet: max abs error {error:.2e} (outputs up to {np.abs(theirs).max():.2f})")
+    assert error < 1e-4

@@ -39,10 +39,12 @@ class ToModelInputs(grain.MapTransform):
     uint8 images -> float32 in [-1, 1] under ``x`` (NHWC; grayscale keeps its channel axis);
     vector data (``x``) passes through; labels become int32; captions become byte tokens
     ``tokens`` (int32 [max_length]) and ``token_mask`` (bool) through
-    :func:`diffusion_jax.text.encode`."""
+    :func:`diffusion_jax.text.encode`, or through ``tokenizer(texts) -> (tokens, mask)`` when
+    one is given (a pretrained model's, e.g. a CLIP tokenizer's ``token_inputs``)."""
 
-    def __init__(self, max_length: int = 96):
+    def __init__(self, max_length: int = 96, tokenizer=None):
         self.max_length = max_length
+        self.tokenizer = tokenizer
 
     def map(self, record):
         out = {}
@@ -58,7 +60,10 @@ class ToModelInputs(grain.MapTransform):
         if "label" in record:
             out["label"] = np.int32(record["label"])
         if "caption" in record:
-            tokens, mask = text.encode([str(record["caption"])], self.max_length)
+            if self.tokenizer is None:
+                tokens, mask = text.encode([str(record["caption"])], self.max_length)
+            else:
+                tokens, mask = self.tokenizer([str(record["caption"])])
             out["tokens"], out["token_mask"] = tokens[0], mask[0]
         return out
 
@@ -347,6 +352,7 @@ def make_iterator(
     worker_count: int = 0,
     max_length: int = 96,
     read_threads: Optional[int] = None,
+    tokenizer=None,
 ):
     """A grain iterator over ``source`` yielding batches of ``batch_size`` examples.
 
@@ -393,7 +399,7 @@ def make_iterator(
     sampler = _make_sampler(len(source), shuffle=shuffle, seed=seed, num_epochs=num_epochs)
     if shard_count > 1:
         sampler = _ProcessSlice(sampler, batch_size, shard_index, shard_count)
-    transform = ToModelInputs(max_length)
+    transform = ToModelInputs(max_length, tokenizer)
     if not worker_count and hasattr(source, "read_batch"):
         return _BatchIterator(source, sampler, batch_size, transform)
     if read_threads is None:

@@ -208,13 +208,27 @@ def load_text_encoder(folder, dtype=jnp.float32, param_dtype=jnp.float32, shardi
                                       where=os.path.join(folder, CONFIG_NAME))
     weights = WeightsFile.in_folder(folder, WEIGHTS_NAMES, SHARDED_INDEX_NAME,
                                     what="the CLIP text encoder")
+    params = convert(weights, module, what=_describe(module, folder), dtype=param_dtype,
+                     sharding_for=sharding_for)
+    return module, params, config
+
+
+def read_config(folder) -> dict:
+    """The ``config.json`` of a text-encoder folder, with errors that say what to pass."""
+    return _read_config(os.fspath(folder))
+
+
+def convert(weights, module: CLIPTextTransformer, *, what: str, dtype=jnp.float32,
+            sharding_for=None):
+    """Place the tensors of ``weights`` (a WeightsFile or DictWeights) on ``module``'s tree.
+
+    Reads both the ``text_model.``-prefixed names of transformers 4 and the unprefixed ones of
+    transformers 5; see :func:`diffusion_jax.pretrained.weights.load_tree` for the rest."""
     names = weights.names()
     prefix = _PREFIX if any(n.startswith(_PREFIX) for n in names) else ""
     if prefix + _POSITION_IDS in names:
         _check_position_ids(weights, prefix + _POSITION_IDS, module.max_positions)
-    params = load_tree(weights, parameter_shapes(module),
-                       lambda path: Source((_state_dict_name(path, prefix),)),
-                       what=_describe(module, folder), dtype=param_dtype,
-                       sharding_for=sharding_for,
-                       ignore=lambda name: name == prefix + _POSITION_IDS)
-    return module, params, config
+    return load_tree(weights, parameter_shapes(module),
+                     lambda path: Source((_state_dict_name(path, prefix),)),
+                     what=what, dtype=dtype, sharding_for=sharding_for,
+                     ignore=lambda name: name == prefix + _POSITION_IDS)

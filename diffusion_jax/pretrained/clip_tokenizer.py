@@ -214,3 +214,15 @@ class CLIPTokenizer:
             row[1:len(tokens) + 1] = tokens
             row[len(tokens) + 1] = self.eos_token_id
         return ids
+
+    def token_inputs(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int32 [n, model_max_length], mask bool)`` of ``texts``, the mask all True.
+
+        The shape of :func:`diffusion_jax.text.encode`'s result, for the data pipeline and the
+        training loop. Stable Diffusion's UNets attend to every position, padding included,
+        so every position is marked as a real token."""
+        if isinstance(texts, np.ndarray):
+            texts = [str(t) for t in texts.reshape(-1)]
+        ids = self(texts)
+        return ids, np.ones(ids.shape, bool)
+

@@ -26,6 +26,10 @@ import numpy as np
 __all__ = ["WeightsFile", "DictWeights", "Source", "torch_to_flax", "load_tree", "listed"]
 
 _MAX_LISTED = 40  # names listed per kind of problem in an error message
+# safe_open memory-maps the file, and the pages a read touches stay in this process's resident
+# memory while the map lives; the file is reopened after this many bytes, so that at most this
+# much of it is resident beside the parameters (and RSS-based limits see about one model).
+_REMAP_BYTES = 256 * 2**20
 
 
 def listed(names) -> str:
@@ -42,18 +46,12 @@ class WeightsFile:
     ``read(name)`` reads one tensor (float16, bfloat16 or float32 as stored)."""
 
     def __init__(self, paths: Sequence[str], description: str):
-        from safetensors import safe_open  # optional at import time: only loading weights needs it
-
         self.description = description
         self._files = {}
         self._where = {}
+        self._bytes_mapped = 0
         for path in paths:
-            try:
-                handle = safe_open(path, framework="numpy")
-            except Exception as err:  # the library raises its own error types
-                raise ValueError(f"{path} is not a readable safetensors file ({err}); download "
-                                 "it again") from err
-            self._files[path] = handle
+            handle = self._open(path)
             for name in handle.keys():
                 if name in self._where:
                     raise ValueError(f"tensor {name} is in both {self._where[name]} and {path}")
@@ -98,15 +96,31 @@ class WeightsFile:
         raise FileNotFoundError(f"{folder} has no weights for {what}: expected "
                                 f"{' or '.join(file_names)} (or the shards of {index_name})")
 
+    def _open(self, path):
+        from safetensors import safe_open  # optional at import time: only loading weights needs it
+
+        if path not in self._files:
+            try:
+                self._files[path] = safe_open(path, framework="numpy")
+            except Exception as err:  # the library raises its own error types
+                raise ValueError(f"{path} is not a readable safetensors file ({err}); download "
+                                 "it again") from err
+        return self._files[path]
+
     def names(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._files[self._where[name]]
-        return tuple(handle.get_slice(name).get_shape())
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
-        return self._files[self._where[name]].get_tensor(name)
+        """One tensor, copied out of the file (nothing keeps the file mapped)."""
+        tensor = self._open(self._where[name]).get_tensor(name)
+        self._bytes_mapped += tensor.nbytes
+        if self._bytes_mapped > _REMAP_BYTES:
+            self._files.clear()  # unmaps the files; they are reopened on the next read
+            self._bytes_mapped = 0
+        return tensor
 
 
 class DictWeights:

@@ -1,0 +1,257 @@
+"""Text-to-image with pretrained Stable Diffusion models (1.x, 2.x, XL base) in JAX.
+
+``pipe = StableDiffusion.from_pretrained(path, dtype=jnp.bfloat16)`` loads a diffusers folder;
+``pipe(prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, method=None, ...)``
+returns float images in [0, 1], NHWC numpy, as diffusers' pipelines with ``output_type="np"``.
+
+One call is one compiled program per (batch, size, sampler settings): the prompts are encoded,
+the sampler's ``lax.scan`` runs with classifier-free guidance as one batched UNet call per step
+(conditional and unconditional halves), and the latents are decoded. The parameters are
+arguments of that program, not constants in it. By default the folder's scheduler decides the
+sampler, its timesteps and its final step (:mod:`diffusion_jax.pretrained.scheduler`), so the
+same ``latents`` give diffusers' images; ``method=`` (and ``grid=``) pick any of the library's
+samplers instead. With a mesh the batch is split over its devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import guidance, parallel, parameterization, samplers
+from diffusion_jax.pretrained import scheduler as scheduler_lib
+from diffusion_jax.pretrained.stable_diffusion import StableDiffusionModels, load_stable_diffusion
+
+__all__ = ["StableDiffusion"]
+
+
+def _apply_unet(unet, params, x, t, cond):
+    return unet.apply({"params": params}, x, t, context=cond["context"],
+                      pooled=cond.get("pooled"), time_ids=cond.get("time_ids"))
+
+
+def _encode(models: StableDiffusionModels, encoder_params, ids):
+    """Token ids (one array per encoder) -> the UNet's conditioning (context, and pooled)."""
+    if models.family == "sd":
+        out = models.text_encoders[0].apply({"params": encoder_params[0]}, ids[0])
+        return {"context": out.last_hidden_state}
+    # SDXL: both encoders' penultimate hidden states side by side; the second's projection pooled.
+    states, pooled = [], None
+    for module, params, tokens in zip(models.text_encoders, encoder_params, ids):
+        out = module.apply({"params": params}, tokens)
+        states.append(out.hidden_states[-2])
+        pooled = out.text_embeds
+    return {"context": jnp.concatenate(states, axis=-1), "pooled": pooled}
+
+
+class StableDiffusion:
+    """A loaded Stable Diffusion model, called like diffusers' pipelines.
+
+    Build it with :meth:`from_pretrained`. ``models`` holds the modules and parameters
+    (:class:`~diffusion_jax.pretrained.stable_diffusion.StableDiffusionModels`); ``plan`` the
+    folder's scheduler mapped onto the library (:class:`~diffusion_jax.pretrained.scheduler.SamplerPlan`)."""
+
+    def __init__(self, models: StableDiffusionModels, mesh=None):
+        self.models = models
+        self.mesh = mesh
+        self.plan = scheduler_lib.plan_from_config(models.scheduler_config)
+        self.force_zeros_for_empty_prompt = bool(
+            models.index.get("force_zeros_for_empty_prompt", models.family == "sdxl"))
+        self._programs = {}
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, mesh=None,
+                        fsdp: bool = False, attention: str = "xla") -> "StableDiffusion":
+        """Load the diffusers folder ``path``.
+
+        ``dtype`` is the networks' computation dtype and ``param_dtype`` their parameters'
+        (default: ``dtype``); with a ``mesh`` (:func:`diffusion_jax.parallel.make_mesh`) each
+        parameter is placed on it as it is read, replicated, or with ``fsdp=True`` split over
+        its ``fsdp`` axis (large tensors only), and the batch is split over its devices."""
+        def sharding_for(_, shape):
+            if mesh is None:
+                return None
+            return parallel.parameter_sharding(mesh, shape) if fsdp else parallel.replicated(mesh)
+
+        models = load_stable_diffusion(path, dtype=dtype, param_dtype=param_dtype,
+                                       sharding_for=sharding_for, attention=attention)
+        return cls(models, mesh=mesh)
+
+    @property
+    def params(self) -> dict:
+        """Every parameter the generation program reads."""
+        return {"unet": self.models.unet_params, "vae": self.models.vae_params,
+                "text_encoders": list(self.models.text_encoder_params)}
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> list:
+        """Token ids [batch, 77] for each of the model's tokenizers."""
+        return [np.asarray(tokenizer(list(prompts)), np.int32)
+                for tokenizer in self.models.tokenizers]
+
+    def _size(self, height, width):
+        models = self.models
+        height = models.default_size if height is None else int(height)
+        width = models.default_size if width is None else int(width)
+        multiple = models.latent_factor * 2 ** (len(models.unet.channel_mult) - 1)
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple} for "
+                             f"this model (latent factor {models.latent_factor} x "
+                             f"{2 ** (len(models.unet.channel_mult) - 1)} for the UNet's "
+                             f"levels), got {height} x {width}")
+        return height, width
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def __call__(self, prompt: Union[str, Sequence[str]],
+                 negative_prompt: Union[None, str, Sequence[str]] = None, num_steps: int = 50,
+                 guidance_scale: float = 7.5, method: Optional[str] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, key=None,
+                 latents=None, guidance_rescale: float = 0.0, grid: Optional[str] = None,
+                 **sampler_options) -> np.ndarray:
+        """Generate one image per prompt: float32 [batch, height, width, 3] in [0, 1].
+
+        Args:
+          prompt: a prompt or a list of them (the batch).
+          negative_prompt: guidance moves away from it; one, or one per prompt. None: the empty
+            prompt (SDXL, as diffusers: zero conditioning).
+          num_steps: sampler steps.
+          guidance_scale: classifier-free guidance scale; <= 1 runs the conditional model alone.
+          method: None for the folder's scheduler; else one of the library's samplers
+            (``samplers.METHODS``), on ``grid`` (None: the folder's timestep spacing) with
+            ``sampler_options``.
+          height, width: image size (default: the size the model was trained for).
+          key: PRNG key for the initial noise (when ``latents`` is None) and stochastic
+            samplers; default ``jax.random.key(0)``.
+          latents: the initial standard-normal latents [batch, height/8, width/8, channels]
+            (NHWC); the same array diffusers takes (permuted to NCHW) gives its images.
+          guidance_rescale: Lin et al. 2023's rescale phi, in the model's prediction space.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        batch = len(prompts)
+        negatives = self._negatives(negative_prompt, batch)
+        height, width = self._size(height, width)
+        latent_shape = (batch, height // self.models.latent_factor,
+                        width // self.models.latent_factor, self.models.unet.out_channels)
+        key = jax.random.key(0) if key is None else key
+        key_noise, key_sampler = jax.random.split(key)
+        if latents is None:
+            latents = jax.random.normal(key_noise, latent_shape, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape} (batch, height / "
+                             f"{self.models.latent_factor}, width / {self.models.latent_factor},"
+                             f" channels; NHWC), got {latents.shape}")
+        if int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        plan = self.plan if method is None and grid is None and not sampler_options else \
+            scheduler_lib.plan_from_config(self.models.scheduler_config,
+                                           method=method or self.plan.method, grid=grid)
+        sample_kwargs = plan.sample_kwargs(int(num_steps))
+        if sampler_options:
+            sample_kwargs.update(sampler_options)
+        guided = float(guidance_scale) > 1.0
+        ids = self.tokenize(prompts)
+        negative_ids = None
+        zero_negative = guided and negatives is None and self.models.family == "sdxl" and \
+            self.force_zeros_for_empty_prompt
+        if guided and not zero_negative:
+            negative_ids = self.tokenize(negatives if negatives is not None else [""] * batch)
+        time_ids = None
+        if self.models.family == "sdxl":
+            row = [height, width, 0, 0, height, width]  # original size, crop offset, target size
+            time_ids = jnp.asarray([row] * batch, jnp.float32)
+        program = self._program(_Static(
+            guided=guided, zero_negative=zero_negative, rescale=float(guidance_rescale),
+            sample_kwargs=_freeze(sample_kwargs)))
+        if self.mesh is not None and batch % self.mesh.devices.size == 0:
+            latents = jax.device_put(latents, parallel.batch_sharding(self.mesh))
+        images = program(self.params, ids, negative_ids, time_ids, latents,
+                         jnp.float32(guidance_scale), key_sampler)
+        return np.asarray(jax.device_get(images))
+
+    def _negatives(self, negative_prompt, batch):
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else \
+            list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts: give one, "
+                             "or one per prompt")
+        return negatives
+
+    def _program(self, static):
+        if static not in self._programs:
+            self._programs[static] = jax.jit(functools.partial(self._generate, static))
+        return self._programs[static]
+
+    def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key):
+        models, plan = self.models, self.plan
+        sample_kwargs = dict(static.sample_kwargs)
+        schedule = sample_kwargs.pop("schedule")
+        cond = _encode(models, params["text_encoders"], ids)
+        if static.guided:
+            uncond = (jax.tree_util.tree_map(jnp.zeros_like, cond) if static.zero_negative
+                      else _encode(models, params["text_encoders"], negative_ids))
+        if time_ids is not None:
+            cond["time_ids"] = time_ids
+            if static.guided:
+                uncond["time_ids"] = time_ids
+        unet = jax.tree_util.Partial(functools.partial(_apply_unet, models.unet), params["unet"])
+        denoise = parameterization.make_denoise_fn(unet, schedule, plan.prediction)
+        if static.guided:
+            fn = guidance.classifier_free_guidance(
+                denoise, cond=cond, uncond=uncond, scale=scale, rescale=static.rescale,
+                rescale_space=plan.prediction, schedule=schedule)
+        else:
+            fn = jax.tree_util.Partial(lambda d, c, x, t: d(x, t, c), denoise, cond)
+        if self.mesh is not None and latents.shape[0] % self.mesh.devices.size == 0:
+            latents = jax.lax.with_sharding_constraint(latents, parallel.batch_sharding(self.mesh))
+        final = samplers.sample(fn, latents, schedule=schedule, key=key, **sample_kwargs).samples
+        info = models.vae_info
+        z = final / info["scaling_factor"] + (info.get("shift_factor") or 0.0)
+        images = models.vae.apply({"params": params["vae"]}, z, method=models.vae.decode)
+        return jnp.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def _freeze(kwargs: dict) -> tuple:
+    """Sampler keyword arguments as a hashable tuple (arrays as tuples of floats)."""
+    frozen = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, (np.ndarray, list, tuple)):
+            value = tuple(float(v) for v in np.asarray(value).reshape(-1))
+            frozen.append((name, ("array", value)))
+        elif isinstance(value, dict):
+            frozen.append((name, ("dict", tuple(sorted(value.items())))))
+        else:
+            frozen.append((name, value))
+    return tuple(frozen)
+
+
+class _Static(tuple):
+    """The settings a compiled generation program is specialised on (hashable)."""
+
+    def __new__(cls, *, guided, zero_negative, rescale, sample_kwargs):
+        return super().__new__(cls, (guided, zero_negative, rescale, sample_kwargs))
+
+    guided = property(lambda self: self[0])
+    zero_negative = property(lambda self: self[1])
+    rescale = property(lambda self: self[2])
+
+    @property
+    def sample_kwargs(self):
+        items = {}
+        for name, value in self[3]:
+            if isinstance(value, tuple) and value and value[0] == "array":
+                value = np.asarray(value[1])
+            elif isinstance(value, tuple) and value and value[0] == "dict":
+                value = dict(value[1])
+            items[name] = value
+        return items

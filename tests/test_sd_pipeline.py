@@ -1,0 +1,168 @@
+"""The Stable Diffusion pipeline gives diffusers' images from the same latents and prompts.
+
+Tiny random-weight folders (``sd_folders.build``: SD 1.x-like with epsilon prediction, SD
+2.x-like with v prediction, SDXL-like with two text encoders) are written by diffusers and
+transformers and loaded by :class:`diffusion_jax.pipelines.StableDiffusion`. Both pipelines start
+from the same standard-normal latents (NHWC here, NCHW there), with the same prompts and
+negative prompts, 10 steps, guidance 7.5, in float32, each with the folder's own scheduler:
+our sampler, timesteps and final step come from ``scheduler_config.json``. The images (in
+[0, 1]) must agree to 2e-3; the worst differences seen are printed and listed in
+docs/stable_diffusion.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import sd_folders  # noqa: E402
+from diffusion_jax.pipelines import StableDiffusion  # noqa: E402
+
+TOLERANCE = 2e-3
+PROMPTS = ["a red circle, on blue!", "Ünïcode café — 東京 🙂 " + "very long " * 40]
+NEGATIVE = ["blurry", ""]
+
+
+def _diffusers_images(pipe, latents, family, steps=10, scale=7.5, negative=NEGATIVE,
+                      rescale=0.0):
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt=PROMPTS, negative_prompt=negative, num_inference_steps=steps,
+                  guidance_scale=scale, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+                  output_type="np", generator=generator, guidance_rescale=rescale)
+    with torch.no_grad():
+        return pipe(**kwargs).images
+
+
+def _latents(pipe, seed=0):
+    size = pipe.unet.config.sample_size
+    return np.random.default_rng(seed).standard_normal((len(PROMPTS), size, size, 4)).astype(
+        np.float32)
+
+
+# One case per family and each default scheduler of the published folders (SD 1.5: PNDM, SD 2.1:
+# DDIM with v prediction, SDXL: Euler) plus DPM-Solver++ in the default suite; the other
+# combinations in the slow one.
+CASES = [("sd1", "pndm"), ("sd1", "dpmpp"), ("sd2", "ddim"), ("sdxl", "euler")] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in
+    [("sd1", "ddim"), ("sd1", "euler"), ("sd1", "dpmpp_karras"), ("sd2", "euler"),
+     ("sd2", "dpmpp"), ("sdxl", "dpmpp"), ("sdxl", "ddim")]]
+
+
+@pytest.mark.parametrize("family, scheduler", CASES)
+def test_pipeline_matches_diffusers(tmp_path, family, scheduler):
+    pipe = sd_folders.build(tmp_path / "model", family, scheduler)
+    latents = _latents(pipe)
+    theirs = _diffusers_images(pipe, latents, family)
+    ours_pipe = StableDiffusion.from_pretrained(tmp_path / "model")
+    ours = ours_pipe(PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5,
+                     latents=latents, key=jax.random.key(0))
+    assert ours.shape == theirs.shape and ours.dtype == np.float32
+    error = float(np.abs(ours - theirs).max())
+    print(f"{family} {scheduler}: max abs image difference {error:.2e}")
+    assert error <= TOLERANCE
+    # Not trivially equal: other latents give other images.
+    other = ours_pipe(PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5,
+                      latents=_latents(pipe, seed=1), key=jax.random.key(0))
+    assert np.abs(other - theirs).max() > 50 * TOLERANCE
+
+
+@pytest.mark.slow
+def test_guidance_rescale_matches_diffusers(tmp_path):
+    """Lin et al.'s rescale acts on the model's own prediction (v here), as in diffusers."""
+    pipe = sd_folders.build(tmp_path / "model", "sd2", "ddim")
+    latents = _latents(pipe)
+    theirs = _diffusers_images(pipe, latents, "sd2", rescale=0.7)
+    ours = StableDiffusion.from_pretrained(tmp_path / "model")(
+        PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5, latents=latents,
+        guidance_rescale=0.7)
+    error = float(np.abs(ours - theirs).max())
+    print(f"sd2 ddim, guidance rescale 0.7: max abs image difference {error:.2e}")
+    assert error <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1") / "model"
+    return folder, sd_folders.build(folder, "sd1", "dpmpp")
+
+
+def test_batch_is_split_over_a_mesh_and_sizes_checked(sd1_folder):
+    folder, _ = sd1_folder
+    from diffusion_jax import parallel
+
+    mesh = parallel.make_mesh(-1, 1)
+    pipe = StableDiffusion.from_pretrained(folder, mesh=mesh)
+    images = pipe(["a", "b"], num_steps=2, guidance_scale=3.0, height=16, width=24)
+    assert images.shape == (2, 16, 24, 3) and np.all((images >= 0) & (images <= 1))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe("a", height=18)
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 16, 16, 4\)"):
+        pipe("a", latents=np.zeros((1, 4, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
+        pipe("a", negative_prompt=["x", "y"])
+
+
+def test_any_library_sampler_runs_on_the_folder(sd1_folder):
+    folder, _ = sd1_folder
+    pipe = StableDiffusion.from_pretrained(folder)
+    default = pipe("a cat", num_steps=4)
+    heun = pipe("a cat", num_steps=4, method="heun", grid="karras")
+    assert heun.shape == default.shape and np.abs(heun - default).max() > 1e-3
+    unguided = pipe("a cat", num_steps=4, guidance_scale=1.0)
+    assert np.abs(unguided - default).max() > 1e-3
+
+
+def test_command_line_samples_a_folder(sd1_folder, tmp_path):
+    import importlib
+
+    from diffusion_jax import configuration, generate
+
+    folder, _ = sd1_folder
+    config = importlib.import_module("configs.stable_diffusion").get_config()
+    config.pretrained.path = str(folder)
+    config.sampling.update(prompt="a red circle|a blue square", num_samples=3, num_steps=3)
+    config.pretrained.batch_size = 2
+    configuration.validate(config)
+    written = generate.generate_to_files(config, str(tmp_path))
+    assert [os.path.splitext(p)[1] for p in written] == [".npz", ".png", ".json"]
+    arrays = np.load(written[0], allow_pickle=False)
+    assert arrays["samples"].shape == (3, 32, 32, 3)
+    assert list(arrays["prompts"]) == ["a red circle", "a blue square", "a red circle"]
+    config.pretrained.path = str(tmp_path / "missing")
+    with pytest.raises(configuration.ConfigError, match="pretrained.path: .* is not a directory"):
+        generate.generate_to_files(config, str(tmp_path))
+
+
+def test_folders_that_cannot_be_loaded_are_refused(sd1_folder, tmp_path):
+    import json
+    import shutil
+
+    from diffusion_jax.pretrained import stable_diffusion
+
+    folder, _ = sd1_folder
+    with pytest.raises(FileNotFoundError, match="model_index.json does not exist.*parent"):
+        stable_diffusion.read_model_index(folder / "unet")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="'FluxPipeline', which diffusion_jax cannot load"):
+        StableDiffusion.from_pretrained(copy)
+    (copy / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(copy / "vae")
+    with pytest.raises(FileNotFoundError, match="has no vae/ folder"):
+        StableDiffusion.from_pretrained(copy)
+    shutil.copytree(folder / "vae", copy / "vae")
+    os.remove(copy / "vae" / "diffusion_pytorch_model.safetensors")
+    (copy / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match="never loads pickles"):
+        StableDiffusion.from_pretrained(copy)
