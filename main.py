@@ -64,6 +64,8 @@ def evaluate_run(config, workdir):
     """--mode=eval: sample metrics of a diffusion run, reconstruction metrics of an autoencoder."""
     if config.task == "autoencoder":
         return autoencoder_eval.evaluate_autoencoder(config, workdir)
+    if config.pretrained.path and not run.has_checkpoints(workdir):
+        return evaluate.evaluate_pretrained(config, workdir)
     return evaluate.evaluate(config, workdir)
 
 
@@ -140,11 +142,6 @@ def main(argv, values=FLAGS):
     try:
         configuration.validate_distributed(config)
         workdir_lib.check(workdir, mode)
-        if config.pretrained.path and mode == "eval" and not run.has_checkpoints(workdir):
-            raise configuration.ConfigError(
-                f"--mode={mode} with config.pretrained.path needs a run trained from the folder "
-                f"in --workdir={workdir} (--mode=train); the folder itself can be sampled "
-                "(--mode=sample)")
         parallel.join_processes(config, workdir, mode, log=lambda line: print(line, flush=True))
         MODES[mode](config, workdir)
     except USER_ERRORS as err:

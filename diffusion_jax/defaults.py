@@ -235,6 +235,10 @@ def _evaluation() -> ml_collections.ConfigDict:
     # accuracy, seen vs held-out pairs) at each of these guidance scales, e.g. (0.0, 1.0, 3.0, 5.0);
     # () = config.sampling.guidance_scale only.
     evaluation.guidance_scales = ()
+    # A pretrained Stable Diffusion folder (pretrained.path, no run in the workdir): the prompts
+    # to generate from, one per line of this UTF-8 file; "" = the captions of config.data,
+    # whose images are the reference set of the Fréchet distance.
+    evaluation.prompts_file = ""
     return evaluation
 
 

@@ -35,7 +35,7 @@ from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
 __all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier",
-           "load_classifier", "evaluate", "reference_features"]
+           "load_classifier", "evaluate", "evaluate_pretrained", "reference_features"]
 
 FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of a classifier "
                       "trained on this dataset (not Inception-v3: not FID, not comparable to "
@@ -293,6 +293,84 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
                                      if isinstance(v, float)})
     writer.close()
+    log(format_table(results))
+    log(f"wrote {out_path}")
+    return results
+
+
+def evaluation_prompts(config, num: int) -> list:
+    """``num`` prompts for evaluating a pretrained folder, in turn.
+
+    From ``evaluation.prompts_file`` (one per line; blank lines skipped), else the captions of
+    ``num`` evenly spread records of ``config.data``."""
+    path = config.evaluation.prompts_file
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise configuration.ConfigError(
+                f"config.evaluation.prompts_file={path!r} cannot be read ({err}): give a UTF-8 "
+                "text file with one prompt per line") from err
+        if not prompts:
+            raise configuration.ConfigError(f"config.evaluation.prompts_file={path!r} holds no "
+                                            "prompt (one per line)")
+        return [prompts[i % len(prompts)] for i in range(num)]
+    source = configuration.build_source(config.data)
+    indices = np.linspace(0, len(source) - 1, min(num, len(source))).astype(int)
+    records = [source[int(i)] for i in indices]
+    if "caption" not in records[0]:
+        raise configuration.ConfigError(
+            f"{source!r} has no captions to prompt the pretrained model with: set "
+            "config.evaluation.prompts_file, or use captioned data (data.captions)")
+    return [str(records[i % len(records)]["caption"]) for i in range(num)]
+
+
+def evaluate_pretrained(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
+    """``--mode=eval`` on the pretrained folder ``config.pretrained.path`` itself.
+
+    Generates ``evaluation.num_samples`` images from :func:`evaluation_prompts` and measures the
+    Fréchet distance and precision/recall of their Inception features against ``config.data``'s
+    images (FID with pytorch-fid's weights; ``evaluation.feature_extractor`` must be
+    "inception", as no classifier is trained for such data). Writes
+    ``workdir/eval/pretrained_<method>_<steps>steps_cfg<scale>.json``."""
+    log = log if parallel.is_writer() else writers.quiet
+    configuration.validate(config)
+    e, s = config.evaluation, config.sampling
+    if e.feature_extractor != "inception":
+        raise configuration.ConfigError(
+            "--mode=eval of a pretrained folder measures Inception features: set "
+            "config.evaluation.feature_extractor='inception' and config.evaluation."
+            "inception_weights (pytorch-fid's FID weights file)")
+    extract, feature_space = feature_extractor(config, None)
+    prompts = evaluation_prompts(config, e.num_samples)
+    pipeline = generate.load_pipeline(config)
+    start, features = time.time(), []
+    for offset in range(0, e.num_samples, e.batch_size):
+        images = generate.generate_pretrained(config, pipeline,
+                                              prompts[offset:offset + e.batch_size], offset)
+        features.append(extract(files.quantize(images)))
+        log(f"generated {offset + len(images)}/{e.num_samples}")
+    features = np.concatenate(features)
+    generated_stats = metrics.FeatureStatistics(features.shape[1]).update(features)
+    reference = reference_features(config, workdir, extract, e.num_samples)
+    reference_stats = metrics.FeatureStatistics(reference.shape[1]).update(reference)
+    results = {
+        "step": f"pretrained {config.pretrained.path}",
+        "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
+                    "guidance_scale": s.guidance_scale, "use_ema": False},
+        "num_samples": int(len(features)),
+        "feature_space": feature_space,
+        "frechet_distance": metrics.frechet_distance(generated_stats, reference_stats),
+        **metrics.precision_recall(reference, features, k=e.precision_recall_k),
+        "generation_and_scoring_seconds": round(time.time() - start, 2),
+    }
+    name = f"pretrained_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
+    settings = {"pretrained": os.path.abspath(config.pretrained.path),
+                "prompts": sorted(set(prompts)), "sampling": s.to_dict(),
+                "evaluation": e.to_dict(), "data": config.data.to_dict()}
+    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
+                if parallel.is_writer() else None)
     log(format_table(results))
     log(f"wrote {out_path}")
     return results

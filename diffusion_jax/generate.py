@@ -265,11 +265,13 @@ def load_pipeline(config) -> StableDiffusion:
         raise configuration.ConfigError(f"config.pretrained.path: {err}") from err
 
 
-def generate_pretrained(config, pipeline, prompts):
+def generate_pretrained(config, pipeline, prompts, first_index: int = 0):
     """Images [len(prompts), H, W, 3] in [-1, 1] from a pretrained pipeline, in batches.
 
     ``config.sampling`` gives the sampler ("scheduler": the folder's), steps, guidance scale and
-    rescale, negative prompt and seed; ``config.pretrained`` the size and the batch."""
+    rescale, negative prompt and seed; ``config.pretrained`` the size and the batch. Image i's
+    noise comes from the seed and ``first_index + i``'s batch, so a long list generated in
+    parts gets fresh noise in every part."""
     s, p = config.sampling, config.pretrained
     method = None if s.method == "scheduler" else s.method
     grid = None if s.grid == "scheduler" else s.grid
@@ -286,7 +288,8 @@ def generate_pretrained(config, pipeline, prompts):
             out = pipeline(batch, negative_prompt=s.negative_prompt or None,
                            num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                            method=method, grid=grid, height=p.height or None,
-                           width=p.width or None, key=jax.random.fold_in(key, start),
+                           width=p.width or None,
+                           key=jax.random.fold_in(key, first_index + start),
                            guidance_rescale=s.guidance_rescale)
         except ValueError as err:
             raise configuration.ConfigError(str(err)) from err

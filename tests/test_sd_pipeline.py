@@ -12,6 +12,7 @@ docs/stable_diffusion.md.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -166,3 +167,98 @@ def test_folders_that_cannot_be_loaded_are_refused(sd1_folder, tmp_path):
     (copy / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"never read")
     with pytest.raises(FileNotFoundError, match="never loads pickles"):
         StableDiffusion.from_pretrained(copy)
+
+
+def _eval_config(folder, tmp_path):
+    config = importlib.import_module("configs.stable_diffusion").get_config()
+    config.pretrained.path = str(folder)
+    config.data.update(name="captions", resolution=32, size=16)
+    config.evaluation.update(feature_extractor="inception", num_samples=4, batch_size=2,
+                             inception_weights=str(tmp_path / "inception.npz"))
+    config.sampling.num_steps = 2
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n", "utf-8")
+    config.evaluation.prompts_file = str(tmp_path / "prompts.txt")
+    return config
+
+
+def test_eval_prompts_come_from_a_file_or_the_captions(sd1_folder, tmp_path):
+    from diffusion_jax import configuration, evaluate
+
+    config = _eval_config(sd1_folder[0], tmp_path)
+    assert evaluate.evaluation_prompts(config, 3) == ["a red circle", "a blue square",
+                                                      "a red circle"]
+    config.evaluation.prompts_file = ""  # the data's captions instead
+    assert len(set(evaluate.evaluation_prompts(config, 4))) > 1
+    config.evaluation.prompts_file = str(tmp_path / "missing.txt")
+    with pytest.raises(configuration.ConfigError, match="prompts_file=.*cannot be read"):
+        evaluate.evaluation_prompts(config, 3)
+    config.evaluation.feature_extractor = "classifier"
+    with pytest.raises(configuration.ConfigError, match="feature_extractor='inception'"):
+        evaluate.evaluate_pretrained(config, str(tmp_path))
+
+
+@pytest.mark.slow  # Inception-v3 at 299 x 299 on a CPU
+def test_eval_of_a_folder_measures_inception_features(sd1_folder, tmp_path):
+    import json
+
+    from diffusion_jax import evaluate
+    from diffusion_jax.models import inception
+
+    variables = inception.InceptionV3FID().init(jax.random.key(0),
+                                                jnp.zeros((1, 75, 75, 3), jnp.float32))
+    inception.save_npz(variables, str(tmp_path / "inception.npz"))  # random weights: not FID
+    config = _eval_config(sd1_folder[0], tmp_path)
+    workdir = str(tmp_path / "eval")
+    results = evaluate.evaluate_pretrained(config, workdir, log=lambda line: None)
+    assert results["num_samples"] == 4 and np.isfinite(results["frechet_distance"])
+    assert 0.0 <= results["precision"] <= 1.0 and 0.0 <= results["recall"] <= 1.0
+    (written,) = [n for n in os.listdir(os.path.join(workdir, "eval"))
+                  if n.startswith("pretrained_")]
+    with open(os.path.join(workdir, "eval", written)) as f:
+        assert json.load(f)["settings"]["prompts"] == ["a blue square", "a red circle"]
+
+
+_EIGHT_DEVICES = """
+import sys
+import jax
+import numpy as np
+from diffusion_jax import parallel
+from diffusion_jax.pipelines import StableDiffusion
+
+assert jax.device_count() == 8
+latents = np.load(sys.argv[2])
+out = {}
+for name, (data, fsdp) in {"data8": (8, 1), "data4_fsdp2": (4, 2)}.items():
+    pipe = StableDiffusion.from_pretrained(sys.argv[1], mesh=parallel.make_mesh(data, fsdp),
+                                           fsdp=fsdp > 1)
+    leaf = pipe.models.unet_params["conv_in"]["kernel"]
+    assert len(leaf.sharding.device_set) == 8
+    out[name] = pipe(["a red circle", "a blue square"] * 4, num_steps=3, latents=latents)
+np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.mark.slow  # a subprocess with 8 simulated devices
+def test_eight_devices_generate_what_one_does(sd1_folder, tmp_path):
+    """The batch split over 8 simulated devices (data parallel, and 4 x 2 with fsdp parameters)
+    gives one device's images, up to float32 round-off of other reduction orders."""
+    import subprocess
+    import sys
+
+    folder, _ = sd1_folder
+    latents = np.random.default_rng(0).standard_normal((8, 16, 16, 4)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root,
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                         + " --xla_force_host_platform_device_count=8").strip()}
+    done = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(folder),
+                           str(tmp_path / "latents.npy"), str(tmp_path / "out.npz")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = StableDiffusion.from_pretrained(folder)(["a red circle", "a blue square"] * 4,
+                                                  num_steps=3, latents=latents)
+    for name, images in np.load(tmp_path / "out.npz").items():
+        error = float(np.abs(images - one).max())
+        print(f"{name}: max abs difference from one device {error:.2e}")
+        assert error < 1e-4, name

@@ -15,6 +15,7 @@ samplers instead. With a mesh the batch is split over its devices.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Sequence, Union
 
@@ -194,7 +195,7 @@ class StableDiffusion:
 
     def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key):
         models, plan = self.models, self.plan
-        sample_kwargs = dict(static.sample_kwargs)
+        sample_kwargs = _thaw(static.sample_kwargs)
         schedule = sample_kwargs.pop("schedule")
         cond = _encode(models, params["text_encoders"], ids)
         if static.guided:
@@ -223,35 +224,21 @@ class StableDiffusion:
 
 def _freeze(kwargs: dict) -> tuple:
     """Sampler keyword arguments as a hashable tuple (arrays as tuples of floats)."""
-    frozen = []
-    for name, value in sorted(kwargs.items()):
-        if isinstance(value, (np.ndarray, list, tuple)):
-            value = tuple(float(v) for v in np.asarray(value).reshape(-1))
-            frozen.append((name, ("array", value)))
-        elif isinstance(value, dict):
-            frozen.append((name, ("dict", tuple(sorted(value.items())))))
-        else:
-            frozen.append((name, value))
-    return tuple(frozen)
+    return tuple((name, ("array", tuple(float(v) for v in np.asarray(value).reshape(-1)))
+                  if isinstance(value, (np.ndarray, list, tuple)) else value)
+                 for name, value in sorted(kwargs.items()))
 
 
-class _Static(tuple):
+def _thaw(frozen: tuple) -> dict:
+    return {name: np.asarray(value[1]) if isinstance(value, tuple) and value[:1] == ("array",)
+            else value for name, value in frozen}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
     """The settings a compiled generation program is specialised on (hashable)."""
 
-    def __new__(cls, *, guided, zero_negative, rescale, sample_kwargs):
-        return super().__new__(cls, (guided, zero_negative, rescale, sample_kwargs))
-
-    guided = property(lambda self: self[0])
-    zero_negative = property(lambda self: self[1])
-    rescale = property(lambda self: self[2])
-
-    @property
-    def sample_kwargs(self):
-        items = {}
-        for name, value in self[3]:
-            if isinstance(value, tuple) and value and value[0] == "array":
-                value = np.asarray(value[1])
-            elif isinstance(value, tuple) and value and value[0] == "dict":
-                value = dict(value[1])
-            items[name] = value
-        return items
+    guided: bool
+    zero_negative: bool
+    rescale: float
+    sample_kwargs: tuple  # from _freeze
