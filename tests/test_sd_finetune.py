@@ -78,6 +78,7 @@ def test_first_parameters_are_the_folders_weights(folder):
     np.testing.assert_array_equal(null_tokens[0], pipe.tokenize([""])[0][0])
 
 
+@pytest.mark.slow  # two short training runs and sampling: about a minute
 def test_fine_tune_trains_resumes_and_samples(folder, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(_config(folder), workdir, log=lambda line: None)

@@ -14,7 +14,6 @@ attention projections are read under their current names (``to_q``, ``to_k``, ``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.autoencoder import AutoencoderKL
-from diffusion_jax.pretrained.weights import DictWeights, Source, WeightsFile, listed, load_tree
+from diffusion_jax.pretrained.weights import (DictWeights, Source, WeightsFile, listed, load_tree,
+                                              read_json_object)
 
 __all__ = ["autoencoder_from_config", "convert_state_dict", "load_vae", "CONFIG_NAME",
            "WEIGHTS_NAMES"]
@@ -153,14 +153,7 @@ def _read_config(folder: str) -> dict:
                 if os.path.isfile(os.path.join(folder, "vae", CONFIG_NAME)) else
                 " Pass the vae/ folder of a diffusers model, as written by save_pretrained.")
         raise FileNotFoundError(f"{path} does not exist.{hint}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore the file from the "
-                         "model's repository") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(path)
     class_name = config.get("_class_name")
     if class_name is not None and class_name != "AutoencoderKL":
         raise ValueError(f"{folder} holds a {class_name}, not an AutoencoderKL (config.json "

@@ -16,7 +16,6 @@ without it. Both are read.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.clip_text import ACTIVATIONS, CLIPTextTransformer
-from diffusion_jax.pretrained.weights import Source, WeightsFile, load_tree
+from diffusion_jax.pretrained.weights import Source, WeightsFile, load_tree, read_json_object
 
 __all__ = ["text_encoder_from_config", "load_text_encoder", "parameter_shapes", "CONFIG_NAME",
            "WEIGHTS_NAMES", "SHARDED_INDEX_NAME", "ARCHITECTURES"]
@@ -160,12 +159,7 @@ def _read_config(folder: str) -> dict:
                 " Pass the text_encoder/ (or text_encoder_2/) folder of a diffusers model, as "
                 "transformers' save_pretrained writes it.")
         raise FileNotFoundError(f"{path} does not exist.{hint}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore the file from the "
-                         "model's repository") from err
+    return read_json_object(path)
 
 
 def _check_position_ids(weights: WeightsFile, name: str, max_positions: int) -> None:

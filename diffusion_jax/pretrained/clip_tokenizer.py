@@ -16,11 +16,12 @@ neither does this one, so both give the same ids.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+
+from diffusion_jax.pretrained.weights import read_json_object
 
 __all__ = ["CLIPTokenizer", "CLIP_SPLIT_PATTERN", "DEFAULT_MAX_LENGTH"]
 
@@ -35,15 +36,6 @@ _UNSET_MAX_LENGTH = 10**18
 _DEFAULT_TOKENS = {"bos_token": ("<|startoftext|>", False), "eos_token": ("<|endoftext|>", False),
                    "pad_token": ("<|endoftext|>", False), "unk_token": ("<|endoftext|>", False)}
 _END_OF_WORD = "</w>"
-
-
-def _read_json(path: str, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore {what} from the model's "
-                         "repository") from err
 
 
 def _token_text(value: Any, key: str, path: str) -> tuple[str, bool]:
@@ -70,7 +62,7 @@ def _settings(folder: str) -> tuple[dict, Optional[int]]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        settings = _read_json(path, name)
+        settings = read_json_object(path)
         if not isinstance(settings, dict):
             raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not an object")
         for key in _DEFAULT_TOKENS:

@@ -51,7 +51,6 @@ schedules, trained betas and flow-matching schedulers are refused whatever the m
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, Optional
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import samplers, schedules
+from diffusion_jax.pretrained.weights import read_json_object
 
 __all__ = ["CONFIG_NAME", "SamplerPlan", "DiffusersTimesteps", "plan_from_config",
            "read_scheduler_config", "SCHEDULER_CLASSES"]
@@ -165,14 +165,7 @@ def read_scheduler_config(folder) -> dict:
         raise FileNotFoundError(
             f"no scheduler config at {path}: pass the model's scheduler/ folder, which holds "
             f"{CONFIG_NAME}")
-    try:
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 # --------------------------------------------------------------------------------------------

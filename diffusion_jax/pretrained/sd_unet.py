@@ -16,7 +16,6 @@ convolution projections (SD 1.x) and linear ones (SD 2.x, XL) both fill our Dens
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -27,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.unet import UNet
-from diffusion_jax.pretrained.weights import DictWeights, Source, WeightsFile, load_tree
+from diffusion_jax.pretrained.weights import (DictWeights, Source, WeightsFile, load_tree,
+                                              read_json_object)
 
 __all__ = ["unet_from_config", "load_unet", "convert_state_dict", "read_config",
            "UNET_CLASS", "WEIGHTS_NAMES", "SHARDED_INDEX_NAME"]
@@ -91,6 +91,17 @@ def _per_level(config, key, levels, default):
     return (int(value),) * levels
 
 
+def _same_for_every_level(config, key, default):
+    """A value diffusers allows per level, where this UNet needs one for all levels."""
+    value = config.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"UNet config {key}={list(value)}: different values per level "
+                             "are not supported")
+        value = value[0]
+    return value
+
+
 def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat: bool = False,
                      attention: str = "xla") -> UNet:
     """The :class:`UNet` a diffusers ``UNet2DConditionModel`` ``config.json`` describes.
@@ -127,23 +138,13 @@ def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat: bool =
     if up != mirrored:
         raise ValueError(f"UNet config up_block_types={up} must mirror down_block_types "
                          f"(expected {mirrored})")
-    layers = config.get("layers_per_block", 2)
-    if isinstance(layers, (list, tuple)):
-        if len(set(layers)) != 1:
-            raise ValueError(f"UNet config layers_per_block={list(layers)}: different counts "
-                             "per level are not supported")
-        layers = layers[0]
+    layers = _same_for_every_level(config, "layers_per_block", 2)
     # diffusers' "attention_head_dim" of these models is, by a historical misnomer, the number
     # of heads; num_attention_heads, where given, says so directly.
     heads = _per_level(config, "num_attention_heads", levels, None) or _per_level(
         config, "attention_head_dim", levels, 8)
     depth = _per_level(config, "transformer_layers_per_block", levels, 1)
-    context_dim = config.get("cross_attention_dim", 1280)
-    if isinstance(context_dim, (list, tuple)):
-        if len(set(context_dim)) != 1:
-            raise ValueError(f"UNet config cross_attention_dim={list(context_dim)}: different "
-                             "widths per level are not supported")
-        context_dim = context_dim[0]
+    context_dim = _same_for_every_level(config, "cross_attention_dim", 1280)
     groups = int(config.get("norm_num_groups", 32))
     if any(w % groups for w in widths):
         raise ValueError(f"UNet config block_out_channels={list(widths)} must be multiples of "
@@ -278,13 +279,7 @@ def read_config(folder, expected_class: str = UNET_CLASS) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; a diffusers component folder holds "
                                 "config.json beside its weights")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); download it again") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(path)
     found = config.get("_class_name", expected_class)
     if found != expected_class:
         raise ValueError(f"{path} describes a {found}, not a {expected_class}")

@@ -12,13 +12,13 @@ Kandinsky, ...) and folders with only pickle weights are refused, naming the fil
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
 import jax.numpy as jnp
 
 from diffusion_jax.pretrained import autoencoder_kl, clip_text, clip_tokenizer, scheduler, sd_unet
+from diffusion_jax.pretrained.weights import read_json_object
 
 __all__ = ["StableDiffusionModels", "load_stable_diffusion", "read_model_index", "PIPELINES",
            "describe_folder"]
@@ -80,13 +80,7 @@ def read_model_index(path) -> dict:
                 if os.path.isfile(os.path.join(path, "config.json")) else "")
         raise FileNotFoundError(f"{index_path} does not exist: a diffusers model folder holds "
                                 f"model_index.json beside unet/, vae/, text_encoder/, ...{hint}")
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{index_path} is not valid JSON ({err}); download it again") from err
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_path} holds a JSON {type(index).__name__}, not an object")
+    index = read_json_object(index_path)
     class_name = index.get("_class_name")
     if class_name not in PIPELINES:
         raise ValueError(

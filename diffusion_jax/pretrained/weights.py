@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["WeightsFile", "DictWeights", "Source", "torch_to_flax", "load_tree", "listed"]
+__all__ = ["WeightsFile", "DictWeights", "Source", "torch_to_flax", "load_tree", "listed",
+           "read_json_object"]
 
 _MAX_LISTED = 40  # names listed per kind of problem in an error message
 # safe_open memory-maps the file, and the pages a read touches stay in this process's resident
@@ -37,6 +38,21 @@ def listed(names) -> str:
     names = list(names)
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file ``path`` (a config, index or tokenizer file of a folder).
+
+    Malformed JSON, or JSON that is not an object, is a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); download it again from the "
+                         "model's repository") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 class WeightsFile:
