@@ -58,8 +58,8 @@ def check(config, schedule) -> None:
         raise ValueError(f"config.pretrained.path={path!r} holds a {index['_class_name']}; "
                          "training starts from StableDiffusionPipeline folders (SD 1.x, 2.x) "
                          "only so far (--mode=sample runs any supported folder)")
-    vae = os.path.normpath(_folder(path, "vae"))
-    if os.path.normpath(config.latent.autoencoder or ".") != vae:
+    vae = os.path.realpath(_folder(path, "vae"))
+    if os.path.realpath(config.latent.autoencoder or ".") != vae:
         raise ValueError(f"config.latent.autoencoder={config.latent.autoencoder!r}: a run from "
                          f"the pretrained folder works on its latents; set it to {vae!r}")
     plan = scheduler.plan_from_config(schedule_config, method="ddim")
@@ -92,7 +92,8 @@ def build_denoiser(config) -> CLIPConditioned:
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     unet = sd_unet.unet_from_config(unet_config, dtype=dtype, remat=config.model.remat,
                                     attention=config.model.attention)
-    encoder = clip_text.text_encoder_from_config(text_config, dtype=dtype)
+    encoder = clip_text.text_encoder_from_config(text_config, dtype=dtype,
+                                                 attention=config.model.attention)
     null = tuple(int(i) for i in tokenizer(config.pretrained.path)([""])[0])
     return CLIPConditioned(unet, encoder, null, freeze_text=config.text.freeze)
 

@@ -142,7 +142,7 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
                    # clipping adds a stage (their values may change on resuming, not these).
                    "optimizer": {"warmup": config.training.warmup_steps > 0,
                                  "clipping": config.training.grad_clip > 0}}
-    if configuration.is_text_model(config):
+    if configuration.is_text_model(config) and not config.pretrained.path:
         fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
     if config.pretrained.path:  # the folder's networks (their configs, not its location)
         fingerprint["pretrained"] = pretrained_runs.fingerprint(config.pretrained.path)

@@ -28,52 +28,64 @@ import jax.numpy as jnp  # noqa: E402
 import sd_folders  # noqa: E402
 from diffusion_jax.pipelines import StableDiffusion  # noqa: E402
 
-TOLERANCE = 2e-3
+# Images in [0, 1]: float32 round-off where our sampler reproduces the scheduler exactly (worst
+# seen 2.7e-6); the issue's bound where it approximates it (Karras sigmas: diffusers feeds the
+# network rounded timesteps, 1.6e-3 seen).
+EXACT, APPROXIMATE = 1e-5, 2e-3
 PROMPTS = ["a red circle, on blue!", "Ünïcode café — 東京 🙂 " + "very long " * 40]
 NEGATIVE = ["blurry", ""]
 
 
-def _diffusers_images(pipe, latents, family, steps=10, scale=7.5, negative=NEGATIVE,
-                      rescale=0.0):
+def _diffusers_images(pipe, latents, steps=10, scale=7.5, negative=NEGATIVE, rescale=0.0,
+                      size=None):
     generator = torch.Generator().manual_seed(0)
     kwargs = dict(prompt=PROMPTS, negative_prompt=negative, num_inference_steps=steps,
                   guidance_scale=scale, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
                   output_type="np", generator=generator, guidance_rescale=rescale)
+    if size is not None:
+        kwargs.update(height=size[0], width=size[1])
     with torch.no_grad():
         return pipe(**kwargs).images
 
 
-def _latents(pipe, seed=0):
-    size = pipe.unet.config.sample_size
-    return np.random.default_rng(seed).standard_normal((len(PROMPTS), size, size, 4)).astype(
-        np.float32)
+def _latents(pipe, seed=0, size=None):
+    height, width = size or (2 * pipe.unet.config.sample_size,) * 2
+    shape = (len(PROMPTS), height // 2, width // 2, 4)  # the tiny VAE halves the size
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 # One case per family and each default scheduler of the published folders (SD 1.5: PNDM, SD 2.1:
-# DDIM with v prediction, SDXL: Euler) plus DPM-Solver++ in the default suite; the other
-# combinations in the slow one.
-CASES = [("sd1", "pndm"), ("sd1", "dpmpp"), ("sd2", "ddim"), ("sdxl", "euler")] + [
+# DDIM with v prediction, SDXL: Euler, here non-square and without a negative prompt, so that
+# SDXL's zero negative conditioning and its (height, width) time ids are compared) plus
+# DPM-Solver++ in the default suite; the other combinations in the slow one.
+SDXL_NO_NEGATIVE = dict(negative=None, size=(32, 48))
+CASES = [("sd1", "pndm", {}), ("sd1", "dpmpp", {}), ("sd2", "ddim", {}),
+         ("sdxl", "euler", SDXL_NO_NEGATIVE)] + [
     pytest.param(*case, marks=pytest.mark.slow) for case in
-    [("sd1", "ddim"), ("sd1", "euler"), ("sd1", "dpmpp_karras"), ("sd2", "euler"),
-     ("sd2", "dpmpp"), ("sdxl", "dpmpp"), ("sdxl", "ddim")]]
+    [("sd1", "ddim", {}), ("sd1", "euler", {}), ("sd1", "dpmpp_karras", {}),
+     ("sd2", "euler", {}), ("sd2", "dpmpp", {}), ("sdxl", "euler", {}), ("sdxl", "dpmpp", {}),
+     ("sdxl", "ddim", {})]]
 
 
-@pytest.mark.parametrize("family, scheduler", CASES)
-def test_pipeline_matches_diffusers(tmp_path, family, scheduler):
+@pytest.mark.parametrize("family, scheduler, case", CASES)
+def test_pipeline_matches_diffusers(tmp_path, family, scheduler, case):
+    negative, size = case.get("negative", NEGATIVE), case.get("size")
     pipe = sd_folders.build(tmp_path / "model", family, scheduler)
-    latents = _latents(pipe)
-    theirs = _diffusers_images(pipe, latents, family)
+    latents = _latents(pipe, size=size)
+    theirs = _diffusers_images(pipe, latents, negative=negative, size=size)
     ours_pipe = StableDiffusion.from_pretrained(tmp_path / "model")
-    ours = ours_pipe(PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5,
-                     latents=latents, key=jax.random.key(0))
+    height, width = size or (None, None)
+    ours = ours_pipe(PROMPTS, negative_prompt=negative, num_steps=10, guidance_scale=7.5,
+                     latents=latents, key=jax.random.key(0), height=height, width=width)
     assert ours.shape == theirs.shape and ours.dtype == np.float32
     error = float(np.abs(ours - theirs).max())
-    print(f"{family} {scheduler}: max abs image difference {error:.2e}")
-    assert error <= TOLERANCE
+    print(f"{family} {scheduler} {case}: max abs image difference {error:.2e}")
+    assert error <= (APPROXIMATE if "karras" in scheduler else EXACT)
     # Not trivially equal: other latents give other images.
-    other = ours_pipe(PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5,
-                      latents=_latents(pipe, seed=1), key=jax.random.key(0))
-    assert np.abs(other - theirs).max() > 50 * TOLERANCE
+    other = ours_pipe(PROMPTS, negative_prompt=negative, num_steps=10, guidance_scale=7.5,
+                      latents=_latents(pipe, seed=1, size=size), key=jax.random.key(0),
+                      height=height, width=width)
+    assert np.abs(other - theirs).max() > 100 * EXACT
 
 
 @pytest.mark.slow
@@ -81,13 +93,13 @@ def test_guidance_rescale_matches_diffusers(tmp_path):
     """Lin et al.'s rescale acts on the model's own prediction (v here), as in diffusers."""
     pipe = sd_folders.build(tmp_path / "model", "sd2", "ddim")
     latents = _latents(pipe)
-    theirs = _diffusers_images(pipe, latents, "sd2", rescale=0.7)
+    theirs = _diffusers_images(pipe, latents, rescale=0.7)
     ours = StableDiffusion.from_pretrained(tmp_path / "model")(
         PROMPTS, negative_prompt=NEGATIVE, num_steps=10, guidance_scale=7.5, latents=latents,
         guidance_rescale=0.7)
     error = float(np.abs(ours - theirs).max())
     print(f"sd2 ddim, guidance rescale 0.7: max abs image difference {error:.2e}")
-    assert error <= TOLERANCE
+    assert error <= EXACT
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +274,31 @@ def test_eight_devices_generate_what_one_does(sd1_folder, tmp_path):
         error = float(np.abs(images - one).max())
         print(f"{name}: max abs difference from one device {error:.2e}")
         assert error < 1e-4, name
+
+
+def test_scheduler_options_keep_the_folders_plan_and_other_schedulers_need_a_method(
+        sd1_folder, tmp_path):
+    import json
+    import shutil
+
+    folder, _ = sd1_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    ddim = {**config, "_class_name": "DDIMScheduler", "set_alpha_to_one": False,
+            "clip_sample": False, "steps_offset": 1, "timestep_spacing": "leading"}
+    path.write_text(json.dumps(ddim))
+    pipe = StableDiffusion.from_pretrained(copy)
+    assert pipe.plan.sample_kwargs(3)["t_end"] > 0  # DDIM stops short of clean data
+    default = pipe("a cat", num_steps=3)
+    # An option of the folder's sampler keeps its plan (timesteps and final step) ...
+    np.testing.assert_array_equal(pipe("a cat", num_steps=3, eta=0.0), default)
+    # ... while naming the method replans: our ddim on the folder's spacing, ending clean.
+    assert np.abs(pipe("a cat", num_steps=3, method="ddim") - default).max() > 1e-4
+    path.write_text(json.dumps({**config, "_class_name": "LMSDiscreteScheduler"}))
+    pipe = StableDiffusion.from_pretrained(copy)
+    assert pipe.plan is None
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler.*pass method="):
+        pipe("a cat", num_steps=3)
+    assert pipe("a cat", num_steps=3, method="dpmpp_2m").shape == (1, 32, 32, 3)

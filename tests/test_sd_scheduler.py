@@ -288,6 +288,8 @@ EXACT = {
     "ddpm_leading": (DDPM, 10),
     "ddpm_trailing_v_zero_snr": ({**DDPM, **ZERO_SNR}, 10),
     "ddpm_fixed_small_log": ({**DDPM, "variance_type": "fixed_small_log"}, 10),
+    # 7 does not divide 1000: DDPM still steps to the next listed timestep, and ends clean.
+    "ddpm_trailing_7": ({**DDPM, "timestep_spacing": "trailing"}, 7),
     "heun_linspace": (HEUN, 10),
     "heun_leading": ({**HEUN, "timestep_spacing": "leading", "steps_offset": 1}, 10),
 }
@@ -555,3 +557,14 @@ def test_sampler_end_time_and_prior_scale():
         with pytest.raises(ValueError, match="t_end must lie between 0 and the last network"):
             samplers.sample(denoise, noise, schedule=sched, method="ddim", time_grid=grid,
                             t_end=bad)
+
+
+def test_ddim_ending_at_its_last_timestep_is_refused():
+    """DDIM with linspace spacing and set_alpha_to_one=False lists timestep 0 last and also
+    ends at alpha-bar_0, its states lagging its timesteps by more than a stride: refused, with
+    the spacings and method= that work instead."""
+    plan = scheduler_lib.plan_from_config({**SD21, "timestep_spacing": "linspace"})
+    with pytest.raises(ValueError, match="'leading' or 'trailing' spacing, or method="):
+        plan.sample_kwargs(10)
+    assert "t_end" not in scheduler_lib.plan_from_config(
+        {**SD21, "timestep_spacing": "linspace"}, method="ddim").sample_kwargs(10)

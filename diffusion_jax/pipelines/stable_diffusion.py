@@ -54,12 +54,20 @@ class StableDiffusion:
 
     Build it with :meth:`from_pretrained`. ``models`` holds the modules and parameters
     (:class:`~diffusion_jax.pretrained.stable_diffusion.StableDiffusionModels`); ``plan`` the
-    folder's scheduler mapped onto the library (:class:`~diffusion_jax.pretrained.scheduler.SamplerPlan`)."""
+    folder's scheduler mapped onto the library (:class:`~diffusion_jax.pretrained.scheduler.SamplerPlan`),
+    or None when the library does not reproduce that scheduler (then ``method=`` picks one of
+    its samplers for the folder's noise schedule, and ``plan_error`` says why)."""
 
     def __init__(self, models: StableDiffusionModels, mesh=None):
         self.models = models
         self.mesh = mesh
-        self.plan = scheduler_lib.plan_from_config(models.scheduler_config)
+        # The noise schedule and prediction target alone (any representable schedule has them).
+        self.base_plan = scheduler_lib.plan_from_config(models.scheduler_config, method="ddim")
+        try:
+            self.plan, self.plan_error = scheduler_lib.plan_from_config(
+                models.scheduler_config), None
+        except ValueError as err:
+            self.plan, self.plan_error = None, err
         self.force_zeros_for_empty_prompt = bool(
             models.index.get("force_zeros_for_empty_prompt", models.family == "sdxl"))
         self._programs = {}
@@ -152,12 +160,7 @@ class StableDiffusion:
                              f" channels; NHWC), got {latents.shape}")
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        plan = self.plan if method is None and grid is None and not sampler_options else \
-            scheduler_lib.plan_from_config(self.models.scheduler_config,
-                                           method=method or self.plan.method, grid=grid)
-        sample_kwargs = plan.sample_kwargs(int(num_steps))
-        if sampler_options:
-            sample_kwargs.update(sampler_options)
+        sample_kwargs = self._sample_kwargs(int(num_steps), method, grid, sampler_options)
         guided = float(guidance_scale) > 1.0
         ids = self.tokenize(prompts)
         negative_ids = None
@@ -169,14 +172,31 @@ class StableDiffusion:
         if self.models.family == "sdxl":
             row = [height, width, 0, 0, height, width]  # original size, crop offset, target size
             time_ids = jnp.asarray([row] * batch, jnp.float32)
-        program = self._program(_Static(
+        program = self._program(_Static(prediction=self.base_plan.prediction,
             guided=guided, zero_negative=zero_negative, rescale=float(guidance_rescale),
             sample_kwargs=_freeze(sample_kwargs)))
-        if self.mesh is not None and batch % self.mesh.devices.size == 0:
-            latents = jax.device_put(latents, parallel.batch_sharding(self.mesh))
         images = program(self.params, ids, negative_ids, time_ids, latents,
                          jnp.float32(guidance_scale), key_sampler)
-        return np.asarray(jax.device_get(images))
+        return parallel.to_host(images)
+
+    def _sample_kwargs(self, num_steps, method, grid, options):
+        """The keyword arguments of ``samplers.sample`` for one call.
+
+        The folder's scheduler (with ``options`` merged into its own), or the library's
+        ``method`` on the folder's spacing or ``grid``."""
+        if method is None:
+            if self.plan is None:
+                raise ValueError(f"{self.plan_error}; pass method= (one of "
+                                 f"{samplers.METHODS}) to sample this folder with one of the "
+                                 "library's samplers")
+            if grid is not None:
+                raise ValueError(f"grid={grid!r} needs method=: the folder's scheduler "
+                                 f"({self.plan.scheduler_class}) brings its own timesteps")
+            kwargs = self.plan.sample_kwargs(num_steps)
+        else:
+            kwargs = scheduler_lib.plan_from_config(
+                self.models.scheduler_config, method=method, grid=grid).sample_kwargs(num_steps)
+        return {**kwargs, **options}
 
     def _negatives(self, negative_prompt, batch):
         if negative_prompt is None:
@@ -194,7 +214,7 @@ class StableDiffusion:
         return self._programs[static]
 
     def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key):
-        models, plan = self.models, self.plan
+        models = self.models
         sample_kwargs = _thaw(static.sample_kwargs)
         schedule = sample_kwargs.pop("schedule")
         cond = _encode(models, params["text_encoders"], ids)
@@ -206,11 +226,11 @@ class StableDiffusion:
             if static.guided:
                 uncond["time_ids"] = time_ids
         unet = jax.tree_util.Partial(functools.partial(_apply_unet, models.unet), params["unet"])
-        denoise = parameterization.make_denoise_fn(unet, schedule, plan.prediction)
+        denoise = parameterization.make_denoise_fn(unet, schedule, static.prediction)
         if static.guided:
             fn = guidance.classifier_free_guidance(
                 denoise, cond=cond, uncond=uncond, scale=scale, rescale=static.rescale,
-                rescale_space=plan.prediction, schedule=schedule)
+                rescale_space=static.prediction, schedule=schedule)
         else:
             fn = jax.tree_util.Partial(lambda d, c, x, t: d(x, t, c), denoise, cond)
         if self.mesh is not None and latents.shape[0] % self.mesh.devices.size == 0:
@@ -238,6 +258,7 @@ def _thaw(frozen: tuple) -> dict:
 class _Static:
     """The settings a compiled generation program is specialised on (hashable)."""
 
+    prediction: str
     guided: bool
     zero_negative: bool
     rescale: float

@@ -90,7 +90,8 @@ def _config_value(config: Mapping[str, Any], key: str, where: str):
 
 
 def text_encoder_from_config(config: Mapping[str, Any], dtype=jnp.float32, *,
-                             where: str = "config.json") -> CLIPTextTransformer:
+                             where: str = "config.json",
+                             attention: str = "xla") -> CLIPTextTransformer:
     """The :class:`CLIPTextTransformer` a transformers CLIP text ``config.json`` describes.
 
     ``architectures`` must be ["CLIPTextModel"] or ["CLIPTextModelWithProjection"] (the latter
@@ -131,7 +132,8 @@ def text_encoder_from_config(config: Mapping[str, Any], dtype=jnp.float32, *,
                 or projection_dim < 1:
             raise ValueError(f"{where}: projection_dim={projection_dim!r} must be a positive "
                              "integer")
-    return CLIPTextTransformer(**fields, projection_dim=projection_dim, dtype=dtype)
+    return CLIPTextTransformer(**fields, projection_dim=projection_dim, dtype=dtype,
+                               attention=attention)
 
 
 def parameter_shapes(module: CLIPTextTransformer) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -183,7 +185,8 @@ def _describe(module: CLIPTextTransformer, folder: str) -> str:
             f"max_position_embeddings={module.max_positions}{projection})")
 
 
-def load_text_encoder(folder, dtype=jnp.float32, param_dtype=jnp.float32, sharding_for=None):
+def load_text_encoder(folder, dtype=jnp.float32, param_dtype=jnp.float32, sharding_for=None,
+                      attention: str = "xla"):
     """Loads a transformers CLIP text-encoder folder: ``(module, params, config)``.
 
     ``dtype`` is the module's computation dtype and ``param_dtype`` the parameters' (float32;
@@ -199,7 +202,8 @@ def load_text_encoder(folder, dtype=jnp.float32, param_dtype=jnp.float32, shardi
                                 "a diffusers model (config.json + model.safetensors)")
     config = _read_config(folder)
     module = text_encoder_from_config(config, dtype=dtype,
-                                      where=os.path.join(folder, CONFIG_NAME))
+                                      where=os.path.join(folder, CONFIG_NAME),
+                                      attention=attention)
     weights = WeightsFile.in_folder(folder, WEIGHTS_NAMES, SHARDED_INDEX_NAME,
                                     what="the CLIP text encoder")
     params = convert(weights, module, what=_describe(module, folder), dtype=param_dtype,

@@ -196,6 +196,8 @@ class DiffusersTimesteps:
     spacing, steps_offset: diffusers' ``timestep_spacing`` and ``steps_offset`` (leading only).
     karras: Karras sigmas (``use_karras_sigmas``).
     final_alpha_bar_one: the stride family's ``set_alpha_to_one``.
+    follows_listed: each step goes to the next listed timestep and the last to clean data
+        (DDPMScheduler), instead of a stride of T // N (DDIM, PNDM).
     start_at_sigma_max: the first state is ``init_noise_sigma = sigmabar_0`` times the noise in
         xbar = x / alpha (Euler-type schedulers with linspace or trailing spacing), not unit noise.
     terminal_alpha_bar: alpha-bar the scheduler uses at the last training timestep in place of 0.
@@ -207,6 +209,7 @@ class DiffusersTimesteps:
     steps_offset: int = 0
     karras: bool = False
     final_alpha_bar_one: bool = True
+    follows_listed: bool = False
     start_at_sigma_max: bool = False
     terminal_alpha_bar: Optional[float] = None
     last_timestep: Optional[int] = None
@@ -258,6 +261,8 @@ class DiffusersTimesteps:
         big_t = schedule.num_timesteps
         if self.family == "stride":
             k = self.timesteps(num_steps, big_t)
+            if self.follows_listed:
+                return (k + 1) / big_t, None, None
             after_last = k[-1] - big_t // int(num_steps)
             if after_last >= 0:
                 t_end = (after_last + 1) / big_t
@@ -329,6 +334,15 @@ class SamplerPlan:
             return {**kwargs, "num_steps": int(num_steps), "grid": self.grid}
         times, t_end, prior_scale = self.timesteps.grid(self.schedule, num_steps)
         kwargs["time_grid"] = times
+        if self.follows_scheduler and t_end is not None and t_end >= times[-1]:
+            # diffusers lists timestep 0 last and also ends there (set_alpha_to_one=False with
+            # linspace spacing): its states lag its timesteps by more than a stride, which no
+            # time grid of ours reproduces.
+            raise ValueError(
+                f"{self.scheduler_class}'s last timestep (0) is also where it ends "
+                f"(set_alpha_to_one=False with timestep_spacing={self.timesteps.spacing!r} at "
+                f"{int(num_steps)} steps): diffusion_jax does not reproduce that; use 'leading' "
+                "or 'trailing' spacing, or method= for one of its samplers")
         if self.follows_scheduler and t_end is not None:
             kwargs["t_end"] = t_end
         if self.follows_scheduler and prior_scale is not None:
@@ -457,6 +471,7 @@ def _timesteps(config, class_name, record, schedule):
                     and _value(config, record, "use_karras_sigmas")),
         final_alpha_bar_one=bool(_value(config, record, "set_alpha_to_one")
                                  if "set_alpha_to_one" in record.keys else True),
+        follows_listed=class_name == "DDPMScheduler",
         start_at_sigma_max=record.family == "sigma" and spacing != "leading",
         terminal_alpha_bar=_ZERO_SNR_STAND_IN if record.zero_snr_stand_in else None,
         last_timestep=_last_timestep(config, record, schedule))

@@ -145,7 +145,7 @@ def load_stable_diffusion(path, *, dtype=jnp.float32, param_dtype=None, sharding
         if "text_encoder" + suffix in needed and "text_encoder" + suffix in wanted:
             module, params, _ = clip_text.load_text_encoder(
                 folder("text_encoder" + suffix), dtype=dtype, param_dtype=param_dtype,
-                sharding_for=sharding_for)
+                sharding_for=sharding_for, attention=attention)
             encoders.append(module)
             encoder_params.append(params)
         if "tokenizer" + suffix in needed and "tokenizer" + suffix in wanted:
