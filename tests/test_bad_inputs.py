@@ -391,14 +391,20 @@ def test_a_second_signal_ends_the_process_at_once(monkeypatch, capsys):
 
     sent = []
     monkeypatch.setattr(train.os, "kill", lambda pid, signum: sent.append((pid, signum)))
-    with train._StopSignals() as signals:
-        signals._handle(signal_lib.SIGINT, None)
-        assert signals.requested(True) and not sent
-        signals._handle(signal_lib.SIGINT, None)
-        assert sent == [(os.getpid(), signal_lib.SIGINT)]
-        assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.SIG_DFL
-    assert "exiting without waiting for the save" in capsys.readouterr().err
-    assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.default_int_handler
+    # Start from Python's own handler, whatever an earlier test in this worker process left
+    # installed (one run in three of the parallel suite found SIGINT ignored here).
+    outside = signal_lib.signal(signal_lib.SIGINT, signal_lib.default_int_handler)
+    try:
+        with train._StopSignals() as signals:
+            signals._handle(signal_lib.SIGINT, None)
+            assert signals.requested(True) and not sent
+            signals._handle(signal_lib.SIGINT, None)
+            assert sent == [(os.getpid(), signal_lib.SIGINT)]
+            assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.SIG_DFL
+        assert "exiting without waiting for the save" in capsys.readouterr().err
+        assert signal_lib.getsignal(signal_lib.SIGINT) is signal_lib.default_int_handler
+    finally:
+        signal_lib.signal(signal_lib.SIGINT, outside)
 
 
 # --------------------------------------------------------------------------------------------
