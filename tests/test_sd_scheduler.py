@@ -568,3 +568,12 @@ def test_ddim_ending_at_its_last_timestep_is_refused():
         plan.sample_kwargs(10)
     assert "t_end" not in scheduler_lib.plan_from_config(
         {**SD21, "timestep_spacing": "linspace"}, method="ddim").sample_kwargs(10)
+
+
+def test_unknown_keys_are_refused_only_when_the_schedulers_own_steps_are_reproduced():
+    config = {**SD21, "a_future_option": True}
+    with pytest.raises(ValueError, match=r"keys \['a_future_option'\].*not known"):
+        scheduler_lib.plan_from_config(config)
+    plan = scheduler_lib.plan_from_config(config, method="dpmpp_2m")
+    assert plan.method == "dpmpp_2m" and plan.prediction == "v"
+

@@ -385,7 +385,9 @@ def _check_keys(config, class_name, record, *, update_rule, timesteps):
 
     ``update_rule``: the plan follows the scheduler's steps; ``timesteps``: its timesteps."""
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _KNOWN_KEYS)
-    if unknown and record is not _OTHER_BETAS_CLASS:
+    # Only the scheduler's own update rule could depend on a key we do not know; with another
+    # sampler chosen, its betas and prediction type are all that is read.
+    if unknown and record is not _OTHER_BETAS_CLASS and update_rule:
         raise ValueError(f"scheduler config keys {unknown} ({class_name}) are not known to "
                          "diffusion_jax; remove them if they do not change sampling")
     if timesteps and _value(config, record, "timestep_spacing") not in _SPACINGS:
