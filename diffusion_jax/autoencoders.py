@@ -149,11 +149,10 @@ def describe(path: str, dtype: str = "float32") -> AutoencoderSource:
             autoencoder = diffusers_vae.autoencoder_from_config(raw, dtype=_dtype(dtype))
         except ValueError as err:
             raise configuration.ConfigError(f"{where}: {err}") from err
-        for key in ("latents_mean", "latents_std"):
-            if raw.get(key) is not None:
-                raise configuration.ConfigError(
-                    f"{where}: its config.json normalises latents per channel ({key}), which "
-                    "diffusion_jax does not support yet; use an autoencoder without it")
+        try:
+            diffusers_vae.check_plain_latents(raw, where)
+        except ValueError as err:
+            raise configuration.ConfigError(str(err)) from err
         # A config without scaling_factor means diffusers' default, as diffusers reads it.
         return AutoencoderSource(path, "diffusers", autoencoder, raw,
                                  raw.get("scaling_factor", 0.18215), raw.get("shift_factor"))

@@ -302,3 +302,20 @@ def test_scheduler_options_keep_the_folders_plan_and_other_schedulers_need_a_met
     with pytest.raises(ValueError, match="LMSDiscreteScheduler.*pass method="):
         pipe("a cat", num_steps=3)
     assert pipe("a cat", num_steps=3, method="dpmpp_2m").shape == (1, 32, 32, 3)
+
+
+def test_a_vae_normalising_latents_per_channel_is_refused(sd1_folder, tmp_path):
+    import json
+    import shutil
+
+    from diffusion_jax import autoencoders, configuration
+
+    folder, _ = sd1_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = copy / "vae" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "latents_mean": [0.0] * 4}))
+    with pytest.raises(ValueError, match=r"normalises latents per channel \(latents_mean\)"):
+        StableDiffusion.from_pretrained(copy)
+    with pytest.raises(configuration.ConfigError, match="normalises latents per channel"):
+        autoencoders.describe(str(copy / "vae"))

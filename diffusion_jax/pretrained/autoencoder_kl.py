@@ -161,6 +161,23 @@ def _read_config(folder: str) -> dict:
     return config
 
 
+def check_plain_latents(config: Mapping[str, Any], where: str) -> None:
+    """Refuse a vae config that normalises latents per channel (``latents_mean`` / ``_std``).
+
+    Only ``scaling_factor`` and ``shift_factor`` are applied to latents in diffusion_jax; a
+    ValueError naming ``where`` says so before anything is loaded."""
+    for key in ("latents_mean", "latents_std"):
+        if config.get(key) is not None:
+            raise ValueError(f"{where}: its config.json normalises latents per channel ({key}), "
+                             "which diffusion_jax does not support yet; only scaling_factor and "
+                             "shift_factor are applied")
+
+
+def read_config(folder) -> dict:
+    """A ``vae/`` folder's ``config.json``, checked to be an AutoencoderKL's."""
+    return _read_config(os.fspath(folder))
+
+
 def load_vae(folder: str, dtype=jnp.float32, param_dtype=jnp.float32, sharding_for=None):
     """Loads a diffusers ``vae/`` folder: (module, params, info).
 

@@ -138,11 +138,8 @@ def load_stable_diffusion(path, *, dtype=jnp.float32, param_dtype=None, sharding
             folder("unet"), dtype=dtype, param_dtype=param_dtype, sharding_for=sharding_for,
             attention=attention)
     if "vae" in wanted:
-        vae_config = sd_unet.read_config(folder("vae"), "AutoencoderKL")
-        if vae_config.get("latents_mean") is not None or vae_config.get("latents_std") is not None:
-            raise ValueError(f"{folder('vae')}/config.json sets latents_mean / latents_std "
-                             "(per-channel latent normalisation), which diffusion_jax does not "
-                             "apply yet; only scaling_factor and shift_factor are supported")
+        autoencoder_kl.check_plain_latents(autoencoder_kl.read_config(folder("vae")),
+                                           folder("vae"))
         vae, vae_params, vae_info = autoencoder_kl.load_vae(
             folder("vae"), dtype=dtype, param_dtype=param_dtype, sharding_for=sharding_for)
     encoders, encoder_params, tokenizers = [], [], []
