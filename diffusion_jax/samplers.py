@@ -43,8 +43,8 @@ from diffusion_jax import schedules as schedules_lib
 from diffusion_jax import time_grids
 from diffusion_jax.time_grids import GRIDS, time_grid  # re-exported: part of this module's API
 
-__all__ = ["METHODS", "METHODS_TABLE", "Method", "GRIDS", "SampleResult", "sample", "time_grid",
-           "number_of_evaluations"]
+__all__ = ["METHODS", "METHODS_TABLE", "Method", "GRIDS", "SampleResult", "KnownRegion", "sample",
+           "time_grid", "number_of_evaluations", "jump_schedule"]
 
 class SampleResult(NamedTuple):
     """What :func:`sample` returns.
@@ -65,6 +65,26 @@ class SampleResult(NamedTuple):
     trajectory: Optional[jax.Array] = None
 
 
+class KnownRegion(NamedTuple):
+    """The part of the sample that is given: what inpainting keeps (Lugmayr et al. 2022).
+
+    After every step to time t' the sampler puts ``keep * (alpha(t') x0 + sigma(t') z) + (1 -
+    keep) * x`` in place of its state x, and after the last step ``keep * x0 + (1 - keep) * x``,
+    so where ``keep`` is 1 the output is ``x0`` exactly.
+
+    x0: the clean data in the sampler's space (pixels, or latents), shaped like the noise.
+    keep: 1 where ``x0`` is kept, 0 where the sampler paints; broadcastable to ``x0``
+        (e.g. [batch, height, width, 1]); values in between blend.
+    noise: the standard normal z of the known region's forward-noised copies. None draws it
+        afresh at every step (RePaint; then ``sample`` needs ``key``); an array (e.g. the
+        sampler's initial noise, as diffusers' inpainting pipelines do) uses it at every step.
+    """
+
+    x0: jax.Array
+    keep: jax.Array
+    noise: Optional[jax.Array] = None
+
+
 # --------------------------------------------------------------------------------------------
 # What every step function may use.
 # --------------------------------------------------------------------------------------------
@@ -80,6 +100,8 @@ class _Static:
     options: tuple
     return_trajectory: bool
     output_dtype: Any
+    known: Optional[str] = None  # None, "fresh" or "fixed" (KnownRegion.noise given)
+    jumps: bool = False  # the op sequence has RePaint's renoising jumps
 
 
 class _Run(NamedTuple):
@@ -302,15 +324,28 @@ METHODS = tuple(METHODS_TABLE)
 # --------------------------------------------------------------------------------------------
 
 
-def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
-    """The frame every method shares: the grid's coefficients, then one lax.scan of its step."""
+def _renoise(x, s, z):
+    """Forward-noise the state from the op's start (less noise) to its end (more noise).
+
+    q(x_a | x_b) of the schedule: x_a = (alpha_a / alpha_b) x_b + sigma_a sqrt(1 - e^(lambda_a -
+    lambda_b)) z, the jump back of RePaint (Lugmayr et al. 2022, Algorithm 1, line 9 over several
+    steps at once)."""
+    ratio = s["alpha_next"] / s["alpha"]
+    return ratio * x + s["sigma_next"] * _fresh_noise_fraction(s["logsnr_next"], s["logsnr"]) * z
+
+
+def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays, known):
+    """The frame every method shares: the grid's coefficients, then one lax.scan of its step.
+
+    The scan runs over "ops": the N steps of the grid in order, or, with resampling jumps, the
+    steps interleaved with jumps back up the grid (``ops``: [from index, to index] per op)."""
     method, schedule = METHODS_TABLE[static.method], static.schedule
     options = dict(static.options)
     denoise_fn = static.denoise_fn or dynamic_denoise_fn
     # The state and the grid coefficients stay in at least float32 even for bfloat16 noise.
     dtype = jnp.promote_types(noise.dtype, jnp.float32)
     noise = noise.astype(dtype)
-    times, flags, prior_scale = grid_arrays
+    times, flags, prior_scale, ops = grid_arrays
     num_steps = times.shape[0] - 1
     t, alpha, sigma, logsnr = _grid_coefficients(schedule, times, dtype)
     if prior_scale is None:
@@ -327,14 +362,43 @@ def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays):
             )
         return x0_hat.astype(dtype)
 
-    keys = jax.random.split(key, num_steps) if key is not None else jnp.zeros((num_steps,))
-    per_step = {"flag": flags, "key": keys}
+    num_ops = ops.shape[0]
+    keys = jax.random.split(key, num_ops) if key is not None else jnp.zeros((num_ops,))
+    start, end = ops[:, 0], ops[:, 1]
+    step_index = jnp.minimum(start, end)  # a jump's flag is never read
+    per_step = {"flag": flags[step_index], "key": keys}
     for name, values in (("t", t), ("alpha", alpha), ("sigma", sigma), ("logsnr", logsnr)):
-        per_step[name], per_step[name + "_next"] = values[:-1], values[1:]
+        per_step[name], per_step[name + "_next"] = values[start], values[end]
+    if static.known is not None:
+        last = end == num_steps  # the final step: the known region is x0 itself
+        per_step["known_alpha"] = jnp.where(last, 1.0, per_step["alpha_next"]).astype(dtype)
+        per_step["known_sigma"] = jnp.where(last, 0.0, per_step["sigma_next"]).astype(dtype)
+    if static.jumps or static.known == "fresh":
+        per_step["extra_key"] = jax.random.split(jax.random.fold_in(key, 1), num_ops)
+    if static.jumps:
+        per_step["jump"] = end < start
     run = _Run(evaluate, options, method.is_stochastic(options), num_steps, schedule, dtype)
 
-    def body(carry, s):
+    def step(carry, s):
         carry = method.step(run, carry, s)
+        if static.known is None:
+            return carry
+        x0 = known.x0.astype(dtype)
+        keep = known.keep.astype(dtype)
+        z = (known.noise.astype(dtype) if static.known == "fixed"
+             else jax.random.normal(s["extra_key"], x0.shape, dtype))
+        x_known = s["known_alpha"] * x0 + s["known_sigma"] * z
+        return (keep * x_known + (1 - keep) * carry[0],) + tuple(carry[1:])
+
+    def body(carry, s):
+        if static.jumps:
+            carry = jax.lax.cond(
+                s["jump"],
+                lambda c: (_renoise(c[0], s, jax.random.normal(
+                    jax.random.fold_in(s["extra_key"], 1), c[0].shape, dtype)),),
+                lambda c: step(c, s), carry)
+        else:
+            carry = step(carry, s)
         return carry, carry[0]
 
     final, path = jax.lax.scan(body, method.init(x_init, options), per_step)
@@ -406,6 +470,34 @@ def _network_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap
     return times
 
 
+def jump_schedule(num_steps: int, jump_length: int, jump_n_sample: int) -> np.ndarray:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, Sec. 4.2) as ops [from, to] on the grid.
+
+    Step i goes from grid index i to i + 1. After a step that leaves r > 0 steps to go, with r a
+    multiple of ``jump_length`` and at least ``jump_length`` steps done, the state is
+    forward-noised back ``jump_length`` indices and those steps are run again, until the stretch
+    has been run ``jump_n_sample`` times in all; then sampling goes on down the grid. With
+    ``jump_n_sample = 1`` this is the plain grid, one op per step."""
+    if int(jump_length) != jump_length or jump_length < 1:
+        raise ValueError(f"jump_length must be a positive integer, got {jump_length!r}")
+    if int(jump_n_sample) != jump_n_sample or jump_n_sample < 1:
+        raise ValueError(f"jump_n_sample must be a positive integer (1: no resampling), got "
+                         f"{jump_n_sample!r}")
+    ops, index, left = [], 0, {}
+    while index < num_steps:
+        ops.append((index, index + 1))
+        index += 1
+        remaining = num_steps - index
+        if jump_n_sample > 1 and remaining > 0 and remaining % jump_length == 0 \
+                and index >= jump_length:
+            left.setdefault(index, jump_n_sample - 1)
+            if left[index] > 0:
+                left[index] -= 1
+                ops.append((index, index - jump_length))
+                index -= jump_length
+    return np.asarray(ops, np.int32).reshape(-1, 2)
+
+
 def number_of_evaluations(method, times, schedule, **options) -> int:
     """Denoiser evaluations per sample for ``method`` (with ``options``) on the grid ``times``."""
     record, merged = _method_and_options(method, options)
@@ -429,6 +521,9 @@ def sample(
     snap: Optional[bool] = None,
     t_end: Optional[float] = None,
     prior_scale: Optional[float] = None,
+    known: Optional[KnownRegion] = None,
+    jump_length: int = 10,
+    jump_n_sample: int = 1,
     return_trajectory: bool = False,
     **options,
 ) -> SampleResult:
@@ -460,7 +555,17 @@ def sample(
         the method's final step (first order for the multistep methods, no Heun correction).
       prior_scale: the first state is ``prior_scale * noise``; by default the schedule's
         sqrt(alpha(t_0)^2 + sigma(t_0)^2), the spread of data of unit variance noised to t_0.
-      return_trajectory: also return every intermediate state.
+        Image-to-image passes the forward-noised input as ``noise`` with ``prior_scale=1``
+        (see :mod:`diffusion_jax.editing`).
+      known: a :class:`KnownRegion` to keep (inpainting): after each step its forward-noised
+        copy replaces the state where ``known.keep`` is 1, and after the last step ``known.x0``
+        itself does.
+      jump_length, jump_n_sample: RePaint's resampling (:func:`jump_schedule`): every
+        ``jump_length`` steps the state is noised back that many steps and they are run again,
+        ``jump_n_sample`` times in all (1: no resampling). Only for the methods that keep no
+        history between steps (ddpm, ddim, euler, euler_ancestral, heun); needs ``key``.
+      return_trajectory: also return every intermediate state (one per op: with resampling
+        jumps, the jumps' states too).
 
     Returns:
       A :class:`SampleResult` (samples, nfe, times, trajectory).
@@ -474,10 +579,26 @@ def sample(
             f"of shape {noise.shape}"
         )
     times = _sample_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap, t_end)
-    if not record.is_stochastic(merged):
+    ops = jump_schedule(len(times) - 1, jump_length, jump_n_sample)
+    jumps = bool(np.any(ops[:, 1] < ops[:, 0]))
+    if jumps and len(record.init(jnp.zeros(()), merged)) > 1:
+        raise ValueError(
+            f"resampling jumps (jump_n_sample={jump_n_sample}) need a sampler that keeps no "
+            f"history between steps; {method!r} does. Use one of ddpm, ddim, euler, "
+            "euler_ancestral, heun")
+    known_mode = None
+    if known is not None:
+        known = _check_known(known, noise)
+        known_mode = "fresh" if known.noise is None else "fixed"
+    needs_key = record.is_stochastic(merged) or jumps or known_mode == "fresh"
+    if not needs_key:
         key = None
     elif key is None:
-        raise ValueError(f"sampler {method!r} with options {merged} is stochastic: pass key=")
+        why = (f"sampler {method!r} with options {merged} is stochastic"
+               if record.is_stochastic(merged) else
+               "resampling jumps draw noise" if jumps else
+               "a known region without fixed noise draws fresh noise at each step")
+        raise ValueError(f"{why}: pass key=")
     flags = _step_flags(record, merged, times, schedule)
     # A jax.tree_util.Partial travels as data (its leaves, e.g. parameters, are jit arguments),
     # so new parameters reuse the compiled program; any other callable is part of the program.
@@ -489,11 +610,36 @@ def sample(
         options=tuple(sorted(merged.items())),
         return_trajectory=bool(return_trajectory),
         output_dtype=jnp.dtype(noise.dtype),
+        known=known_mode,
+        jumps=jumps,
     )
     time_dtype = jnp.promote_types(noise.dtype, jnp.float32)
     scale = None if prior_scale is None else jnp.asarray(prior_scale, time_dtype)
     samples, trajectory = _sample_jit(
-        static, dynamic_fn, noise, key, (jnp.asarray(times, time_dtype), jnp.asarray(flags), scale)
-    )
-    return SampleResult(samples, record.evaluations(flags), times, trajectory)
+        static, dynamic_fn, noise, key,
+        (jnp.asarray(times, time_dtype), jnp.asarray(flags), scale, jnp.asarray(ops)), known)
+    steps = ops[ops[:, 1] > ops[:, 0], 0]
+    return SampleResult(samples, record.evaluations(flags[steps]), times, trajectory)
+
+
+def _check_known(known: KnownRegion, noise) -> KnownRegion:
+    """The known region as arrays, with shapes checked against the noise."""
+    if not isinstance(known, KnownRegion):
+        raise ValueError(f"known must be a samplers.KnownRegion, got {type(known).__name__}")
+    x0, keep = jnp.asarray(known.x0), jnp.asarray(known.keep)
+    if x0.shape != noise.shape:
+        raise ValueError(f"known.x0 has shape {x0.shape}; it must be shaped like the noise "
+                         f"{noise.shape}")
+    try:
+        jnp.broadcast_shapes(keep.shape, x0.shape)
+    except ValueError:
+        raise ValueError(f"known.keep of shape {keep.shape} does not broadcast to the data's "
+                         f"shape {x0.shape}") from None
+    fixed = None
+    if known.noise is not None:
+        fixed = jnp.asarray(known.noise)
+        if fixed.shape != noise.shape:
+            raise ValueError(f"known.noise has shape {fixed.shape}; it must be shaped like the "
+                             f"noise {noise.shape}")
+    return KnownRegion(x0, keep, fixed)
 

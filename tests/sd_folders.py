@@ -71,8 +71,11 @@ def _text_encoder(transformers, vocab, pad_id, hidden, act, projection=None):
     return _perturb(cls(config).eval())
 
 
-def build(folder, family="sd1", scheduler="ddim", seed=0):
-    """Write a tiny ``family`` folder with ``scheduler``; return the diffusers pipeline."""
+def build(folder, family="sd1", scheduler="ddim", seed=0, inpainting=False):
+    """Write a tiny ``family`` folder with ``scheduler``; return the diffusers pipeline.
+
+    ``inpainting``: an inpainting checkpoint (UNet of 9 input channels, saved as diffusers'
+    inpainting pipeline)."""
     import diffusers
     import transformers
 
@@ -91,7 +94,7 @@ def build(folder, family="sd1", scheduler="ddim", seed=0):
     prediction = "v_prediction" if family == "sd2" else "epsilon"
     sched = getattr(diffusers, class_name)(**SD_BETAS, prediction_type=prediction, **overrides)
     common = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                  norm_num_groups=8)
+                  norm_num_groups=8, in_channels=9 if inpainting else 4)
     if family in ("sd1", "sd2"):
         unet = _perturb(diffusers.UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -100,7 +103,9 @@ def build(folder, family="sd1", scheduler="ddim", seed=0):
             use_linear_projection=family == "sd2", **common).eval())
         encoder = _text_encoder(transformers, vocab, vocab[pad], 32,
                                 "quick_gelu" if family == "sd1" else "gelu")
-        pipe = diffusers.StableDiffusionPipeline(
+        pipeline_class = (diffusers.StableDiffusionInpaintPipeline if inpainting
+                          else diffusers.StableDiffusionPipeline)
+        pipe = pipeline_class(
             unet=unet, vae=vae, text_encoder=encoder, tokenizer=tokenizer, scheduler=sched,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
@@ -113,7 +118,9 @@ def build(folder, family="sd1", scheduler="ddim", seed=0):
             **common).eval())
         encoder = _text_encoder(transformers, vocab, vocab[pad], 32, "quick_gelu")
         encoder_2 = _text_encoder(transformers, vocab, vocab[pad], 48, "gelu", projection=24)
-        pipe = diffusers.StableDiffusionXLPipeline(
+        pipeline_class = (diffusers.StableDiffusionXLInpaintPipeline if inpainting
+                          else diffusers.StableDiffusionXLPipeline)
+        pipe = pipeline_class(
             unet=unet, vae=vae, text_encoder=encoder, text_encoder_2=encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)

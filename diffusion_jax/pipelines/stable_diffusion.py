@@ -1,8 +1,12 @@
-"""Text-to-image with pretrained Stable Diffusion models (1.x, 2.x, XL base) in JAX.
+"""Pretrained Stable Diffusion models (1.x, 2.x, XL base) in JAX: text-to-image and editing.
 
 ``pipe = StableDiffusion.from_pretrained(path, dtype=jnp.bfloat16)`` loads a diffusers folder;
 ``pipe(prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, method=None, ...)``
 returns float images in [0, 1], NHWC numpy, as diffusers' pipelines with ``output_type="np"``.
+``pipe.img2img(prompt, image, strength=0.8, ...)`` and ``pipe.inpaint(prompt, image, mask, ...)``
+edit images (:mod:`diffusion_jax.editing`): with an inpainting checkpoint (a UNet of 9 input
+channels) as diffusers' ``StableDiffusionInpaintPipeline`` does, with any other by keeping the
+unmasked latents (RePaint).
 
 One call is one compiled program per (batch, size, sampler settings): the prompts are encoded,
 the sampler's ``lax.scan`` runs with classifier-free guidance as one batched UNet call per step
@@ -17,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import guidance, parallel, parameterization, samplers
+from diffusion_jax import editing, guidance, parallel, parameterization, samplers
 from diffusion_jax.pretrained import scheduler as scheduler_lib
 from diffusion_jax.pretrained.stable_diffusion import StableDiffusionModels, load_stable_diffusion
 
@@ -31,6 +36,8 @@ __all__ = ["StableDiffusion"]
 
 
 def _apply_unet(unet, params, x, t, cond):
+    if "concat" in cond:  # an inpainting UNet's extra input channels: mask, masked latents
+        x = jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)
     return unet.apply({"params": params}, x, t, context=cond["context"],
                       pooled=cond.get("pooled"), time_ids=cond.get("time_ids"))
 
@@ -141,16 +148,133 @@ class StableDiffusion:
             (NHWC); the same array diffusers takes (permuted to NCHW) gives its images.
           guidance_rescale: Lin et al. 2023's rescale phi, in the model's prediction space.
         """
+        if self.inpainting_model:
+            raise ValueError("this folder's UNet is an inpainting model (9 input channels: "
+                             "latents, mask, masked-image latents); call pipe.inpaint(prompt, "
+                             "image, mask)")
+        return self._run(prompt, negative_prompt, num_steps, guidance_scale, method, height,
+                         width, key, latents, guidance_rescale, grid, sampler_options)
+
+    def img2img(self, prompt: Union[str, Sequence[str]], image, strength: float = 0.8,
+                negative_prompt: Union[None, str, Sequence[str]] = None, num_steps: int = 50,
+                guidance_scale: float = 7.5, method: Optional[str] = None,
+                height: Optional[int] = None, width: Optional[int] = None, key=None,
+                latents=None, image_noise=None, guidance_rescale: float = 0.0,
+                grid: Optional[str] = None, **sampler_options) -> np.ndarray:
+        """Image-to-image (SDEdit): ``image`` noised by ``strength``, then denoised with ``prompt``.
+
+        Of ``num_steps`` steps the last ``min(int(num_steps * strength), num_steps)`` run, as
+        in diffusers' ``StableDiffusionImg2ImgPipeline``; strength 0 returns ``image`` and
+        strength 1 is text-to-image from ``latents`` (the image plays no part).
+
+        Args:
+          image: a path (read and resized to ``height`` x ``width``, default the model's size),
+            or an array [height, width, 3] or [batch, height, width, 3] in [0, 1] (uint8 in
+            [0, 255] too): one for every prompt, or one per prompt.
+          latents: the standard normal noise added to the image latents (default: from key).
+          image_noise: the standard normal draw of the VAE posterior sample of each image
+            latent (default: from ``key``); with the draws diffusers makes from its generator
+            (the posterior's first, then the noise), its images are reproduced.
+          The other arguments are those of ``__call__``.
+        """
+        if self.inpainting_model:
+            raise ValueError("this folder's UNet is an inpainting model; call pipe.inpaint")
+        return self._run(prompt, negative_prompt, num_steps, guidance_scale, method, height,
+                         width, key, latents, guidance_rescale, grid, sampler_options,
+                         edit=_EditRequest(image, strength, image_noise=image_noise))
+
+    def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, strength: float = 1.0,
+                negative_prompt: Union[None, str, Sequence[str]] = None, num_steps: int = 50,
+                guidance_scale: float = 7.5, method: Optional[str] = None,
+                height: Optional[int] = None, width: Optional[int] = None, key=None,
+                latents=None, image_noise=None, masked_image_noise=None,
+                guidance_rescale: float = 0.0, grid: Optional[str] = None,
+                jump_length: int = 10, jump_n_sample: int = 1,
+                **sampler_options) -> np.ndarray:
+        """Repaint where ``mask`` is white, keep the rest; ``prompt`` says what to paint.
+
+        With an inpainting checkpoint (UNet input: latents, the mask at latent size, the
+        latents of the image with the masked region set to grey) this is diffusers'
+        ``StableDiffusionInpaintPipeline``. With an ordinary checkpoint the latents outside the
+        mask are replaced after every step by the image's latents noised to that step
+        (with the initial noise, as diffusers does; exactly the image latents after the last
+        step), and RePaint's resampling jumps are available (``jump_n_sample`` > 1, one-step
+        samplers only).
+
+        Args:
+          image: as for :meth:`img2img`.
+          mask: a path (grey; resized with nearest-neighbour sampling) or an array [height,
+            width(, 1)] or [batch, height, width(, 1)]: values >= 0.5 are repainted.
+          strength: as for :meth:`img2img`; 1 (the default) starts the masked region from pure
+            noise.
+          image_noise, masked_image_noise: the posterior draws of the image's and the masked
+            image's VAE latents (default: from ``key``); diffusers draws them from its generator
+            in the order image (only when strength < 1 or the UNet has 4 channels), noise,
+            masked image.
+          The other arguments are those of ``__call__``.
+        """
+        return self._run(prompt, negative_prompt, num_steps, guidance_scale, method, height,
+                         width, key, latents, guidance_rescale, grid, sampler_options,
+                         edit=_EditRequest(image, strength, mask=mask, image_noise=image_noise,
+                                           masked_image_noise=masked_image_noise,
+                                           jump_length=jump_length,
+                                           jump_n_sample=jump_n_sample))
+
+    @property
+    def inpainting_model(self) -> bool:
+        """Whether the UNet reads 9 channels (an inpainting checkpoint)."""
+        return self._unet_in_channels == 9
+
+    @property
+    def _unet_in_channels(self) -> int:
+        return int(self.models.unet_config.get("in_channels", 4))
+
+    def _edit_inputs(self, edit, batch, height, width, key):
+        """The arrays an editing program reads, and the image itself (for strength 0)."""
+        models = self.models
+
+        def read(image):  # a file is resized to the size asked for; an array sets the size
+            if isinstance(image, (str, os.PathLike)):
+                return editing.read_image(image, height or models.default_size,
+                                          width or models.default_size, 3)
+            shape = np.shape(image)
+            return editing.read_image(image, height or shape[0], width or shape[1], 3)
+
+        images = _batch_of(edit.image, batch, "image", read)
+        height, width = self._size(*images.shape[1:3])
+        latent_shape = (batch, height // models.latent_factor, width // models.latent_factor,
+                        models.vae.latent_channels)
+        key_image, key_masked = jax.random.split(jax.random.fold_in(key, 1))
+        inputs = {"image": jnp.asarray(images) * 2.0 - 1.0,
+                  "image_noise": _noise(edit.image_noise, key_image, latent_shape,
+                                        "image_noise")}
+        if edit.mask is not None:
+            inputs["mask"] = jnp.asarray(_batch_of(
+                edit.mask, batch, "mask", lambda m: editing.read_mask(m, height, width)))
+            if self.inpainting_model:
+                inputs["masked_image_noise"] = _noise(edit.masked_image_noise, key_masked,
+                                                      latent_shape, "masked_image_noise")
+        return inputs, images, height, width
+
+    def _run(self, prompt, negative_prompt, num_steps, guidance_scale, method, height, width,
+             key, latents, guidance_rescale, grid, sampler_options, edit=None):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         batch = len(prompts)
         negatives = self._negatives(negative_prompt, batch)
+        key = jax.random.key(0) if key is None else key
+        key_noise, key_sampler = jax.random.split(key)
+        edit_inputs = None
+        if edit is not None:
+            steps_run = editing.steps_to_run(num_steps, edit.strength)
+            edit_inputs, images, height, width = self._edit_inputs(edit, batch, height, width,
+                                                                   key)
+            if steps_run == 0:  # strength 0: nothing is noised, nothing repainted
+                return images
         height, width = self._size(height, width)
         latent_shape = (batch, height // self.models.latent_factor,
                         width // self.models.latent_factor, self.models.unet.out_channels)
-        key = jax.random.key(0) if key is None else key
-        key_noise, key_sampler = jax.random.split(key)
         if latents is None:
             latents = jax.random.normal(key_noise, latent_shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
@@ -161,6 +285,15 @@ class StableDiffusion:
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         sample_kwargs = self._sample_kwargs(int(num_steps), method, grid, sampler_options)
+        inpaint = None
+        if edit is not None and edit.mask is not None:
+            inpaint = "channels" if self.inpainting_model else "known"
+            if inpaint == "known" and edit.jump_n_sample != 1:
+                sample_kwargs.update(jump_length=edit.jump_length,
+                                     jump_n_sample=edit.jump_n_sample)
+            elif inpaint == "channels" and edit.jump_n_sample != 1:
+                raise ValueError("resampling jumps (jump_n_sample > 1) are for ordinary "
+                                 "checkpoints; an inpainting checkpoint sees the mask itself")
         guided = float(guidance_scale) > 1.0
         ids = self.tokenize(prompts)
         negative_ids = None
@@ -174,9 +307,10 @@ class StableDiffusion:
             time_ids = jnp.asarray([row] * batch, jnp.float32)
         program = self._program(_Static(prediction=self.base_plan.prediction,
             guided=guided, zero_negative=zero_negative, rescale=float(guidance_rescale),
-            sample_kwargs=_freeze(sample_kwargs)))
+            sample_kwargs=_freeze(sample_kwargs),
+            strength=None if edit is None else float(edit.strength), inpaint=inpaint))
         images = program(self.params, ids, negative_ids, time_ids, latents,
-                         jnp.float32(guidance_scale), key_sampler)
+                         jnp.float32(guidance_scale), key_sampler, edit_inputs)
         return parallel.to_host(images)
 
     def _sample_kwargs(self, num_steps, method, grid, options):
@@ -213,7 +347,16 @@ class StableDiffusion:
             self._programs[static] = jax.jit(functools.partial(self._generate, static))
         return self._programs[static]
 
-    def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key):
+    def _encode_image(self, params, images, noise):
+        """Images in [-1, 1] -> scaled latents, a posterior draw with the standard normal noise."""
+        models = self.models
+        mean, logvar = models.vae.apply({"params": params["vae"]}, images,
+                                        method=models.vae.encode)
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        info = models.vae_info
+        return (z - (info.get("shift_factor") or 0.0)) * info["scaling_factor"]
+
+    def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key, edit):
         models = self.models
         sample_kwargs = _thaw(static.sample_kwargs)
         schedule = sample_kwargs.pop("schedule")
@@ -225,6 +368,16 @@ class StableDiffusion:
             cond["time_ids"] = time_ids
             if static.guided:
                 uncond["time_ids"] = time_ids
+        known = None
+        if static.inpaint is not None:
+            mask = editing.resize_mask(edit["mask"], *latents.shape[1:3])
+            if static.inpaint == "channels":
+                masked = edit["image"] * (edit["mask"] < 0.5)
+                extra = jnp.concatenate(
+                    [mask, self._encode_image(params, masked, edit["masked_image_noise"])], -1)
+                cond["concat"] = extra
+                if static.guided:
+                    uncond["concat"] = extra
         unet = jax.tree_util.Partial(functools.partial(_apply_unet, models.unet), params["unet"])
         denoise = parameterization.make_denoise_fn(unet, schedule, static.prediction)
         if static.guided:
@@ -235,11 +388,77 @@ class StableDiffusion:
             fn = jax.tree_util.Partial(lambda d, c, x, t: d(x, t, c), denoise, cond)
         if self.mesh is not None and latents.shape[0] % self.mesh.devices.size == 0:
             latents = jax.lax.with_sharding_constraint(latents, parallel.batch_sharding(self.mesh))
-        final = samplers.sample(fn, latents, schedule=schedule, key=key, **sample_kwargs).samples
+        if static.strength is None:
+            final = samplers.sample(fn, latents, schedule=schedule, key=key,
+                                    **sample_kwargs).samples
+        else:
+            # The image's latents are needed unless the sampler starts from pure noise and
+            # nothing outside the mask is kept (text-to-image, or an inpainting UNet).
+            pure = static.strength == 1.0 and static.inpaint != "known"
+            x0 = (jnp.zeros_like(latents) if pure
+                  else self._encode_image(params, edit["image"], edit["image_noise"]))
+            if static.inpaint == "known":
+                known = samplers.KnownRegion(x0, editing.keep_from_mask(mask), noise=latents)
+            final = editing.image_to_image(fn, x0, latents, strength=static.strength,
+                                           schedule=schedule, key=key, known=known,
+                                           **sample_kwargs).samples
         info = models.vae_info
         z = final / info["scaling_factor"] + (info.get("shift_factor") or 0.0)
         images = models.vae.apply({"params": params["vae"]}, z, method=models.vae.decode)
         return jnp.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def _batch_of(value, batch, name, read):
+    """One image or mask (path or array) for every prompt, or one per prompt, stacked.
+
+    Arrays: an image is [H, W, 3] or a batch [B, H, W, 3]; a mask [H, W] or [H, W, 1], or a
+    batch [B, H, W] or [B, H, W, 1]. A list holds one item per prompt."""
+    if isinstance(value, (list, tuple)):
+        items = [read(v) for v in value]
+    elif isinstance(value, (str, os.PathLike)):
+        items = [read(value)]
+    else:
+        array = np.asarray(value)
+        single = array.ndim == 3 if name == "image" else (
+            array.ndim == 2 or array.ndim == 3 and array.shape[-1] == 1)
+        if single:
+            items = [read(array)]
+        elif array.ndim in ((4,) if name == "image" else (3, 4)):
+            items = [read(item) for item in array]
+        else:
+            raise ValueError(f"{name} has shape {array.shape}; give "
+                             f"{'[height, width, 3]' if name == 'image' else '[height, width]'}"
+                             " or a batch of them")
+    if len(items) == 1:
+        items = items * batch
+    if len(items) != batch:
+        raise ValueError(f"{len(items)} {name}s for {batch} prompts: give one, or one per prompt")
+    shapes = {item.shape for item in items}
+    if len(shapes) != 1:
+        raise ValueError(f"the {name}s differ in size ({sorted(shapes)}); give them one size")
+    return np.stack(items)
+
+
+def _noise(value, key, shape, name):
+    if value is None:
+        return jax.random.normal(key, shape, jnp.float32)
+    value = jnp.asarray(value, jnp.float32)
+    if value.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} (NHWC latents), got {value.shape}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _EditRequest:
+    """What img2img / inpaint were asked to do (before reading any file)."""
+
+    image: object
+    strength: float
+    mask: object = None
+    image_noise: object = None
+    masked_image_noise: object = None
+    jump_length: int = 10
+    jump_n_sample: int = 1
 
 
 def _freeze(kwargs: dict) -> tuple:
@@ -263,3 +482,5 @@ class _Static:
     zero_negative: bool
     rescale: float
     sample_kwargs: tuple  # from _freeze
+    strength: Optional[float] = None  # image-to-image / inpainting; None: text-to-image
+    inpaint: Optional[str] = None  # "channels" (an inpainting UNet), "known" (RePaint) or None

@@ -24,10 +24,18 @@ __all__ = ["StableDiffusionModels", "load_stable_diffusion", "read_model_index",
            "describe_folder"]
 
 # Pipeline class -> (components it needs, family name).
+_SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                    "scheduler")
+# The image-to-image and inpainting pipelines' folders hold the same components (an inpainting
+# UNet reads 9 channels: latents, mask, masked-image latents).
 PIPELINES = {
-    "StableDiffusionPipeline": (("unet", "vae", "text_encoder", "tokenizer", "scheduler"), "sd"),
-    "StableDiffusionXLPipeline": (("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                                   "tokenizer_2", "scheduler"), "sdxl"),
+    "StableDiffusionPipeline": (_SD_COMPONENTS, "sd"),
+    "StableDiffusionImg2ImgPipeline": (_SD_COMPONENTS, "sd"),
+    "StableDiffusionInpaintPipeline": (_SD_COMPONENTS, "sd"),
+    "StableDiffusionXLPipeline": (_SDXL_COMPONENTS, "sdxl"),
+    "StableDiffusionXLImg2ImgPipeline": (_SDXL_COMPONENTS, "sdxl"),
+    "StableDiffusionXLInpaintPipeline": (_SDXL_COMPONENTS, "sdxl"),
 }
 _EXPECTED_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
                      "text_encoder": ("CLIPTextModel",),
@@ -85,8 +93,12 @@ def read_model_index(path) -> dict:
     if class_name not in PIPELINES:
         raise ValueError(
             f"{index_path} describes a {class_name!r}, which diffusion_jax cannot load: it "
-            f"loads {' and '.join(PIPELINES)} folders (Stable Diffusion 1.x, 2.x and SDXL "
-            "base). Other architectures (SD3, Flux, Kandinsky, ...) are not supported yet.")
+            f"loads {', '.join(PIPELINES)} folders (Stable Diffusion 1.x, 2.x and SDXL "
+            "base; the SDXL refiner has no first text encoder). Other architectures (SD3, "
+            "Flux, Kandinsky, ...) are not supported yet.")
+    if index.get("requires_aesthetics_score"):
+        raise ValueError(f"{index_path} sets requires_aesthetics_score (the SDXL refiner's "
+                         "conditioning), which diffusion_jax does not implement")
     needed, _ = PIPELINES[class_name]
     for component in needed:
         entry = index.get(component)
