@@ -25,7 +25,7 @@ from diffusion_jax.models import registry
 
 __all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate", "build_source", "build_model",
            "build_denoiser", "build_schedule", "build_parameterization", "data_shape",
-           "caption_tokenizer", "null_caption", "encode_captions"]
+           "caption_tokenizer", "null_caption", "encode_captions", "editing_strength"]
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,9 @@ NUMERIC = {
     "sampling.seed": (int, ">= 0"), "sampling.label": (int, ">= -1 (-1 = every class)"),
     "sampling.guidance_scale": (float, ">= 0"), "sampling.guidance_rescale": (float, "in [0, 1]"),
     "sampling.checkpoint_step": (int, ">= -1 (-1 = latest)"),
+    "sampling.strength": (float, "-1 or in [0, 1] (-1 = 0.8 for image-to-image, 1 for "
+                                 "inpainting)"),
+    "sampling.jump_length": (int, "> 0"), "sampling.jump_n_sample": (int, "> 0 (1 = off)"),
     "autoencoder.block_out_channels": (int, "> 0"), "autoencoder.layers_per_block": (int, "> 0"),
     "autoencoder.latent_channels": (int, "> 0"), "autoencoder.norm_num_groups": (int, "> 0"),
     "autoencoder.kl_weight": (float, ">= 0"), "autoencoder.perceptual_weight": (float, ">= 0"),
@@ -155,6 +158,7 @@ RULES = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
     ">= -1": lambda v: v >= -1, "-1 or >= 1": lambda v: v == -1 or v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+    "-1 or in [0, 1]": lambda v: v == -1 or 0 <= v <= 1,
 }
 
 
@@ -225,6 +229,32 @@ def moved_key_hint(key: str) -> str:
         return ""
     return (f"config.{key} is now config.{_MOVED_MODEL_KEYS[key]} (each model family has its "
             "own group of keys)")
+
+
+def _check_editing(given: dict) -> None:
+    """The editing keys: files that exist, a mask only with an image, jumps only to inpaint."""
+    for key in ("sampling.init_image", "sampling.mask_image"):
+        path = given[key]
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
+                              "JPEG image")
+    if given["sampling.mask_image"] and not given["sampling.init_image"]:
+        raise ConfigError("config.sampling.mask_image needs config.sampling.init_image: the "
+                          "image whose masked region is repainted")
+    if given["sampling.jump_n_sample"] > 1 and not given["sampling.mask_image"]:
+        raise ConfigError("config.sampling.jump_n_sample > 1 (RePaint's resampling) is for "
+                          "inpainting: set config.sampling.mask_image, or jump_n_sample=1")
+    if given["sampling.strength"] != -1 and not given["sampling.init_image"]:
+        raise ConfigError("config.sampling.strength applies to an input image: set "
+                          "config.sampling.init_image (or leave strength at -1)")
+
+
+def editing_strength(config) -> float:
+    """``config.sampling.strength``, with -1 read as 0.8 (image-to-image) or 1.0 (inpainting)."""
+    strength = config.sampling.strength
+    if strength == -1:
+        return 1.0 if config.sampling.mask_image else 0.8
+    return float(strength)
 
 
 def load_config(path: str):
@@ -346,6 +376,7 @@ def _check_combinations(given):
                               "model folder: set config.pretrained.path, or choose one of "
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
+    _check_editing(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "

@@ -200,6 +200,16 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.guidance_rescale = 0.0  # Lin et al. 2023; 0 = off, 0.7 typical
     sampling.checkpoint_step = -1  # what --mode=sample and --mode=eval use; -1 = latest
     sampling.use_ema = True
+    # Editing (--mode=sample): an image to start from (image-to-image, SDEdit), and a mask
+    # (white = repaint) to inpaint it. strength: the share of the steps run from the noised
+    # image (0 returns it, 1 starts from pure noise); -1 = 0.8 for image-to-image, 1.0 for
+    # inpainting. RePaint's resampling: every jump_length steps go back and run them again,
+    # jump_n_sample times in all (1 = off).
+    sampling.init_image = ""
+    sampling.mask_image = ""
+    sampling.strength = -1.0
+    sampling.jump_length = 10
+    sampling.jump_n_sample = 1
     return sampling
 
 

@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from diffusion_jax import configuration, files, guidance, latent, parallel, parameterization
-from diffusion_jax import run, samplers
+from diffusion_jax import configuration, editing, files, guidance, latent, parallel
+from diffusion_jax import parameterization, run, samplers
 from diffusion_jax.conditioning import sampling_network
 from diffusion_jax.pipelines import StableDiffusion
 
 __all__ = ["make_generate_fn", "generate_from_prompts", "generate_to_files", "sampling_labels",
            "sampling_prompts", "encode_prompts", "is_text_model", "cast_params_once",
-           "load_pipeline", "generate_pretrained", "generate_pretrained_to_files"]
+           "load_pipeline", "generate_pretrained", "generate_pretrained_to_files",
+           "EditInputs", "edit_inputs"]
 
 
 def cast_params_once(network, params, x_shape, cond=None):
@@ -103,9 +105,58 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
                 "prompt", "negative_prompt")
 
 
+class EditInputs(NamedTuple):
+    """What image-to-image and inpainting start from, in the sampler's space.
+
+    x0: the input [1 or batch, ...] (pixels in [-1, 1], or a latent run's scaled latents).
+    mask: None, or [1 or batch, ..., 1] with 1 where the sampler repaints (at x0's size).
+    strength: the share of the steps run (see :mod:`diffusion_jax.editing`).
+    jump_length, jump_n_sample: RePaint's resampling (inpainting only; 1 = off)."""
+
+    x0: jax.Array
+    mask: Optional[jax.Array]
+    strength: float
+    jump_length: int = 10
+    jump_n_sample: int = 1
+
+
+def edit_inputs(config, example_shape, space=None, key=None) -> Optional[EditInputs]:
+    """``config.sampling.init_image`` (and ``mask_image``) for a run, or None.
+
+    The image is read at the run's resolution (``example_shape``, or for a latent run the
+    autoencoder's image size) into [-1, 1]; a latent run encodes it with ``space`` (a posterior
+    sample from ``key``) and takes the mask to the latent grid by nearest-neighbour sampling."""
+    s = config.sampling
+    if not s.init_image:
+        return None
+    height, width, channels = example_shape
+    if space is not None:
+        factor = space.autoencoder.downsampling_factor
+        height, width, channels = height * factor, width * factor, space.autoencoder.in_channels
+    try:
+        image = editing.read_image(s.init_image, height, width, channels)[None] * 2.0 - 1.0
+        mask = (editing.read_mask(s.mask_image, height, width)[None] if s.mask_image
+                else None)
+    except (OSError, ValueError) as err:
+        raise configuration.ConfigError(f"config.sampling.init_image / mask_image: {err}") \
+            from err
+    x0 = jnp.asarray(image)
+    if space is not None:
+        key = jax.random.key(s.seed) if key is None else key
+        x0 = space.encode_batch({"x": x0}, jax.random.fold_in(key, 2))["x"]
+        if mask is not None:
+            mask = editing.resize_mask(mask, *example_shape[:2])
+    return EditInputs(x0, None if mask is None else jnp.asarray(mask),
+                      configuration.editing_strength(config), s.jump_length, s.jump_n_sample)
+
+
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, decode=None,
-                     **sampling):
+                     edit: Optional[EditInputs] = None, **sampling):
     """Make ``generate(params, key, num, prompts=None) -> samples`` for ``config.sampling``.
+
+    ``edit`` (:func:`edit_inputs`) turns generation into image-to-image, or with a mask
+    inpainting (RePaint, :class:`diffusion_jax.samplers.KnownRegion`), from one input image for
+    every sample.
 
     ``decode``, if given, maps the generated samples to what is returned: a latent run's
     decoder (:func:`diffusion_jax.latent.decoder_for`), which runs as its own compiled program.
@@ -174,9 +225,24 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
                 f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
                 f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
                 "for a multiple to spread it (same results, less time and memory per device)")
-        samples = samplers.sample(fn, noise, schedule=schedule, method=sampling.method,
-                                  num_steps=sampling.num_steps, grid=sampling.grid,
-                                  key=key_sampler).samples
+        sample_kwargs = dict(schedule=schedule, method=sampling.method,
+                             num_steps=sampling.num_steps, grid=sampling.grid, key=key_sampler)
+        if edit is None:
+            samples = samplers.sample(fn, noise, **sample_kwargs).samples
+        else:
+            x0 = jnp.broadcast_to(edit.x0, noise.shape)
+            known = None
+            if edit.mask is not None:
+                keep = editing.keep_from_mask(jnp.broadcast_to(
+                    edit.mask, noise.shape[:-1] + (1,)))
+                known = samplers.KnownRegion(x0, keep)
+                sample_kwargs.update(jump_length=edit.jump_length,
+                                     jump_n_sample=edit.jump_n_sample)
+            try:
+                samples = editing.image_to_image(fn, x0, noise, strength=edit.strength,
+                                                 known=known, **sample_kwargs).samples
+            except ValueError as err:
+                raise configuration.ConfigError(f"config.sampling: {err}") from err
         return samples if decode is None else decode(samples)
 
     return generate
@@ -214,9 +280,12 @@ def generate_to_files(config, workdir):
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = state.ema_params if config.sampling.use_ema else state.params
+    space = (latent.load_space(config, workdir, log=lambda line: None)
+             if config.latent.autoencoder else None)
     generate = make_generate_fn(config, model, example_shape, num_classes,
                                 mesh=run.sampling_mesh(config),
-                                decode=latent.decoder_for(config, workdir))
+                                decode=None if space is None else space.decode,
+                                edit=edit_inputs(config, example_shape, space))
     images = parallel.to_host(generate(params, jax.random.key(config.sampling.seed),
                                        config.sampling.num_samples))
     if not parallel.is_writer():
@@ -230,8 +299,9 @@ def generate_to_files(config, workdir):
     settings = {"step": int(state.step), "workdir": os.path.abspath(workdir),
                 "sampling": s.to_dict()}
     stem = files.reserve_stem(os.path.join(workdir, "samples"),
-                              f"step{int(state.step)}_{s.method}_{s.num_steps}steps"
-                              f"_cfg{s.guidance_scale:g}_{files.settings_digest(settings)}")
+                              f"step{int(state.step)}_{_mode_name(config)}{s.method}_"
+                              f"{s.num_steps}steps_cfg{s.guidance_scale:g}_"
+                              f"{files.settings_digest(settings)}")
     if is_text_model(config):
         extra = {"prompts": np.array(sampling_prompts(config, s.num_samples))}
     else:
@@ -246,6 +316,14 @@ def generate_to_files(config, workdir):
                                      "config": json.loads(config.to_json_best_effort())})
     written.append(stem + ".json")
     return written
+
+
+def _mode_name(config) -> str:
+    """A file name prefix saying what was done: "" (generation), "img2img_" or "inpaint_"."""
+    s = config.sampling
+    if not s.init_image:
+        return ""
+    return f"{'inpaint' if s.mask_image else 'img2img'}{configuration.editing_strength(config):g}_"
 
 
 def load_pipeline(config) -> StableDiffusion:
@@ -284,14 +362,23 @@ def generate_pretrained(config, pipeline, prompts, first_index: int = 0):
     images = []
     for start in range(0, len(prompts), p.batch_size):
         batch = prompts[start:start + p.batch_size]
+        kwargs = dict(negative_prompt=s.negative_prompt or None, num_steps=s.num_steps,
+                      guidance_scale=s.guidance_scale, method=method, grid=grid,
+                      height=p.height or None, width=p.width or None,
+                      key=jax.random.fold_in(key, first_index + start),
+                      guidance_rescale=s.guidance_rescale)
         try:
-            out = pipeline(batch, negative_prompt=s.negative_prompt or None,
-                           num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                           method=method, grid=grid, height=p.height or None,
-                           width=p.width or None,
-                           key=jax.random.fold_in(key, first_index + start),
-                           guidance_rescale=s.guidance_rescale)
-        except ValueError as err:
+            if s.mask_image:
+                out = pipeline.inpaint(batch, s.init_image, s.mask_image,
+                                       strength=configuration.editing_strength(config),
+                                       jump_length=s.jump_length,
+                                       jump_n_sample=s.jump_n_sample, **kwargs)
+            elif s.init_image:
+                out = pipeline.img2img(batch, s.init_image,
+                                       strength=configuration.editing_strength(config), **kwargs)
+            else:
+                out = pipeline(batch, **kwargs)
+        except (OSError, ValueError) as err:
             raise configuration.ConfigError(str(err)) from err
         images.append(out * 2.0 - 1.0)
     return np.concatenate(images)
@@ -317,8 +404,8 @@ def generate_pretrained_to_files(config, workdir):
                 "pipeline": pipeline.models.index["_class_name"], "sampling": s.to_dict(),
                 "size": list(images.shape[1:3])}
     stem = files.reserve_stem(os.path.join(workdir, "samples"),
-                              f"pretrained_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
-                              f"_{files.settings_digest(settings)}")
+                              f"pretrained_{_mode_name(config)}{s.method}_{s.num_steps}steps_"
+                              f"cfg{s.guidance_scale:g}_{files.settings_digest(settings)}")
     files.save_arrays(stem + ".npz", samples=images, prompts=np.array(prompts))
     files.save_grid(images, stem + ".png")
     written = [stem + ".npz", stem + ".png"]

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import multistep
+from diffusion_jax.repaint import KnownRegion, check_known, jump_schedule, renoise
 from diffusion_jax import schedules as schedules_lib
 from diffusion_jax import time_grids
 from diffusion_jax.time_grids import GRIDS, time_grid  # re-exported: part of this module's API
@@ -63,26 +64,6 @@ class SampleResult(NamedTuple):
     nfe: int
     times: np.ndarray
     trajectory: Optional[jax.Array] = None
-
-
-class KnownRegion(NamedTuple):
-    """The part of the sample that is given: what inpainting keeps (Lugmayr et al. 2022).
-
-    After every step to time t' the sampler puts ``keep * (alpha(t') x0 + sigma(t') z) + (1 -
-    keep) * x`` in place of its state x, and after the last step ``keep * x0 + (1 - keep) * x``,
-    so where ``keep`` is 1 the output is ``x0`` exactly.
-
-    x0: the clean data in the sampler's space (pixels, or latents), shaped like the noise.
-    keep: 1 where ``x0`` is kept, 0 where the sampler paints; broadcastable to ``x0``
-        (e.g. [batch, height, width, 1]); values in between blend.
-    noise: the standard normal z of the known region's forward-noised copies. None draws it
-        afresh at every step (RePaint; then ``sample`` needs ``key``); an array (e.g. the
-        sampler's initial noise, as diffusers' inpainting pipelines do) uses it at every step.
-    """
-
-    x0: jax.Array
-    keep: jax.Array
-    noise: Optional[jax.Array] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,16 +305,6 @@ METHODS = tuple(METHODS_TABLE)
 # --------------------------------------------------------------------------------------------
 
 
-def _renoise(x, s, z):
-    """Forward-noise the state from the op's start (less noise) to its end (more noise).
-
-    q(x_a | x_b) of the schedule: x_a = (alpha_a / alpha_b) x_b + sigma_a sqrt(1 - e^(lambda_a -
-    lambda_b)) z, the jump back of RePaint (Lugmayr et al. 2022, Algorithm 1, line 9 over several
-    steps at once)."""
-    ratio = s["alpha_next"] / s["alpha"]
-    return ratio * x + s["sigma_next"] * _fresh_noise_fraction(s["logsnr_next"], s["logsnr"]) * z
-
-
 def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays, known):
     """The frame every method shares: the grid's coefficients, then one lax.scan of its step.
 
@@ -394,7 +365,7 @@ def _sample_impl(static: _Static, dynamic_denoise_fn, noise, key, grid_arrays, k
         if static.jumps:
             carry = jax.lax.cond(
                 s["jump"],
-                lambda c: (_renoise(c[0], s, jax.random.normal(
+                lambda c: (renoise(c[0], s, jax.random.normal(
                     jax.random.fold_in(s["extra_key"], 1), c[0].shape, dtype)),),
                 lambda c: step(c, s), carry)
         else:
@@ -468,34 +439,6 @@ def _network_times(schedule, num_steps, grid, time_grid, t_min, t_max, rho, snap
             f"num_steps={num_steps} disagrees with the {len(times) - 1} steps of time_grid"
         )
     return times
-
-
-def jump_schedule(num_steps: int, jump_length: int, jump_n_sample: int) -> np.ndarray:
-    """RePaint's resampling schedule (Lugmayr et al. 2022, Sec. 4.2) as ops [from, to] on the grid.
-
-    Step i goes from grid index i to i + 1. After a step that leaves r > 0 steps to go, with r a
-    multiple of ``jump_length`` and at least ``jump_length`` steps done, the state is
-    forward-noised back ``jump_length`` indices and those steps are run again, until the stretch
-    has been run ``jump_n_sample`` times in all; then sampling goes on down the grid. With
-    ``jump_n_sample = 1`` this is the plain grid, one op per step."""
-    if int(jump_length) != jump_length or jump_length < 1:
-        raise ValueError(f"jump_length must be a positive integer, got {jump_length!r}")
-    if int(jump_n_sample) != jump_n_sample or jump_n_sample < 1:
-        raise ValueError(f"jump_n_sample must be a positive integer (1: no resampling), got "
-                         f"{jump_n_sample!r}")
-    ops, index, left = [], 0, {}
-    while index < num_steps:
-        ops.append((index, index + 1))
-        index += 1
-        remaining = num_steps - index
-        if jump_n_sample > 1 and remaining > 0 and remaining % jump_length == 0 \
-                and index >= jump_length:
-            left.setdefault(index, jump_n_sample - 1)
-            if left[index] > 0:
-                left[index] -= 1
-                ops.append((index, index - jump_length))
-                index -= jump_length
-    return np.asarray(ops, np.int32).reshape(-1, 2)
 
 
 def number_of_evaluations(method, times, schedule, **options) -> int:
@@ -588,7 +531,7 @@ def sample(
             "euler_ancestral, heun")
     known_mode = None
     if known is not None:
-        known = _check_known(known, noise)
+        known = check_known(known, noise)
         known_mode = "fresh" if known.noise is None else "fixed"
     needs_key = record.is_stochastic(merged) or jumps or known_mode == "fresh"
     if not needs_key:
@@ -620,26 +563,3 @@ def sample(
         (jnp.asarray(times, time_dtype), jnp.asarray(flags), scale, jnp.asarray(ops)), known)
     steps = ops[ops[:, 1] > ops[:, 0], 0]
     return SampleResult(samples, record.evaluations(flags[steps]), times, trajectory)
-
-
-def _check_known(known: KnownRegion, noise) -> KnownRegion:
-    """The known region as arrays, with shapes checked against the noise."""
-    if not isinstance(known, KnownRegion):
-        raise ValueError(f"known must be a samplers.KnownRegion, got {type(known).__name__}")
-    x0, keep = jnp.asarray(known.x0), jnp.asarray(known.keep)
-    if x0.shape != noise.shape:
-        raise ValueError(f"known.x0 has shape {x0.shape}; it must be shaped like the noise "
-                         f"{noise.shape}")
-    try:
-        jnp.broadcast_shapes(keep.shape, x0.shape)
-    except ValueError:
-        raise ValueError(f"known.keep of shape {keep.shape} does not broadcast to the data's "
-                         f"shape {x0.shape}") from None
-    fixed = None
-    if known.noise is not None:
-        fixed = jnp.asarray(known.noise)
-        if fixed.shape != noise.shape:
-            raise ValueError(f"known.noise has shape {fixed.shape}; it must be shaped like the "
-                             f"noise {noise.shape}")
-    return KnownRegion(x0, keep, fixed)
-

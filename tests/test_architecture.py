@@ -14,8 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffusion_jax"
 
 # The math core imports nothing above it; models, data and pretrained import no application code.
+# Editing (image-to-image, inpainting) and LoRA are functions of arrays and parameter trees.
 MATH = {"schedules", "parameterization", "losses", "samplers", "guidance", "analytic",
-        "likelihood", "metrics", "flops", "time_grids", "multistep"}
+        "likelihood", "metrics", "flops", "time_grids", "multistep", "editing", "lora",
+        "repaint"}
 LAYERS = {
     "math": lambda name: name.split(".")[1] in MATH,
     "models": lambda name: name.startswith("diffusion_jax.models"),

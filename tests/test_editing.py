@@ -90,14 +90,14 @@ def test_jump_schedule_structure():
 
 def test_renoising_jump_has_the_forward_marginal():
     """A jump from t_b to t_a maps alpha_b x0 + sigma_b z to a draw of alpha_a x0 + sigma_a z'."""
-    from diffusion_jax import schedules
+    from diffusion_jax import repaint, schedules
     x0 = jnp.full((20000, 1), 0.8)
     ops_state = editing.noised("cosine", x0, jax.random.normal(jax.random.key(0), x0.shape), 0.3)
     sched = schedules.get("cosine")
     s = {name: fn(jnp.asarray(t)) for t, suffix in ((0.3, ""), (0.6, "_next"))
          for name, fn in (("alpha" + suffix, sched.alpha), ("sigma" + suffix, sched.sigma),
                           ("logsnr" + suffix, sched.logsnr))}
-    out = samplers._renoise(ops_state, s, jax.random.normal(jax.random.key(1), x0.shape))
+    out = repaint.renoise(ops_state, s, jax.random.normal(jax.random.key(1), x0.shape))
     mean, std = float(out.mean()), float(out.std())
     assert abs(mean - float(sched.alpha(0.6)) * 0.8) < 0.02
     assert abs(std - float(sched.sigma(0.6))) < 0.02

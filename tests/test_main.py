@@ -104,6 +104,29 @@ def test_cli_train_then_sample(tmp_path):
     assert arrays["samples"].shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(arrays["labels"], [0, 1, 2, 0])
 
+    # Inpainting from the command line: the unmasked region of every sample is the input image
+    # exactly; the masked region is painted (differs from the input).
+    picture = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:10] = 255
+    Image.fromarray(picture).save(tmp_path / "input.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint_run = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+         "--mode=sample", f"--config.sampling.init_image={tmp_path / 'input.png'}",
+         f"--config.sampling.mask_image={tmp_path / 'mask.png'}",
+         "--config.sampling.method=ddim", "--config.sampling.jump_length=1",
+         "--config.sampling.jump_n_sample=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert inpaint_run.returncode == 0, inpaint_run.stderr[-3000:]
+    (npz,) = glob.glob(os.path.join(workdir, "samples", "step6_inpaint1_ddim_3steps_*.npz"))
+    samples = np.load(npz)["samples"]
+    given = picture.astype(np.float32) / 255.0 * 2.0 - 1.0
+    kept = mask == 0
+    for sample in samples:
+        np.testing.assert_array_equal(sample[kept], given[kept])
+        assert np.abs(sample[~kept] - given[~kept]).mean() > 0.1
+
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
     straight = train.train_and_evaluate(_config(), str(tmp_path / "a"), log=_quiet)
@@ -270,6 +293,29 @@ def test_bad_configs_name_the_key():
     config.diffusion.target = "eps"  # cosine has zero terminal SNR
     with pytest.raises(configuration.ConfigError, match="eps-predicting"):
         configuration.validate(config)
+
+
+def test_bad_editing_settings_are_refused_early(tmp_path):
+    picture = tmp_path / "input.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    cases = [(dict(init_image=str(tmp_path / "missing.png")), "init_image=.* is not a file"),
+             (dict(mask_image=str(picture)), "mask_image needs config.sampling.init_image"),
+             (dict(init_image=str(picture), strength=1.5), "strength must be -1 or in"),
+             (dict(strength=0.5), "strength applies to an input image"),
+             (dict(init_image=str(picture), jump_n_sample=3), "resampling.* is for inpainting"),
+             (dict(init_image=str(picture), mask_image=str(picture), jump_length=0),
+              "jump_length must be > 0")]
+    for settings, message in cases:
+        config = tiny.get_config()
+        for key, value in settings.items():
+            setattr(config.sampling, key, value)
+        with pytest.raises(configuration.ConfigError, match=message):
+            configuration.validate(config)
+    config = tiny.get_config()
+    config.sampling.init_image = str(picture)
+    assert configuration.editing_strength(config) == 0.8
+    config.sampling.mask_image = str(picture)
+    assert configuration.editing_strength(config) == 1.0
 
 
 def test_cli_rejects_unknown_override(tmp_path):
