@@ -25,7 +25,7 @@ from diffusion_jax.models.patchgan import PatchDiscriminator
 from diffusion_jax.pretrained import autoencoder_kl as diffusers_vae
 
 __all__ = ["build_autoencoder", "build_task", "held_out_source", "AutoencoderSource", "describe", "latent_shape",
-           "DIFFUSERS_WEIGHTS"]
+           "DIFFUSERS_WEIGHTS", "run_config"]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _TRAIN_ONE = ("train one with `python main.py --config=configs/fashion_mnist_autoencoder.py "
@@ -171,13 +171,13 @@ def _describe_run(path: str, raw: dict, where: str, dtype: str) -> AutoencoderSo
         raise configuration.ConfigError(
             f"{where} is an autoencoder run without checkpoints (it has not trained yet); train "
             f"it first with `python main.py --config=... --workdir={path}`")
-    config = _with_defaults(raw, where)
+    config = run_config(raw, where)
     shape = _image_shape(path, config)
     return AutoencoderSource(path, "run", build_autoencoder(config.autoencoder, shape[-1], dtype),
                              config, image_shape=shape)
 
 
-def _with_defaults(raw: dict, where: str):
+def run_config(raw: dict, where: str):
     """A run's config.json over today's defaults: keys added since take their default values."""
     config = defaults.get_config()
 
@@ -196,6 +196,7 @@ def _with_defaults(raw: dict, where: str):
     with config.unlocked():
         merge(config, raw, "")
     return config
+
 
 
 def _image_shape(path: str, config) -> tuple:

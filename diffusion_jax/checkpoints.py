@@ -112,6 +112,15 @@ def _check_process_count(where: str) -> None:
             "devices and processes, as --mode=sample and --mode=eval read it)")
 
 
+def _saved_part(state):
+    """A train state without its frozen base, which checkpoints leave out; other trees as they are.
+
+    (An adapter run's base is read again from where it came from on resuming.)"""
+    if getattr(state, "frozen", None) is not None:
+        return state.replace(frozen=None)
+    return state
+
+
 def _restore_target(leaf):
     """Shape, dtype and sharding to restore a leaf into.
 
@@ -378,6 +387,7 @@ class Checkpoints:
         full disk or a missing permission, naming the directory and what to free or change.
         """
         step = int(step)
+        state = _saved_part(state)
         self._wait_for_pending()
         self._set_aside_skipped_steps()
         self._check_free_space(state_bytes(state), f"to save step {step}")
@@ -445,11 +455,15 @@ class Checkpoints:
                 on_corrupt: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
         """Restore into the structure of ``abstract_state`` (and ``iterator``'s position).
 
+        A train state's frozen base (``frozen``, an adapter run's) is not in checkpoints: the
+        restored state has none, and the caller puts it back.
+
         ``step`` defaults to the latest. A damaged or unreadable checkpoint raises
         :class:`CorruptCheckpointError`, or with ``on_corrupt="fallback"`` (default: the
         manager's) and no explicit ``step``, the newest readable earlier step is restored
         instead, the data position with it, and each skipped step is reported through ``log``.
         """
+        abstract_state = _saved_part(abstract_state)
         on_corrupt = on_corrupt or self.on_corrupt
         if on_corrupt not in ON_CORRUPT_CHOICES:
             raise ValueError(f"on_corrupt={on_corrupt!r}; choose one of {ON_CORRUPT_CHOICES}")

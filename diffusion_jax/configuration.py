@@ -152,6 +152,8 @@ NUMERIC = {
     "pretrained.height": (int, ">= 0 (0 = the model's size)"),
     "pretrained.width": (int, ">= 0 (0 = the model's size)"),
     "pretrained.batch_size": (int, "> 0"),
+    "lora.rank": (int, ">= 0 (0 = off)"), "lora.alpha": (float, ">= 0 (0 = rank)"),
+    "lora.base_step": (int, ">= -1 (-1 = latest)"),
 }
 # The ranges, by the words that open their description.
 RULES = {
@@ -247,6 +249,30 @@ def _check_editing(given: dict) -> None:
     if given["sampling.strength"] != -1 and not given["sampling.init_image"]:
         raise ConfigError("config.sampling.strength applies to an input image: set "
                           "config.sampling.init_image (or leave strength at -1)")
+
+
+def _check_lora(given: dict) -> None:
+    """An adapter run's needs: one base, the jit train step, a denoiser, gradients to adapters."""
+    if not given["lora.rank"]:
+        return
+    if given["task"] != "diffusion":
+        raise ConfigError("config.lora.rank > 0 trains adapters of a denoiser; an autoencoder "
+                          "run (task='autoencoder') trains its whole network: set lora.rank=0")
+    if bool(given["lora.base"]) == bool(given["pretrained.path"]):
+        raise ConfigError("config.lora.rank > 0 trains adapters of a frozen model: give its "
+                          "weights with config.lora.base (a trained run's workdir) or "
+                          "config.pretrained.path (a Stable Diffusion folder), one of them")
+    if given["lora.base"] and not os.path.isdir(given["lora.base"]):
+        raise ConfigError(f"config.lora.base={given['lora.base']!r} is not a directory: give "
+                          "the workdir of the trained run to adapt")
+    if given["mesh.train_step"] == "shard_map":
+        raise ConfigError("config.lora.rank > 0 computes gradients with "
+                          "mesh.train_step='jit' (the adapters are small; the frozen base is "
+                          "still split over fsdp)")
+    if given["lora.text_encoder"] and given["text.freeze"]:
+        raise ConfigError("config.lora.text_encoder=True puts adapters on the text encoder, but "
+                          "config.text.freeze=True stops gradients at its output: set "
+                          "text.freeze=False (the encoder's own weights stay frozen)")
 
 
 def editing_strength(config) -> float:
@@ -377,6 +403,7 @@ def _check_combinations(given):
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
     _check_editing(given)
+    _check_lora(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "

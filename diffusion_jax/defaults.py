@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluation = _evaluation()
     config.classifier = _classifier()
     config.pretrained = _pretrained()
+    config.lora = _lora()
     config.mesh = _mesh()
     config.distributed = _distributed()
     return config
@@ -262,6 +263,22 @@ def _classifier() -> ml_collections.ConfigDict:
     classifier.width = 32
     classifier.feature_dim = 128
     return classifier
+
+
+def _lora() -> ml_collections.ConfigDict:
+    # LoRA (Hu et al. 2021): train low-rank adapters of a frozen model instead of the model.
+    # The base is the run in lora.base (a workdir; its EMA parameters at lora.base_step, -1 =
+    # the latest) or the Stable Diffusion folder pretrained.path. rank 0 = off (train it all).
+    lora = ml_collections.ConfigDict()
+    lora.rank = 0
+    lora.alpha = 0.0  # the adapters' scale is alpha / rank; 0 = rank (scale 1)
+    # Which of the denoiser's kernels get adapters: a preset of diffusion_jax.lora.PRESETS
+    # ("attention": the q/k/v/out projections) or regular expressions, comma-separated.
+    lora.targets = "attention"
+    lora.text_encoder = False  # adapters on the text encoder too (needs text.freeze=False)
+    lora.base = ""
+    lora.base_step = -1
+    return lora
 
 
 def _pretrained() -> ml_collections.ConfigDict:

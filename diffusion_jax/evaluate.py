@@ -30,7 +30,7 @@ import optax
 
 from diffusion_jax import classifier_store, configuration, data, files, generate, likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
-from diffusion_jax import writers
+from diffusion_jax import train_state, writers
 from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
@@ -233,7 +233,7 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
         classifier = load_classifier(config, workdir)
     extract, feature_space = feature_extractor(config, classifier)
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
-    params = state.ema_params if config.sampling.use_ema else state.params
+    params = train_state.model_params(state, config.sampling.use_ema)
     generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
                                             mesh=run.sampling_mesh(config),
                                             decode=latent.decoder_for(config, workdir))

@@ -19,7 +19,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from diffusion_jax import configuration, editing, files, guidance, latent, parallel
-from diffusion_jax import parameterization, run, samplers
+from diffusion_jax import parameterization, run, samplers, train_state
 from diffusion_jax.conditioning import sampling_network
 from diffusion_jax.pipelines import StableDiffusion
 
@@ -260,7 +260,8 @@ def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **samp
     generate = make_generate_fn(config, model, example_shape, num_classes,
                                 mesh=run.sampling_mesh(config),
                                 decode=latent.decoder_for(config, workdir), **sampling)
-    images = generate(state.ema_params, jax.random.key(seed), len(prompts), list(prompts))
+    images = generate(train_state.model_params(state), jax.random.key(seed), len(prompts),
+                      list(prompts))
     return files.to_uint8(images), state
 
 
@@ -279,7 +280,7 @@ def generate_to_files(config, workdir):
         return generate_pretrained_to_files(config, workdir)
     step = None if config.sampling.checkpoint_step == -1 else config.sampling.checkpoint_step
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
-    params = state.ema_params if config.sampling.use_ema else state.params
+    params = train_state.model_params(state, config.sampling.use_ema)
     space = (latent.load_space(config, workdir, log=lambda line: None)
              if config.latent.autoencoder else None)
     generate = make_generate_fn(config, model, example_shape, num_classes,

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import autoencoder_training, autoencoders, data, files, generate, parallel
+from diffusion_jax import train_state
 
 __all__ = ["SampleGrids", "ReconstructionGrids", "for_run"]
 
@@ -33,7 +34,8 @@ class SampleGrids:
         if self._generate is None:
             self._generate = self._make()
         s = self._config.sampling
-        samples = self._generate(state.ema_params, jax.random.key(s.seed), s.num_samples)
+        samples = self._generate(train_state.model_params(state), jax.random.key(s.seed),
+                                 s.num_samples)
         if self._space is not None:
             samples = self._space.decode(samples)
         images = parallel.to_host(samples)

@@ -30,7 +30,7 @@ from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models.autoencoder import AutoencoderKL, sample_latent
 from diffusion_jax.pretrained import autoencoder_kl as diffusers_vae
 
-__all__ = ["LatentSpace", "LatentBatches", "load_space", "decoder_for", "check_precomputed", "estimate_scale", "encode_dataset",
+__all__ = ["LatentSpace", "load_autoencoder_params", "LatentBatches", "load_space", "decoder_for", "check_precomputed", "estimate_scale", "encode_dataset",
            "precomputed_source", "LATENT_FILE"]
 
 LATENT_FILE = "latent.json"
@@ -133,7 +133,7 @@ class LatentBatches:
         self._iterator.set_state(state)
 
 
-def _load_params(source: autoencoders.AutoencoderSource, step: Optional[int]):
+def load_autoencoder_params(source: autoencoders.AutoencoderSource, step: Optional[int]):
     """``(params, step)``: a run's checkpoint ``step`` (None: latest), or a diffusers folder's."""
     if source.kind == "diffusers":
         try:
@@ -211,7 +211,7 @@ def load_space(config, workdir: str, *, estimate: Optional[Callable] = None,
             "autoencoder the run was trained with; restore that file (or start a new run)")
     wanted = None if config.latent.checkpoint_step == -1 else config.latent.checkpoint_step
     step = kept.get("autoencoder_step", wanted) if kept else wanted
-    params, step = _load_params(source, step)
+    params, step = load_autoencoder_params(source, step)
     space = LatentSpace(source.autoencoder, params, autoencoder_step=step)
     if kept is not None:
         return space.with_scale(kept["scale"], kept["shift"])
@@ -312,7 +312,7 @@ def encode_dataset(config, workdir: str, *, log: Callable[[str], None] = print) 
     pixels = configuration.build_source(config.data)
     source = autoencoders.describe(config.latent.autoencoder, config.model.dtype)
     step = None if config.latent.checkpoint_step == -1 else config.latent.checkpoint_step
-    params, step = _load_params(source, step)
+    params, step = load_autoencoder_params(source, step)
     space = LatentSpace(source.autoencoder, params)
     image_shape, num_classes = configuration.data_shape(pixels)
     shape = autoencoders.latent_shape(source.autoencoder, image_shape,

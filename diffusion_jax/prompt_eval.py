@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import classifier_store, configuration, files, generate, parallel, run
-from diffusion_jax import latent, writers
+from diffusion_jax import latent, train_state, writers
 from diffusion_jax.data import captions
 from diffusion_jax.models.classifier import AttributeClassifier
 
@@ -329,7 +329,7 @@ def _chance(attributes, num_heads):
 def _checkpoint_generator(config, workdir, step):
     """The default generator source: the run's checkpoint, through ``generate.make_generate_fn``."""
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
-    params = state.ema_params if config.sampling.use_ema else state.params
+    params = train_state.model_params(state, config.sampling.use_ema)
     mesh = run.sampling_mesh(config)
     decode = latent.decoder_for(config, workdir)
 

@@ -6,17 +6,23 @@ they agree on what a config builds and on which checkpoints fit it.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Optional
 
+import jax
+
 from diffusion_jax import autoencoders
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import configuration, defaults, parallel, pretrained_runs, train_state, writers
+from diffusion_jax import configuration, defaults, lora_runs, parallel, pretrained_runs
+from diffusion_jax import train_state, writers
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models import registry
 
 __all__ = ["build", "build_mesh", "sampling_mesh", "has_checkpoints", "open_checkpoints", "model_fingerprint",
-           "diffusion_fingerprint", "restore_run"]
+           "diffusion_fingerprint", "restore_run", "abstract_state", "initial_adapter_state",
+           "attach_base", "read_run_config"]
 
 
 def build(config):
@@ -146,6 +152,8 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
         fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
     if config.pretrained.path:  # the folder's networks (their configs, not its location)
         fingerprint["pretrained"] = pretrained_runs.fingerprint(config.pretrained.path)
+    if lora_runs.enabled(config):  # (full runs record nothing here, as before adapters)
+        fingerprint["lora"] = lora_runs.fingerprint(config)
     if config.latent.autoencoder:  # (pixel runs record nothing here, as before latents)
         fingerprint["latent"] = autoencoders.describe(config.latent.autoencoder).fingerprint()
     reference = defaults.get_config().model
@@ -190,15 +198,106 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
     """
     _, model, example_shape, num_classes, optimizer = build(config)
     checkpoints = open_checkpoints(config, workdir, example_shape, num_classes)
+    mesh = sampling_mesh(config)
     try:
         if checkpoints.latest_step() is None:
             raise ckpt_lib.CheckpointError(
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`python main.py --config=... --workdir={workdir}`")
-        abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
-                                                    config.seed)
-        state = checkpoints.restore(train_state.with_shardings(abstract, sampling_mesh(config)),
-                                    step=step)
+        abstract = abstract_state(config, model, optimizer, example_shape, num_classes)
+        state = checkpoints.restore(train_state.with_shardings(abstract, mesh), step=step)
     finally:
         checkpoints.close()
+    if lora_runs.enabled(config):  # the adapters' frozen base, read again
+        state = attach_base(config, workdir, state, model, example_shape, num_classes,
+                                      abstract, mesh)
     return state, model, example_shape, num_classes
+
+
+def abstract_state(config, model, optimizer, example_shape, num_classes):
+    """The shapes of the run's train state (an adapter run's: adapters and frozen base)."""
+    if lora_runs.enabled(config):
+        return lora_runs.abstract_state(config, model, optimizer, example_shape, num_classes)
+    return train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
+                                            config.seed)
+
+
+# -- adapter runs (LoRA): the frozen base -----------------------------------------------------
+
+
+def initial_adapter_state(config, workdir, model, optimizer, example_shape, num_classes,
+                          abstract, mesh):
+    """A fresh adapter state in its shardings over ``mesh``, its base read into place."""
+    shardings = parallel.state_shardings(mesh, abstract)
+    base = _load_base(config, workdir, model, example_shape, num_classes, shardings.frozen,
+                      fresh=True)
+    paths = lora_runs.adapter_paths(config, base)
+    make = jax.jit(functools.partial(lora_runs.make_state, config, optimizer, paths),
+                   out_shardings=shardings, donate_argnums=0)
+    return make(base)
+
+
+def attach_base(config, workdir, state, model, example_shape, num_classes, abstract, mesh):
+    """A restored adapter state (checkpoints hold no base) with its base read again."""
+    shardings = parallel.state_shardings(mesh, abstract)
+    base = _load_base(config, workdir, model, example_shape, num_classes, shardings.frozen,
+                      fresh=False)
+    return state.replace(frozen=base, compose=abstract.compose)
+
+
+def _load_base(config, workdir, model, example_shape, num_classes, shardings, *, fresh: bool):
+    """The frozen base's parameters, each placed in its sharding.
+
+    From ``config.pretrained.path`` (the folder's UNet and text encoder), or from the run in
+    ``config.lora.base``: the checkpoint ``lora.base_step`` (-1: the latest) on a fresh start,
+    the one ``WORKDIR/lora.json`` recorded on resuming."""
+    if config.pretrained.path:
+        return pretrained_runs.initial_params(config, model, shardings)
+    base = config.lora.base
+    recorded = lora_runs.recorded_base(workdir)
+    if not fresh and recorded:
+        if os.path.realpath(recorded["base"]) != os.path.realpath(base):
+            raise configuration.ConfigError(
+                f"config.lora.base={base!r}, but this run's adapters were trained on "
+                f"{recorded['base']!r} ({os.path.join(workdir, lora_runs.LORA_FILE)}); resume "
+                "with that base")
+        step = recorded["base_step"]
+    else:
+        step = None if config.lora.base_step == -1 else config.lora.base_step
+    params, step = _base_run_params(config, base, model, example_shape, num_classes, shardings,
+                                    step)
+    if fresh:
+        lora_runs.record_base(workdir, base, step)
+    return params
+
+
+def read_run_config(workdir: str, where: str):
+    """The config a run in ``workdir`` was trained with (its config.json over the defaults)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise configuration.ConfigError(f"{where} is not a run's workdir (it has no "
+                                        "config.json)")
+    with open(path) as f:
+        return autoencoders.run_config(json.load(f), where)
+
+
+def _base_run_params(config, base, model, example_shape, num_classes, shardings, step):
+    """``(EMA parameters, step)`` of the run in ``base``, checked to be this run's model."""
+    where = f"config.lora.base={base!r}"
+    base_config = read_run_config(base, where)
+    if model_fingerprint(base_config.model) != model_fingerprint(config.model):
+        raise configuration.ConfigError(
+            f"{where} trained another model ({base_config.model.name} with other settings); an "
+            "adapter run's config.model must be the base run's")
+    abstract = train_state.abstract_train_state(
+        model, optimizer_lib.optimizer_from_config(base_config), example_shape, num_classes,
+        base_config.seed)
+    mesh = jax.tree_util.tree_leaves(shardings)[0].mesh
+    checkpoints = open_checkpoints(base_config, base, example_shape, num_classes)
+    try:
+        if checkpoints.latest_step() is None:
+            raise configuration.ConfigError(f"{where} has no checkpoint yet; train it first")
+        state = checkpoints.restore(train_state.with_shardings(abstract, mesh), step=step)
+    finally:
+        checkpoints.close()
+    return jax.tree_util.tree_map(jax.device_put, state.ema_params, shardings), int(state.step)

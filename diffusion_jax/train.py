@@ -32,7 +32,8 @@ from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, gradients, latent
 from diffusion_jax import console as console_lib
 from diffusion_jax import grids as grids_lib
-from diffusion_jax import losses, parallel, pretrained_runs, run, train_state, writers
+from diffusion_jax import lora_runs, losses, parallel, pretrained_runs, run, train_state
+from diffusion_jax import writers
 from diffusion_jax import workdir as workdir_lib
 
 __all__ = ["TrainMetrics", "make_train_step", "all_finite", "TrainingDiverged", "Interrupted",
@@ -115,22 +116,34 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     # sharded over fsdp, which that would gather (see parallel.global_norm).
     concat_below = (math.inf if mesh is None or mesh.shape["fsdp"] == 1
                     else parallel.FSDP_MIN_SIZE)
+    micro_sharding = None if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
     if use_shard_map:
         loss_and_grads = gradients.sharded_loss_and_grads(compute, mesh, grad_accumulation)
     else:
-        micro_sharding = None if mesh is None else jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
-
         def loss_and_grads(params, batch, draws):
             return gradients.mean_loss_and_grads(compute, params, batch, draws,
                                                  grad_accumulation, micro_sharding)
 
     takes_step = getattr(loss_fn, "draw_takes_step", False)
 
+    def adapted_loss_and_grads(state, batch, draws):
+        """Gradients for the adapters alone: the network runs with compose(frozen, adapters)."""
+        if use_shard_map:
+            raise ValueError("a run of adapters on a frozen model (LoRA) computes its "
+                             "gradients with mesh.train_step='jit'")
+        def adapted(params, batch, draws):
+            return compute(state.compose(state.frozen, params), batch, draws)
+        return gradients.mean_loss_and_grads(adapted, state.params, batch, draws,
+                                             grad_accumulation, micro_sharding)
+
     def train_step(state: train_state.TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         batch, draws = draw(batch, key, state.step) if takes_step else draw(batch, key)
-        loss, grads = loss_and_grads(state.params, batch, draws)
+        if state.compose is None:
+            loss, grads = loss_and_grads(state.params, batch, draws)
+        else:
+            loss, grads = adapted_loss_and_grads(state, batch, draws)
         grad_norm = parallel.global_norm(grads, concat_below=concat_below)
         extra = ({"grad_norm": grad_norm}
                  if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {})
@@ -372,7 +385,7 @@ def _data_iterator(config, source, mesh, num_classes):
                                   dataset=f"config.data.name={config.data.name!r} ({source!r})")
 
 
-def _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts):
+def _restore_or_init(config, workdir, checkpoints, abstract, mesh, iterator, parts):
     """``(state, resumed)``: the latest checkpoint (and data position), or a fresh state."""
     _, model, example_shape, num_classes, optimizer = parts
     latest = checkpoints.latest_step()
@@ -388,7 +401,13 @@ def _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts):
                 f"the checkpoint is at step {int(state.step)}, which is not a multiple of "
                 f"config.training.steps_per_call={config.training.steps_per_call}; resume with a "
                 "steps_per_call that divides it (e.g. the one the run was started with)")
+        if lora_runs.enabled(config):  # checkpoints hold the adapters; the base is read again
+            state = run.attach_base(config, workdir, state, model, example_shape, num_classes,
+                                    abstract, mesh)
         return state, True
+    if lora_runs.enabled(config):
+        return run.initial_adapter_state(config, workdir, model, optimizer, example_shape,
+                                         num_classes, abstract, mesh), False
     if config.pretrained.path:  # the folder's weights, read into their shardings
         params = pretrained_runs.initial_params(
             config, model, parallel.state_shardings(mesh, abstract).params)
@@ -433,6 +452,13 @@ def _describe_model(config, abstract, mesh, example_shape) -> str:
     if config.pretrained.path:
         name = (f"the UNet and {'frozen ' if config.text.freeze else ''}CLIP text encoder of "
                 f"{config.pretrained.path}")
+    if lora_runs.enabled(config):
+        base = clu_parameter_overview.count_parameters(abstract.frozen)
+        layers = len(lora_runs.adapter_paths(config, abstract.frozen))
+        return (f"model: LoRA adapters (rank {config.lora.rank}, {layers} layers, "
+                f"{num_params:,} parameters, {num_params / base:.2%} of the base) of the frozen "
+                f"{name}{where} ({base:,} parameters, from "
+                f"{config.pretrained.path or config.lora.base}); {devices}")
     return f"model: {name}{where}, {num_params:,} parameters; {devices}"
 
 
@@ -483,11 +509,11 @@ def _train(config, workdir, parts, log):
     writer = None  # opened once the state is restored: a refused resume writes nothing
     try:
         # The state is created (or restored) directly in its sharding over the mesh.
-        abstract = train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
-                                                    config.seed)
+        abstract = run.abstract_state(config, model, optimizer, example_shape, num_classes)
         # A full disk or an unwritable folder is found now, not at the first save.
-        checkpoints.check_writable(ckpt_lib.state_bytes(abstract))
-        state, resumed = _restore_or_init(config, checkpoints, abstract, mesh, iterator, parts)
+        checkpoints.check_writable(ckpt_lib.state_bytes(abstract.replace(frozen=None)))
+        state, resumed = _restore_or_init(config, workdir, checkpoints, abstract, mesh, iterator,
+                                          parts)
         step_fn = compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
         # Batches are assembled on the devices ahead of the step; checkpoints record the data
         # position of the last batch used, not of those waiting.

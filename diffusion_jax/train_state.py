@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from diffusion_jax import parallel
 
 __all__ = ["TrainState", "create_train_state", "abstract_train_state", "with_shardings",
-           "init_train_state", "state_from_params"]
+           "init_train_state", "state_from_params", "model_params"]
 
 
 @flax.struct.dataclass
@@ -20,6 +20,12 @@ class TrainState:
 
     That is the step, the parameters, their exponential moving average, the optimizer state and
     the base PRNG key (raw uint32 key data, so that it checkpoints like any array).
+
+    A run that trains adapters of a frozen model (LoRA, :mod:`diffusion_jax.lora_runs`) keeps
+    that model's parameters once in ``frozen`` (no EMA, no optimizer state; not checkpointed:
+    they are read again from where they came from), ``params`` are the adapters, and
+    ``compose(frozen, params)`` (static) gives the parameters the network runs with; see
+    :func:`model_params`.
     """
 
     step: jax.Array
@@ -27,6 +33,14 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None
+    compose: Any = flax.struct.field(pytree_node=False, default=None)
+
+
+def model_params(state: TrainState, use_ema: bool = True):
+    """The parameters the network runs with: the EMA (or raw) ones, on the base of an adapter run."""
+    params = state.ema_params if use_ema else state.params
+    return params if state.compose is None else state.compose(state.frozen, params)
 
 
 def create_train_state(model, optimizer, example_x, key, *,
