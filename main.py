@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import autoencoder_eval, checkpoints, configuration, data, evaluate, generate
-from diffusion_jax import latent, parallel, run, train
+from diffusion_jax import latent, parallel, run, run_export, train
 from diffusion_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -43,7 +43,8 @@ def define_flags(values=FLAGS):
                       "train: train (or resume); sample: generate from a checkpoint (an "
                       "autoencoder run: reconstructions); eval: metrics of generated samples (of "
                       "reconstructions); train_classifier: the feature extractor eval uses; "
-                      "encode_dataset: precompute a latent run's latents (config.latent).",
+                      "encode_dataset: precompute a latent run's latents (config.latent); "
+                      "export: write the run in diffusers' formats under WORKDIR/export.",
                       flag_values=values)
     flags.DEFINE_bool("verbose", False, "Print the traceback of errors as well as their message.",
                       flag_values=values)
@@ -69,8 +70,15 @@ def evaluate_run(config, workdir):
     return evaluate.evaluate(config, workdir)
 
 
+def export(config, workdir):
+    """--mode=export: the run in diffusers' formats (a model folder, or a LoRA file)."""
+    written = run_export.export_to_workdir(config, workdir)
+    print(f"wrote {' and '.join(written)}")
+
+
 MODES = {"train": train.train_and_evaluate, "sample": sample, "eval": evaluate_run,
-         "train_classifier": evaluate.train_classifier, "encode_dataset": latent.encode_dataset}
+         "train_classifier": evaluate.train_classifier, "encode_dataset": latent.encode_dataset,
+         "export": export}
 
 define_flags()
 # What a user can cause and fix: printed as one "error:" line, exit code 2.

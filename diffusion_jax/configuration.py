@@ -152,6 +152,7 @@ NUMERIC = {
     "pretrained.height": (int, ">= 0 (0 = the model's size)"),
     "pretrained.width": (int, ">= 0 (0 = the model's size)"),
     "pretrained.batch_size": (int, "> 0"),
+    "pretrained.lora_scales": (float, "any number (a LoRA's strength; negative inverts it)"),
     "lora.rank": (int, ">= 0 (0 = off)"), "lora.alpha": (float, ">= 0 (0 = rank)"),
     "lora.base_step": (int, ">= -1 (-1 = latest)"),
 }
@@ -161,6 +162,7 @@ RULES = {
     ">= -1": lambda v: v >= -1, "-1 or >= 1": lambda v: v == -1 or v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
     "-1 or in [0, 1]": lambda v: v == -1 or 0 <= v <= 1,
+    "any number": lambda v: True,
 }
 
 
@@ -240,6 +242,14 @@ def _check_editing(given: dict) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
                               "JPEG image")
+    for path in (p.strip() for p in given["pretrained.lora"].split(",") if p.strip()):
+        if not os.path.exists(path):
+            raise ConfigError(f"config.pretrained.lora names {path!r}, which does not exist: "
+                              "give LoRA .safetensors files (or folders holding "
+                              "pytorch_lora_weights.safetensors), comma-separated")
+    if given["pretrained.lora"] and not given["pretrained.path"]:
+        raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
+                          "config.pretrained.path")
     if given["sampling.mask_image"] and not given["sampling.init_image"]:
         raise ConfigError("config.sampling.mask_image needs config.sampling.init_image: the "
                           "image whose masked region is repainted")

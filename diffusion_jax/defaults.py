@@ -294,6 +294,10 @@ def _pretrained() -> ml_collections.ConfigDict:
     # model.dtype).
     pretrained.param_dtype = "float32"
     pretrained.batch_size = 4  # images per generation call (num_samples are made in batches)
+    # LoRA files to sample with (diffusers/PEFT or kohya naming), comma-separated, and their
+    # strengths (one per file; () = 1 for each).
+    pretrained.lora = ""
+    pretrained.lora_scales = ()
     return pretrained
 
 

@@ -331,17 +331,30 @@ def load_pipeline(config) -> StableDiffusion:
     """The Stable Diffusion folder ``config.pretrained.path``, on the sampling mesh.
 
     Computation in ``config.model.dtype``, parameters in ``config.pretrained.param_dtype``,
-    split over the mesh's fsdp axis when ``config.mesh.fsdp`` > 1; a folder that cannot be
-    loaded is a :class:`~diffusion_jax.configuration.ConfigError` naming what is wrong."""
+    split over the mesh's fsdp axis when ``config.mesh.fsdp`` > 1, with the LoRA files of
+    ``config.pretrained.lora`` at ``lora_scales``; a folder or file that cannot be loaded is a
+    :class:`~diffusion_jax.configuration.ConfigError` naming what is wrong."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     mesh = run.sampling_mesh(config)
     try:
-        return StableDiffusion.from_pretrained(
+        pipeline = StableDiffusion.from_pretrained(
             config.pretrained.path, dtype=dtypes[config.model.dtype],
             param_dtype=dtypes[config.pretrained.param_dtype], mesh=mesh,
             fsdp=mesh.shape["fsdp"] > 1, attention=config.model.attention)
     except (OSError, ValueError) as err:
         raise configuration.ConfigError(f"config.pretrained.path: {err}") from err
+    lora_paths = [f.strip() for f in config.pretrained.lora.split(",") if f.strip()]
+    scales = list(config.pretrained.lora_scales) or [1.0] * len(lora_paths)
+    if len(scales) != len(lora_paths):
+        raise configuration.ConfigError(
+            f"config.pretrained.lora_scales has {len(scales)} values for {len(lora_paths)} LoRA "
+            "files in config.pretrained.lora: give one per file (or none for 1 each)")
+    for path, scale in zip(lora_paths, scales):
+        try:
+            pipeline.load_lora(path, scale)
+        except (OSError, ValueError) as err:
+            raise configuration.ConfigError(f"config.pretrained.lora: {err}") from err
+    return pipeline
 
 
 def generate_pretrained(config, pipeline, prompts, first_index: int = 0):

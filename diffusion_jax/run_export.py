@@ -28,12 +28,13 @@ from typing import Optional
 import jax
 import numpy as np
 
-from diffusion_jax import autoencoders, configuration, latent, run, train_state
+from diffusion_jax import autoencoders, configuration, latent, lora, lora_runs, run, train_state
 from diffusion_jax.models.clip_conditioned import CLIPConditioned
 from diffusion_jax.models.text_conditioned import TextConditioned
-from diffusion_jax.pretrained import clip_text, export, sd_unet
+from diffusion_jax.pretrained import clip_text, export, lora_files, sd_unet
+from diffusion_jax.pretrained import stable_diffusion as sd_folder
 
-__all__ = ["export_run"]
+__all__ = ["export_run", "export_lora", "export_to_workdir"]
 
 
 def _size(shape):
@@ -131,3 +132,60 @@ def export_run(workdir: str, out_folder: str, step: Optional[int] = None, *,
         kwargs.update(autoencoder=space.autoencoder, autoencoder_params=space.params,
                       scaling_factor=space.scale, shift_factor=space.shift or None)
     return export.export_pipeline(out_folder, model, params, **kwargs)
+
+
+def export_lora(workdir: str, path: str, step: Optional[int] = None, *,
+                use_ema: Optional[bool] = None) -> str:
+    """Write the adapters of an adapter run on a Stable Diffusion folder as a LoRA file.
+
+    The file (``path``: a ``.safetensors`` file, or a folder to hold
+    ``pytorch_lora_weights.safetensors``) has the PEFT layout diffusers' ``load_lora_weights``
+    reads, with the rank and alpha of every layer; the UNet's adapters and, when the run had
+    them, the text encoder's. Returns the file written."""
+    config = run.read_run_config(os.fspath(workdir), f"the run {workdir}")
+    if not (lora_runs.enabled(config) and config.pretrained.path):
+        raise configuration.ConfigError(
+            f"{workdir} is not a run of LoRA adapters on a Stable Diffusion folder "
+            "(config.lora.rank > 0 with config.pretrained.path); export_run writes other runs")
+    state, *_ = run.restore_run(config, os.fspath(workdir), step=step)
+    use_ema = bool(config.sampling.use_ema if use_ema is None else use_ema)
+    adapter = lora_runs.adapter_of(state.ema_params if use_ema else state.params,
+                                   state.compose.alphas)
+
+    def part(prefix):
+        paths = [p for p in adapter.paths if p.startswith(prefix)]
+        if not paths:
+            return None
+        return lora.Adapter({p[len(prefix):]: adapter.weights[p] for p in paths},
+                            {p[len(prefix):]: adapter.alphas[p] for p in paths})
+
+    models = sd_folder.load_stable_diffusion(
+        config.pretrained.path, components=("unet", "text_encoder", "tokenizer"))
+    loras = lora_files.StableDiffusionLora(unet=part("denoiser/"),
+                                           text_encoders=[part("encoder/")])
+    return lora_files.save_lora(path, loras, models)
+
+
+def export_to_workdir(config, workdir: str) -> list:
+    """``--mode=export``: the run in ``workdir`` in diffusers' formats, under ``workdir/export``.
+
+    An adapter run on a Stable Diffusion folder gives ``export/pytorch_lora_weights.safetensors``;
+    any other run a model folder ``export/diffusers`` (an adapter run on a run of ours: the
+    merged model). ``config.sampling.checkpoint_step`` (-1: the latest) and ``use_ema`` choose
+    the parameters. An earlier export there is replaced (it is made again from the checkpoint).
+    Returns the paths written."""
+    del config  # the run's own config.json decides what it is
+    saved = run.read_run_config(os.fspath(workdir), f"the run {workdir}")
+    step = None if saved.sampling.checkpoint_step == -1 else saved.sampling.checkpoint_step
+    target = os.path.join(workdir, "export")
+    os.makedirs(target, exist_ok=True)
+    try:
+        if lora_runs.enabled(saved) and saved.pretrained.path:
+            return [export_lora(workdir, target, step)]
+        folder = os.path.join(target, "diffusers")
+        export_run(workdir, folder, step, overwrite=True)
+    except ValueError as err:
+        if isinstance(err, configuration.ConfigError):
+            raise
+        raise configuration.ConfigError(f"--mode=export: {err}") from err
+    return [folder]

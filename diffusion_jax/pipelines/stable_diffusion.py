@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import editing, guidance, parallel, parameterization, samplers
+from diffusion_jax import editing, guidance, lora, parallel, parameterization, samplers
+from diffusion_jax.pretrained import lora_files
 from diffusion_jax.pretrained import scheduler as scheduler_lib
 from diffusion_jax.pretrained.stable_diffusion import StableDiffusionModels, load_stable_diffusion
 
@@ -78,6 +79,7 @@ class StableDiffusion:
         self.force_zeros_for_empty_prompt = bool(
             models.index.get("force_zeros_for_empty_prompt", models.family == "sdxl"))
         self._programs = {}
+        self.loras, self.lora_scales = [], []
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, mesh=None,
@@ -99,9 +101,44 @@ class StableDiffusion:
 
     @property
     def params(self) -> dict:
-        """Every parameter the generation program reads."""
+        """Every parameter the generation program reads (the LoRAs' factors and scales too)."""
         return {"unet": self.models.unet_params, "vae": self.models.vae_params,
-                "text_encoders": list(self.models.text_encoder_params)}
+                "text_encoders": list(self.models.text_encoder_params),
+                "loras": [{"unet": l.unet, "text_encoders": list(l.text_encoders)}
+                          for l in self.loras],
+                "lora_scales": jnp.asarray(self.lora_scales, jnp.float32)}
+
+    # -- LoRA ------------------------------------------------------------------------------------
+
+    def load_lora(self, path, scale: float = 1.0) -> lora_files.StableDiffusionLora:
+        """Use the LoRA file ``path`` (diffusers/PEFT or kohya naming) at strength ``scale``.
+
+        LoRAs add up, each with its own scale (:meth:`set_lora_scales`); they are merged into
+        the weights inside each call's program, so changing a scale does not recompile.
+        ``path`` is a ``.safetensors`` file or a folder holding
+        ``pytorch_lora_weights.safetensors``. A LoRA of another model is refused, naming the
+        layer and the shapes."""
+        loaded = lora_files.load_lora(path, self.models)
+        self.loras.append(loaded)
+        self.lora_scales.append(float(scale))
+        return loaded
+
+    def set_lora_scales(self, scales) -> None:
+        """One strength per loaded LoRA, in the order they were loaded."""
+        scales = [float(s) for s in (scales if isinstance(scales, (list, tuple)) else [scales])]
+        if len(scales) != len(self.loras):
+            raise ValueError(f"{len(scales)} scales for {len(self.loras)} loaded LoRAs")
+        self.lora_scales = scales
+
+    def unload_loras(self) -> None:
+        """Back to the folder's own weights."""
+        self.loras, self.lora_scales = [], []
+
+    def fuse_loras(self) -> None:
+        """Merge the loaded LoRAs into the weights at their scales, once (no merge per call)."""
+        if self.loras:
+            self.models = lora_files.merge_into(self.models, self.loras, self.lora_scales)
+            self.unload_loras()
 
     # -- inputs ----------------------------------------------------------------------------------
 
@@ -358,6 +395,7 @@ class StableDiffusion:
 
     def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key, edit):
         models = self.models
+        params = _with_loras(params)
         sample_kwargs = _thaw(static.sample_kwargs)
         schedule = sample_kwargs.pop("schedule")
         cond = _encode(models, params["text_encoders"], ids)
@@ -406,6 +444,25 @@ class StableDiffusion:
         z = final / info["scaling_factor"] + (info.get("shift_factor") or 0.0)
         images = models.vae.apply({"params": params["vae"]}, z, method=models.vae.decode)
         return jnp.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def _with_loras(params: dict) -> dict:
+    """The UNet's and text encoders' parameters with the LoRAs merged in at their scales."""
+    loras, scales = params["loras"], params["lora_scales"]
+    if not loras:
+        return params
+
+    def merged(base, adapters):
+        chosen = [(a, i) for i, a in enumerate(adapters) if a is not None]
+        if not chosen:
+            return base
+        return lora.apply(base, [a for a, _ in chosen], [scales[i] for _, i in chosen])
+
+    encoders = [merged(p, [l["text_encoders"][i] if i < len(l["text_encoders"]) else None
+                           for l in loras])
+                for i, p in enumerate(params["text_encoders"])]
+    return {**params, "unet": merged(params["unet"], [l["unet"] for l in loras]),
+            "text_encoders": encoders}
 
 
 def _batch_of(value, batch, name, read):
