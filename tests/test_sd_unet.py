@@ -164,6 +164,22 @@ def test_fp16_variant_and_sharded_weights_load(saved, tmp_path):
     np.testing.assert_array_equal(params["conv_out"]["kernel"], reference["conv_out"]["kernel"])
 
 
+def test_bfloat16_weight_files_load(saved, tmp_path):
+    """safetensors' numpy API has no bfloat16; such tensors are read from the file's bytes."""
+    from safetensors.torch import save_file as save_torch_file
+
+    root, models = saved
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    shutil.copy(root / "sd1" / "config.json", bf16 / "config.json")
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in models["sd1"].state_dict().items()}
+    save_torch_file(state, str(bf16 / "diffusion_pytorch_model.safetensors"))
+    _, params, _ = sd_unet.load_unet(bf16)
+    expected = state["conv_in.weight"].float().permute(2, 3, 1, 0).numpy()
+    np.testing.assert_array_equal(params["conv_in"]["kernel"], expected)
+    assert params["conv_in"]["kernel"].dtype == np.float32
+
+
 def test_bad_weights_are_named(saved, tmp_path):
     root, _ = saved
     state = load_file(str(root / "sd1" / "diffusion_pytorch_model.safetensors"))

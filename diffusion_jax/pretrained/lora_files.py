@@ -33,17 +33,15 @@ import json
 import math
 import os
 import re
-import struct
 import tempfile
 from typing import Optional
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from diffusion_jax import lora
 from diffusion_jax.pretrained import clip_text, sd_unet
-from diffusion_jax.pretrained.weights import listed
+from diffusion_jax.pretrained.weights import listed, read_bfloat16
 
 __all__ = ["StableDiffusionLora", "Layer", "Layout", "layout", "lora_file", "read_lora",
            "convert_lora", "load_lora", "save_lora", "merge_into", "WEIGHT_NAME"]
@@ -197,21 +195,6 @@ def layout(models) -> Layout:
     return Layout(components, kohya)
 
 
-def _bfloat16_reader(path: str):
-    """``read(name)`` of a file's bfloat16 tensors (numpy has no name for them), from its bytes."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-
-    def read(name):
-        start, end = header[name]["data_offsets"]
-        with open(path, "rb") as f:
-            f.seek(8 + length + start)
-            data = np.frombuffer(f.read(end - start), ml_dtypes.bfloat16)
-        return data.reshape(header[name]["shape"]).astype(np.float32)
-    return read
-
-
 def lora_file(path) -> str:
     """``path`` itself, or the diffusers LoRA file in the folder ``path``."""
     path = os.fspath(path)
@@ -240,9 +223,8 @@ def read_lora(path) -> tuple[dict, Optional[dict]]:
     except Exception as err:  # the library raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
     bfloat16 = [n for n in handle.keys() if handle.get_slice(n).get_dtype() == "BF16"]
-    read = _bfloat16_reader(path) if bfloat16 else None
-    tensors = {name: read(name) if name in bfloat16 else handle.get_tensor(name)
-               for name in handle.keys()}
+    tensors = {name: read_bfloat16(path, name).astype(np.float32) if name in bfloat16
+               else handle.get_tensor(name) for name in handle.keys()}
     raw = (handle.metadata() or {}).get(METADATA_KEY)
     try:
         metadata = json.loads(raw) if raw else None

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from typing import Callable, Mapping, Optional, Sequence
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 __all__ = ["WeightsFile", "DictWeights", "Source", "torch_to_flax", "load_tree", "listed",
@@ -53,6 +55,20 @@ def read_json_object(path: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, not a {type(value).__name__}")
     return value
+
+
+def read_bfloat16(path: str, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a safetensors file, from its bytes (``ml_dtypes.bfloat16``).
+
+    safetensors' numpy API cannot return bfloat16 (numpy has no such type); the header gives the
+    tensor's byte range, and ml_dtypes the type."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(length))[name]
+        start, end = entry["data_offsets"]
+        f.seek(8 + length + start)
+        data = np.frombuffer(f.read(end - start), ml_dtypes.bfloat16)
+    return data.reshape(entry["shape"])
 
 
 class WeightsFile:
@@ -131,7 +147,12 @@ class WeightsFile:
 
     def read(self, name: str) -> np.ndarray:
         """One tensor, copied out of the file (nothing keeps the file mapped)."""
-        tensor = self._open(self._where[name]).get_tensor(name)
+        path = self._where[name]
+        handle = self._open(path)
+        if handle.get_slice(name).get_dtype() == "BF16":
+            tensor = read_bfloat16(path, name)
+        else:
+            tensor = handle.get_tensor(name)
         self._bytes_mapped += tensor.nbytes
         if self._bytes_mapped > _REMAP_BYTES:
             self._files.clear()  # unmaps the files; they are reopened on the next read
