@@ -8,6 +8,7 @@ not fit it, and the options that trade speed for memory (``--remat``, ``--grad-a
     python benchmarks/train_memory.py                                # DDPM UNet, bf16, batch 128
     python benchmarks/train_memory.py --meshes 1x1 8x1 1x8 2x4 --remat both --grad-accumulation 1 4
     python benchmarks/train_memory.py --target h100 --models sd15 --batch 32 --remat both
+    python benchmarks/train_memory.py --models sd15 --batch 2 --lora-rank 0 8  # full vs LoRA
 
 Per device, in GB: ``inputs_gb`` is what the step is given (its share of parameters, EMA, Adam
 moments, batch and metrics), ``temp_gb`` what it allocates while it runs (activations kept for the
@@ -19,11 +20,21 @@ JAX's CUDA plugin, see ``compiled_kernels.py``). The numbers are the given compi
 backend fuses, schedules and pads differently: XLA's CPU compiler keeps more float32 temporaries
 in a bfloat16 step than a GPU's and realises little of what remat saves (docs/benchmarks.md has
 figures). Read a CPU's numbers for meshes and trends, and the target's for a card.
+
+``--lora-rank 0 8`` compiles, for the same model, batch and options, the full fine-tuning step
+(rank 0) and the step of an adapter run (``config.lora.rank`` 8 on ``--lora-targets``, a preset
+of ``diffusion_jax.lora.PRESETS`` or regular expressions, comma-separated): its state is the
+adapters, their EMA and Adam moments, and the frozen base held once (``run.abstract_state``; the
+base needs no weights here, only its shapes). ``state_gb`` and ``frozen_gb`` are the state's and
+the base's bytes per device (part of ``inputs_gb``), ``params`` counts what is trained (the
+adapters' factors) and ``frozen_params`` the base. Each LoRA row carries ``inputs_ratio``,
+``temp_ratio`` and ``peak_ratio``: its numbers over the full step's with the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 
@@ -43,29 +54,60 @@ def parse_mesh(text):
 
 
 def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
-                grad_accumulation=1, train_step="jit", attention="xla"):
+                grad_accumulation=1, train_step="jit", attention="xla", lora_rank=0,
+                lora_targets="attention"):
     """Per-device memory in GB of benchmark model ``name``'s full training step on a mesh.
 
-    The step is compiled for a ``data`` x ``fsdp`` mesh of ``devices`` (abstract arrays only)."""
+    The step is compiled for a ``data`` x ``fsdp`` mesh of ``devices`` (abstract arrays only).
+    ``lora_rank`` > 0 compiles an adapter run's step instead: adapters of that rank on the
+    kernels ``lora_targets`` selects, the base frozen (``config.lora``)."""
     import jax
+    import numpy as np
 
     from common import abstract_step_arguments, build_abstract, compiled_memory
-    from diffusion_jax import parallel, train
+    from diffusion_jax import parallel, run, train
     from diffusion_jax.models import layers
 
+    lora = dict(lora__rank=lora_rank, lora__targets=lora_targets) if lora_rank else {}
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
         name, dtype, batch, model__remat=remat, model__attention=attention,
         training__grad_accumulation=grad_accumulation, mesh__train_step=train_step,
-        mesh__data=data, mesh__fsdp=fsdp)
+        mesh__data=data, mesh__fsdp=fsdp, **lora)
+    if lora_rank:  # the adapters, their EMA and moments, and the base once (shapes only)
+        abstract = run.abstract_state(config, model, optimizer, shape, num_classes)
     mesh = parallel.make_mesh(data, fsdp, devices[:data * fsdp])
+    arguments = abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes)
     with layers.compiling_for(devices[0].platform):
         step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
-        compiled = step.lower(*abstract_step_arguments(name, abstract, mesh, batch, shape,
-                                                       num_classes)).compile()
-    params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+        compiled = step.lower(*arguments).compile()
+
+    def count(tree):
+        return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+    def device_gb(tree):  # bytes of one device's shards
+        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x in jax.tree_util.tree_leaves(tree)) / 1e9
+
+    state = arguments[0]
     return {"model": name, "dtype": dtype, "batch": batch, "mesh": f"{data}x{fsdp}",
             "train_step": train_step, "remat": remat, "grad_accumulation": grad_accumulation,
-            "params": int(params), **compiled_memory(compiled)}
+            "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank else None,
+            "params": count(abstract.params), "frozen_params": count(abstract.frozen),
+            "state_gb": device_gb(state), "frozen_gb": device_gb(state.frozen),
+            **compiled_memory(compiled)}
+
+
+def add_ratios(rows):
+    """Give each LoRA row its memory over the full step's of the same settings (if measured)."""
+    keys = ("model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation")
+    full = {tuple(r[k] for k in keys): r for r in rows if not r["lora_rank"]}
+    for row in rows:
+        reference = full.get(tuple(row[k] for k in keys))
+        if row["lora_rank"] and reference:
+            for part in ("inputs", "temp", "peak"):
+                if f"{part}_gb" in row and reference.get(f"{part}_gb"):
+                    row[f"{part}_ratio"] = row[f"{part}_gb"] / reference[f"{part}_gb"]
+    return rows
 
 
 def main(argv=None):
@@ -81,8 +123,17 @@ def main(argv=None):
     parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla")
     parser.add_argument("--target", choices=["h100", "h200"], default=None,
                         help="compile for this GPU without one (one device; needs the plugin)")
+    parser.add_argument("--lora-rank", nargs="+", type=int, default=[0],
+                        help="0: the full step; r > 0: LoRA adapters of rank r on a frozen "
+                             "base (config.lora.rank); e.g. 0 8 compares them")
+    parser.add_argument("--lora-targets", default="attention",
+                        help="the kernels LoRA adapts (config.lora.targets)")
     parser.add_argument("--name", default="train_memory", help="results file stem")
     args = parser.parse_args(argv)
+    if any(rank < 0 for rank in args.lora_rank):
+        parser.error(f"--lora-rank takes 0 (full) or a positive rank, got {args.lora_rank}")
+    if any(args.lora_rank) and "shard_map" in args.train_step:
+        parser.error("LoRA steps compute their gradients with --train-step jit")
     needed = max(data * fsdp for data, fsdp in args.meshes)
     if args.target and needed > 1:
         parser.error("--target compiles for one device: use --meshes 1x1")
@@ -127,16 +178,28 @@ def main(argv=None):
             for data, fsdp in args.meshes:
                 for train_step in args.train_step:
                     for remat in remats:
-                        for steps in args.grad_accumulation:
+                        for steps, rank in itertools.product(args.grad_accumulation,
+                                                             args.lora_rank):
                             rows.append(step_memory(
                                 name, dtype, args.batch, devices=devices, data=data, fsdp=fsdp,
                                 remat=remat, grad_accumulation=steps, train_step=train_step,
-                                attention=args.attention))
+                                attention=args.attention, lora_rank=rank,
+                                lora_targets=args.lora_targets))
+                            add_ratios(rows)
                             print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
                                             f"{k} {v}" for k, v in rows[-1].items()), flush=True)
-    report(rows, ["model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation",
-                  "inputs_gb", "temp_gb", "peak_gb"], args.name,
-           {"target": args.target or devices[0].platform})
+    columns = ["model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation",
+               "inputs_gb", "temp_gb", "peak_gb"]
+    if args.lora_rank != [0]:
+        columns[7:7] = ["lora_rank", "params", "state_gb", "frozen_gb"]
+        columns += ["inputs_ratio", "temp_ratio", "peak_ratio"]
+    report(rows, columns, args.name, {"target": args.target or devices[0].platform})
+    for row in rows:
+        if "peak_ratio" in row:
+            print(f"{row['model']} {row['dtype']} batch {row['batch']} mesh {row['mesh']}: LoRA "
+                  f"rank {row['lora_rank']} ({row['lora_targets']}) / full: inputs "
+                  f"{row['inputs_ratio']:.3f}x, temp {row['temp_ratio']:.3f}x, peak "
+                  f"{row['peak_ratio']:.3f}x")
 
 
 if __name__ == "__main__":

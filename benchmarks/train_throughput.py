@@ -10,6 +10,7 @@ against a measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
     python benchmarks/train_throughput.py --steps-per-call 4 --remat --train-step shard_map
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --plain --profile
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --checkpoint
+    python benchmarks/train_throughput.py --models ddpm_cifar10 --lora-rank 0 8  # full vs LoRA
 
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
@@ -19,6 +20,15 @@ device at that batch than an H100 has and than JAX takes of an H200 by default; 
 ``train_memory.py``).
 Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
 batch is 8 and few steps are timed; on a GPU or TPU, 128.
+
+``--lora-rank 0 8`` times, for the same model and batch, full fine-tuning (rank 0) and the step of
+an adapter run (``config.lora.rank`` 8 on ``--lora-targets``): the train state's parameters, EMA
+and Adam moments are the adapters, the base (freshly initialised parameters, no trained run
+needed) is held once, frozen, and the network runs on base + adapters. Each LoRA row carries
+``speed_ratio`` (its steps/s over the full step's) and ``memory_ratio`` (its compiled
+``peak_gb`` over the full step's). ``gflop_per_image`` (and so MFU) is the full step's count
+on every row, a full-step-equivalent rate: the LoRA step computes no weight gradients of the
+frozen kernels, and ``gflop_per_image_xla`` is what it compiles to.
 """
 
 from __future__ import annotations
@@ -35,17 +45,51 @@ from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, compile
 from diffusion_jax import parallel, train
 
 
+def lora_state(config, model, optimizer, shape, num_classes, mesh):
+    """``(abstract, state)`` of an adapter run (``config.lora``) on freshly initialised weights.
+
+    The base is the model's initial parameters (as :func:`train_state.init_train_state` draws
+    them, created in their shardings), then the adapter state is made around it as a run makes
+    it (``lora_runs.make_state``, jitted into the state's shardings, the base donated)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from diffusion_jax import lora_runs, run, train_state
+
+    abstract = run.abstract_state(config, model, optimizer, shape, num_classes)
+    shardings = parallel.state_shardings(mesh, abstract)
+    base = jax.jit(lambda: train_state.create_train_state(
+        model, optimizer, jnp.zeros((1,) + tuple(shape), jnp.float32), jax.random.key(config.seed),
+        with_labels=num_classes is not None).params, out_shardings=shardings.frozen)()
+    paths = lora_runs.adapter_paths(config, base)
+    make = jax.jit(functools.partial(lora_runs.make_state, config, optimizer, paths),
+                   out_shardings=shardings, donate_argnums=0)
+    return abstract, make(base)
+
+
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             train_step="jit", grad_accumulation=1, dropout_rng="threefry", attention="xla",
-            state_layouts="auto", profile=False, profile_dir="", checkpoint=False):
+            state_layouts="auto", profile=False, profile_dir="", checkpoint=False, lora_rank=0,
+            lora_targets="attention"):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
                      mesh__state_layouts=state_layouts,
                      training__grad_accumulation=grad_accumulation,
                      model__dropout_rng=dropout_rng, model__attention=attention)
     if remat:
         overrides["model__remat"] = True
-    config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
-        name, dtype, batch, **overrides)
+    if lora_rank:
+        from common import build_abstract
+        from diffusion_jax import run
+
+        overrides.update(lora__rank=lora_rank, lora__targets=lora_targets)
+        config, shape, num_classes, model, optimizer, _ = build_abstract(
+            name, dtype, batch, **overrides)
+        mesh = run.build_mesh(config)
+        abstract, state = lora_state(config, model, optimizer, shape, num_classes, mesh)
+    else:
+        config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
+            name, dtype, batch, **overrides)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
     context = CONTEXT.get(name)
     host_batches = itertools.cycle([random_batch(shape, batch, num_classes, seed=i,
@@ -84,11 +128,15 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
         stall = checkpoint_stall(lambda: state, run_calls, calls * steps_per_call * seconds,
                                  lambda: jax.block_until_ready(running))
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    frozen = sum(x.size for x in jax.tree_util.tree_leaves(abstract.frozen))
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
     return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
+            "frozen_params": int(frozen), "lora_rank": lora_rank,
+            "lora_targets": lora_targets if lora_rank else None,
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
             "dropout_rng": dropout_rng, "attention": attention, "state_layouts": state_layouts,
-            "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
+            "images_per_s": batch / seconds, "steps_per_s": 1 / seconds,
+            "step_ms": 1e3 * seconds,
             "gflop_per_image": train_flops / 1e9,
             "achieved_tflops": train_flops * batch / seconds / 1e12,
             "gflop_per_image_xla": xla_flops / steps_per_call / batch / 1e9 if xla_flops else None,
@@ -208,8 +256,17 @@ def main(argv=None):
                         help="also measure what an asynchronous checkpoint save costs the loop: "
                              "seconds blocked in the save call and seconds lost over the timed "
                              "steps that follow it (save_blocking_s, save_stall_s)")
+    parser.add_argument("--lora-rank", nargs="+", type=int, default=[0],
+                        help="0: full training; r > 0: LoRA adapters of rank r on a frozen base "
+                             "(config.lora.rank); e.g. 0 8 times both and their ratio")
+    parser.add_argument("--lora-targets", default="attention",
+                        help="the kernels LoRA adapts (config.lora.targets)")
     parser.add_argument("--name", default="train_throughput", help="results file stem")
     args = parser.parse_args(argv)
+    if any(rank < 0 for rank in args.lora_rank):
+        parser.error(f"--lora-rank takes 0 (full) or a positive rank, got {args.lora_rank}")
+    if any(args.lora_rank) and args.train_step == "shard_map":
+        parser.error("LoRA steps compute their gradients with --train-step jit")
     batch = args.batch or (128 if on_accelerator() else 8)
     iterations = args.iterations or (60 if on_accelerator() else 3)
     print(f"device: {accelerator()}, jax {jax.__version__}")
@@ -217,20 +274,34 @@ def main(argv=None):
     print(f"measured matmul peak: {peak:.2f} TFLOP/s")
     rows = []
     for name, dtype in itertools.product(args.models, args.dtypes):
-        for layouts in args.state_layouts:
+        for layouts, rank in itertools.product(args.state_layouts, args.lora_rank):
             row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
                           remat=args.remat, train_step=args.train_step,
                           grad_accumulation=args.grad_accumulation,
                           dropout_rng=args.dropout_rng, attention=args.attention,
                           state_layouts=layouts, profile=args.profile,
-                          profile_dir=args.profile_dir, checkpoint=args.checkpoint)
+                          profile_dir=args.profile_dir, checkpoint=args.checkpoint,
+                          lora_rank=rank, lora_targets=args.lora_targets)
             ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
+            full = [r for r in rows if r["model"] == name and r["dtype"] == dtype
+                    and r.get("state_layouts") == layouts and r.get("lora_rank") == 0]
+            if rank and full:  # LoRA over full fine-tuning, same model, batch and options
+                row["speed_ratio"] = row["steps_per_s"] / full[0]["steps_per_s"]
+                if row.get("peak_gb") and full[0].get("peak_gb"):
+                    row["memory_ratio"] = row["peak_gb"] / full[0]["peak_gb"]
             rows.append(row)
             print(row, flush=True)
+            if "speed_ratio" in row:
+                print(f"{name} {dtype} batch {batch}: LoRA rank {rank} ({args.lora_targets}) / "
+                      f"full: {row['speed_ratio']:.3f}x steps/s ({row['steps_per_s']:.3g} vs "
+                      f"{full[0]['steps_per_s']:.3g}), "
+                      f"{row.get('memory_ratio', float('nan')):.3f}x peak memory", flush=True)
             if ops:
                 row["profile"] = ops
-                print(f"where the time of one {name} {dtype} step goes (top {len(ops)} ops):")
+                what = f" LoRA rank {rank}" if rank else ""
+                print(f"where the time of one {name} {dtype}{what} step goes (top {len(ops)} "
+                      "ops):")
                 for op in ops:
                     print(f"  {op['ms_per_step']:8.3f} ms  {100 * op['share']:5.1f}%  "
                           f"x{op['calls']:<5g} {op['op'][:90]}")
@@ -239,14 +310,23 @@ def main(argv=None):
             plain["mfu"] = plain["achieved_tflops"] / peak
             rows.append(plain)
             print(plain, flush=True)
-    report(rows, ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
-                  "dropout_rng", "attention", "state_layouts", "params",
-                  "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
-                  "gflop_per_image_xla", "peak_gb", "save_blocking_s", "save_stall_s"], args.name,
+    columns = ["model", "dtype", "batch", "steps_per_call", "train_step", "remat",
+               "dropout_rng", "attention", "state_layouts", "params",
+               "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
+               "gflop_per_image_xla", "peak_gb", "save_blocking_s", "save_stall_s"]
+    flops_note = ("gflop_per_image = 3 x forward matmul/conv FLOPs counted from the jaxpr; XLA's "
+                  "cost analysis misses cuDNN convolutions on GPU")
+    if args.lora_rank != [0]:
+        columns[9:9] = ["lora_rank"]
+        columns[columns.index("peak_gb") + 1:columns.index("peak_gb") + 1] = [
+            "inputs_gb", "temp_gb", "speed_ratio", "memory_ratio"]
+        flops_note += ("; on LoRA rows too (a full-step-equivalent rate: the LoRA step computes "
+                       "no weight gradients of frozen kernels, gflop_per_image_xla counts what "
+                       "it runs)")
+    report(rows, columns, args.name,
            {"matmul_peak_tflops": peak,
             "matmul_peak_dtype": "bfloat16" if on_accelerator() else "float32",
-            "flops_note": "gflop_per_image = 3 x forward matmul/conv FLOPs counted from the "
-                          "jaxpr; XLA's cost analysis misses cuDNN convolutions on GPU"})
+            "flops_note": flops_note})
 
 
 if __name__ == "__main__":

@@ -97,6 +97,49 @@ def test_train_memory_compiles_for_a_mesh_it_simulates():
     assert run.returncode == 2 and "has 2 cpu devices (XLA_FLAGS" in run.stderr, run.stderr
 
 
+def test_train_memory_compares_lora_with_full_training():
+    out = _run("train_memory.py", "--lora-rank", "0", "4", "--lora-targets", "attention",
+               "--name", "test_train_memory_lora")
+    full, adapted = _rows("test_train_memory_lora")
+    assert (full["lora_rank"], adapted["lora_rank"]) == (0, 4)
+    assert (full["lora_targets"], adapted["lora_targets"]) == (None, "attention")
+    # The adapters are what is trained; the base, held once, is what full training trains.
+    assert 0 < adapted["params"] < full["params"] == adapted["frozen_params"]
+    assert full["frozen_params"] == 0 and full["frozen_gb"] == 0
+    assert 0 < adapted["frozen_gb"] < adapted["state_gb"] <= adapted["inputs_gb"]
+    assert adapted["state_gb"] < full["state_gb"] <= full["inputs_gb"]
+    for part in ("inputs", "temp", "peak"):
+        assert adapted[f"{part}_ratio"] == pytest.approx(
+            adapted[f"{part}_gb"] / full[f"{part}_gb"])
+        assert f"{part}_ratio" not in full
+    assert adapted["peak_ratio"] < 1
+    assert "LoRA rank 4 (attention) / full: inputs" in out
+    for bad, message in ((["--lora-rank", "-1"], "--lora-rank takes 0 (full) or a positive"),
+                         (["--lora-rank", "4", "--train-step", "shard_map"],
+                          "LoRA steps compute their gradients with --train-step jit")):
+        run = _call("train_memory.py", *bad)
+        assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
+
+
+def test_train_throughput_compares_lora_with_full_training():
+    out = _run("train_throughput.py", "--iterations", "1", "--lora-rank", "0", "4",
+               "--name", "test_train_throughput_lora")
+    full, adapted = _rows("test_train_throughput_lora")
+    assert (full["lora_rank"], adapted["lora_rank"]) == (0, 4)
+    assert 0 < adapted["params"] < full["params"] == adapted["frozen_params"]
+    for row in (full, adapted):
+        assert row["steps_per_s"] > 0 and row["images_per_s"] == pytest.approx(
+            4 * row["steps_per_s"])
+        assert 0 < row["inputs_gb"] and row["inputs_gb"] + row["temp_gb"] <= row["peak_gb"]
+    assert adapted["speed_ratio"] == pytest.approx(adapted["steps_per_s"] / full["steps_per_s"])
+    assert adapted["memory_ratio"] == pytest.approx(adapted["peak_gb"] / full["peak_gb"])
+    assert adapted["inputs_gb"] < full["inputs_gb"]  # adapters + moments + base < 4 x base
+    assert "speed_ratio" not in full
+    assert "LoRA rank 4 (attention) / full:" in out
+    run = _call("train_throughput.py", "--lora-rank", "4", "--train-step", "shard_map")
+    assert run.returncode == 2 and "with --train-step jit" in run.stderr, run.stderr[-2000:]
+
+
 FAKE_BASELINE = """
 import json, os
 json.dump({"device": "fake card", "torch": "0.0", "bf16_matmul_tflops": 1.0},
