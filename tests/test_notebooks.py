@@ -117,3 +117,58 @@ def test_latent_diffusion_notebook_runs(tmp_path):
     assert samples["samples"].shape == (4, 28, 28, channels)
     assert np.all(np.abs(samples["samples"]) <= 1)  # decoded images in [-1, 1]
     assert list(samples["labels"]) == [i % len(classes) for i in range(4)]
+
+
+@pytest.mark.slow  # a minute or more: the notebook trains a base and its adapters, and samples
+def test_editing_notebook_runs(tmp_path):
+    # The tiny text model of test_text_to_image_notebook_runs; 4 sampling steps, so that every
+    # strength runs a different number of them (1, 2, 3 and 4).
+    import glob
+    import json
+
+    import numpy as np
+
+    from diffusion_jax import editing
+
+    workdir = tmp_path / "run"
+    notebook = _run("editing.ipynb", {
+        "WORKDIR": str(workdir), "PRESET": "text_shapes_cpu", "BASE_STEPS": 4, "LORA_STEPS": 4,
+        "BATCH_SIZE": 8, "RESOLUTION": 16, "SAMPLING_STEPS": 4, "NUM_SAMPLES": 2,
+        "CONFIG_OVERRIDES": {"model.unet.channels": 16, "model.unet.channel_mult": (1, 2),
+                             "model.unet.attention_resolutions": (8,), "text.width": 32,
+                             "text.depth": 1, "text.num_heads": 2}})
+    text, images = _outputs(notebook)
+    assert "of split 'train'" in text
+    assert "base finished at step 4" in text
+    for strength, steps in ((0.3, 1), (0.6, 2), (0.9, 3), (1.0, 4)):
+        assert f"strength {strength:g}: ran {steps} of 4 steps" in text
+    assert "unmasked pixels equal the input exactly in all 2 samples (192 of 256 pixels" in text
+    assert "pairs in its first 200 records: blue circle, red square, green triangle" in text
+    assert "model: LoRA adapters (rank 4," in text
+    assert "adapters finished at step 4" in text
+    assert "colours right: base" in text  # the last cell ran to the end
+    # input, strengths, inpainting, the adapters' data, before and after
+    assert images == 1 + 1 + 1 + 1 + 1
+
+    # The files the edits wrote, checked here too: one img2img output per strength, and an
+    # inpainting whose kept pixels are the input's, bit for bit.
+    samples = workdir / "base" / "samples"
+    for strength in (0.3, 0.6, 0.9, 1):
+        assert len(glob.glob(str(samples / f"step4_img2img{strength:g}_*.npz"))) == 1
+    [inpainted] = glob.glob(str(samples / "step4_inpaint1_*.npz"))
+    inpainted = np.load(inpainted)["samples"]
+    assert inpainted.shape == (2, 16, 16, 3)
+    x0 = editing.read_image(str(workdir / "input.png"), 16, 16) * 2.0 - 1.0
+    keep = editing.read_mask(str(workdir / "mask.png"), 16, 16)[..., 0] == 0
+    assert keep.sum() == 256 - 64
+    np.testing.assert_array_equal(inpainted[:, keep], np.broadcast_to(x0[keep], (2, 192, 3)))
+    assert not np.array_equal(inpainted[:, ~keep], np.broadcast_to(x0[~keep], (2, 64, 3)))
+
+    # The adapter run: its own checkpoints, on the base's last step, and adapters that moved.
+    lora_dir = workdir / "lora"
+    assert os.path.isdir(lora_dir / "checkpoints" / "4")
+    with open(lora_dir / "lora.json") as f:
+        assert json.load(f) == {"base": os.path.realpath(workdir / "base"), "base_step": 4}
+    change = float(text.split("largest change of a base weight after merging: ")[1].split()[0])
+    assert change > 0  # the adapters trained, and sampling runs with them
+    assert "mean |LoRA - base| per pixel" in text
