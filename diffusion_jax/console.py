@@ -59,5 +59,11 @@ class Console:
         self._last_time, self._last_step = now, step
         self._writer.text(f"step {step}/{self._num_steps} "
                           f"{writers.progress_bar(step, self._num_steps)}  loss "
-                          f"{values['loss']:.4f}  grad_norm {values['grad_norm']:.3f}{speed}")
+                          f"{values['loss']:.4f}  grad_norm {_number(values['grad_norm'])}"
+                          f"{speed}")
         self._writer.scalars(step, scalars)
+
+
+def _number(value: float) -> str:
+    """Three decimals, or three significant digits for what those would show as 0.000."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 5e-4 else f"{value:.3g}"
