@@ -23,6 +23,7 @@ import sys
 import warnings
 from typing import Any, Callable, Optional
 
+import flax.struct
 import grain.python as grain
 import jax
 import numpy as np
@@ -112,13 +113,36 @@ def _check_process_count(where: str) -> None:
             "devices and processes, as --mode=sample and --mode=eval read it)")
 
 
-def _saved_part(state):
-    """A train state without its frozen base, which checkpoints leave out; other trees as they are.
+@flax.struct.dataclass
+class _Saved:
+    """What a checkpoint holds of a train state: the fields every checkpoint has had.
 
-    (An adapter run's base is read again from where it came from on resuming.)"""
-    if getattr(state, "frozen", None) is not None:
-        return state.replace(frozen=None)
+    An adapter run's frozen base (read again from where it came from on resuming) and its
+    static ``compose`` are left out, so checkpoints keep one layout, older ones included."""
+
+    step: Any
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: Any
+
+
+_SAVED_FIELDS = ("step", "params", "ema_params", "opt_state", "rng")
+
+
+def _saved_part(state):
+    """A train state as :class:`_Saved`; any other tree as it is."""
+    if hasattr(state, "frozen") and all(hasattr(state, f) for f in _SAVED_FIELDS):
+        return _Saved(**{f: getattr(state, f) for f in _SAVED_FIELDS})
     return state
+
+
+def _restored_as(abstract_state, restored):
+    """The restored :class:`_Saved` fields in the caller's train state type (no frozen base)."""
+    if isinstance(restored, _Saved):
+        fields = {f: getattr(restored, f) for f in _SAVED_FIELDS}
+        return abstract_state.replace(frozen=None, **fields)
+    return restored
 
 
 def _restore_target(leaf):
@@ -463,7 +487,7 @@ class Checkpoints:
         manager's) and no explicit ``step``, the newest readable earlier step is restored
         instead, the data position with it, and each skipped step is reported through ``log``.
         """
-        abstract_state = _saved_part(abstract_state)
+        caller_state, abstract_state = abstract_state, _saved_part(abstract_state)
         on_corrupt = on_corrupt or self.on_corrupt
         if on_corrupt not in ON_CORRUPT_CHOICES:
             raise ValueError(f"on_corrupt={on_corrupt!r}; choose one of {ON_CORRUPT_CHOICES}")
@@ -476,8 +500,8 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                                   f"available: {steps}")
         if step is not None or on_corrupt == "error":
-            return self._restore_step(self.latest_step() if step is None else int(step),
-                                      abstract_state, iterator)
+            return _restored_as(caller_state, self._restore_step(
+                self.latest_step() if step is None else int(step), abstract_state, iterator))
         failures = []
         for candidate in sorted(steps, reverse=True):
             try:
@@ -497,7 +521,7 @@ class Checkpoints:
                 log(f"restored step {candidate} instead of the damaged step(s) "
                     f"{', '.join(str(s) for s in self._skipped_steps)}, which the next save "
                     f"moves aside to {os.path.join(self.directory, '<step>.corrupt')}")
-            return state
+            return _restored_as(caller_state, state)
         listed = "; ".join(f"step {err.step}: {err.reason}" for err in failures)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory} ({listed}); restore the folder from a "
