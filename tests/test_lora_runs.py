@@ -91,6 +91,7 @@ def test_adapter_run_starts_at_the_base_and_trains_only_the_adapters(base, tmp_p
     assert samples.shape == (4, 16, 16, 3) and np.isfinite(samples).all()
 
 
+@pytest.mark.slow  # three short runs; the default suite resumes full runs (test_main.py)
 def test_resumed_adapter_run_matches_an_uninterrupted_one(base, tmp_path):
     straight = train.train_and_evaluate(_config(base), str(tmp_path / "a"), log=_quiet)
     first = _config(base)

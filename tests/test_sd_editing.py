@@ -50,9 +50,12 @@ def _draws(order, seed=0):
             for name in order}
 
 
+SLOW = pytest.mark.slow  # the default suite keeps one case of each kind
+
+
 @pytest.mark.parametrize("family, scheduler, strength", [
-    ("sd1", "ddim", 0.6), ("sd1", "euler", 0.35), ("sd2", "dpmpp", 0.7),
-    pytest.param("sdxl", "euler", 0.5, marks=pytest.mark.slow)])
+    ("sd1", "ddim", 0.6), pytest.param("sd1", "euler", 0.35, marks=SLOW),
+    ("sd2", "dpmpp", 0.7), pytest.param("sdxl", "euler", 0.5, marks=SLOW)])
 def test_img2img_matches_diffusers(tmp_path, family, scheduler, strength):
     pipe = sd_folders.build(tmp_path / "model", family, scheduler)
     image, _ = _image_and_mask()
@@ -77,8 +80,8 @@ def test_img2img_matches_diffusers(tmp_path, family, scheduler, strength):
 
 
 @pytest.mark.parametrize("family, scheduler, inpainting, strength", [
-    ("sd1", "ddim", True, 1.0), ("sd1", "euler", True, 0.6), ("sd1", "ddim", False, 1.0),
-    ("sd2", "dpmpp", False, 0.8)])
+    ("sd1", "ddim", True, 1.0), pytest.param("sd1", "euler", True, 0.6, marks=SLOW),
+    ("sd1", "ddim", False, 1.0), pytest.param("sd2", "dpmpp", False, 0.8, marks=SLOW)])
 def test_inpaint_matches_diffusers(tmp_path, family, scheduler, inpainting, strength):
     pipe = sd_folders.build(tmp_path / "model", family, scheduler, inpainting=inpainting)
     image, mask = _image_and_mask()
