@@ -23,7 +23,6 @@ import sys
 import warnings
 from typing import Any, Callable, Optional
 
-import flax.struct
 import grain.python as grain
 import jax
 import numpy as np
@@ -32,6 +31,8 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint_failures as failures
 from diffusion_jax import checkpoint_integrity as integrity_lib
+from diffusion_jax.checkpoint_layout import restored_as as _restored_as
+from diffusion_jax.checkpoint_layout import saved_part as _saved_part
 from diffusion_jax.checkpoint_integrity import state_bytes
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpoints", "state_bytes",
@@ -111,38 +112,6 @@ def _check_process_count(where: str) -> None:
             f"{jax.process_count()}: each process saved its own position in the data, so a run "
             f"resumes only with {count} (the model state itself restores on any number of "
             "devices and processes, as --mode=sample and --mode=eval read it)")
-
-
-@flax.struct.dataclass
-class _Saved:
-    """What a checkpoint holds of a train state: the fields every checkpoint has had.
-
-    An adapter run's frozen base (read again from where it came from on resuming) and its
-    static ``compose`` are left out, so checkpoints keep one layout, older ones included."""
-
-    step: Any
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    rng: Any
-
-
-_SAVED_FIELDS = ("step", "params", "ema_params", "opt_state", "rng")
-
-
-def _saved_part(state):
-    """A train state as :class:`_Saved`; any other tree as it is."""
-    if hasattr(state, "frozen") and all(hasattr(state, f) for f in _SAVED_FIELDS):
-        return _Saved(**{f: getattr(state, f) for f in _SAVED_FIELDS})
-    return state
-
-
-def _restored_as(abstract_state, restored):
-    """The restored :class:`_Saved` fields in the caller's train state type (no frozen base)."""
-    if isinstance(restored, _Saved):
-        fields = {f: getattr(restored, f) for f in _SAVED_FIELDS}
-        return abstract_state.replace(frozen=None, **fields)
-    return restored
 
 
 def _restore_target(leaf):

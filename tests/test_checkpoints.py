@@ -18,7 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffusion_jax import checkpoint_failures, checkpoint_integrity, checkpoints, data
+from diffusion_jax import checkpoint_failures, checkpoint_integrity, checkpoint_layout, checkpoints
+from diffusion_jax import data
 from diffusion_jax.train_state import TrainState
 
 KERNEL = "params['conv_in']['kernel']"
@@ -182,7 +183,7 @@ def test_checkpoints_without_checksums_still_restore(tmp_path):
     old = ocp.CheckpointManager(str(tmp_path))
     # (the train state's checkpointed fields, as every version has written them)
     old.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(
-                                            checkpoints._saved_part(state)),
+                                            checkpoint_layout.saved_part(state)),
                                         meta=ocp.args.JsonSave({"model": "tiny"})))
     old.wait_until_finished()
     old.close()
