@@ -277,6 +277,7 @@ _STEP_MEMORY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # compiles steps for 8 simulated devices: over a minute
 def test_step_memory_counts_each_devices_share():
     """benchmarks/train_memory.py reads the compiled step's memory: each device is given exactly
     its shard of the state and the batch (nothing gathered or replicated on the way in), and
@@ -399,6 +400,7 @@ def _launch(flags, processes, devices_each, timeout=600, returncode=0, per_proce
 
 # Two processes each compile the step and then a sampler (about a minute on two cores); the
 # criterion of multi-host training, so it runs in the default suite.
+@pytest.mark.slow  # two processes and a one-device run: over a minute
 def test_two_processes_match_one_process(tmp_path, single_device_run):
     """jax.distributed on localhost: 2 processes with 4 CPU devices each, launched through
     main.py as on a pod's workers, each reading only its share of the data; then --mode=sample

@@ -115,6 +115,7 @@ def test_caption_dropout_replaces_whole_captions_by_the_empty_one():
             assert int(out["token_mask"][i].sum()) == 2  # bos and eos only
 
 
+@pytest.mark.slow  # a text run trained and sampled: over a minute
 def test_tiny_text_run_trains_and_samples_from_prompts(tmp_path):
     workdir = str(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT}
