@@ -126,6 +126,25 @@ def _open(path: str, what: str) -> Image.Image:
                          f"{err}); give a PNG or JPEG file") from err
 
 
+def _unit_array(value, what: str, mode: str, height: int, width: int, resample) -> np.ndarray:
+    """A file (converted to ``mode``, resized with ``resample``) or an array, as floats in [0, 1].
+
+    An array is taken at its size: uint8 in [0, 255] or floats (or bools) in [0, 1]."""
+    if isinstance(value, (str, os.PathLike)):
+        picture = _open(value, f"the {what}").convert(mode)
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), resample)
+        return np.asarray(picture, np.float32) / 255.0
+    array = np.asarray(value)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    array = array.astype(np.float32)
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise ValueError(f"a {what} array must hold values in [0, 1] (floats) or [0, 255] "
+                         f"(uint8), got values in [{array.min():g}, {array.max():g}]")
+    return array
+
+
 def read_image(image, height: int, width: int, channels: int = 3) -> np.ndarray:
     """An image file or array as float32 [height, width, channels] in [0, 1].
 
@@ -133,20 +152,8 @@ def read_image(image, height: int, width: int, channels: int = 3) -> np.ndarray:
     ``height`` x ``width`` with a bicubic filter (diffusers' pipelines resize the same way,
     without cropping). An array is taken as it is: uint8 in [0, 255] or floats in [0, 1],
     [height, width, channels] or [height, width] for grey."""
-    if isinstance(image, (str, os.PathLike)):
-        picture = _open(image, "the image")
-        picture = picture.convert("RGB" if channels == 3 else "L")
-        if picture.size != (width, height):
-            picture = picture.resize((width, height), Image.BICUBIC)
-        array = np.asarray(picture, np.float32) / 255.0
-    else:
-        array = np.asarray(image)
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        array = array.astype(np.float32)
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(f"an image array must hold values in [0, 1] (floats) or [0, 255] "
-                             f"(uint8), got values in [{array.min():g}, {array.max():g}]")
+    array = _unit_array(image, "image", "RGB" if channels == 3 else "L", height, width,
+                        Image.BICUBIC)
     if array.ndim == 2:
         array = array[..., None]
     if array.shape != (height, width, channels):
@@ -161,23 +168,12 @@ def read_mask(mask, height: int, width: int) -> np.ndarray:
     White (>= 0.5 of full scale) means repaint, as in diffusers. A file is read as grey and
     resized with nearest-neighbour sampling; an array (bool, uint8 or floats in [0, 1],
     [height, width] or [height, width, 1]) is taken at its size."""
-    if isinstance(mask, (str, os.PathLike)):
-        picture = _open(mask, "the mask").convert("L")
-        if picture.size != (width, height):
-            picture = picture.resize((width, height), Image.NEAREST)
-        array = np.asarray(picture, np.float32) / 255.0
-    else:
-        array = np.asarray(mask)
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        array = array.astype(np.float32)
+    array = _unit_array(mask, "mask", "L", height, width, Image.NEAREST)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.shape != (height, width):
         raise ValueError(f"the mask has shape {array.shape}; it must be [height, width] = "
                          f"{(height, width)} (or [height, width, 1])")
-    if array.size and (array.min() < 0.0 or array.max() > 1.0):
-        raise ValueError("a mask array must hold values in [0, 1] (floats), or 0/255 (uint8)")
     return (array >= 0.5).astype(np.float32)[..., None]
 
 

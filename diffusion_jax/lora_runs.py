@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import configuration, files, lora, parallel, train_state
 
-__all__ = ["enabled", "adapter_paths", "abstract_state", "make_state", "fingerprint",
+__all__ = ["enabled", "adapter_paths", "adapted_paths", "abstract_state", "make_state", "fingerprint",
            "adapter_of", "recorded_base", "record_base", "LORA_FILE", "Compose"]
 
 LORA_FILE = "lora.json"  # in the run's workdir: which base (folder or run, and its step)
@@ -77,6 +77,11 @@ def _flat(nested: dict) -> dict:
     for path, leaf in flat.items():
         out.setdefault("/".join(path[:-1]), {})[path[-1]] = leaf
     return out
+
+
+def adapted_paths(params) -> list[str]:
+    """The kernel paths a train state's (nested) adapter ``params`` adapt, sorted."""
+    return sorted(_flat(params))
 
 
 def adapter_of(params, alphas: tuple) -> lora.Adapter:

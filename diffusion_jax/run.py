@@ -231,7 +231,7 @@ def initial_adapter_state(config, workdir, model, optimizer, example_shape, num_
     shardings = parallel.state_shardings(mesh, abstract)
     base = _load_base(config, workdir, model, example_shape, num_classes, shardings.frozen,
                       fresh=True)
-    paths = lora_runs.adapter_paths(config, base)
+    paths = lora_runs.adapted_paths(abstract.params)  # the layers the abstract state adapts
     make = jax.jit(functools.partial(lora_runs.make_state, config, optimizer, paths),
                    out_shardings=shardings, donate_argnums=0)
     return make(base)

@@ -454,7 +454,7 @@ def _describe_model(config, abstract, mesh, example_shape) -> str:
                 f"{config.pretrained.path}")
     if lora_runs.enabled(config):
         base = clu_parameter_overview.count_parameters(abstract.frozen)
-        layers = len(lora_runs.adapter_paths(config, abstract.frozen))
+        layers = len(lora_runs.adapted_paths(abstract.params))
         return (f"model: LoRA adapters (rank {config.lora.rank}, {layers} layers, "
                 f"{num_params:,} parameters, {num_params / base:.2%} of the base) of the frozen "
                 f"{name}{where} ({base:,} parameters, from "

@@ -126,3 +126,18 @@ def build(folder, family="sd1", scheduler="ddim", seed=0, inpainting=False):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def finetune_config(folder):
+    """The fine-tuning preset on ``folder``, sized for the tests (32 px captioned shapes,
+    batch 2, float32, no remat, no sample grids)."""
+    import importlib
+
+    config = importlib.import_module("configs.stable_diffusion_finetune").get_config()
+    config.sized_for = "any"
+    config.pretrained.path = os.fspath(folder)
+    config.latent.autoencoder = os.path.join(os.fspath(folder), "vae")
+    config.data.update(name="captions", resolution=32, batch_size=2, size=64)
+    config.model.update(dtype="float32", remat=False, attention="xla")
+    config.training.update(sample_every=0, warmup_steps=0)
+    return config

@@ -8,7 +8,6 @@ and samples like any other, and configs that do not fit the folder are refused b
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 
@@ -36,14 +35,8 @@ def folder(tmp_path_factory):
 
 
 def _config(folder, **training):
-    config = importlib.import_module("configs.stable_diffusion_finetune").get_config()
-    config.sized_for = "any"
-    config.pretrained.path = folder
-    config.latent.autoencoder = os.path.join(folder, "vae")
-    config.data.update(name="captions", resolution=32, batch_size=2, size=64)
-    config.model.update(dtype="float32", remat=False, attention="xla")
-    config.training.update({**dict(num_steps=2, checkpoint_every=2, sample_every=0,
-                                   log_every=2, warmup_steps=0), **training})
+    config = sd_folders.finetune_config(folder)
+    config.training.update({**dict(num_steps=2, checkpoint_every=2, log_every=2), **training})
     config.sampling.update(num_steps=3, num_samples=2, prompt="a red circle")
     return config
 

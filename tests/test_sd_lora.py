@@ -11,7 +11,6 @@ must be ours. (Text-encoder LoRAs through diffusers are in test_lora_files.py.)
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -79,15 +78,9 @@ def test_a_diffusers_lora_file_gives_diffusers_images_at_two_scales(tmp_path):
                                     latents=_latents()), mine, atol=1e-5)
 
 
-def _run_config(folder, workdir_base=None):
-    config = importlib.import_module("configs.stable_diffusion_finetune").get_config()
-    config.sized_for = "any"
-    config.pretrained.path = folder
-    config.latent.autoencoder = os.path.join(folder, "vae")
-    config.data.update(name="captions", resolution=32, batch_size=2, size=64)
-    config.model.update(dtype="float32", remat=False, attention="xla")
-    config.training.update(num_steps=3, checkpoint_every=3, sample_every=0, log_every=3,
-                           warmup_steps=0, learning_rate=0.05)
+def _run_config(folder):
+    config = sd_folders.finetune_config(folder)
+    config.training.update(num_steps=3, checkpoint_every=3, log_every=3, learning_rate=0.05)
     config.lora.update(rank=4, alpha=8.0, text_encoder=True)
     config.text.freeze = False
     config.sampling.use_ema = False  # (three steps barely move an EMA)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import editing, guidance, lora, parallel, parameterization, samplers
+from diffusion_jax import editing, guidance, parallel, parameterization, samplers
 from diffusion_jax.pretrained import lora_files
 from diffusion_jax.pretrained import scheduler as scheduler_lib
 from diffusion_jax.pretrained.stable_diffusion import StableDiffusionModels, load_stable_diffusion
@@ -104,8 +104,7 @@ class StableDiffusion:
         """Every parameter the generation program reads (the LoRAs' factors and scales too)."""
         return {"unet": self.models.unet_params, "vae": self.models.vae_params,
                 "text_encoders": list(self.models.text_encoder_params),
-                "loras": [{"unet": l.unet, "text_encoders": list(l.text_encoders)}
-                          for l in self.loras],
+                "loras": list(self.loras),
                 "lora_scales": jnp.asarray(self.lora_scales, jnp.float32)}
 
     # -- LoRA ------------------------------------------------------------------------------------
@@ -448,21 +447,11 @@ class StableDiffusion:
 
 def _with_loras(params: dict) -> dict:
     """The UNet's and text encoders' parameters with the LoRAs merged in at their scales."""
-    loras, scales = params["loras"], params["lora_scales"]
-    if not loras:
+    if not params["loras"]:
         return params
-
-    def merged(base, adapters):
-        chosen = [(a, i) for i, a in enumerate(adapters) if a is not None]
-        if not chosen:
-            return base
-        return lora.apply(base, [a for a, _ in chosen], [scales[i] for _, i in chosen])
-
-    encoders = [merged(p, [l["text_encoders"][i] if i < len(l["text_encoders"]) else None
-                           for l in loras])
-                for i, p in enumerate(params["text_encoders"])]
-    return {**params, "unet": merged(params["unet"], [l["unet"] for l in loras]),
-            "text_encoders": encoders}
+    unet, encoders = lora_files.merged_params(params["unet"], params["text_encoders"],
+                                              params["loras"], params["lora_scales"])
+    return {**params, "unet": unet, "text_encoders": encoders}
 
 
 def _batch_of(value, batch, name, read):

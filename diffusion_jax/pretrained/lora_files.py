@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import re
 import tempfile
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,12 +66,15 @@ _PROCESSOR_MODULES = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to
                       "text": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["unet", "text_encoders"],
+                   meta_fields=[])
 @dataclasses.dataclass
 class StableDiffusionLora:
     """One LoRA of a Stable Diffusion model: an adapter (or None) per network.
 
     ``unet`` is keyed by our UNet's kernel paths, ``text_encoders[i]`` by the paths of
-    ``models.text_encoders[i]`` (one entry per encoder of the model)."""
+    ``models.text_encoders[i]`` (one entry per encoder of the model). A pytree: its factors are
+    the leaves, so a pipeline passes it to its compiled program as data."""
 
     unet: Optional[lora.Adapter]
     text_encoders: list
@@ -413,6 +418,24 @@ def load_lora(path, models, *, dtype=jnp.float32) -> StableDiffusionLora:
                         num_text_encoders=len(models.text_encoder_params or ()), dtype=dtype)
 
 
+def merged_params(unet_params, text_encoder_params, loras, scales):
+    """``(unet, text encoders)`` parameters with ``loras`` merged in, ``scales[i]`` for LoRA i.
+
+    ``scales`` may be a list of floats or a traced vector (inside a compiled program); a LoRA
+    without an adapter for a network leaves it out, and a network no LoRA adapts is returned as
+    it is."""
+    def merged(params, adapters):
+        chosen = [(a, i) for i, a in enumerate(adapters) if a is not None]
+        if not chosen or params is None:
+            return params
+        return lora.apply(params, [a for a, _ in chosen], [scales[i] for _, i in chosen])
+
+    encoders = [merged(params, [l.text_encoders[i] if i < len(l.text_encoders) else None
+                                for l in loras])
+                for i, params in enumerate(text_encoder_params or ())]
+    return merged(unet_params, [l.unet for l in loras]), encoders
+
+
 def merge_into(models, loras, scales=1.0):
     """A copy of ``models`` with LoRAs merged into its UNet and text-encoder parameters.
 
@@ -420,19 +443,9 @@ def merge_into(models, loras, scales=1.0):
     per LoRA (diffusers' ``set_adapters(..., adapter_weights=...)``)."""
     loras = [loras] if isinstance(loras, StableDiffusionLora) else list(loras)
     scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(loras)
-
-    def merged(params, adapters):
-        chosen = [(a, s) for a, s in zip(adapters, scales) if a is not None]
-        if not chosen or params is None:
-            return params
-        return lora.apply(params, [a for a, _ in chosen], [s for _, s in chosen])
-
-    encoders = [merged(params, [l.text_encoders[i] if i < len(l.text_encoders) else None
-                                for l in loras])
-                for i, params in enumerate(models.text_encoder_params or ())]
-    return dataclasses.replace(models, unet_params=merged(models.unet_params,
-                                                          [l.unet for l in loras]),
-                               text_encoder_params=encoders)
+    unet, encoders = merged_params(models.unet_params, models.text_encoder_params, loras,
+                                   scales)
+    return dataclasses.replace(models, unet_params=unet, text_encoder_params=encoders)
 
 
 def _split(layers: list, factors: dict, alpha: float) -> list:
