@@ -1,23 +1,33 @@
-"""A new concept by LoRA: adapters teach a text-to-image base (shape, colour) pairs it never saw.
+"""A new concept by LoRA: adapters teach a text-to-image base what its training data never showed.
+
+What is held out is ``--concept`` (``config.data.heldout``): "pairs", the (shape, colour) pairs
+HELDOUT_PAIRS of ``diffusion_jax/data/captions.py`` (every shape and colour is still seen with
+other partners), or a colour or a shape the base never sees at all (a held-out colour is not even
+named as a background).
 
 The protocol, each step with the library's own entry points:
 
 1. train a text-to-image base on captioned shapes of split "train" (``data.split="train"``: the
-   HELDOUT_PAIRS of ``diffusion_jax/data/captions.py`` never appear);
+   held-out concept never appears);
 2. train the attribute judge (``prompt_eval.train_attribute_classifier``, what
    ``--mode=train_classifier`` runs) into ``WORKDIR/classifier``, which both evaluations read
    (``config.evaluation.classifier_dir``);
 3. measure the base's prompt adherence (``prompt_eval.evaluate_prompts``: seen and held-out
    pairs, the same prompts and noise for every run);
 4. train LoRA adapters on the base (``config.lora.rank``, ``config.lora.base``) on split
-   "heldout" alone;
+   ``--lora-split``: "heldout" (the concept alone, the default) or "all" (the concept among
+   everything the base saw, so that the adapter must keep the rest);
 5. measure the adapted run's prompt adherence the same way;
-6. print one table: held-out and seen adherence before and after, the adapters' parameters and
+6. with ``--inpaint N``, inpainting adherence of both runs (``inpaint_eval.evaluate_inpainting``
+   on N one-object test images: the requested object with and without the prompt);
+7. print one table: held-out and seen adherence before and after, the adapters' parameters and
    bytes against the base's (the leaves of the restored LoRA run's ``state.params`` against
    ``state.frozen``), and the adapter run's training steps/s against the base's (the median
    of the rates the training loop logs).
 
     python benchmarks/lora_concept.py              # CPU preset, in benchmarks/results/lora_concept
+    python benchmarks/lora_concept.py --concept yellow --set data.resolution=16 \
+        --set data.max_objects=1 --base-steps 3000 --lora-steps 600    # what docs/editing.md ran
     python benchmarks/lora_concept.py --preset configs/text_shapes.py --base-steps 5000 \\
         --lora-steps 1000 --rank 8 --workdir runs/lora_concept_gpu
     python benchmarks/lora_concept.py --tiny --workdir /tmp/lora_concept    # a smoke test
@@ -44,7 +54,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffusion_jax import configuration, files, prompt_eval, run, train  # noqa: E402
+from diffusion_jax import configuration, files, inpaint_eval, prompt_eval, run, train  # noqa: E402
+from diffusion_jax.data import captions  # noqa: E402
 
 DEFAULT_PRESET = os.path.join(ROOT, "configs", "text_shapes_cpu.py")
 _RATE = re.compile(r"([0-9.]+) steps/s")
@@ -98,11 +109,12 @@ def make_configs(args):
     config.evaluation.guidance_scales = tuple(args.guidance_scales)
     if args.classifier_steps:
         config.classifier.num_steps = args.classifier_steps
+    config.data.heldout = args.concept
     base, adapter = config, config.copy_and_resolve_references()
     base.data.split = "train"
     base.training.update(num_steps=args.base_steps or t.num_steps,
                          checkpoint_every=args.base_steps or t.num_steps)
-    adapter.data.split = "heldout"
+    adapter.data.split = args.lora_split
     adapter.lora.update(rank=args.rank, base=os.path.join(os.path.abspath(args.workdir), "base"))
     lora_steps = args.lora_steps
     adapter.training.update(num_steps=lora_steps, checkpoint_every=lora_steps,
@@ -157,6 +169,14 @@ def adherence(results: dict) -> list:
     return rows
 
 
+def _inpainting_summary(results: dict) -> dict:
+    """What the protocol keeps of an inpainting evaluation: its table, rates and exactness."""
+    keep = ("num", "mask_fraction", "unedited", "without_prompt", "with_prompt", "kept_region",
+            "path")
+    return {**{k: results[k] for k in keep if k in results},
+            "table": inpaint_eval.format_table(results)}
+
+
 def table(result: dict) -> str:
     """The one markdown table of the protocol's results."""
     def num(value, digits=3):
@@ -168,7 +188,9 @@ def table(result: dict) -> str:
     lines = ["| quantity | base | base + LoRA | change |", "| --- | ---: | ---: | ---: |"]
     for before, after in zip(result["base"]["adherence"], result["lora"]["adherence"]):
         g = f"{before['guidance_scale']:g}"
-        for group, label in (("heldout", "held-out"), ("seen", "seen")):
+        held = ("held-out" if result.get("concept", "pairs") == "pairs"
+                else f"held-out ({result['concept']})")
+        for group, label in (("heldout", held), ("seen", "seen")):
             for key, name in (("mean_accuracy", "mean accuracy"), ("all_correct", "all correct"),
                               ("shape", "shape"), ("colour", "colour")):
                 b, a = before[group][key], after[group][key]
@@ -183,7 +205,7 @@ def table(result: dict) -> str:
     ratio = "-" if not (a and b) else f"x{a / b:.2f}"
     lines.append(f"| train steps/s | {num(b, 2)} | {num(a, 2)} | {ratio} |")
     lines.append(f"| train steps (split) | {result['base']['train']['steps']} (train) | "
-                 f"{result['lora']['train']['steps']} (heldout) | |")
+                 f"{result['lora']['train']['steps']} ({result['lora']['split']}) | |")
     return "\n".join(lines)
 
 
@@ -191,8 +213,9 @@ def main(argv=None):
     """Run the protocol and print and save its results."""
     args = parse_args(argv)
     base_config, lora_config = make_configs(args)
+    suffix = "" if args.lora_split == "heldout" else f"_{args.lora_split}"
     base_dir, lora_dir = (os.path.join(os.path.abspath(args.workdir), name)
-                          for name in ("base", f"lora_rank{args.rank}"))
+                          for name in ("base", f"lora_rank{args.rank}{suffix}"))
     print(f"1. base on split 'train' in {base_dir}", flush=True)
     base_train = train_timed(base_config, base_dir)
     classifier = os.path.join(base_config.evaluation.classifier_dir, "classifier.json")
@@ -205,26 +228,38 @@ def main(argv=None):
         judge = prompt_eval.train_attribute_classifier(base_config, base_dir)
     print("3. prompt adherence of the base", flush=True)
     base_eval = prompt_eval.evaluate_prompts(base_config, base_dir)
-    print(f"4. LoRA rank {args.rank} on split 'heldout' in {lora_dir}", flush=True)
+    print(f"4. LoRA rank {args.rank} on split {args.lora_split!r} in {lora_dir}", flush=True)
     lora_train = train_timed(lora_config, lora_dir)
     print("5. prompt adherence of the base + LoRA", flush=True)
     lora_eval = prompt_eval.evaluate_prompts(lora_config, lora_dir)
+    inpainting = {}
+    if args.inpaint:
+        for name, config, workdir in (("base", base_config, base_dir),
+                                      ("lora", lora_config, lora_dir)):
+            print(f"6. inpainting adherence of the {name}", flush=True)
+            inpainting[name] = _inpainting_summary(inpaint_eval.evaluate_inpainting(
+                config, workdir, num=args.inpaint))
     result = {
         "preset": os.path.relpath(os.path.abspath(args.preset), ROOT), "tiny": args.tiny,
         "device": jax.devices()[0].device_kind, "num_prompts": args.num_prompts,
-        "heldout_pairs": base_eval["heldout_pairs"],
+        "concept": args.concept, "heldout_pairs": base_eval["heldout_pairs"],
         "classifier": {"dir": base_config.evaluation.classifier_dir,
                        "test_accuracy": judge["test_accuracy"]},
         "base": {"workdir": base_dir, "train": base_train, "adherence": adherence(base_eval)},
         "lora": {"workdir": lora_dir, "rank": args.rank, "targets": lora_config.lora.targets,
+                 "split": args.lora_split,
                  "train": lora_train, "adherence": adherence(lora_eval),
                  "size": adapter_size(lora_config, lora_dir)},
         "overrides": list(args.set),
     }
+    for name, summary in inpainting.items():
+        result[name]["inpainting"] = summary
     result["table"] = table(result)
-    path = os.path.join(os.path.abspath(args.workdir), "lora_concept.json")
+    path = os.path.join(os.path.abspath(args.workdir), f"lora_concept{suffix}.json")
     files.save_json(path, result)
     print(result["table"])
+    for name, summary in inpainting.items():
+        print(f"\n{name}: {summary['table']}")
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
     print(f"wrote {path}")
     return result
@@ -241,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training steps of the base (default: the preset's)")
     parser.add_argument("--lora-steps", type=int, default=None,
                         help="training steps of the adapters (default 500)")
+    parser.add_argument("--concept", default="pairs", choices=captions.HELDOUT_CHOICES,
+                        help="what the base never sees (config.data.heldout): 'pairs', a "
+                             "colour or a shape")
+    parser.add_argument("--lora-split", default="heldout", choices=("heldout", "all"),
+                        help="the adapters' training data: the concept alone, or everything")
     parser.add_argument("--rank", type=int, default=8, help="config.lora.rank")
     parser.add_argument("--lora-learning-rate", type=float, default=None,
                         help="the adapter run's learning rate (default: the preset's)")
@@ -250,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts per guidance scale, half of them held-out pairs "
                              "(default 200)")
     parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--inpaint", type=int, default=0, metavar="N",
+                        help="also measure inpainting adherence of both runs on N one-object "
+                             "test images (0: skip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of both runs (repeatable)")
     parser.add_argument("--tiny", action="store_true",

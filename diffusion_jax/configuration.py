@@ -41,7 +41,7 @@ def _captioned_shapes(d, split):
     # name: fresh images of the seen combinations (another seed).
     return data_lib.CaptionedShapes(d.size, d.resolution, seed=_procedural_seed(split),
                                     split=split if split in ("train", "heldout", "all")
-                                    else "train")
+                                    else "train", max_objects=d.max_objects, heldout=d.heldout)
 
 
 def _image_folder(d, split):
@@ -84,6 +84,7 @@ _CHOICES = {
     "sized_for": ("any", "accelerator"),
     "task": ("diffusion", "autoencoder"),
     "data.captions": data_lib.ImageFolder.CAPTION_MODES,
+    "data.heldout": data_lib.CaptionedShapes.HELDOUT_CHOICES,
     "data.resize": (False, True),
     "autoencoder.reconstruction": ("l1", "l2"),
     "data.toy_kind": data_lib.Toy2D.KINDS,
@@ -107,7 +108,7 @@ _CHOICES = {
 NUMERIC = {
     "seed": (int, ">= 0"),
     "data.size": (int, "> 0"), "data.resolution": (int, "> 0"), "data.batch_size": (int, "> 0"),
-    "data.worker_count": (int, ">= 0"),
+    "data.worker_count": (int, ">= 0"), "data.max_objects": (int, "in [1, 4]"),
     "model.dropout": (float, "in [0, 1)"), "model.noise_scale": (float, "> 0"),
     "model.context_dim": (int, ">= 0"), "model.pooled_dim": (int, ">= 0"),
     "diffusion.sigma_data": (float, "> 0"), "diffusion.label_dropout": (float, "in [0, 1)"),
@@ -161,6 +162,7 @@ RULES = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
     ">= -1": lambda v: v >= -1, "-1 or >= 1": lambda v: v == -1 or v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [1, 4]": lambda v: 1 <= v <= 4,
     "-1 or in [0, 1]": lambda v: v == -1 or 0 <= v <= 1,
     "any number": lambda v: True,
 }

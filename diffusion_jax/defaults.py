@@ -59,6 +59,11 @@ def _data() -> ml_collections.ConfigDict:
     data.split = "train"
     data.toy_kind = "mixture"  # toy2d: mixture | checkerboard | swiss_roll
     data.size = 50_000  # number of procedural examples (shapes, captions, toy2d)
+    # captions: what split "train" leaves out and "heldout" holds: "pairs" (three (shape, colour)
+    # pairs), or a colour or shape name (a concept "train" never shows; a colour is not named
+    # as a background either); and the most objects in one image (1 to 4)
+    data.heldout = "pairs"
+    data.max_objects = 3
     data.resolution = 32  # shapes, captions, folder: image size (folder, resized tfds: crop size)
     data.resize = False  # tfds: resize and centre-crop the images to data.resolution
     # folder: "none" (unconditional), "auto" (captions where given, "" elsewhere) or "required";

@@ -5,7 +5,8 @@ Test records of one object each (CaptionedShapes of a seed neither the model nor
 (:func:`object_mask`: the box that holds any shape of the record's size in its 3x3 cell, from the
 generator's geometry); the rest, the plain background, is kept. Each record gets a request
 (:func:`requests`): another (shape, colour) pair than its object's, alternately one of the pairs
-split "train" holds ("seen") and one of HELDOUT_PAIRS ("held-out"), in a colour other than the
+split "train" holds ("seen") and one of split "heldout"'s ("held-out": ``config.data.heldout``,
+HELDOUT_PAIRS by default), in a colour other than the
 background, at the same size and position. The run inpaints the masked region (RePaint,
 :class:`diffusion_jax.samplers.KnownRegion`, strength 1) once with the request's caption at each
 guidance scale ("with the prompt") and once with the empty caption ("without": unconditional,
@@ -23,6 +24,7 @@ doing nothing scores. As a check, the kept region of every output must equal the
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -41,8 +43,6 @@ __all__ = ["object_box", "object_mask", "draw_records", "requests", "score_reque
 GROUPS = ("seen", "heldout", "all")
 KEPT = ("background", "size", "position")  # what a request keeps from the input
 SEED_OFFSET = 40_000  # records: config.seed + this, a seed no training or judging uses
-_SEEN_PAIRS = tuple((s, c) for s in range(len(captions.SHAPES))
-                    for c in range(len(captions.COLOURS)) if (s, c) not in captions.HELDOUT_PAIRS)
 
 
 def _attributes(record_or_attributes) -> dict:
@@ -89,26 +89,42 @@ def object_mask(attributes, resolution: int) -> np.ndarray:
     return mask
 
 
-def draw_records(num: int, resolution: int, seed: int) -> list:
-    """``num`` CaptionedShapes records of one object each, of every (shape, colour) pair."""
-    source = captions.CaptionedShapes(num, resolution, seed=seed, split="all", max_objects=1)
-    return [source[i] for i in range(num)]
+def draw_records(num: int, resolution: int, seed: int, heldout_concept: str = "pairs") -> list:
+    """``num`` CaptionedShapes records of one object each, of every (shape, colour) pair.
+
+    When ``heldout_concept`` is a colour, records on a background of that colour are passed
+    over: the held-out requests ask for objects of it, which must differ from the background."""
+    hidden = (captions.COLOURS.index(heldout_concept) if heldout_concept in captions.COLOURS
+              else -1)
+    source = captions.CaptionedShapes(4 * num, resolution, seed=seed, split="all", max_objects=1)
+    records = (source[i] for i in range(len(source)))
+    return list(itertools.islice(
+        (r for r in records if int(r["attributes"]["background"]) != hidden), num))
 
 
-def requests(attributes: Sequence[dict], seed: int):
+def _pairs(heldout_concept: str):
+    """``(seen pairs, held-out pairs)`` of (shape, colour) under ``config.data.heldout``."""
+    source = captions.CaptionedShapes(1, heldout=heldout_concept)
+    every = [(s, c) for s in range(len(captions.SHAPES)) for c in range(len(captions.COLOURS))]
+    return [p for p in every if not source.is_heldout(*p)], list(source.heldout_pairs)
+
+
+def requests(attributes: Sequence[dict], seed: int, heldout_concept: str = "pairs"):
     """``(requested attributes, heldout, prompts)``: another object for each record.
 
     Request i keeps record i's size, count, position and background and asks for a (shape,
     colour) pair other than its object's, in a colour other than the background: for even i one
-    of the pairs split "train" holds, for odd i one of HELDOUT_PAIRS (``heldout[i]`` says which),
+    of the pairs split "train" holds, for odd i one of split "heldout"'s, both under
+    ``heldout_concept`` (``config.data.heldout``; ``heldout[i]`` says which),
     drawn with ``seed``. ``prompts`` are their captions (:func:`~diffusion_jax.data.captions.\
 caption_for`)."""
     rng = np.random.default_rng(seed)
+    seen_pairs, heldout_pairs = _pairs(heldout_concept)
     heldout = np.arange(len(attributes)) % 2 == 1
     out, prompts = [], []
     for a, held in zip(attributes, heldout):
         a = {k: int(np.asarray(v)) for k, v in _attributes(a).items()}
-        pairs = [p for p in (captions.HELDOUT_PAIRS if held else _SEEN_PAIRS)
+        pairs = [p for p in (heldout_pairs if held else seen_pairs)
                  if p != (a["shape"], a["colour"]) and p[1] != a["background"]]
         shape, colour = pairs[int(rng.integers(len(pairs)))]
         request = {k: np.int32(v) for k, v in {**a, "shape": shape, "colour": colour}.items()}
@@ -215,11 +231,11 @@ def evaluate_inpainting(config, workdir: str, *, num: int = 200,
     scales = tuple(float(g) for g in (guidance_scales or prompt_eval.guidance_scales(config)))
     classify, judge = prompt_eval.load_attribute_classifier(config, workdir)
     resolution, s = config.data.resolution, config.sampling
-    records = draw_records(num, resolution, config.seed + SEED_OFFSET)
+    records = draw_records(num, resolution, config.seed + SEED_OFFSET, config.data.heldout)
     original = [r["attributes"] for r in records]
     images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
     masks = np.stack([object_mask(a, resolution) for a in original])
-    requested, heldout, prompts = requests(original, s.seed + SEED_OFFSET)
+    requested, heldout, prompts = requests(original, s.seed + SEED_OFFSET, config.data.heldout)
     step, for_scale = (load_inpainter or _checkpoint_inpainter)(config, workdir, step)
     key = jax.random.key(s.seed)
     batch = config.evaluation.batch_size

@@ -5,7 +5,8 @@ CaptionedShapes images of every (shape, colour) pair, held-out ones included (it
 the generator), to read off each attribute a caption names: shape, colour, size, count, position
 (the 3x3 cell of a single object, or "none" for several) and background. Evaluation draws
 attributes with a fixed seed, half from (shape, colour) pairs the generator saw in training and
-half from HELDOUT_PAIRS, turns them into prompts with ``caption_for``, generates one image per
+half from the held-out ones (``config.data.heldout``: HELDOUT_PAIRS, or every pair of a held-out
+colour or shape), turns them into prompts with ``caption_for``, generates one image per
 prompt at each guidance scale, classifies the images, and reports how often each attribute the
 prompt asks for is there: per attribute, the mean over the attributes the prompt names (position
 only for one object), and the rate of images with every attribute right, for seen and held-out
@@ -161,7 +162,7 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
     c, d = config.classifier, config.data
     train_seed, test_seed, _ = _seeds(config)
     source = captions.CaptionedShapes(c.num_steps * c.batch_size, d.resolution, seed=train_seed,
-                                      split="all")
+                                      split="all", max_objects=d.max_objects)
     example_shape = (d.resolution, d.resolution, 3)
     model = AttributeClassifier(heads=heads(source.max_objects), width=c.width,
                                 feature_dim=c.feature_dim)
@@ -198,7 +199,8 @@ def train_attribute_classifier(config, workdir: str, *, log: Callable[[str], Non
                 f"(lowest: {worst} {float(accuracy[worst]):.3f})")
     seconds = time.time() - start
 
-    test = captions.CaptionedShapes(TEST_EXAMPLES, d.resolution, seed=test_seed, split="all")
+    test = captions.CaptionedShapes(TEST_EXAMPLES, d.resolution, seed=test_seed, split="all",
+                                    max_objects=d.max_objects)
     images, attributes = _images_and_attributes(test, range(len(test)))
     per_attribute = _judge_accuracy(_make_classify(model, params)(images),
                                     attribute_targets(attributes))
@@ -254,6 +256,12 @@ def _attribute_classifier(config, workdir: str):
             f"the attribute classifier in {directory} was trained on images of shape "
             f"{summary['example_shape']}, this config makes {wanted}; retrain it with "
             "--mode=train_classifier")
+    counts = dict(tuple(h) for h in summary["heads"])["count"]
+    if counts < config.data.max_objects:
+        raise classifier_store.EvaluationError(
+            f"the attribute classifier in {directory} counts up to {counts} objects, but "
+            f"config.data.max_objects={config.data.max_objects}; retrain it with "
+            "--mode=train_classifier")
     model = AttributeClassifier(heads=tuple(tuple(h) for h in summary["heads"]),
                                 width=summary["classifier"]["width"],
                                 feature_dim=summary["classifier"]["feature_dim"])
@@ -266,14 +274,16 @@ def _attribute_classifier(config, workdir: str):
 # ------------------------------------------------------------------------------- evaluation
 
 
-def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3):
+def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3,
+                 heldout_concept: str = "pairs"):
     """``(attributes, prompts, heldout)`` of ``num`` prompts.
 
-    The attribute dicts are drawn with ``seed``, alternately from (shape, colour) pairs of split
-    "train" and from HELDOUT_PAIRS (``heldout[i]`` says which), and a caption of each from
-    ``caption_for``."""
+    The attribute dicts are drawn with ``seed``, alternately from split "train" and split
+    "heldout" of CaptionedShapes with ``heldout=heldout_concept`` (``heldout[i]`` says which),
+    and a caption of each from ``caption_for``."""
     rng = np.random.default_rng(seed)
-    sources = [captions.CaptionedShapes(1, resolution, split=split, max_objects=max_objects)
+    sources = [captions.CaptionedShapes(1, resolution, split=split, max_objects=max_objects,
+                                        heldout=heldout_concept)
                for split in ("train", "heldout")]
     heldout = np.arange(num) % 2 == 1
     attributes = [sources[int(h)].sample_attributes(rng) for h in heldout]
@@ -363,10 +373,10 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
     scales = guidance_scales(config)
     classify, judge = load_attribute_classifier(config, workdir)
     num_heads = [tuple(h) for h in judge["heads"]]
-    max_objects = dict(num_heads)["count"]
+    max_objects = config.data.max_objects
     _, _, prompt_seed = _seeds(config)
     attributes, prompts, heldout = draw_prompts(e.num_samples, config.data.resolution,
-                                                prompt_seed, max_objects)
+                                                prompt_seed, max_objects, config.data.heldout)
     step, for_scale = (load_generator or _checkpoint_generator)(config, workdir, step)
     key = jax.random.key(s.seed)
     per_scale = []
@@ -398,8 +408,9 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
                     "negative_prompt": s.negative_prompt, "use_ema": s.use_ema},
         "num_samples": int(e.num_samples),
         "num_seen": int((~heldout).sum()), "num_heldout": int(heldout.sum()),
-        "heldout_pairs": [[captions.COLOURS[c], captions.SHAPES[sh]]
-                          for sh, c in captions.HELDOUT_PAIRS],
+        "heldout": config.data.heldout,
+        "heldout_pairs": [[captions.COLOURS[c], captions.SHAPES[sh]] for sh, c in
+                          captions.CaptionedShapes(heldout=config.data.heldout).heldout_pairs],
         "guidance_scales": list(scales),
         "scales": per_scale,
         "chance": _chance(attributes, num_heads),

@@ -112,6 +112,8 @@ CONFIG_CASES = [
     ("--config.data.batch_size=0", r"batch_size must be > 0"),
     ("--config.data.name=nope", r"data\.name='nope' is not one of"),
     ("--config.data.worker_count=-1", r"worker_count must be >= 0"),
+    ("--config.data.heldout=purple", r"data\.heldout='purple' is not one of \('pairs', 'red'"),
+    ("--config.data.max_objects=5", r"data\.max_objects must be in \[1, 4\], got 5"),
     ("--config.sampling.num_steps=0", r"sampling\.num_steps must be > 0"),
     ("--config.sampling.guidance_scale=-1", r"guidance_scale must be >= 0"),
     ("--config.sampling.guidance_rescale=2", r"guidance_rescale must be in \[0, 1\]"),

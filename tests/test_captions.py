@@ -116,6 +116,35 @@ def test_captions_name_every_attribute():
     assert caption_for(records[0]["attributes"], 5) == caption_for(records[0]["attributes"], 5)
 
 
+@pytest.mark.parametrize("concept", ["yellow", "triangle"])
+def test_heldout_concept_split(concept):
+    """A held-out colour or shape: "train" never shows it (a colour is not even named as the
+    background), "heldout" always does, "all" holds both."""
+    def records(split, count):
+        return _records(CaptionedShapes(split=split, heldout=concept), count)
+
+    def shown(record):
+        a = record["attributes"]
+        return concept in (DS.COLOURS[int(a["colour"])], DS.SHAPES[int(a["shape"])])
+
+    train = records("train", 1500)
+    assert not any(shown(r) for r in train)
+    if concept in DS.COLOURS:
+        assert not any(concept in r["caption"] for r in train)
+        assert not any(DS.COLOURS[int(r["attributes"]["background"])] == concept for r in train)
+        # The other colours are still backgrounds and objects.
+        assert len({int(r["attributes"]["background"]) for r in train}) == len(DS.COLOURS) - 1
+    heldout = records("heldout", 300)
+    assert all(shown(r) and concept in r["caption"] for r in heldout)
+    everything = [shown(r) for r in records("all", 300)]
+    assert any(everything) and not all(everything)
+    dataset = CaptionedShapes(heldout=concept)
+    assert all(concept in (DS.COLOURS[c], DS.SHAPES[s]) for s, c in dataset.heldout_pairs)
+    assert len(dataset.heldout_pairs) == (3 if concept in DS.COLOURS else 6)
+    with pytest.raises(DataError, match="heldout must be 'pairs', a colour"):
+        CaptionedShapes(heldout="purple")
+
+
 def test_heldout_pairs_split():
     held = set(DS.HELDOUT_PAIRS)
     assert 3 <= len(held) <= 4
@@ -132,7 +161,9 @@ def test_heldout_pairs_split():
     assert set(heldout) == held
     everything = set(pairs("all", 1000))
     assert held < everything and len(everything) == len(DS.SHAPES) * len(DS.COLOURS)
-    assert all(DS.is_heldout(*p) for p in held) and not DS.is_heldout(0, 0)
+    dataset = CaptionedShapes()
+    assert all(dataset.is_heldout(*p) for p in held) and not dataset.is_heldout(0, 0)
+    assert set(dataset.heldout_pairs) == held
     # Held-out captions still describe the pair.
     record = CaptionedShapes(split="heldout")[0]
     a = record["attributes"]

@@ -52,6 +52,17 @@ def test_object_mask_covers_the_object_and_little_else(resolution):
                                   "position": -1, "background": 1}, 16)
 
 
+def test_requests_of_a_heldout_colour():
+    records = inpaint_eval.draw_records(100, 16, seed=2, heldout_concept="green")
+    assert len(records) == 100
+    assert all(int(r["attributes"]["background"]) != 1 for r in records)
+    requested, heldout, _ = inpaint_eval.requests([r["attributes"] for r in records], seed=7,
+                                                  heldout_concept="green")
+    green = captions.COLOURS.index("green")
+    assert all((int(r["colour"]) == green) == h for r, h in zip(requested, heldout))
+    assert {int(r["shape"]) for r, h in zip(requested, heldout) if h} == {0, 1, 2}
+
+
 def test_requests_ask_for_another_valid_object():
     records = inpaint_eval.draw_records(300, 32, seed=2)
     original = [r["attributes"] for r in records]
@@ -216,7 +227,8 @@ def test_a_tiny_run_inpaints_and_keeps_the_known_region_exactly(tmp_path):
 def test_lora_concept_benchmark_runs_the_whole_protocol(tmp_path):
     workdir = str(tmp_path / "concept")
     done = subprocess.run([sys.executable, "lora_concept.py", "--tiny", "--workdir", workdir,
-                           "--rank", "2", "--set", "sampling.num_steps=2"],
+                           "--rank", "2", "--set", "sampling.num_steps=2", "--concept", "yellow",
+                           "--set", "data.max_objects=1", "--inpaint", "4"],
                           cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -224,6 +236,13 @@ def test_lora_concept_benchmark_runs_the_whole_protocol(tmp_path):
         result = json.load(f)
     assert result["table"] in done.stdout and "| train steps/s |" in result["table"]
     assert result["base"]["train"]["steps"] == 4 and result["lora"]["train"]["steps"] == 2
+    assert result["concept"] == "yellow" and result["lora"]["split"] == "heldout"
+    assert {tuple(p) for p in result["heldout_pairs"]} == {("yellow", s) for s in captions.SHAPES}
+    assert "| held-out (yellow) colour, guidance 1 |" in result["table"]
+    for run in ("base", "lora"):
+        inpainting = result[run]["inpainting"]
+        assert inpainting["num"] == 4 and inpainting["kept_region"]["exact_uint8"]
+        assert inpainting["table"] in done.stdout
     assert result["base"]["train"]["steps_per_s"] > 0 and result["lora"]["train"]["steps_per_s"] > 0
     size = result["lora"]["size"]
     assert 0 < size["adapter"]["params"] < size["base"]["params"]

@@ -155,6 +155,16 @@ def test_prompts_alternate_seen_and_heldout_pairs():
         assert captions.COLOURS[pair[1]] in prompt and captions.SIZES[int(a["size"])] in prompt
 
 
+def test_prompts_of_a_heldout_colour_name_it_only_when_heldout():
+    attributes, prompts, heldout = prompt_eval.draw_prompts(60, 16, seed=4, max_objects=1,
+                                                            heldout_concept="yellow")
+    yellow = captions.COLOURS.index("yellow")
+    for a, prompt, h in zip(attributes, prompts, heldout):
+        assert int(a["count"]) == 1
+        assert (int(a["colour"]) == yellow) == h
+        assert ("yellow" in prompt) == h  # nor as the background of a seen prompt
+
+
 def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
     config = _config()
     assert prompt_eval.guidance_scales(config) == (config.sampling.guidance_scale,)
@@ -195,6 +205,15 @@ def test_a_judge_trained_on_another_machine_loads_here(judge, tmp_path):
     local, _ = prompt_eval.load_attribute_classifier(config, workdir)
     for name, value in classify(batch).items():
         np.testing.assert_array_equal(value, local(batch)[name])
+
+
+def test_a_judge_counting_fewer_objects_than_the_data_holds_is_refused(judge):
+    config, workdir, summary, _ = judge
+    assert dict(map(tuple, summary["heads"]))["count"] == config.data.max_objects == 3
+    config = config.copy_and_resolve_references()
+    config.data.max_objects = 4
+    with pytest.raises(evaluate.EvaluationError, match="counts up to 3 objects.*max_objects=4"):
+        prompt_eval.load_attribute_classifier(config, workdir)
 
 
 def test_a_classifier_of_other_data_is_refused(tmp_path):

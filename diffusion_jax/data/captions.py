@@ -16,10 +16,18 @@ names every attribute above (with the count and, for one object, the position), 
 phrasings drawn per record, e.g. "a small red circle in the top left on a black background" or
 "yellow background, two large blue squares".
 
-Compositional generalisation is measured with HELDOUT_PAIRS, (shape, colour) pairs that split
-"train" never contains and split "heldout" contains exclusively; every shape and every colour still
-appears in "train" with other partners. Record i of a split is generated from (seed, i, split), by
-drawing each attribute from the values the split allows (no rejection loops).
+What split "train" leaves out and split "heldout" holds exclusively is chosen by ``heldout``:
+
+- "pairs" (the default): HELDOUT_PAIRS, (shape, colour) pairs; every shape and every colour still
+  appears in "train" with other partners, so the held-out pairs measure compositional
+  generalisation;
+- a colour name (e.g. "yellow"): a concept that "train" never shows nor names, neither as the
+  objects' colour nor as the background; "heldout" records all have objects of that colour;
+- a shape name (e.g. "triangle"): "train" has no objects of that shape, "heldout" only those.
+
+Split "all" holds everything. Record i of a split is generated from (seed, i, split), by drawing
+each attribute from the values the split allows (no rejection loops); with heldout="pairs" the
+records are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 # colours and every colour on at least two shapes.
 HELDOUT_PAIRS = ((0, 2), (1, 0), (2, 1))  # blue circle, red square, green triangle
 SPLITS = ("train", "heldout", "all")
+HELDOUT_CHOICES = ("pairs",) + COLOURS + SHAPES  # what split "train" leaves out
 ATTRIBUTE_KEYS = ("shape", "colour", "size", "count", "position", "background")
 
 # Geometry in unit image coordinates (0..1). ``r`` is a shape's nominal radius: a circle's radius,
@@ -138,8 +147,9 @@ def caption_for(attributes: Mapping, rng: np.random.Generator | int | None = Non
 class CaptionedShapes:
     """Captioned images of 1 to ``max_objects`` identical shapes on a plain background.
 
-    ``split``: "train" (no HELDOUT_PAIRS), "heldout" (only HELDOUT_PAIRS) or "all". ``size`` is the
-    number of records; record i is generated from (seed, i, split) whenever it is read.
+    ``split``: "train" (without what ``heldout`` names), "heldout" (only that) or "all";
+    ``heldout``: "pairs" (HELDOUT_PAIRS), a colour or a shape (see the module docstring). ``size``
+    is the number of records; record i is generated from (seed, i, split) whenever it is read.
     """
 
     SHAPES = SHAPES
@@ -148,27 +158,33 @@ class CaptionedShapes:
     SIZES = SIZES
     POSITIONS = POSITIONS
     HELDOUT_PAIRS = HELDOUT_PAIRS
+    HELDOUT_CHOICES = HELDOUT_CHOICES
     SPLITS = SPLITS
     ATTRIBUTE_KEYS = ATTRIBUTE_KEYS
     caption_for = staticmethod(caption_for)
 
     def __init__(self, size: int = 50_000, resolution: int = 32, seed: int = 0,
-                 split: str = "train", max_objects: int = 3):
+                 split: str = "train", max_objects: int = 3, heldout: str = "pairs"):
         if split not in SPLITS:
             raise DataError(f"CaptionedShapes split must be one of {SPLITS}, got {split!r}")
+        if heldout not in HELDOUT_CHOICES:
+            raise DataError(f"CaptionedShapes heldout must be 'pairs', a colour {COLOURS} or a "
+                            f"shape {SHAPES}; got {heldout!r}")
         if resolution < 16:
             raise DataError(f"CaptionedShapes resolution must be at least 16, got {resolution}")
         if not 1 <= max_objects <= 4:
             raise DataError(
                 f"CaptionedShapes max_objects must be between 1 and 4, got {max_objects}")
         self.size, self.resolution, self.seed = int(size), int(resolution), int(seed)
-        self.split, self.max_objects = split, int(max_objects)
-        heldout = set(HELDOUT_PAIRS)
+        self.split, self.max_objects, self.heldout = split, int(max_objects), heldout
+        # A held-out colour is not even a background in "train": the word never appears there.
+        self._hidden_colour = (COLOURS.index(heldout) if heldout in COLOURS and split == "train"
+                               else -1)
         pairs = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))]
         if split == "train":
-            pairs = [p for p in pairs if p not in heldout]
+            pairs = [p for p in pairs if not self.is_heldout(*p)]
         elif split == "heldout":
-            pairs = [p for p in pairs if p in heldout]
+            pairs = [p for p in pairs if self.is_heldout(*p)]
         self._pairs = np.array(pairs, np.int32)
         grid = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
         self._yy = grid[None, :, None]  # [objects, H, W] after broadcasting
@@ -177,16 +193,28 @@ class CaptionedShapes:
     def __len__(self):
         return self.size
 
-    @staticmethod
-    def is_heldout(shape: int, colour: int) -> bool:
-        return (int(shape), int(colour)) in HELDOUT_PAIRS
+    def is_heldout(self, shape: int, colour: int) -> bool:
+        """Whether objects of this (shape, colour) belong to split "heldout" (never to "train")."""
+        if self.heldout == "pairs":
+            return (int(shape), int(colour)) in HELDOUT_PAIRS
+        if self.heldout in COLOURS:
+            return int(colour) == COLOURS.index(self.heldout)
+        return int(shape) == SHAPES.index(self.heldout)
+
+    @property
+    def heldout_pairs(self) -> tuple:
+        """The (shape, colour) pairs of split "heldout"."""
+        return tuple((s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))
+                     if self.is_heldout(s, c))
 
     def sample_attributes(self, rng) -> dict:
         """Draw a record's attributes from the values this split allows."""
         rng = _as_generator(rng)
         shape, colour = self._pairs[int(rng.integers(len(self._pairs)))]
-        background = int(rng.integers(len(COLOURS) - 1))
-        background += background >= colour  # any palette colour but the objects'
+        # Any palette colour but the objects' (and a hidden colour's): index i of the allowed
+        # colours, which with nothing hidden is i + (i >= colour), as records always were drawn.
+        allowed = [k for k in range(len(COLOURS)) if k != colour and k != self._hidden_colour]
+        background = allowed[int(rng.integers(len(allowed)))]
         count = int(rng.integers(1, self.max_objects + 1))
         position = int(rng.integers(len(POSITIONS))) if count == 1 else -1
         values = {"shape": shape, "colour": colour, "size": rng.integers(len(SIZES)),
@@ -247,4 +275,5 @@ class CaptionedShapes:
 
     def __repr__(self):
         return (f"CaptionedShapes(size={self.size}, resolution={self.resolution}, "
-                f"seed={self.seed}, split={self.split!r}, max_objects={self.max_objects})")
+                f"seed={self.seed}, split={self.split!r}, max_objects={self.max_objects}, "
+                f"heldout={self.heldout!r})")
