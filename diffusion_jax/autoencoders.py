@@ -85,13 +85,15 @@ def build_task(config, image_shape) -> AutoencoderTask:
 
 
 def held_out_source(config):
-    """``(source, split)``: the data's "test" split, or the training split when it has none.
+    """``(source, split)``: the data's held-out split (``data.test_split``), or the training
+    split when it has none.
 
     Reconstructions are judged on held-out images where the data has them; a folder of images
-    or a TFDS dataset without a test split is judged on the images it trains on.
+    or a TFDS dataset without that split is judged on the images it trains on.
     """
+    split = config.data.test_split
     try:
-        return configuration.build_source(config.data, split="test"), "test"
+        return configuration.build_source(config.data, split=split), split
     except data.DataError:
         return configuration.build_source(config.data), config.data.split
 

@@ -58,8 +58,16 @@ def _image_folder(d, split):
 
 def _tfds(d, split):
     source = data_lib.TFDSSource(d.tfds_name, split, data_dir=d.data_dir or None,
-                                 label_key="label" if d.class_conditional else None)
-    return data_lib.Resized(source, d.resolution) if d.resize else source
+                                 image_key=d.image_key,
+                                 label_key=d.label_key if d.class_conditional else None)
+    if d.resize:
+        return data_lib.Resized(source, d.resolution)
+    if None in source.image_shape[:2]:
+        raise data_lib.DataError(
+            f"TFDS dataset {d.tfds_name!r} has images of different sizes (feature "
+            f"{d.image_key!r}: shape {source.image_shape}); set config.data.resize=True to resize "
+            f"and centre-crop them to config.data.resolution={d.resolution}")
+    return source
 
 
 def is_text_model(config) -> bool:

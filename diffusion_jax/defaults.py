@@ -56,7 +56,13 @@ def _data() -> ml_collections.ConfigDict:
     data.path = ""
     data.tfds_name = ""  # e.g. "cifar10" when name == "tfds"
     data.data_dir = ""  # TFDS data_dir holding the prepared dataset
+    # the split trained on (tfds: with its slicing, e.g. "train[:90%]"), and the held-out split
+    # (the classifier's test images, bits/dim; e.g. "test" or "train[90%:]")
     data.split = "train"
+    data.test_split = "test"
+    # tfds: the image feature, and the label feature ("" = "label" when the dataset has one)
+    data.image_key = "image"
+    data.label_key = ""
     data.toy_kind = "mixture"  # toy2d: mixture | checkerboard | swiss_roll
     data.size = 50_000  # number of procedural examples (shapes, captions, toy2d)
     # captions: what split "train" leaves out and "heldout" holds: "pairs" (three (shape, colour)
@@ -240,6 +246,9 @@ def _evaluation() -> ml_collections.ConfigDict:
     # every power of two up to 512), otherwise every device generates all of it.
     evaluation.batch_size = 512
     evaluation.classifier_dir = ""  # "" = WORKDIR/classifier
+    # the split whose images are the reference set of the Fréchet distance and precision/recall
+    # ("" = data.split, the training images; e.g. "test" for held-out statistics)
+    evaluation.reference_split = ""
     # Features for the Fréchet distance and precision/recall: "classifier" (the one above) or
     # "inception" (FID's Inception-v3, from pytorch-fid's weights file, which you provide).
     evaluation.feature_extractor = "classifier"

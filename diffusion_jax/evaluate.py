@@ -47,9 +47,9 @@ def _classifier_model(config, num_classes):
                              feature_dim=config.classifier.feature_dim)
 
 
-# Held-out data: Fashion-MNIST's and TFDS datasets' test split; fresh examples (another seed)
-# for procedural data.
-HELD_OUT_SPLIT = "test"
+# Held-out data is config.data.test_split: Fashion-MNIST's and TFDS datasets' test split (or a
+# slice of another split); for procedural data any split but the training one means fresh
+# examples (another seed).
 
 
 def _batched_apply(apply_fn, params, images, batch_size=500):
@@ -124,7 +124,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     seconds = time.time() - start
 
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    test_source = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
+    test_source = configuration.build_source(config.data, split=config.data.test_split)
     images, labels = _examples(test_source)
     logits, _ = _batched_apply(apply, params, images)
     test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
@@ -159,17 +159,20 @@ def load_classifier(config, workdir: str):
 
 
 def reference_features(config, workdir, extract, num):
-    """Features of ``num`` training examples (the reference set).
+    """Features of ``num`` examples of ``evaluation.reference_split`` (the reference set).
 
-    They are cached in ``workdir/eval`` so later evaluations skip recomputing them."""
+    That split is the training split (``data.split``) unless set. The features are cached in
+    ``workdir/eval`` so later evaluations skip recomputing them."""
     name = config.evaluation.feature_extractor
-    path = os.path.join(workdir, "eval", f"reference_{name}_{config.data.split}_{num}.npz")
+    split = config.evaluation.reference_split or config.data.split
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in split)  # "train[:90%]"
+    path = os.path.join(workdir, "eval", f"reference_{name}_{safe}_{num}.npz")
     # Processes may differ in finding this cache (process 0 writes it): harmless while feature
     # extraction runs on each process's own devices, as it does; a mesh-wide extractor would
     # have to agree on it first.
     if os.path.exists(path):
         return np.load(path)["features"]
-    source = configuration.build_source(config.data)
+    source = configuration.build_source(config.data, split=split)
     # An evenly spread subset rather than the first ``num`` records, in case those are sorted.
     images, _ = _examples(source, np.linspace(0, len(source) - 1, min(num, len(source))))
     features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
@@ -389,7 +392,7 @@ def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_st
 
     denoise = parameterization.make_denoise_fn(jax.tree_util.Partial(network, params),
                                                schedule, par)
-    held_out = configuration.build_source(config.data, split=HELD_OUT_SPLIT)
+    held_out = configuration.build_source(config.data, split=config.data.test_split)
     images, _ = _examples(held_out, range(min(num, len(held_out))))
     dim = int(np.prod(example_shape))
     values = []

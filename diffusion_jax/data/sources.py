@@ -199,47 +199,99 @@ class FashionMNIST:
         return f"FashionMNIST(num_records={len(self)})"
 
 
-class TFDSSource:
-    """Any TensorFlow Datasets dataset through ``tfds.data_source``.
+# What tfds.data_source reads with random access, by tfds's FileFormat values.
+TFDS_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+_TFDS_RECIPE = ("prepare it as array_record (docs/data.md: `tfds.builder(NAME, data_dir=DIR, "
+                "file_format='array_record').download_and_prepare()` where the internet is "
+                "reachable, or the PNG-bytes builder for your own images), copy DIR here and set "
+                "config.data.data_dir to it")
 
-    It reads array_record files; no TensorFlow is needed. The data must already be prepared in
-    ``data_dir``."""
+
+def _last_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+class TFDSSource:
+    """Any TensorFlow Datasets dataset prepared as array_record (or parquet), read record by record.
+
+    It reads through ``tfds``'s random-access data sources: no TensorFlow is needed. The data
+    must already be prepared in ``data_dir`` (``None``: tfds's default, ``~/tensorflow_datasets``
+    or ``$TFDS_DATA_DIR``). ``split`` takes tfds's slicing (``"train[:90%]"``,
+    ``"train[10:20]+test"``). Records are ``{"image": uint8 [H, W, C]}`` from ``image_key``, with
+    ``"label"`` (int32) from ``label_key`` when that is a ``ClassLabel`` feature, whose class count
+    becomes ``num_classes``. ``label_key=""`` takes ``"label"`` when the dataset has it and reads
+    no labels otherwise; ``None`` never reads labels; any other name must exist.
+    """
+
+    # Records are read (and decoded) from files: grain's reader threads overlap the file I/O.
+    read_threads = 16
 
     def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
-                 image_key: str = "image", label_key: Optional[str] = "label"):
+                 image_key: str = "image", label_key: Optional[str] = ""):
         try:
             import tensorflow_datasets as tfds
         except ImportError as err:
             raise DataError(
-                f"reading the TFDS dataset {name!r} needs `pip install tensorflow-datasets`"
-            ) from err
+                f"reading the TFDS dataset {name!r} needs tensorflow-datasets: "
+                "`pip install -e \".[tfds]\"` (or `pip install tensorflow-datasets`)") from err
+        where = f"TFDS dataset {name!r} in data_dir={data_dir!r}"
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as err:  # tfds raises several types for a missing dataset
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as err:  # DatasetNotFoundError lists every registered dataset: cut
+            raise DataError(f"{where} was not found ({_last_line(err)}); {_TFDS_RECIPE}") from err
+        if not builder.is_prepared():
+            raise DataError(f"{where} is not prepared; {_TFDS_RECIPE}")
+        file_format = getattr(builder.info.file_format, "value", str(builder.info.file_format))
+        if file_format not in TFDS_RANDOM_ACCESS_FORMATS:
             raise DataError(
-                f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
-                f"data_dir={data_dir!r}: {err}. Prepare it where the internet is reachable (`tfds build {name} "
-                "--file_format=array_record --data_dir DIR`), copy DIR here and set "
-                "config.data.data_dir to it."
-            ) from err
+                f"{where} is prepared as {file_format}, which has no random access; training "
+                f"reads {' or '.join(TFDS_RANDOM_ACCESS_FORMATS)}: prepare it again with "
+                "file_format='array_record' into another data_dir (docs/data.md)")
+        splits = sorted(builder.info.splits)
+        try:
+            self._source = builder.as_data_source(split=split)
+        except (ValueError, KeyError, AssertionError) as err:
+            raise DataError(f"{where}: split {split!r} cannot be read ({_last_line(err)}); its "
+                            f"splits are {splits}, sliced as 'train[:90%]' or "
+                            "'train[100:200]'") from err
+        features = builder.info.features
+        keys = sorted(features.keys())
+        if image_key not in keys:
+            raise DataError(f"{where} has no image feature {image_key!r} (its features: {keys}); "
+                            "set config.data.image_key")
+        image = features[image_key]
+        if not isinstance(image, tfds.features.Image):
+            raise DataError(f"{where}: feature {image_key!r} is a {type(image).__name__}, not an "
+                            f"Image (its features: {keys}); set config.data.image_key")
+        self.image_shape = tuple(image.shape)  # None where images differ in size
+        if label_key == "":
+            label_key = "label" if "label" in keys else None
+        elif label_key is not None and label_key not in keys:
+            raise DataError(f"{where} has no label feature {label_key!r} (its features: {keys}); "
+                            "set config.data.label_key, or config.data.class_conditional=False")
+        if label_key is not None and not isinstance(features[label_key],
+                                                    tfds.features.ClassLabel):
+            raise DataError(f"{where}: feature {label_key!r} is a "
+                            f"{type(features[label_key]).__name__}, not a ClassLabel, so its "
+                            "class count is unknown; set config.data.label_key to a ClassLabel "
+                            "feature, or config.data.class_conditional=False")
+        self.num_classes = None if label_key is None else int(features[label_key].num_classes)
         self.image_key, self.label_key = image_key, label_key
-        self.name = name
-
-    # Records are read (and decoded) from files: grain's reader threads overlap the file I/O.
-    read_threads = 16
+        self.name, self.split, self.splits = name, split, splits
 
     def __len__(self):
         return len(self._source)
 
     def __getitem__(self, index):
-        record = self._source[index]
+        record = self._source[int(index)]
         out = {"image": np.asarray(record[self.image_key])}
         if self.label_key is not None:
             out["label"] = np.int32(record[self.label_key])
         return out
 
     def __repr__(self):
-        return f"TFDSSource(name={self.name!r}, num_records={len(self)})"
+        return f"TFDSSource(name={self.name!r}, split={self.split!r}, num_records={len(self)})"
 
 
 def _rng(seed, index):
