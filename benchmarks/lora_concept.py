@@ -26,15 +26,17 @@ The protocol, each step with the library's own entry points:
    of the rates the training loop logs).
 
     python benchmarks/lora_concept.py              # CPU preset, in benchmarks/results/lora_concept
-    python benchmarks/lora_concept.py --concept yellow --set data.resolution=16 \
-        --set data.max_objects=1 --base-steps 3000 --lora-steps 600    # what docs/editing.md ran
+    python benchmarks/lora_concept.py --concept yellow --set data.resolution=16 \\
+        --set data.max_objects=1 --set data.batch_size=32 --set sampling.num_steps=20 \\
+        --base-steps 3000 --lora-steps 600 --inpaint 200       # docs/editing.md's CPU numbers
     python benchmarks/lora_concept.py --preset configs/text_shapes.py --base-steps 5000 \\
         --lora-steps 1000 --rank 8 --workdir runs/lora_concept_gpu
     python benchmarks/lora_concept.py --tiny --workdir /tmp/lora_concept    # a smoke test
 
 A base run, judge or adapter run already complete in WORKDIR is reused (its steps/s is then not
 measured again). ``--set KEY=VALUE`` overrides any config key of both runs (e.g.
-``--set sampling.num_steps=30``). The results go to ``WORKDIR/lora_concept.json`` and stdout.
+``--set sampling.num_steps=30``). The results go to ``WORKDIR/lora_concept.json`` (``lora_concept_all.json`` with
+``--lora-split all``) and stdout.
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ def adherence(results: dict) -> list:
             r = scale[group]
             row[group] = {"mean_accuracy": r["mean_accuracy"], "all_correct": r["all_correct"],
                           "shape": r["accuracy"]["shape"], "colour": r["accuracy"]["colour"]}
+            if "concept_rate" in scale:  # images showing the held-out colour or shape
+                row[group]["concept_rate"] = scale["concept_rate"][group]
         rows.append(row)
     return rows
 
@@ -191,8 +195,11 @@ def table(result: dict) -> str:
         held = ("held-out" if result.get("concept", "pairs") == "pairs"
                 else f"held-out ({result['concept']})")
         for group, label in (("heldout", held), ("seen", "seen")):
-            for key, name in (("mean_accuracy", "mean accuracy"), ("all_correct", "all correct"),
-                              ("shape", "shape"), ("colour", "colour")):
+            keys = [("mean_accuracy", "mean accuracy"), ("all_correct", "all correct"),
+                    ("shape", "shape"), ("colour", "colour")]
+            if "concept_rate" in before[group]:
+                keys.append(("concept_rate", f"images showing {result['concept']}"))
+            for key, name in keys:
                 b, a = before[group][key], after[group][key]
                 lines.append(f"| {label} {name}, guidance {g} | {num(b)} | {num(a)} | "
                              f"{change(b, a)} |")

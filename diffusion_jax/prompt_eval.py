@@ -38,7 +38,7 @@ from diffusion_jax.models.classifier import AttributeClassifier
 
 __all__ = ["ATTRIBUTES", "NO_POSITION", "heads", "attribute_targets", "validate",
            "guidance_scales", "train_attribute_classifier", "load_attribute_classifier",
-           "draw_prompts", "score", "evaluate_prompts", "format_table"]
+           "draw_prompts", "score", "concept_rates", "evaluate_prompts", "format_table"]
 
 ATTRIBUTES = ("shape", "colour", "size", "count", "position", "background")
 NO_POSITION = len(captions.POSITIONS)  # the position class of several objects ("none")
@@ -291,6 +291,23 @@ def draw_prompts(num: int, resolution: int, seed: int, max_objects: int = 3,
     return attributes, prompts, heldout
 
 
+def concept_rates(predicted: dict, heldout, concept: str) -> dict:
+    """``{"concept_rate": {group: rate}}``: how often images show a held-out colour or shape.
+
+    For ``config.data.heldout`` naming a colour or shape, the fraction of images of each group
+    whose object the judge reads as that colour or shape; on seen prompts, which never ask for
+    it, this is the concept leaking where it was not asked for. Empty for "pairs"."""
+    if concept in captions.COLOURS:
+        shows = np.asarray(predicted["colour"]) == captions.COLOURS.index(concept)
+    elif concept in captions.SHAPES:
+        shows = np.asarray(predicted["shape"]) == captions.SHAPES.index(concept)
+    else:
+        return {}
+    heldout = np.asarray(heldout, bool)
+    return {"concept_rate": {group: float(shows[members].mean()) if members.any() else None
+                             for group, members in (("seen", ~heldout), ("heldout", heldout))}}
+
+
 def score(predicted: dict, attributes: Sequence[dict], heldout) -> dict:
     """Prompt adherence of images generated for ``attributes`` and classified as ``predicted``.
 
@@ -394,6 +411,7 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
                 predicted[name].append(value)
         predicted = {name: np.concatenate(v) for name, v in predicted.items()}
         result = {"guidance_scale": scale, **score(predicted, attributes, heldout),
+                  **concept_rates(predicted, heldout, config.data.heldout),
                   "seconds": round(time.time() - scale_start, 2)}
         per_scale.append(result)
         log(f"guidance {scale:g}: mean attribute accuracy seen "

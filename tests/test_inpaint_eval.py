@@ -239,6 +239,7 @@ def test_lora_concept_benchmark_runs_the_whole_protocol(tmp_path):
     assert result["concept"] == "yellow" and result["lora"]["split"] == "heldout"
     assert {tuple(p) for p in result["heldout_pairs"]} == {("yellow", s) for s in captions.SHAPES}
     assert "| held-out (yellow) colour, guidance 1 |" in result["table"]
+    assert "| seen images showing yellow, guidance 3 |" in result["table"]
     for run in ("base", "lora"):
         inpainting = result[run]["inpainting"]
         assert inpainting["num"] == 4 and inpainting["kept_region"]["exact_uint8"]

@@ -165,6 +165,18 @@ def test_prompts_of_a_heldout_colour_name_it_only_when_heldout():
         assert ("yellow" in prompt) == h  # nor as the background of a seen prompt
 
 
+def test_concept_rates_count_images_showing_the_heldout_colour_or_shape():
+    yellow, triangle = captions.COLOURS.index("yellow"), captions.SHAPES.index("triangle")
+    predicted = {"colour": np.array([yellow, 0, yellow, yellow]),
+                 "shape": np.array([triangle, triangle, 0, 1])}
+    heldout = [False, False, True, True]
+    assert prompt_eval.concept_rates(predicted, heldout, "yellow") == {
+        "concept_rate": {"seen": 0.5, "heldout": 1.0}}
+    assert prompt_eval.concept_rates(predicted, heldout, "triangle") == {
+        "concept_rate": {"seen": 1.0, "heldout": 0.0}}
+    assert prompt_eval.concept_rates(predicted, heldout, "pairs") == {}
+
+
 def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
     config = _config()
     assert prompt_eval.guidance_scales(config) == (config.sampling.guidance_scale,)
