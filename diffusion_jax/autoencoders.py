@@ -85,8 +85,7 @@ def build_task(config, image_shape) -> AutoencoderTask:
 
 
 def held_out_source(config):
-    """``(source, split)``: the data's held-out split (``data.test_split``), or the training
-    split when it has none.
+    """``(source, split)``: the held-out split (``data.test_split``), else the training split.
 
     Reconstructions are judged on held-out images where the data has them; a folder of images
     or a TFDS dataset without that split is judged on the images it trains on.

@@ -251,7 +251,10 @@ def test_lora_concept_benchmark_runs_the_whole_protocol(tmp_path):
     for run in ("base", "lora"):
         rows = result[run]["adherence"]
         assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
-        assert set(rows[0]["heldout"]) == {"mean_accuracy", "all_correct", "shape", "colour"}
+        assert set(rows[0]["heldout"]) == {"mean_accuracy", "all_correct", "shape", "colour",
+                                           "concept_rate"}
+        assert all(0 <= row[group]["concept_rate"] <= 1 for row in rows
+                   for group in ("seen", "heldout"))
     # Both evaluations read the one judge in WORKDIR/classifier.
     judges = set()
     for run in ("base", f"lora_rank{2}"):
