@@ -111,7 +111,8 @@ def make_configs(args):
     config.evaluation.guidance_scales = tuple(args.guidance_scales)
     if args.classifier_steps:
         config.classifier.num_steps = args.classifier_steps
-    config.data.heldout = args.concept
+    if args.concept is not None:
+        config.data.heldout = args.concept
     base, adapter = config, config.copy_and_resolve_references()
     base.data.split = "train"
     base.training.update(num_steps=args.base_steps or t.num_steps,
@@ -223,6 +224,15 @@ def main(argv=None):
     suffix = "" if args.lora_split == "heldout" else f"_{args.lora_split}"
     base_dir, lora_dir = (os.path.join(os.path.abspath(args.workdir), name)
                           for name in ("base", f"lora_rank{args.rank}{suffix}"))
+    for workdir in (base_dir, lora_dir):  # a finished run is reused: it must hold out the same
+        saved = os.path.join(workdir, "config.json")
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                held = json.load(f).get("data", {}).get("heldout", "pairs")
+            if held != base_config.data.heldout:
+                raise SystemExit(f"{workdir} trained with data.heldout={held!r}, this protocol "
+                                 f"holds out {base_config.data.heldout!r}: choose another "
+                                 "--workdir")
     print(f"1. base on split 'train' in {base_dir}", flush=True)
     base_train = train_timed(base_config, base_dir)
     classifier = os.path.join(base_config.evaluation.classifier_dir, "classifier.json")
@@ -249,7 +259,7 @@ def main(argv=None):
     result = {
         "preset": os.path.relpath(os.path.abspath(args.preset), ROOT), "tiny": args.tiny,
         "device": jax.devices()[0].device_kind, "num_prompts": args.num_prompts,
-        "concept": args.concept, "heldout_pairs": base_eval["heldout_pairs"],
+        "concept": base_config.data.heldout, "heldout_pairs": base_eval["heldout_pairs"],
         "classifier": {"dir": base_config.evaluation.classifier_dir,
                        "test_accuracy": judge["test_accuracy"]},
         "base": {"workdir": base_dir, "train": base_train, "adherence": adherence(base_eval)},
@@ -283,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training steps of the base (default: the preset's)")
     parser.add_argument("--lora-steps", type=int, default=None,
                         help="training steps of the adapters (default 500)")
-    parser.add_argument("--concept", default="pairs", choices=captions.HELDOUT_CHOICES,
+    parser.add_argument("--concept", default=None, choices=captions.HELDOUT_CHOICES,
                         help="what the base never sees (config.data.heldout): 'pairs', a "
-                             "colour or a shape")
+                             "colour or a shape (default: the preset's, 'pairs')")
     parser.add_argument("--lora-split", default="heldout", choices=("heldout", "all"),
                         help="the adapters' training data: the concept alone, or everything")
     parser.add_argument("--rank", type=int, default=8, help="config.lora.rank")

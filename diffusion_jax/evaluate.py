@@ -35,7 +35,8 @@ from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
 __all__ = ["FEATURE_SPACE_NOTE", "INCEPTION_NOTE", "EvaluationError", "train_classifier",
-           "load_classifier", "evaluate", "evaluate_pretrained", "reference_features"]
+           "load_classifier", "evaluate", "evaluate_pretrained", "reference_features",
+           "split_source"]
 
 FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of a classifier "
                       "trained on this dataset (not Inception-v3: not FID, not comparable to "
@@ -50,6 +51,19 @@ def _classifier_model(config, num_classes):
 # Held-out data is config.data.test_split: Fashion-MNIST's and TFDS datasets' test split (or a
 # slice of another split); for procedural data any split but the training one means fresh
 # examples (another seed).
+
+
+def split_source(config, key: str):
+    """The source of the split that ``config.<key>`` names, with errors that name the key.
+
+    ``key`` is "data.test_split" (held-out images) or "evaluation.reference_split" (the
+    reference set; "" means ``data.split``)."""
+    split = (config.data.test_split if key == "data.test_split"
+             else config.evaluation.reference_split or config.data.split)
+    try:
+        return configuration.build_source(config.data, split=split)
+    except data.DataError as err:
+        raise data.DataError(f"config.{key}={split!r}: {err}") from err
 
 
 def _batched_apply(apply_fn, params, images, batch_size=500):
@@ -88,6 +102,7 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     if config.data.name == "captions":  # prompt adherence: captioned shapes
         return prompt_eval.train_attribute_classifier(config, workdir, log=log)
     source = configuration.build_source(config.data)
+    test_source = split_source(config, "data.test_split")  # before training: a typo fails now
     example_shape, num_classes = configuration.data_shape(source)
     if num_classes is None or len(example_shape) != 3:
         raise configuration.ConfigError(
@@ -124,7 +139,6 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     seconds = time.time() - start
 
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    test_source = configuration.build_source(config.data, split=config.data.test_split)
     images, labels = _examples(test_source)
     logits, _ = _batched_apply(apply, params, images)
     test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
@@ -172,7 +186,7 @@ def reference_features(config, workdir, extract, num):
     # have to agree on it first.
     if os.path.exists(path):
         return np.load(path)["features"]
-    source = configuration.build_source(config.data, split=split)
+    source = split_source(config, "evaluation.reference_split")
     # An evenly spread subset rather than the first ``num`` records, in case those are sorted.
     images, _ = _examples(source, np.linspace(0, len(source) - 1, min(num, len(source))))
     features = np.concatenate([extract(images[i:i + 250]) for i in range(0, len(images), 250)])
@@ -235,6 +249,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
             os.path.join(classifier_store.classifier_dir(config, workdir), "classifier.json")):
         classifier = load_classifier(config, workdir)
     extract, feature_space = feature_extractor(config, classifier)
+    later = ("evaluation.reference_split",) + ("data.test_split",) * bool(e.likelihood_examples)
+    for key in later:  # the splits read after generating: a bad one fails before it
+        split_source(config, key)
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = train_state.model_params(state, config.sampling.use_ema)
     generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
@@ -392,7 +409,7 @@ def _bits_per_dim(config, model, params, example_shape, num_classes, num, num_st
 
     denoise = parameterization.make_denoise_fn(jax.tree_util.Partial(network, params),
                                                schedule, par)
-    held_out = configuration.build_source(config.data, split=config.data.test_split)
+    held_out = split_source(config, "data.test_split")
     images, _ = _examples(held_out, range(min(num, len(held_out))))
     dim = int(np.prod(example_shape))
     values = []

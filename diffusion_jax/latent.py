@@ -288,10 +288,18 @@ def precomputed_source(config):
     return source
 
 
+# Data keys added after latents were first recorded: named in the identity only when they differ
+# from these defaults, so that latents encoded before them still match.
+_LATER_DATA_KEYS = {"heldout": "pairs", "max_objects": 3, "image_key": "image", "label_key": "",
+                    "data_dir": ""}
+
+
 def _data_identity(config) -> dict:
     d = config.data
-    return {"name": d.name, "path": d.path, "tfds_name": d.tfds_name, "split": d.split,
-            "resolution": d.resolution, "size": d.size, "resize": d.resize}
+    identity = {"name": d.name, "path": d.path, "tfds_name": d.tfds_name, "split": d.split,
+                "resolution": d.resolution, "size": d.size, "resize": d.resize}
+    identity.update({k: d[k] for k, default in _LATER_DATA_KEYS.items() if d[k] != default})
+    return identity
 
 
 def encode_dataset(config, workdir: str, *, log: Callable[[str], None] = print) -> str:

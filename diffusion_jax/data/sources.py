@@ -203,8 +203,8 @@ class FashionMNIST:
 TFDS_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 _TFDS_RECIPE = ("prepare it as array_record (docs/data.md: `tfds.builder(NAME, data_dir=DIR, "
                 "file_format='array_record').download_and_prepare()` where the internet is "
-                "reachable, or the PNG-bytes builder for your own images), copy DIR here and set "
-                "config.data.data_dir to it")
+                "reachable, or diffusion_jax.data.tfds_build.write_image_dataset for your own "
+                "images), copy DIR here and set config.data.data_dir to it")
 
 
 def _last_line(err: Exception) -> str:
@@ -242,19 +242,25 @@ class TFDSSource:
             raise DataError(f"{where} was not found ({_last_line(err)}); {_TFDS_RECIPE}") from err
         if not builder.is_prepared():
             raise DataError(f"{where} is not prepared; {_TFDS_RECIPE}")
-        file_format = getattr(builder.info.file_format, "value", str(builder.info.file_format))
-        if file_format not in TFDS_RANDOM_ACCESS_FORMATS:
+        # The prepared format, and any a conversion added (`tfds convert_format`).
+        formats = [getattr(f, "value", str(f)) for f in builder.info.available_file_formats()]
+        if not set(formats) & set(TFDS_RANDOM_ACCESS_FORMATS):
             raise DataError(
-                f"{where} is prepared as {file_format}, which has no random access; training "
-                f"reads {' or '.join(TFDS_RANDOM_ACCESS_FORMATS)}: prepare it again with "
-                "file_format='array_record' into another data_dir (docs/data.md)")
+                f"{where} is prepared as {' and '.join(formats)}, which has no random access; "
+                f"training reads {' or '.join(TFDS_RANDOM_ACCESS_FORMATS)}: prepare it again "
+                "with file_format='array_record' into another data_dir, or convert it with "
+                "`tfds convert_format` (docs/data.md)")
         splits = sorted(builder.info.splits)
         try:
             self._source = builder.as_data_source(split=split)
+            count = len(self._source)
         except (ValueError, KeyError, AssertionError) as err:
             raise DataError(f"{where}: split {split!r} cannot be read ({_last_line(err)}); its "
                             f"splits are {splits}, sliced as 'train[:90%]' or "
                             "'train[100:200]'") from err
+        if count <= 0:
+            raise DataError(f"{where}: split {split!r} selects no records; its splits are "
+                            f"{splits}")
         features = builder.info.features
         keys = sorted(features.keys())
         if image_key not in keys:
@@ -262,8 +268,8 @@ class TFDSSource:
                             "set config.data.image_key")
         image = features[image_key]
         if not isinstance(image, tfds.features.Image):
-            raise DataError(f"{where}: feature {image_key!r} is a {type(image).__name__}, not an "
-                            f"Image (its features: {keys}); set config.data.image_key")
+            raise DataError(f"{where}: feature {image_key!r} ({type(image).__name__}) is not "
+                            f"an image feature (its features: {keys}); set config.data.image_key")
         self.image_shape = tuple(image.shape)  # None where images differ in size
         if label_key == "":
             label_key = "label" if "label" in keys else None
@@ -272,8 +278,8 @@ class TFDSSource:
                             "set config.data.label_key, or config.data.class_conditional=False")
         if label_key is not None and not isinstance(features[label_key],
                                                     tfds.features.ClassLabel):
-            raise DataError(f"{where}: feature {label_key!r} is a "
-                            f"{type(features[label_key]).__name__}, not a ClassLabel, so its "
+            raise DataError(f"{where}: feature {label_key!r} "
+                            f"({type(features[label_key]).__name__}) is not a ClassLabel, so its "
                             "class count is unknown; set config.data.label_key to a ClassLabel "
                             "feature, or config.data.class_conditional=False")
         self.num_classes = None if label_key is None else int(features[label_key].num_classes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
@@ -48,8 +49,8 @@ def _as_array(image, where: str) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
             image = np.asarray(opened.convert("RGB"))
-    elif isinstance(image, Image.Image):
-        image = np.asarray(image)
+    elif isinstance(image, Image.Image):  # palette, 1-bit, RGBA, ... as RGB; grayscale stays
+        image = np.asarray(image if image.mode == "L" else image.convert("RGB"))
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 (pixels 0..255), got {image.dtype}")
@@ -87,6 +88,12 @@ def write_image_dataset(name: str, data_dir: str, splits: Mapping[str, Iterable]
     prepared there is an error: delete its folder or give another ``version``.
     """
     tfds = _tfds()
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise DataError(f"TFDS dataset names are snake_case (lower-case letters, digits, '_'), "
+                        f"as tfds finds them by; got {name!r}")
+    if name in tfds.list_builders(with_community_datasets=False):
+        raise DataError(f"{name!r} is the name of a dataset in tfds's catalogue, whose builder "
+                        "would be found instead of these files; choose another name")
     if not splits:
         raise DataError(f"write_image_dataset({name!r}): give at least one split")
     folder = os.path.join(data_dir, name, version)
@@ -97,7 +104,9 @@ def write_image_dataset(name: str, data_dir: str, splits: Mapping[str, Iterable]
     names = list(class_names or ())
 
     def examples(split, items):
+        count = 0
         for i, item in enumerate(items):
+            count += 1
             where = f"{name}, split {split!r}, example {i}"
             if labelled:
                 if not (isinstance(item, (tuple, list)) and len(item) == 2):
@@ -114,14 +123,13 @@ def write_image_dataset(name: str, data_dir: str, splits: Mapping[str, Iterable]
                 yield {"image": _as_array(image, where), "label": label}
             else:
                 yield {"image": _as_array(item, where)}
+        if not count:
+            raise DataError(f"{name}: split {split!r} is empty")
 
     streams = {split: examples(split, items) for split, items in splits.items()}
     if image_shape is None:  # the first image's, put back in front of its stream
         split = next(iter(streams))
-        try:
-            first = next(streams[split])
-        except StopIteration:
-            raise DataError(f"{name}: split {split!r} is empty") from None
+        first = next(streams[split])  # (an empty split is a DataError)
         image_shape = first["image"].shape
         streams[split] = itertools.chain([first], streams[split])
     features = {"image": tfds.features.Image(shape=tuple(image_shape))}
@@ -144,7 +152,15 @@ def write_image_dataset(name: str, data_dir: str, splits: Mapping[str, Iterable]
 
         def _generate_examples(self, split):
             for i, example in enumerate(streams[split]):
-                yield i, {**example, "image": png_bytes(example["image"])}
+                image = example["image"]
+                if len(image.shape) != len(image_shape) or any(
+                        want is not None and want != got
+                        for want, got in zip(image_shape, image.shape)):
+                    raise DataError(f"{name}, split {split!r}, example {i}: image of shape "
+                                    f"{image.shape}, but the dataset's images are "
+                                    f"{tuple(image_shape)} (None: any size); give "
+                                    "image_shape=(None, None, 3) for images of several sizes")
+                yield i, {**example, "image": png_bytes(image)}
 
     _Images.name = name
     builder = _Images(data_dir=data_dir, file_format=file_format)
