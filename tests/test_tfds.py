@@ -177,9 +177,11 @@ def test_a_dataset_that_cannot_be_read_is_explained(prepared, tmp_path):
     data_dir, _ = prepared
     with pytest.raises(data.DataError, match=r"'dj_nothing' in data_dir=.* was not found"):
         data.TFDSSource("dj_nothing", data_dir=str(tmp_path))
-    # (tfds's catalogue builder usually says "not prepared"; now and then its lookup fails)
-    with pytest.raises(data.DataError, match=r"'cifar10' in data_dir=.* (is not prepared|was "
-                                             r"not found).*prepare it as array_record"):
+    # (tfds's catalogue builder says "not prepared"; in 2 of 4 runs of one selection of test
+    # files under xdist its lookup failed instead, which the message then says)
+    with pytest.raises(data.DataError, match=r"'cifar10' in data_dir=.* (is not prepared|could "
+                                             r"not be opened|was not found).*prepare it as "
+                                             r"array_record"):
         data.TFDSSource("cifar10", data_dir=str(tmp_path))
     # A dataset prepared in TFRecord files (what `tfds build` writes by default) records it in
     # its dataset_info.json; tfds cannot read those record by record.

@@ -238,8 +238,11 @@ class TFDSSource:
         where = f"TFDS dataset {name!r} in data_dir={data_dir!r}"
         try:
             builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as err:  # DatasetNotFoundError lists every registered dataset: cut
+        except tfds.core.registered.DatasetNotFoundError as err:  # (it lists every dataset)
             raise DataError(f"{where} was not found ({_last_line(err)}); {_TFDS_RECIPE}") from err
+        except Exception as err:  # noqa: BLE001 - tfds raises many types on damaged folders
+            raise DataError(f"{where} could not be opened ({type(err).__name__}: "
+                            f"{_last_line(err)}); {_TFDS_RECIPE}") from err
         if not builder.is_prepared():
             raise DataError(f"{where} is not prepared; {_TFDS_RECIPE}")
         # The prepared format, and any a conversion added (`tfds convert_format`).
