@@ -94,8 +94,8 @@ def draw_records(num: int, resolution: int, seed: int, heldout_concept: str = "p
 
     When ``heldout_concept`` is a colour, records on a background of that colour are passed
     over: the held-out requests ask for objects of it, which must differ from the background."""
-    hidden = (captions.COLOURS.index(heldout_concept) if heldout_concept in captions.COLOURS
-              else -1)
+    concept = captions.concept_attribute(heldout_concept)
+    hidden = concept[1] if concept and concept[0] == "colour" else -1
     source = captions.CaptionedShapes(4 * num, resolution, seed=seed, split="all", max_objects=1)
     records = (source[i] for i in range(len(source)))
     return list(itertools.islice(

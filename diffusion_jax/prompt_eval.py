@@ -297,12 +297,10 @@ def concept_rates(predicted: dict, heldout, concept: str) -> dict:
     For ``config.data.heldout`` naming a colour or shape, the fraction of images of each group
     whose object the judge reads as that colour or shape; on seen prompts, which never ask for
     it, this is the concept leaking where it was not asked for. Empty for "pairs"."""
-    if concept in captions.COLOURS:
-        shows = np.asarray(predicted["colour"]) == captions.COLOURS.index(concept)
-    elif concept in captions.SHAPES:
-        shows = np.asarray(predicted["shape"]) == captions.SHAPES.index(concept)
-    else:
+    attribute = captions.concept_attribute(concept)
+    if attribute is None:
         return {}
+    shows = np.asarray(predicted[attribute[0]]) == attribute[1]
     heldout = np.asarray(heldout, bool)
     return {"concept_rate": {group: float(shows[members].mean()) if members.any() else None
                              for group, members in (("seen", ~heldout), ("heldout", heldout))}}

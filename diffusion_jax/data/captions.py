@@ -38,7 +38,7 @@ import numpy as np
 
 from diffusion_jax.data.sources import DataError
 
-__all__ = ["CaptionedShapes", "caption_for"]
+__all__ = ["CaptionedShapes", "caption_for", "concept_attribute"]
 
 SHAPES = ("circle", "square", "triangle")
 SHAPES_PLURAL = ("circles", "squares", "triangles")
@@ -98,6 +98,17 @@ _TEMPLATES = (
     "{things} on a plain {bg} background{where}",
     "{things}{where} over a solid {bg} background",
 )
+
+
+def concept_attribute(heldout: str):
+    """``(attribute, index)`` of a held-out colour or shape, or None for "pairs".
+
+    E.g. ``("colour", 3)`` for "yellow"."""
+    if heldout in COLOURS:
+        return "colour", COLOURS.index(heldout)
+    if heldout in SHAPES:
+        return "shape", SHAPES.index(heldout)
+    return None
 
 
 def _as_generator(rng) -> np.random.Generator:
@@ -178,8 +189,9 @@ class CaptionedShapes:
         self.size, self.resolution, self.seed = int(size), int(resolution), int(seed)
         self.split, self.max_objects, self.heldout = split, int(max_objects), heldout
         # A held-out colour is not even a background in "train": the word never appears there.
-        self._hidden_colour = (COLOURS.index(heldout) if heldout in COLOURS and split == "train"
-                               else -1)
+        concept = concept_attribute(heldout)
+        self._hidden_colour = (concept[1] if concept and concept[0] == "colour"
+                               and split == "train" else -1)
         pairs = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))]
         if split == "train":
             pairs = [p for p in pairs if not self.is_heldout(*p)]
@@ -195,11 +207,11 @@ class CaptionedShapes:
 
     def is_heldout(self, shape: int, colour: int) -> bool:
         """Whether objects of this (shape, colour) belong to split "heldout" (never to "train")."""
-        if self.heldout == "pairs":
+        concept = concept_attribute(self.heldout)
+        if concept is None:
             return (int(shape), int(colour)) in HELDOUT_PAIRS
-        if self.heldout in COLOURS:
-            return int(colour) == COLOURS.index(self.heldout)
-        return int(shape) == SHAPES.index(self.heldout)
+        attribute, index = concept
+        return int(colour if attribute == "colour" else shape) == index
 
     @property
     def heldout_pairs(self) -> tuple:

@@ -207,6 +207,16 @@ _TFDS_RECIPE = ("prepare it as array_record (docs/data.md: `tfds.builder(NAME, d
                 "images), copy DIR here and set config.data.data_dir to it")
 
 
+def import_tfds(purpose: str):
+    """The ``tensorflow_datasets`` module, or a DataError saying how to install it."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise DataError(f"{purpose} needs tensorflow-datasets: `pip install -e \".[tfds]\"` "
+                        "(or `pip install tensorflow-datasets`)") from err
+    return tfds
+
+
 def _last_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
@@ -229,12 +239,7 @@ class TFDSSource:
 
     def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
                  image_key: str = "image", label_key: Optional[str] = ""):
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError as err:
-            raise DataError(
-                f"reading the TFDS dataset {name!r} needs tensorflow-datasets: "
-                "`pip install -e \".[tfds]\"` (or `pip install tensorflow-datasets`)") from err
+        tfds = import_tfds(f"reading the TFDS dataset {name!r}")
         where = f"TFDS dataset {name!r} in data_dir={data_dir!r}"
         try:
             builder = tfds.builder(name, data_dir=data_dir)

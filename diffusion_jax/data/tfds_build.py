@@ -27,19 +27,9 @@ from typing import Optional
 
 import numpy as np
 
-from diffusion_jax.data.sources import DataError
+from diffusion_jax.data.sources import DataError, import_tfds
 
 __all__ = ["write_image_dataset", "png_bytes"]
-
-
-def _tfds():
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise DataError("writing a TFDS dataset needs tensorflow-datasets: "
-                        '`pip install -e ".[tfds]"` (or `pip install tensorflow-datasets`)'
-                        ) from err
-    return tfds
 
 
 def _as_array(image, where: str) -> np.ndarray:
@@ -87,7 +77,7 @@ def write_image_dataset(name: str, data_dir: str, splits: Mapping[str, Iterable]
     folder and renames it when done, so a failed call leaves no dataset behind. A dataset already
     prepared there is an error: delete its folder or give another ``version``.
     """
-    tfds = _tfds()
+    tfds = import_tfds("writing a TFDS dataset")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise DataError(f"TFDS dataset names are snake_case (lower-case letters, digits, '_'), "
                         f"as tfds finds them by; got {name!r}")
