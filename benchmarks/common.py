@@ -105,11 +105,11 @@ def build_abstract(name, dtype, batch, **overrides):
     return config, shape, num_classes, model, optimizer, abstract
 
 
-def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes):
+def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes, control_shape=None):
     """Abstract arguments of benchmark model ``name``'s train step on ``mesh``, for compiling.
 
     ``(state, batch, running metrics)`` as abstract arrays in their shardings, for compiling
-    without data."""
+    without data; with ``control_shape`` the batch holds control images (a ControlNet run's)."""
     from diffusion_jax import parallel, train
 
     def placed(tree, sharding):  # every leaf in ``sharding`` (one, or a tree like ``tree``)
@@ -123,6 +123,9 @@ def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes):
         batch_struct["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if name in CONTEXT:
         batch_struct["context"] = jax.ShapeDtypeStruct((batch,) + CONTEXT[name], jnp.float32)
+    if control_shape is not None:
+        batch_struct["control"] = jax.ShapeDtypeStruct((batch,) + tuple(control_shape),
+                                                       jnp.float32)
     running = jax.eval_shape(lambda: {"metrics": train.TrainMetrics.empty(),
                                       "finite": jnp.asarray(True)})
     return (placed(abstract, parallel.state_shardings(mesh, abstract)),

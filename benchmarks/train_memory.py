@@ -9,6 +9,7 @@ not fit it, and the options that trade speed for memory (``--remat``, ``--grad-a
     python benchmarks/train_memory.py --meshes 1x1 8x1 1x8 2x4 --remat both --grad-accumulation 1 4
     python benchmarks/train_memory.py --target h100 --models sd15 --batch 32 --remat both
     python benchmarks/train_memory.py --models sd15 --batch 2 --lora-rank 0 8  # full vs LoRA
+    python benchmarks/train_memory.py --models sd15 --batch 2 --controlnet    # full vs ControlNet
 
 Per device, in GB: ``inputs_gb`` is what the step is given (its share of parameters, EMA, Adam
 moments, batch and metrics), ``temp_gb`` what it allocates while it runs (activations kept for the
@@ -29,6 +30,11 @@ base needs no weights here, only its shapes). ``state_gb`` and ``frozen_gb`` are
 the base's bytes per device (part of ``inputs_gb``), ``params`` counts what is trained (the
 adapters' factors) and ``frozen_params`` the base. Each LoRA row carries ``inputs_ratio``,
 ``temp_ratio`` and ``peak_ratio``: its numbers over the full step's with the same settings.
+
+``--controlnet`` adds, for the same settings, the step of a ControlNet run (``config.controlnet``:
+a copy of the UNet's encoder trained on the frozen base, each example with a control image, 8x
+the latents' size for ``sd15``); its row (``trains`` "controlnet") gets the same columns and
+ratios as a LoRA row.
 """
 
 from __future__ import annotations
@@ -55,28 +61,36 @@ def parse_mesh(text):
 
 def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
                 grad_accumulation=1, train_step="jit", attention="xla", lora_rank=0,
-                lora_targets="attention"):
+                lora_targets="attention", controlnet=False):
     """Per-device memory in GB of benchmark model ``name``'s full training step on a mesh.
 
     The step is compiled for a ``data`` x ``fsdp`` mesh of ``devices`` (abstract arrays only).
     ``lora_rank`` > 0 compiles an adapter run's step instead: adapters of that rank on the
-    kernels ``lora_targets`` selects, the base frozen (``config.lora``)."""
+    kernels ``lora_targets`` selects, the base frozen (``config.lora``); ``controlnet`` that of
+    a ControlNet run on the frozen base."""
     import jax
     import numpy as np
 
     from common import abstract_step_arguments, build_abstract, compiled_memory
-    from diffusion_jax import parallel, run, train
+    from diffusion_jax import controlnet_runs, parallel, run, train
     from diffusion_jax.models import layers
 
-    lora = dict(lora__rank=lora_rank, lora__targets=lora_targets) if lora_rank else {}
+    frozen = dict(lora__rank=lora_rank, lora__targets=lora_targets) if lora_rank else {}
+    if controlnet:
+        frozen = dict(controlnet__control="canny")
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
         name, dtype, batch, model__remat=remat, model__attention=attention,
         training__grad_accumulation=grad_accumulation, mesh__train_step=train_step,
-        mesh__data=data, mesh__fsdp=fsdp, **lora)
-    if lora_rank:  # the adapters, their EMA and moments, and the base once (shapes only)
+        mesh__data=data, mesh__fsdp=fsdp, **frozen)
+    control_shape = None
+    if controlnet:  # the base's UNet guided by a fresh ControlNet
+        model = controlnet_runs.wrap_model(config, model, 8 if name == "sd15" else 1)
+        control_shape = controlnet_runs.control_shape(model, shape)
+    if frozen:  # what is trained, its EMA and moments, and the base once (shapes only)
         abstract = run.abstract_state(config, model, optimizer, shape, num_classes)
     mesh = parallel.make_mesh(data, fsdp, devices[:data * fsdp])
-    arguments = abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes)
+    arguments = abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes,
+                                        control_shape=control_shape)
     with layers.compiling_for(devices[0].platform):
         step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
         compiled = step.lower(*arguments).compile()
@@ -91,6 +105,8 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
     state = arguments[0]
     return {"model": name, "dtype": dtype, "batch": batch, "mesh": f"{data}x{fsdp}",
             "train_step": train_step, "remat": remat, "grad_accumulation": grad_accumulation,
+            "trains": ("controlnet" if controlnet else f"lora {lora_rank}" if lora_rank
+                       else "full"),
             "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank else None,
             "params": count(abstract.params), "frozen_params": count(abstract.frozen),
             "state_gb": device_gb(state), "frozen_gb": device_gb(state.frozen),
@@ -98,12 +114,13 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
 
 
 def add_ratios(rows):
-    """Give each LoRA row its memory over the full step's of the same settings (if measured)."""
+    """Give each LoRA or ControlNet row its memory over the full step's of the same settings
+    (if measured)."""
     keys = ("model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation")
-    full = {tuple(r[k] for k in keys): r for r in rows if not r["lora_rank"]}
+    full = {tuple(r[k] for k in keys): r for r in rows if r["trains"] == "full"}
     for row in rows:
         reference = full.get(tuple(row[k] for k in keys))
-        if row["lora_rank"] and reference:
+        if row["trains"] != "full" and reference:
             for part in ("inputs", "temp", "peak"):
                 if f"{part}_gb" in row and reference.get(f"{part}_gb"):
                     row[f"{part}_ratio"] = row[f"{part}_gb"] / reference[f"{part}_gb"]
@@ -128,12 +145,15 @@ def main(argv=None):
                              "base (config.lora.rank); e.g. 0 8 compares them")
     parser.add_argument("--lora-targets", default="attention",
                         help="the kernels LoRA adapts (config.lora.targets)")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="also compile a ControlNet run's step (config.controlnet) for each "
+                             "setting")
     parser.add_argument("--name", default="train_memory", help="results file stem")
     args = parser.parse_args(argv)
     if any(rank < 0 for rank in args.lora_rank):
         parser.error(f"--lora-rank takes 0 (full) or a positive rank, got {args.lora_rank}")
-    if any(args.lora_rank) and "shard_map" in args.train_step:
-        parser.error("LoRA steps compute their gradients with --train-step jit")
+    if (any(args.lora_rank) or args.controlnet) and "shard_map" in args.train_step:
+        parser.error("LoRA and ControlNet steps compute their gradients with --train-step jit")
     needed = max(data * fsdp for data, fsdp in args.meshes)
     if args.target and needed > 1:
         parser.error("--target compiles for one device: use --meshes 1x1")
@@ -178,26 +198,31 @@ def main(argv=None):
             for data, fsdp in args.meshes:
                 for train_step in args.train_step:
                     for remat in remats:
-                        for steps, rank in itertools.product(args.grad_accumulation,
-                                                             args.lora_rank):
+                        kinds = [(rank, False) for rank in args.lora_rank]
+                        if args.controlnet:
+                            kinds.append((0, True))
+                        for steps, (rank, control) in itertools.product(
+                                args.grad_accumulation, kinds):
                             rows.append(step_memory(
                                 name, dtype, args.batch, devices=devices, data=data, fsdp=fsdp,
                                 remat=remat, grad_accumulation=steps, train_step=train_step,
                                 attention=args.attention, lora_rank=rank,
-                                lora_targets=args.lora_targets))
+                                lora_targets=args.lora_targets, controlnet=control))
                             add_ratios(rows)
                             print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
                                             f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     columns = ["model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation",
                "inputs_gb", "temp_gb", "peak_gb"]
-    if args.lora_rank != [0]:
-        columns[7:7] = ["lora_rank", "params", "state_gb", "frozen_gb"]
+    if args.lora_rank != [0] or args.controlnet:
+        columns[7:7] = ["trains", "params", "frozen_params", "state_gb", "frozen_gb"]
         columns += ["inputs_ratio", "temp_ratio", "peak_ratio"]
     report(rows, columns, args.name, {"target": args.target or devices[0].platform})
     for row in rows:
         if "peak_ratio" in row:
-            print(f"{row['model']} {row['dtype']} batch {row['batch']} mesh {row['mesh']}: LoRA "
-                  f"rank {row['lora_rank']} ({row['lora_targets']}) / full: inputs "
+            what = ("ControlNet" if row["trains"] == "controlnet" else
+                    f"LoRA rank {row['lora_rank']} ({row['lora_targets']})")
+            print(f"{row['model']} {row['dtype']} batch {row['batch']} mesh {row['mesh']}: "
+                  f"{what} / full: inputs "
                   f"{row['inputs_ratio']:.3f}x, temp {row['temp_ratio']:.3f}x, peak "
                   f"{row['peak_ratio']:.3f}x")
 

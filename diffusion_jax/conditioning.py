@@ -15,12 +15,17 @@ import jax.numpy as jnp
 
 from diffusion_jax import text as text_lib
 
-__all__ = ["TEXT_KEYS", "drop_labels", "drop_captions", "network_apply_fn", "sampling_network"]
+__all__ = ["TEXT_KEYS", "CONTROL_KEYS", "drop_labels", "drop_captions", "network_apply_fn",
+           "sampling_network"]
 
 # Condition entries handed to the network as keyword arguments: caption tokens (for
 # TextConditioned), or precomputed text embeddings (e.g. from a frozen external encoder) for a
 # UNet/DiT built with context_dim.
 TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
+# A ControlNet run's control images [batch, H, W, C] in [0, 1] and, in generation, their
+# conditioning scales [batch, ControlNets] (see diffusion_jax.models.controlnet.ControlledUNet).
+CONTROL_KEYS = ("control", "control_scale")
+_KEYWORD_KEYS = TEXT_KEYS + CONTROL_KEYS
 
 
 def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"):
@@ -86,7 +91,7 @@ def network_apply_fn(model, *, num_classes: Optional[int] = None, label_dropout:
         if num_classes is not None and label_dropout:
             cond = drop_labels(num_classes, label_dropout, label_key)(cond, key_labels)
         labels = cond.get(label_key) if num_classes is not None else None
-        text = {k: cond[k] for k in TEXT_KEYS if k in cond}
+        text = {k: cond[k] for k in _KEYWORD_KEYS if k in cond}
         return model.apply({"params": params}, x_in, noise_input, labels, train=True,
                            rngs={"dropout": key_drop}, **text)
 
@@ -98,12 +103,13 @@ def sampling_network(model):
     """``network(params, x, noise_level, cond)``: ``model`` applied for generation.
 
     ``cond`` is None, an array of labels, or a dict with ``label`` and/or the text entries of
-    :data:`TEXT_KEYS`. One function per model, so that compiled samplers are reused.
+    :data:`TEXT_KEYS` and the control entries of :data:`CONTROL_KEYS`. One function per model,
+    so that compiled samplers are reused.
     """
 
     def apply(params, x, noise_level, cond):
         if isinstance(cond, dict):  # {"label": ...} and/or text {"tokens", "token_mask"}
-            text = {k: cond[k] for k in TEXT_KEYS if k in cond}
+            text = {k: cond[k] for k in _KEYWORD_KEYS if k in cond}
             return model.apply({"params": params}, x, noise_level, cond.get("label"), **text)
         return model.apply({"params": params}, x, noise_level, cond)
 

@@ -17,19 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
+from diffusion_jax.config_checks import (ConfigError, check_controlnet, check_editing,
+                                         check_lora, comma_list)
+from diffusion_jax.data import controls
 from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import defaults, losses, parameterization, pretrained_runs, samplers, schedules
 from diffusion_jax import models
 from diffusion_jax import text as text_lib
 from diffusion_jax.models import registry
 
-__all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate", "build_source", "build_model",
-           "build_denoiser", "build_schedule", "build_parameterization", "data_shape",
-           "caption_tokenizer", "null_caption", "encode_captions", "editing_strength"]
-
-
-class ConfigError(ValueError):
-    """A config key is unknown or has an invalid value; the message names the key."""
+__all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate",
+           "build_source", "build_model", "build_denoiser", "build_schedule",
+           "build_parameterization", "data_shape", "caption_tokenizer", "null_caption",
+           "encode_captions", "editing_strength", "comma_list"]
 
 
 def _procedural_seed(split):
@@ -110,6 +110,8 @@ _CHOICES = {
     "model.dropout_rng": ("threefry", "rbg"),
     "model.attention": models.ATTENTION_IMPLEMENTATIONS,
     "training.on_corrupt_checkpoint": ckpt_lib.ON_CORRUPT_CHOICES,
+    "controlnet.control": ("",) + controls.CONTROL_TYPES,
+    "sampling.control_type": ("", "canny"),
 }
 # Every numeric key: its type and its range (a rule of :data:`RULES`). Tuples are checked element
 # by element. The model families' own keys are ranged by their records (models/registry.py).
@@ -164,6 +166,10 @@ NUMERIC = {
     "pretrained.lora_scales": (float, "any number (a LoRA's strength; negative inverts it)"),
     "lora.rank": (int, ">= 0 (0 = off)"), "lora.alpha": (float, ">= 0 (0 = rank)"),
     "lora.base_step": (int, ">= -1 (-1 = latest)"),
+    "controlnet.base_step": (int, ">= -1 (-1 = latest)"),
+    "controlnet.embedding_channels": (int, "> 0"),
+    "sampling.control_scales": (float, "any number (a ControlNet's conditioning scale)"),
+    "sampling.control_start": (float, "in [0, 1]"), "sampling.control_end": (float, "in [0, 1]"),
 }
 # The ranges, by the words that open their description.
 RULES = {
@@ -243,56 +249,6 @@ def moved_key_hint(key: str) -> str:
         return ""
     return (f"config.{key} is now config.{_MOVED_MODEL_KEYS[key]} (each model family has its "
             "own group of keys)")
-
-
-def _check_editing(given: dict) -> None:
-    """The editing keys: files that exist, a mask only with an image, jumps only to inpaint."""
-    for key in ("sampling.init_image", "sampling.mask_image"):
-        path = given[key]
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
-                              "JPEG image")
-    for path in (p.strip() for p in given["pretrained.lora"].split(",") if p.strip()):
-        if not os.path.exists(path):
-            raise ConfigError(f"config.pretrained.lora names {path!r}, which does not exist: "
-                              "give LoRA .safetensors files (or folders holding "
-                              "pytorch_lora_weights.safetensors), comma-separated")
-    if given["pretrained.lora"] and not given["pretrained.path"]:
-        raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
-                          "config.pretrained.path")
-    if given["sampling.mask_image"] and not given["sampling.init_image"]:
-        raise ConfigError("config.sampling.mask_image needs config.sampling.init_image: the "
-                          "image whose masked region is repainted")
-    if given["sampling.jump_n_sample"] > 1 and not given["sampling.mask_image"]:
-        raise ConfigError("config.sampling.jump_n_sample > 1 (RePaint's resampling) is for "
-                          "inpainting: set config.sampling.mask_image, or jump_n_sample=1")
-    if given["sampling.strength"] != -1 and not given["sampling.init_image"]:
-        raise ConfigError("config.sampling.strength applies to an input image: set "
-                          "config.sampling.init_image (or leave strength at -1)")
-
-
-def _check_lora(given: dict) -> None:
-    """An adapter run's needs: one base, the jit train step, a denoiser, gradients to adapters."""
-    if not given["lora.rank"]:
-        return
-    if given["task"] != "diffusion":
-        raise ConfigError("config.lora.rank > 0 trains adapters of a denoiser; an autoencoder "
-                          "run (task='autoencoder') trains its whole network: set lora.rank=0")
-    if bool(given["lora.base"]) == bool(given["pretrained.path"]):
-        raise ConfigError("config.lora.rank > 0 trains adapters of a frozen model: give its "
-                          "weights with config.lora.base (a trained run's workdir) or "
-                          "config.pretrained.path (a Stable Diffusion folder), one of them")
-    if given["lora.base"] and not os.path.isdir(given["lora.base"]):
-        raise ConfigError(f"config.lora.base={given['lora.base']!r} is not a directory: give "
-                          "the workdir of the trained run to adapt")
-    if given["mesh.train_step"] == "shard_map":
-        raise ConfigError("config.lora.rank > 0 computes gradients with "
-                          "mesh.train_step='jit' (the adapters are small; the frozen base is "
-                          "still split over fsdp)")
-    if given["lora.text_encoder"] and given["text.freeze"]:
-        raise ConfigError("config.lora.text_encoder=True puts adapters on the text encoder, but "
-                          "config.text.freeze=True stops gradients at its output: set "
-                          "text.freeze=False (the encoder's own weights stay frozen)")
 
 
 def editing_strength(config) -> float:
@@ -422,8 +378,9 @@ def _check_combinations(given):
                               "model folder: set config.pretrained.path, or choose one of "
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
-    _check_editing(given)
-    _check_lora(given)
+    check_editing(given)
+    check_lora(given)
+    check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
                           "(data.name='captions', or 'folder' with data.captions); this config "

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.classifier = _classifier()
     config.pretrained = _pretrained()
     config.lora = _lora()
+    config.controlnet = _controlnet()
     config.mesh = _mesh()
     config.distributed = _distributed()
     return config
@@ -222,6 +223,16 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.strength = -1.0
     sampling.jump_length = 10
     sampling.jump_n_sample = 1
+    # ControlNets (a ControlNet run, or pretrained.controlnet): control images, comma-separated,
+    # one per ControlNet ("" = a ControlNet run's controls of the data's test records); with
+    # control_type "canny" they are ordinary images whose edges are computed ("" = the files
+    # are the control maps). control_scales: one conditioning scale per ControlNet (() = 1 each);
+    # control_start / control_end: the fraction of the steps over which the control acts.
+    sampling.control_image = ""
+    sampling.control_type = ""
+    sampling.control_scales = ()
+    sampling.control_start = 0.0
+    sampling.control_end = 1.0
     return sampling
 
 
@@ -295,6 +306,22 @@ def _lora() -> ml_collections.ConfigDict:
     return lora
 
 
+def _controlnet() -> ml_collections.ConfigDict:
+    # ControlNet (Zhang et al. 2023): train a copy of a frozen denoiser's encoder that reads a
+    # control image computed from each training image (control: "" = off, "canny" edges, or for
+    # the procedural shapes the exact object "mask" or a "depth"-like map). The base is the run
+    # in controlnet.base (a workdir; its EMA parameters at base_step, -1 = the latest) or the
+    # Stable Diffusion folder pretrained.path. embedding_channels: the widths of the control
+    # image's encoder, one stride-2 stage per halving from the image to the denoiser's input
+    # (() = 16, 32, 96, 256 cut to the stages needed).
+    controlnet = ml_collections.ConfigDict()
+    controlnet.control = ""
+    controlnet.base = ""
+    controlnet.base_step = -1
+    controlnet.embedding_channels = ()
+    return controlnet
+
+
 def _pretrained() -> ml_collections.ConfigDict:
     # A pretrained Stable Diffusion model (1.x, 2.x or XL base) in the diffusers folder format
     # (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors
@@ -312,6 +339,9 @@ def _pretrained() -> ml_collections.ConfigDict:
     # strengths (one per file; () = 1 for each).
     pretrained.lora = ""
     pretrained.lora_scales = ()
+    # diffusers ControlNetModel folders to sample with, comma-separated (their control images
+    # and scales: config.sampling.control_*).
+    pretrained.controlnet = ""
     return pretrained
 
 

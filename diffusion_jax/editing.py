@@ -37,7 +37,7 @@ from diffusion_jax import schedules as schedules_lib
 from diffusion_jax import time_grids
 
 __all__ = ["steps_to_run", "network_times", "noised", "image_to_image", "read_image",
-           "read_mask", "resize_mask", "keep_from_mask"]
+           "read_mask", "resize_mask", "keep_from_mask", "open_image"]
 
 # samplers.sample's arguments that choose the grid; replaced by the image-to-image time_grid.
 _GRID_ARGS = ("num_steps", "grid", "time_grid", "t_min", "t_max", "rho", "snap")
@@ -112,7 +112,8 @@ def image_to_image(denoise_fn, x0, noise, *, strength: float, schedule, method: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _open(path: str, what: str) -> Image.Image:
+def open_image(path: str, what: str = "the image") -> Image.Image:
+    """The image file ``path`` as a PIL image, or an error naming ``what`` and the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist (give the path of a PNG or JPEG "
@@ -131,7 +132,7 @@ def _unit_array(value, what: str, mode: str, height: int, width: int, resample) 
 
     An array is taken at its size: uint8 in [0, 255] or floats (or bools) in [0, 1]."""
     if isinstance(value, (str, os.PathLike)):
-        picture = _open(value, f"the {what}").convert(mode)
+        picture = open_image(value, f"the {what}").convert(mode)
         if picture.size != (width, height):
             picture = picture.resize((width, height), resample)
         return np.asarray(picture, np.float32) / 255.0

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import classifier_store, configuration, data, files, generate, likelihood
+from diffusion_jax import classifier_store, configuration, controlnet_runs, data, files, generate
+from diffusion_jax import likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
 from diffusion_jax import train_state, writers
 from diffusion_jax.classifier_store import EvaluationError
@@ -223,6 +224,25 @@ def feature_extractor(config, classifier):
     return extract, INCEPTION_NOTE
 
 
+def _no_controlnet(config):
+    """``config``, unless it is a ControlNet run's (whose prompts need their controls)."""
+    if controlnet_runs.enabled(config):
+        raise configuration.ConfigError(
+            "--mode=eval measures prompt adherence without control images; a ControlNet run's "
+            "adherence to its controls is measured by benchmarks/controlnet_adherence.py")
+    return config
+
+
+def _controls(config, model, example_shape, num, offset) -> dict:
+    """``generate``'s keyword arguments for test records ``offset``..: a ControlNet run's controls.
+
+    ``{}`` for other runs."""
+    if not controlnet_runs.enabled(config):
+        return {}
+    shape = controlnet_runs.control_shape(model, example_shape)
+    return {"controls": generate.sampling_controls(config, num, shape, offset)}
+
+
 def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
              step: Optional[int] = None) -> dict:
     """Generate samples from a checkpoint of the run and measure them.
@@ -242,12 +262,11 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     if step is None and config.sampling.checkpoint_step != -1:
         step = config.sampling.checkpoint_step
     if config.data.name == "captions":  # prompt adherence: captioned shapes
-        return prompt_eval.evaluate_prompts(config, workdir, log=log, step=step)
+        return prompt_eval.evaluate_prompts(_no_controlnet(config), workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling
-    classifier = None
-    if e.feature_extractor == "classifier" or os.path.exists(
-            os.path.join(classifier_store.classifier_dir(config, workdir), "classifier.json")):
-        classifier = load_classifier(config, workdir)
+    classifier = load_classifier(config, workdir) if e.feature_extractor == "classifier" or \
+        os.path.exists(os.path.join(classifier_store.classifier_dir(config, workdir),
+                                    "classifier.json")) else None
     extract, feature_space = feature_extractor(config, classifier)
     later = ("evaluation.reference_split",) + ("data.test_split",) * bool(e.likelihood_examples)
     for key in later:  # the splits read after generating: a bad one fails before it
@@ -266,8 +285,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     for offset in range(0, e.num_samples, e.batch_size):
         num = min(e.batch_size, e.num_samples - offset)
         # Quantised to 8 bits like saved images, so generated and real images are alike.
+        controls = _controls(config, model, example_shape, num, offset)
         batch = files.quantize(parallel.to_host(
-            generate_fn(params, jax.random.fold_in(key, offset), num)))
+            generate_fn(params, jax.random.fold_in(key, offset), num, **controls)))
         batch_features = extract(batch)
         if generated_stats is None:
             generated_stats = metrics.FeatureStatistics(batch_features.shape[1])

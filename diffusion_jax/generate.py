@@ -18,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from diffusion_jax import configuration, editing, files, guidance, latent, parallel
-from diffusion_jax import parameterization, run, samplers, train_state
+from diffusion_jax import configuration, controlnet_runs, editing, files, guidance, latent
+from diffusion_jax import parallel, parameterization, run, samplers, time_grids, train_state
 from diffusion_jax.conditioning import sampling_network
+from diffusion_jax.data import controls as controls_lib
 from diffusion_jax.pipelines import StableDiffusion
 
 __all__ = ["make_generate_fn", "generate_from_prompts", "generate_to_files", "sampling_labels",
            "sampling_prompts", "encode_prompts", "is_text_model", "cast_params_once",
            "load_pipeline", "generate_pretrained", "generate_pretrained_to_files",
-           "EditInputs", "edit_inputs"]
+           "EditInputs", "edit_inputs", "sampling_controls", "read_control_images"]
 
 
 def cast_params_once(network, params, x_shape, cond=None):
@@ -87,6 +88,65 @@ def _unconditional(denoise_fn, x, t):
     return denoise_fn(x, t, None)
 
 
+def _fixed_condition(denoise_fn, cond, x, t):
+    return denoise_fn(x, t, jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, x.shape[:1] + a.shape[1:]), cond))
+
+
+def read_control_images(config, height: int, width: int) -> list:
+    """``config.sampling.control_image``'s files as float32 [height, width, 3] in [0, 1].
+
+    With ``config.sampling.control_type="canny"`` each file is an ordinary image whose Canny
+    edges (:func:`diffusion_jax.data.controls.canny`) are the control map, computed at the
+    generated image's size."""
+    s = config.sampling
+    out = []
+    for path in configuration.comma_list(s.control_image):
+        try:
+            image = editing.read_image(path, height, width, 3)
+        except (OSError, ValueError) as err:
+            raise configuration.ConfigError(f"config.sampling.control_image: {err}") from err
+        if s.control_type:
+            image = controls_lib.control_map(
+                s.control_type, np.round(image * 255).astype(np.uint8)).astype(np.float32) / 255
+        out.append(image)
+    return out
+
+
+def sampling_controls(config, num, control_shape, offset: int = 0):
+    """The control images [num, H, W, C] in [0, 1] of a ControlNet run's samples.
+
+    ``config.sampling.control_image`` (one image for every sample), or, when it is empty, the
+    control maps of the data's test records whose captions :func:`sampling_prompts` uses
+    (records ``offset`` to ``offset + num - 1``)."""
+    height, width, channels = control_shape
+    if config.sampling.control_image:
+        images = read_control_images(config, height, width)
+        if len(images) != 1:
+            raise configuration.ConfigError(
+                f"config.sampling.control_image names {len(images)} images; a ControlNet run "
+                "has one ControlNet: give one")
+        return jnp.broadcast_to(jnp.asarray(images[0]), (num, height, width, channels))
+    source = controlnet_runs.with_control(config, configuration.build_source(config.data,
+                                                                             split="test"))
+    maps = np.stack([source[i % len(source)]["control"] for i in range(offset, offset + num)])
+    if maps.shape[1:] != tuple(control_shape):
+        raise configuration.ConfigError(
+            f"the data's control maps have shape {maps.shape[1:]}, the ControlNet takes "
+            f"{tuple(control_shape)}")
+    return jnp.asarray(maps.astype(np.float32) / 255.0)
+
+
+def _control_scales(config, count: int) -> np.ndarray:
+    """``config.sampling.control_scales`` as float32 [count] (empty: 1 for each)."""
+    scales = list(config.sampling.control_scales) or [1.0] * count
+    if len(scales) != count:
+        raise configuration.ConfigError(
+            f"config.sampling.control_scales has {len(scales)} values for {count} "
+            "ControlNet(s): give one per ControlNet (or none for 1 each)")
+    return np.asarray(scales, np.float32)
+
+
 def sampling_labels(config, num_classes, num):
     """Labels to generate: ``config.sampling.label``, or every class in turn when it is -1."""
     if num_classes is None:
@@ -102,7 +162,7 @@ def sampling_labels(config, num_classes, num):
 
 
 _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guidance_rescale",
-                "prompt", "negative_prompt")
+                "prompt", "negative_prompt", "control_scales", "control_start", "control_end")
 
 
 class EditInputs(NamedTuple):
@@ -163,10 +223,15 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
 
     Any of the config's sampling keys can be overridden by keyword (``method``, ``num_steps``,
     ``grid``, ``label``, ``guidance_scale``, ``guidance_rescale``, ``prompt``,
-    ``negative_prompt``); parameters, labels, prompt tokens and the guidance scale are data to
+    ``negative_prompt``, ``control_scales``, ``control_start``, ``control_end``); parameters,
+    labels, prompt tokens and the guidance scale are data to
     the compiled sampler. A text model draws ``prompts`` (a list of ``num`` strings) when given,
     else the config's prompts (see :func:`sampling_prompts`). With a ``mesh`` the batch is split
-    over all its devices (when ``num`` divides evenly; otherwise it runs replicated)."""
+    over all its devices (when ``num`` divides evenly; otherwise it runs replicated).
+
+    A ControlNet run's ``generate`` also takes ``controls`` [num, H, W, C] in [0, 1] (default:
+    :func:`sampling_controls`); they are data to the compiled sampler, scaled by
+    ``config.sampling.control_scales`` over the steps ``control_start`` to ``control_end``."""
     if sampling:
         config = config.copy_and_resolve_references()
         with config.unlocked():
@@ -193,7 +258,11 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
             null_tokens, null_mask = configuration.null_caption(config)
             other = {"tokens": jnp.asarray(null_tokens), "token_mask": jnp.asarray(null_mask)}
 
-    def generate(params, key, num, prompts=None):
+    control = (_Controls(config, model, example_shape, schedule, edit)
+               if controlnet_runs.enabled(config) else None)
+
+    def generate(params, key, num, prompts=None, controls=None):
+        explicit_prompts = prompts is not None
         if text_model:
             if prompts is None:
                 prompts = sampling_prompts(config, num)
@@ -206,12 +275,18 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
             labels = sampling_labels(config, num_classes, num)
             cond = labels if labels is None else {"label": labels}
             uncond = None if labels is None else {"label": jnp.full_like(labels, num_classes)}
+        if control is not None:
+            cond, uncond = control.conditions(cond, uncond, num, controls, explicit_prompts)
         params = cast_params_once(sampling_network(model), params, (1,) + tuple(example_shape),
                                   cond)
         denoise = parameterization.make_denoise_fn(
             jax.tree_util.Partial(sampling_network(model), params), schedule, par)
+        if control is not None:
+            denoise = control.windowed(denoise)
         if cond is None:
             fn = jax.tree_util.Partial(_unconditional, denoise)
+        elif uncond is None:  # a ControlNet of an unconditional (or unguided) model
+            fn = jax.tree_util.Partial(_fixed_condition, denoise, cond)
         else:
             fn = guidance.classifier_free_guidance(
                 denoise, cond=cond, uncond=uncond, scale=sampling.guidance_scale,
@@ -225,27 +300,67 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
                 f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
                 f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
                 "for a multiple to spread it (same results, less time and memory per device)")
-        sample_kwargs = dict(schedule=schedule, method=sampling.method,
-                             num_steps=sampling.num_steps, grid=sampling.grid, key=key_sampler)
-        if edit is None:
-            samples = samplers.sample(fn, noise, **sample_kwargs).samples
-        else:
-            x0 = jnp.broadcast_to(edit.x0, noise.shape)
-            known = None
-            if edit.mask is not None:
-                keep = editing.keep_from_mask(jnp.broadcast_to(
-                    edit.mask, noise.shape[:-1] + (1,)))
-                known = samplers.KnownRegion(x0, keep)
-                sample_kwargs.update(jump_length=edit.jump_length,
-                                     jump_n_sample=edit.jump_n_sample)
-            try:
-                samples = editing.image_to_image(fn, x0, noise, strength=edit.strength,
-                                                 known=known, **sample_kwargs).samples
-            except ValueError as err:
-                raise configuration.ConfigError(f"config.sampling: {err}") from err
+        samples = _sample(fn, noise, edit, dict(
+            schedule=schedule, method=sampling.method, num_steps=sampling.num_steps,
+            grid=sampling.grid, key=key_sampler))
         return samples if decode is None else decode(samples)
 
     return generate
+
+
+def _sample(fn, noise, edit: Optional[EditInputs], sample_kwargs):
+    """The samples of ``fn`` from ``noise``: plain, or image-to-image / inpainting."""
+    if edit is None:
+        return samplers.sample(fn, noise, **sample_kwargs).samples
+    x0 = jnp.broadcast_to(edit.x0, noise.shape)
+    known = None
+    if edit.mask is not None:
+        keep = editing.keep_from_mask(jnp.broadcast_to(edit.mask, noise.shape[:-1] + (1,)))
+        known = samplers.KnownRegion(x0, keep)
+        sample_kwargs.update(jump_length=edit.jump_length, jump_n_sample=edit.jump_n_sample)
+    try:
+        return editing.image_to_image(fn, x0, noise, strength=edit.strength, known=known,
+                                      **sample_kwargs).samples
+    except ValueError as err:
+        raise configuration.ConfigError(f"config.sampling: {err}") from err
+
+
+class _Controls:
+    """A ControlNet run's control images, conditioning scale and window, in generation."""
+
+    def __init__(self, config, model, example_shape, schedule, edit):
+        sampling = config.sampling
+        self.config = config
+        self.shape = controlnet_runs.control_shape(model, example_shape)
+        self.scales = _control_scales(config, 1)
+        # The window is over the steps that run: image-to-image runs the tail of the grid.
+        times = time_grids.time_grid(schedule, sampling.num_steps, sampling.grid)[:-1]
+        if edit is not None:
+            times = times[len(times) - editing.steps_to_run(sampling.num_steps, edit.strength):]
+        self.times = times
+        self.window = guidance.control_window(len(times), sampling.control_start,
+                                              sampling.control_end)
+
+    def conditions(self, cond, uncond, num, controls, explicit_prompts):
+        """``(cond, uncond)`` with the control images and scales.
+
+        Both branches of guidance see the same control, as diffusers gives it."""
+        if controls is None:
+            if explicit_prompts and not self.config.sampling.control_image:
+                raise ValueError("a ControlNet run's prompts need their control images: pass "
+                                 "controls= (or set config.sampling.control_image)")
+            controls = sampling_controls(self.config, num, self.shape)
+        controls = jnp.asarray(controls, jnp.float32)
+        if controls.shape != (num,) + tuple(self.shape):
+            raise ValueError(f"controls of shape {controls.shape} for {num} samples: give "
+                             f"[{num}, {', '.join(map(str, self.shape))}] in [0, 1]")
+        extra = {"control": controls,
+                 "control_scale": jnp.broadcast_to(jnp.asarray(self.scales), (num, 1))}
+        return {**(cond or {}), **extra}, None if uncond is None else {**uncond, **extra}
+
+    def windowed(self, denoise):
+        """``denoise`` with the control acting only over the window's steps."""
+        return guidance.windowed_control(denoise, self.times, self.window)
 
 
 def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **sampling):
@@ -287,8 +402,12 @@ def generate_to_files(config, workdir):
                                 mesh=run.sampling_mesh(config),
                                 decode=None if space is None else space.decode,
                                 edit=edit_inputs(config, example_shape, space))
+    controls = None
+    if controlnet_runs.enabled(config):  # kept beside the samples
+        controls = sampling_controls(config, config.sampling.num_samples,
+                                     controlnet_runs.control_shape(model, example_shape))
     images = parallel.to_host(generate(params, jax.random.key(config.sampling.seed),
-                                       config.sampling.num_samples))
+                                       config.sampling.num_samples, controls=controls))
     if not parallel.is_writer():
         return []
     if not np.all(np.isfinite(images)):
@@ -308,11 +427,16 @@ def generate_to_files(config, workdir):
     else:
         labels = sampling_labels(config, num_classes, s.num_samples)
         extra = {} if labels is None else {"labels": labels}
+    if controls is not None:
+        extra["controls"] = np.asarray(controls)
     files.save_arrays(stem + ".npz", samples=images, **extra)
     written = [stem + ".npz"]
     if images.ndim == 4:
         files.save_grid(images, stem + ".png")
         written.append(stem + ".png")
+    if controls is not None:  # the control maps in the samples' order, in [-1, 1] as images
+        files.save_grid(np.asarray(controls) * 2.0 - 1.0, stem + "_controls.png")
+        written.append(stem + "_controls.png")
     files.save_json(stem + ".json", {**settings, "files": [os.path.basename(p) for p in written],
                                      "config": json.loads(config.to_json_best_effort())})
     written.append(stem + ".json")
@@ -354,14 +478,41 @@ def load_pipeline(config) -> StableDiffusion:
             pipeline.load_lora(path, scale)
         except (OSError, ValueError) as err:
             raise configuration.ConfigError(f"config.pretrained.lora: {err}") from err
+    for path in configuration.comma_list(config.pretrained.controlnet):
+        try:
+            pipeline.load_controlnet(path)
+        except (OSError, ValueError) as err:
+            raise configuration.ConfigError(f"config.pretrained.controlnet: {err}") from err
     return pipeline
+
+
+def _pretrained_controls(config) -> dict:
+    """The pipeline's ControlNet arguments from ``config.sampling`` (``{}`` without any).
+
+    With ``sampling.control_type="canny"`` each file's edges, at its own size, are the control
+    image (the pipeline resizes it to the output's)."""
+    s = config.sampling
+    if not s.control_image:
+        return {}
+    images = configuration.comma_list(s.control_image)
+    if s.control_type:
+        try:
+            images = [controls_lib.control_map(s.control_type, np.asarray(
+                editing.open_image(path, "the control image").convert("RGB")))
+                for path in images]
+        except (OSError, ValueError) as err:
+            raise configuration.ConfigError(f"config.sampling.control_image: {err}") from err
+    return dict(control_image=images[0] if len(images) == 1 else images,
+                controlnet_conditioning_scale=list(s.control_scales) or 1.0,
+                control_guidance_start=s.control_start, control_guidance_end=s.control_end)
 
 
 def generate_pretrained(config, pipeline, prompts, first_index: int = 0):
     """Images [len(prompts), H, W, 3] in [-1, 1] from a pretrained pipeline, in batches.
 
     ``config.sampling`` gives the sampler ("scheduler": the folder's), steps, guidance scale and
-    rescale, negative prompt and seed; ``config.pretrained`` the size and the batch. Image i's
+    rescale, negative prompt, seed and control images (for ``config.pretrained.controlnet``);
+    ``config.pretrained`` the size and the batch. Image i's
     noise comes from the seed and ``first_index + i``'s batch, so a long list generated in
     parts gets fresh noise in every part."""
     s, p = config.sampling, config.pretrained
@@ -380,7 +531,7 @@ def generate_pretrained(config, pipeline, prompts, first_index: int = 0):
                       guidance_scale=s.guidance_scale, method=method, grid=grid,
                       height=p.height or None, width=p.width or None,
                       key=jax.random.fold_in(key, first_index + start),
-                      guidance_rescale=s.guidance_rescale)
+                      guidance_rescale=s.guidance_rescale, **_pretrained_controls(config))
         try:
             if s.mask_image:
                 out = pipeline.inpaint(batch, s.init_image, s.mask_image,

@@ -9,6 +9,9 @@ affine functions of ``x0_hat`` with the same coefficients for both branches, so
 ``uncond + scale * (cond - uncond)`` gives the same result in any of those spaces. Guidance rescale
 (Lin et al. 2023, Section 3.4, Eq. 15-16) is not affine, so its space is a choice: ``"x0"`` by
 default, or ``"eps"`` / ``"v"`` (which need the schedule).
+
+:func:`windowed_control` applies a ControlNet's conditioning only over a chosen fraction of the
+sampler's steps (diffusers' ``control_guidance_start`` / ``control_guidance_end``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import parameterization as param_lib
 from diffusion_jax import schedules as schedules_lib
 
-__all__ = ["classifier_free_guidance", "combine", "rescale_guidance"]
+__all__ = ["classifier_free_guidance", "combine", "rescale_guidance", "control_window",
+           "windowed_control"]
 
 _RESCALE_SPACES = ("x0", "eps", "v")
 
@@ -137,3 +142,55 @@ def classifier_free_guidance(
     if isinstance(model_fn, jax.tree_util.Partial):
         return jax.tree_util.Partial(impl, model_fn, *dynamic)
     return jax.tree_util.Partial(functools.partial(impl, model_fn), *dynamic)
+
+
+def control_window(num_steps: int, start: float = 0.0, end: float = 1.0) -> np.ndarray:
+    """Per step, 1 where a ControlNet acts and 0 where it does not: float32 [num_steps].
+
+    Step i of N acts unless ``i / N < start`` or ``(i + 1) / N > end`` (diffusers'
+    ``control_guidance_start`` and ``control_guidance_end``, fractions of the steps)."""
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"the control window needs 0 <= start < end <= 1, got start={start} "
+                         f"and end={end}")
+    steps = np.arange(num_steps)
+    outside = (steps / num_steps < start) | ((steps + 1) / num_steps > end)
+    return np.where(outside, 0.0, 1.0).astype(np.float32)
+
+
+def _windowed(model_fn, t_high, t_low, x_t, t, cond):
+    t_high, t_low = t_high.astype(t.dtype), t_low.astype(t.dtype)
+    weight = ((t <= t_high) & (t > t_low)).astype(cond["control_scale"].dtype)
+    return model_fn(x_t, t, {**cond, "control_scale": cond["control_scale"] * weight[:, None]})
+
+
+def windowed_control(model_fn, network_times, weights):
+    """``model_fn(x_t, t, cond)`` with the control scales zeroed outside the window's steps.
+
+    ``cond["control_scale"]`` is [batch, ControlNets]; the window's steps are those where
+    ``weights`` (:func:`control_window`) is 1.
+
+    ``network_times`` are the N network times of the steps the sampler runs (its grid without
+    the final time). The window is the time interval from the first acting step's time down to
+    the next step after the last acting one (excluded): for the samplers that evaluate the
+    network once per step, at the step's time, that is exactly diffusers' per-step window. A
+    second-order corrector evaluated at the end of the last acting step, and an EDM churn that
+    lifts the first acting step's time, fall outside it. A ``Partial`` stays data to samplers.
+    """
+    network_times = np.asarray(network_times, np.float64)
+    weights = np.asarray(weights)
+    if network_times.shape != weights.shape:
+        raise ValueError(f"{weights.shape[0]} window weights for {network_times.shape[0]} "
+                         "network times")
+    acting = np.flatnonzero(weights)
+    if len(acting) and len(acting) != acting[-1] - acting[0] + 1:
+        raise ValueError(f"the control window must be one run of steps, got weights {weights}")
+    if len(acting) == 0:
+        t_high, t_low = -np.inf, np.inf  # acts nowhere
+    else:
+        t_high = network_times[acting[0]]
+        t_low = network_times[acting[-1] + 1] if acting[-1] + 1 < len(weights) else -np.inf
+    # Strongly typed (float64 where x64 is on), so that every window compiles one program.
+    bounds = (jnp.asarray(np.float64(t_high)), jnp.asarray(np.float64(t_low)))
+    if isinstance(model_fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(_windowed, model_fn, *bounds)
+    return jax.tree_util.Partial(functools.partial(_windowed, model_fn), *bounds)

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import configuration, files, lora, parallel, train_state
+from diffusion_jax import configuration, lora, train_state
 
 __all__ = ["enabled", "adapter_paths", "adapted_paths", "abstract_state", "make_state", "fingerprint",
-           "adapter_of", "recorded_base", "record_base", "LORA_FILE", "Compose"]
+           "adapter_of", "LORA_FILE", "Compose"]
 
 LORA_FILE = "lora.json"  # in the run's workdir: which base (folder or run, and its step)
 
@@ -130,19 +128,3 @@ def fingerprint(config) -> dict:
     """What an adapter run's checkpoints record of its adapters (their shapes and scale)."""
     return {"rank": config.lora.rank, "alpha": config.lora.alpha or config.lora.rank,
             "targets": config.lora.targets, "text_encoder": bool(config.lora.text_encoder)}
-
-
-def recorded_base(workdir) -> dict:
-    """What ``WORKDIR/lora.json`` says of the run's base (``{}`` before the run started)."""
-    path = os.path.join(workdir, LORA_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def record_base(workdir, base: str, step: int) -> None:
-    """Write ``WORKDIR/lora.json``: the base run and its checkpoint step (process 0)."""
-    if parallel.is_writer():
-        files.save_json(os.path.join(workdir, LORA_FILE),
-                        {"base": os.path.realpath(base), "base_step": step})

@@ -15,14 +15,15 @@ import jax
 
 from diffusion_jax import autoencoders
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import configuration, defaults, lora_runs, parallel, pretrained_runs
+from diffusion_jax import configuration, controlnet_runs, defaults, files, lora_runs, parallel
+from diffusion_jax import pretrained_runs
 from diffusion_jax import train_state, writers
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax.models import registry
 
 __all__ = ["build", "build_mesh", "sampling_mesh", "has_checkpoints", "open_checkpoints", "model_fingerprint",
            "diffusion_fingerprint", "restore_run", "abstract_state", "initial_adapter_state",
-           "attach_base", "read_run_config"]
+           "attach_base", "read_run_config", "frozen_base"]
 
 
 def build(config):
@@ -34,7 +35,10 @@ AutoencoderTask` and there are no classes; for a latent-diffusion run ``example_
     """
     configuration.validate(config)
     source = configuration.build_source(config.data)
+    if controlnet_runs.enabled(config):  # each record's control map, from its image
+        source = controlnet_runs.with_control(config, source)
     example_shape, num_classes = configuration.data_shape(source)
+    image_shape = tuple(example_shape)
     if not config.data.class_conditional:
         num_classes = None
     optimizer = optimizer_lib.optimizer_from_config(config)
@@ -58,6 +62,8 @@ AutoencoderTask` and there are no classes; for a latent-diffusion run ``example_
                 f"{tuple(example_shape)})") from err
     else:
         model = configuration.build_denoiser(config, example_shape, num_classes)
+    if controlnet_runs.enabled(config):
+        model = controlnet_runs.wrap_model(config, model, image_shape[0] // example_shape[0])
     return source, model, tuple(example_shape), num_classes, optimizer
 
 
@@ -154,6 +160,8 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
         fingerprint["pretrained"] = pretrained_runs.fingerprint(config.pretrained.path)
     if lora_runs.enabled(config):  # (full runs record nothing here, as before adapters)
         fingerprint["lora"] = lora_runs.fingerprint(config)
+    # Always recorded, so that a ControlNet run's checkpoints are never read as the base's.
+    fingerprint["controlnet"] = controlnet_runs.fingerprint(config)
     if config.latent.autoencoder:  # (pixel runs record nothing here, as before latents)
         fingerprint["latent"] = autoencoders.describe(config.latent.autoencoder).fingerprint()
     reference = defaults.get_config().model
@@ -162,7 +170,8 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
     # optimizer and text groups, which older checkpoints did not record, cannot be checked and
     # are taken as given.
     known = {"model": model_fingerprint(reference), "diffusion": fingerprint["diffusion"],
-             "optimizer": fingerprint["optimizer"], "text": fingerprint.get("text")}
+             "optimizer": fingerprint["optimizer"], "text": fingerprint.get("text"),
+             "controlnet": controlnet_runs.OFF_FINGERPRINT}
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
                                 max_to_keep=config.training.keep_checkpoints,
                                 fingerprint_defaults=known,
@@ -208,37 +217,56 @@ def restore_run(config, workdir: str, *, step: Optional[int] = None):
         state = checkpoints.restore(train_state.with_shardings(abstract, mesh), step=step)
     finally:
         checkpoints.close()
-    if lora_runs.enabled(config):  # the adapters' frozen base, read again
+    if frozen_base(config):  # the adapters' or ControlNet's frozen base, read again
         state = attach_base(config, workdir, state, model, example_shape, num_classes,
                                       abstract, mesh)
     return state, model, example_shape, num_classes
 
 
 def abstract_state(config, model, optimizer, example_shape, num_classes):
-    """The shapes of the run's train state (an adapter run's: adapters and frozen base)."""
+    """The shapes of the run's train state (an adapter or ControlNet run's: with its base)."""
+    if controlnet_runs.enabled(config):
+        return controlnet_runs.abstract_state(config, model, optimizer, example_shape,
+                                              num_classes)
     if lora_runs.enabled(config):
         return lora_runs.abstract_state(config, model, optimizer, example_shape, num_classes)
     return train_state.abstract_train_state(model, optimizer, example_shape, num_classes,
                                             config.seed)
 
 
-# -- adapter runs (LoRA): the frozen base -----------------------------------------------------
+# -- runs on a frozen base (LoRA adapters, ControlNets) ----------------------------------------
+
+
+def frozen_base(config) -> bool:
+    """Whether the run trains something on a frozen model (LoRA adapters or a ControlNet)."""
+    return lora_runs.enabled(config) or controlnet_runs.enabled(config)
+
+
+def _base_settings(config) -> tuple:
+    """``(group name, base run, base step, record file)`` of a run on a frozen base."""
+    if controlnet_runs.enabled(config):
+        return ("controlnet", config.controlnet.base, config.controlnet.base_step,
+                controlnet_runs.CONTROLNET_FILE)
+    return "lora", config.lora.base, config.lora.base_step, lora_runs.LORA_FILE
 
 
 def initial_adapter_state(config, workdir, model, optimizer, example_shape, num_classes,
                           abstract, mesh):
-    """A fresh adapter state in its shardings over ``mesh``, its base read into place."""
+    """A fresh adapter (or ControlNet) state in its shardings over ``mesh``, its base read in."""
     shardings = parallel.state_shardings(mesh, abstract)
     base = _load_base(config, workdir, model, example_shape, num_classes, shardings.frozen,
                       fresh=True)
-    paths = lora_runs.adapted_paths(abstract.params)  # the layers the abstract state adapts
-    make = jax.jit(functools.partial(lora_runs.make_state, config, optimizer, paths),
-                   out_shardings=shardings, donate_argnums=0)
-    return make(base)
+    if controlnet_runs.enabled(config):
+        make = functools.partial(controlnet_runs.make_state, config, model, example_shape,
+                                 optimizer)
+    else:
+        paths = lora_runs.adapted_paths(abstract.params)  # the layers the abstract state adapts
+        make = functools.partial(lora_runs.make_state, config, optimizer, paths)
+    return jax.jit(make, out_shardings=shardings, donate_argnums=0)(base)
 
 
 def attach_base(config, workdir, state, model, example_shape, num_classes, abstract, mesh):
-    """A restored adapter state (checkpoints hold no base) with its base read again."""
+    """A restored adapter (or ControlNet) state with its base read again (not checkpointed)."""
     shardings = parallel.state_shardings(mesh, abstract)
     base = _load_base(config, workdir, model, example_shape, num_classes, shardings.frozen,
                       fresh=False)
@@ -249,26 +277,47 @@ def _load_base(config, workdir, model, example_shape, num_classes, shardings, *,
     """The frozen base's parameters, each placed in its sharding.
 
     From ``config.pretrained.path`` (the folder's UNet and text encoder), or from the run in
-    ``config.lora.base``: the checkpoint ``lora.base_step`` (-1: the latest) on a fresh start,
-    the one ``WORKDIR/lora.json`` recorded on resuming."""
+    ``config.lora.base`` (``config.controlnet.base``): the checkpoint ``lora.base_step`` (-1:
+    the latest) on a fresh start, the one ``WORKDIR/lora.json`` (``controlnet.json``) recorded
+    on resuming."""
+    model = controlnet_runs.base_model(model)
     if config.pretrained.path:
         return pretrained_runs.initial_params(config, model, shardings)
-    base = config.lora.base
-    recorded = lora_runs.recorded_base(workdir)
+    group, base, base_step, record_file = _base_settings(config)
+    recorded = _recorded_base(workdir, record_file)
     if not fresh and recorded:
         if os.path.realpath(recorded["base"]) != os.path.realpath(base):
+            what = "ControlNet was" if group == "controlnet" else "adapters were"
             raise configuration.ConfigError(
-                f"config.lora.base={base!r}, but this run's adapters were trained on "
-                f"{recorded['base']!r} ({os.path.join(workdir, lora_runs.LORA_FILE)}); resume "
+                f"config.{group}.base={base!r}, but this run's {what} trained on "
+                f"{recorded['base']!r} ({os.path.join(workdir, record_file)}); resume "
                 "with that base")
         step = recorded["base_step"]
     else:
-        step = None if config.lora.base_step == -1 else config.lora.base_step
+        step = None if base_step == -1 else base_step
     params, step = _base_run_params(config, base, model, example_shape, num_classes, shardings,
-                                    step)
+                                    step, f"config.{group}.base={base!r}")
     if fresh:
-        lora_runs.record_base(workdir, base, step)
+        _record_base(workdir, base, step, record_file)
     return params
+
+
+def _recorded_base(workdir, filename: str) -> dict:
+    """What ``WORKDIR/lora.json`` (``controlnet.json``) says of the run's base.
+
+    ``{}`` before the run started."""
+    path = os.path.join(workdir, filename)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _record_base(workdir, base: str, step: int, filename: str) -> None:
+    """Write ``WORKDIR/lora.json`` (``controlnet.json``): the base run and its step (process 0)."""
+    if parallel.is_writer():
+        files.save_json(os.path.join(workdir, filename),
+                        {"base": os.path.realpath(base), "base_step": step})
 
 
 def read_run_config(workdir: str, where: str):
@@ -281,14 +330,13 @@ def read_run_config(workdir: str, where: str):
         return autoencoders.run_config(json.load(f), where)
 
 
-def _base_run_params(config, base, model, example_shape, num_classes, shardings, step):
+def _base_run_params(config, base, model, example_shape, num_classes, shardings, step, where):
     """``(EMA parameters, step)`` of the run in ``base``, checked to be this run's model."""
-    where = f"config.lora.base={base!r}"
     base_config = read_run_config(base, where)
     if model_fingerprint(base_config.model) != model_fingerprint(config.model):
         raise configuration.ConfigError(
             f"{where} trained another model ({base_config.model.name} with other settings); an "
-            "adapter run's config.model must be the base run's")
+            "adapter or ControlNet run's config.model must be the base run's")
     abstract = train_state.abstract_train_state(
         model, optimizer_lib.optimizer_from_config(base_config), example_shape, num_classes,
         base_config.seed)

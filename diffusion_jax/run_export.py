@@ -28,7 +28,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from diffusion_jax import autoencoders, configuration, latent, lora, lora_runs, run, train_state
+from diffusion_jax import autoencoders, configuration, controlnet_runs, latent, lora, lora_runs, run
+from diffusion_jax import train_state
 from diffusion_jax.models.clip_conditioned import CLIPConditioned
 from diffusion_jax.models.text_conditioned import TextConditioned
 from diffusion_jax.pretrained import clip_text, export, lora_files, sd_unet
@@ -112,6 +113,11 @@ def export_run(workdir: str, out_folder: str, step: Optional[int] = None, *,
     config = run.read_run_config(os.fspath(workdir), f"the run {workdir}")
     if config.task == "autoencoder":
         return _export_autoencoder_run(workdir, out_folder, step, use_ema, overwrite)
+    if controlnet_runs.enabled(config):
+        raise configuration.ConfigError(
+            f"{workdir} trained a ControlNet of a frozen base; writing diffusers "
+            "ControlNetModel folders is not supported: export the base run "
+            f"({config.pretrained.path or config.controlnet.base}) instead")
     state, model, example_shape, _ = run.restore_run(config, os.fspath(workdir), step=step)
     use_ema = bool(config.sampling.use_ema if use_ema is None else use_ema)
     params = train_state.model_params(state, use_ema)  # (an adapter run: merged)

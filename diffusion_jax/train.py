@@ -32,7 +32,8 @@ from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, gradients, latent
 from diffusion_jax import console as console_lib
 from diffusion_jax import grids as grids_lib
-from diffusion_jax import lora_runs, losses, parallel, pretrained_runs, run, train_state
+from diffusion_jax import controlnet_runs, lora_runs, losses, parallel, pretrained_runs, run
+from diffusion_jax import train_state
 from diffusion_jax import writers
 from diffusion_jax import workdir as workdir_lib
 
@@ -130,7 +131,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     def adapted_loss_and_grads(state, batch, draws):
         """Gradients for the adapters alone: the network runs with compose(frozen, adapters)."""
         if use_shard_map:
-            raise ValueError("a run of adapters on a frozen model (LoRA) computes its "
+            raise ValueError("a run on a frozen model (LoRA, ControlNet) computes its "
                              "gradients with mesh.train_step='jit'")
         def adapted(params, batch, draws):
             return compute(state.compose(state.frozen, params), batch, draws)
@@ -401,11 +402,11 @@ def _restore_or_init(config, workdir, checkpoints, abstract, mesh, iterator, par
                 f"the checkpoint is at step {int(state.step)}, which is not a multiple of "
                 f"config.training.steps_per_call={config.training.steps_per_call}; resume with a "
                 "steps_per_call that divides it (e.g. the one the run was started with)")
-        if lora_runs.enabled(config):  # checkpoints hold the adapters; the base is read again
+        if run.frozen_base(config):  # checkpoints hold no base: it is read again
             state = run.attach_base(config, workdir, state, model, example_shape, num_classes,
                                     abstract, mesh)
         return state, True
-    if lora_runs.enabled(config):
+    if run.frozen_base(config):
         return run.initial_adapter_state(config, workdir, model, optimizer, example_shape,
                                          num_classes, abstract, mesh), False
     if config.pretrained.path:  # the folder's weights, read into their shardings
@@ -452,6 +453,12 @@ def _describe_model(config, abstract, mesh, example_shape) -> str:
     if config.pretrained.path:
         name = (f"the UNet and {'frozen ' if config.text.freeze else ''}CLIP text encoder of "
                 f"{config.pretrained.path}")
+    if controlnet_runs.enabled(config):
+        base = clu_parameter_overview.count_parameters(abstract.frozen)
+        return (f"model: a ControlNet ({config.controlnet.control} control, {num_params:,} "
+                f"parameters, {num_params / base:.2%} of the base) of the frozen {name}{where} "
+                f"({base:,} parameters, from {config.pretrained.path or config.controlnet.base})"
+                f"; {devices}")
     if lora_runs.enabled(config):
         base = clu_parameter_overview.count_parameters(abstract.frozen)
         layers = len(lora_runs.adapted_paths(abstract.params))

@@ -9,6 +9,10 @@ padding with "!", v prediction) and ``"sdxl"`` (two encoders, the second with a 
 vocabulary can be downloaded); tokenizer parity on real BPE merges is tested in test_clip.py.
 Every weight is perturbed from its initialisation so that zero-initialised layers hide nothing.
 Returns the diffusers pipeline object, for reference outputs.
+
+``build_controlnet(folder, pipe)`` writes a random-weight ``ControlNetModel`` for such a
+pipeline's UNet (``from_unet``, its zero convolutions made random too), and
+``other_base=True`` one built for another UNet (other block widths).
 """
 
 from __future__ import annotations
@@ -126,6 +130,37 @@ def build(folder, family="sd1", scheduler="ddim", seed=0, inpainting=False):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
     return pipe
+
+
+# The tiny VAE halves the image: the control image's encoder has one stride-2 stage.
+CONTROL_EMBEDDING = (16, 32)
+
+
+def build_controlnet(folder, pipe, seed=1, other_base=False, **options):
+    """Write a random-weight diffusers ``ControlNetModel`` for ``pipe``'s UNet; return it.
+
+    ``options`` are ``ControlNetModel.from_unet``'s (``controlnet_conditioning_channel_order``,
+    ``conditioning_channels``, ...). Every weight is perturbed, the zero-initialised
+    convolutions (``controlnet_down_blocks``, ``controlnet_mid_block``,
+    ``controlnet_cond_embedding.conv_out``) strongly, so that the control changes the images.
+    ``other_base``: a ControlNet of another UNet (block widths (16, 32) instead of (32, 64))."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    options.setdefault("conditioning_embedding_out_channels", CONTROL_EMBEDDING)
+    if other_base:
+        config = dict(pipe.unet.config)
+        config.update(block_out_channels=(16, 32), sample_size=16)
+        unet = diffusers.UNet2DConditionModel.from_config(config)
+    else:
+        unet = pipe.unet
+    controlnet = _perturb(diffusers.ControlNetModel.from_unet(unet, **options).eval())
+    zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                        controlnet.controlnet_cond_embedding.conv_out]
+    for module in zero_initialised:
+        _perturb(module, scale=0.2)
+    controlnet.save_pretrained(folder)
+    return controlnet
 
 
 def finetune_config(folder):

@@ -172,3 +172,50 @@ def test_editing_notebook_runs(tmp_path):
     change = float(text.split("largest change of a base weight after merging: ")[1].split()[0])
     assert change > 0  # the adapters trained, and sampling runs with them
     assert "mean |LoRA - base| per pixel" in text
+
+
+@pytest.mark.slow  # a minute or more: the notebook trains a base and its ControlNet, and samples
+def test_controlnet_notebook_runs(tmp_path):
+    # The tiny text model of test_text_to_image_notebook_runs, narrower still (8 channels); 2
+    # sampling steps, so that each half of the control window is one step.
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    workdir = tmp_path / "run"
+    notebook = _run("controlnet.ipynb", {
+        "WORKDIR": str(workdir), "PRESET": "text_shapes_cpu", "CONTROL": "mask", "BASE_STEPS": 4,
+        "CONTROLNET_STEPS": 4, "BATCH_SIZE": 8, "RESOLUTION": 16, "SAMPLING_STEPS": 2,
+        "NUM_EVAL": 8,
+        "CONFIG_OVERRIDES": {"model.unet.channels": 8, "model.unet.channel_mult": (1, 2),
+                             "model.unet.attention_resolutions": (8,), "model.unet.head_dim": 8,
+                             "text.width": 32, "text.depth": 1, "text.num_heads": 2}})
+    text, images = _outputs(notebook)
+    assert "of split 'train'" in text
+    assert "base finished at step 4" in text
+    assert "record 0 holds ['attributes', 'caption', 'control', 'image']" in text
+    assert "model: a ControlNet (mask control," in text
+    assert "ControlNet finished at step 4" in text
+    assert "(0 before training)" in text  # the zero convolutions trained
+    assert "8 control images; adherence of the generated images: mask_iou " in text
+    for scale in (0, 0.5, 1, 1.5):
+        assert f"conditioning scale {scale:g}: mask_iou " in text
+    # Scale 0 is the base: the same images as the base run's own, from the same noise.
+    assert "scale 0 against the base run, from the same noise: largest difference 0.00e+00" \
+        in text
+    assert "control from 0 to 0.5 of the steps (steps [0] of 2)" in text
+    assert "control from 0.5 to 1 of the steps (steps [1] of 2)" in text
+    assert "adherence to the mask control on 8 test records" in text
+    ceiling = text.split("real images, their own control (ceiling)")[1].split()[0]
+    assert float(ceiling) == 1.0  # the mask IoU of real images is exact
+    assert "generated with the ControlNet (scale 1)" in text  # the last code cell ran to the end
+    # training data, the headline, 4 scales, 2 windows, evaluated examples
+    assert images == 1 + 1 + 4 + 2 + 1
+
+    # The ControlNet run: its own checkpoints, on the base's last step; hand-drawn maps saved.
+    assert os.path.isdir(workdir / "controlnet_mask" / "checkpoints" / "4")
+    with open(workdir / "controlnet_mask" / "controlnet.json") as f:
+        assert json.load(f) == {"base": os.path.realpath(workdir / "base"), "base_step": 4}
+    circle = np.asarray(Image.open(workdir / "control_circle.png"))
+    assert circle.shape == (16, 16, 3) and set(np.unique(circle)) == {0, 255}

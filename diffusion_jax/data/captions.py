@@ -28,6 +28,11 @@ What split "train" leaves out and split "heldout" holds exclusively is chosen by
 Split "all" holds everything. Record i of a split is generated from (seed, i, split), by drawing
 each attribute from the values the split allows (no rejection loops); with heldout="pairs" the
 records are those of earlier versions.
+
+The renderer knows where it drew: ``geometry(i)`` (or ``render(..., with_geometry=True)``) gives
+the objects' exact mask and a depth-like map (``sources.dome_depth``), from which
+``data.controls`` makes ControlNet's mask and depth control maps. Asking for them draws nothing
+more from the record's random stream, so images and captions stay as they were.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from diffusion_jax.data.sources import DataError
+from diffusion_jax.data.sources import DataError, dome_depth
 
 __all__ = ["CaptionedShapes", "caption_for", "concept_attribute"]
 
@@ -247,13 +252,8 @@ class CaptionedShapes:
         centres = (np.stack([rows, cols], -1) + 0.5) / grid
         return centres + rng.uniform(-jitter, jitter, centres.shape)
 
-    def render(self, attributes: Mapping, rng: np.random.Generator | int | None = None):
-        """An image (uint8 [H, W, 3]) showing ``attributes``.
-
-        What they leave open (exact sizes and places, the cells of several objects, a single
-        object's cell when position is -1 or absent) is drawn from ``rng``. Evaluation uses it to
-        make reference images for a prompt."""
-        rng = _as_generator(rng)
+    def _draw(self, attributes: Mapping, rng: np.random.Generator):
+        """``(image, masks [objects, H, W], distances from each centre, reach [objects, 1, 1])``."""
         shape, colour, size, count, position, background = _unpack(attributes)
         if colour == background:
             raise ValueError(f"object and background are both {COLOURS[colour]}")
@@ -264,23 +264,50 @@ class CaptionedShapes:
         dy = self._yy - centres[:, 0, None, None]
         dx = self._xx - centres[:, 1, None, None]
         if shape == 0:
-            mask = dy * dy + dx * dx <= radius * radius
+            masks = dy * dy + dx * dx <= radius * radius
         elif shape == 1:
-            mask = np.maximum(np.abs(dy), np.abs(dx)) <= 0.8 * radius
+            masks = np.maximum(np.abs(dy), np.abs(dx)) <= 0.8 * radius
         else:  # upward equilateral triangle centred on its centroid, circumradius 1.2 r
             circumradius = _EXTENT * radius
             below_apex = dy + circumradius  # 0 at the apex, 1.5 circumradius at the base
-            mask = (below_apex >= 0) & (dy <= 0.5 * circumradius) & (
+            masks = (below_apex >= 0) & (dy <= 0.5 * circumradius) & (
                 np.abs(dx) <= below_apex / np.sqrt(3.0))
-        mask = mask.any(axis=0)
-        return np.where(mask[..., None], PALETTE[colour], PALETTE[background])
+        image = np.where(masks.any(axis=0)[..., None], PALETTE[colour], PALETTE[background])
+        return image, masks, np.sqrt(dy * dy + dx * dx), _EXTENT * radius
 
-    def __getitem__(self, index):
+    def render(self, attributes: Mapping, rng: np.random.Generator | int | None = None,
+               with_geometry: bool = False):
+        """An image (uint8 [H, W, 3]) showing ``attributes``.
+
+        What they leave open (exact sizes and places, the cells of several objects, a single
+        object's cell when position is -1 or absent) is drawn from ``rng``. Evaluation uses it to
+        make reference images for a prompt. ``with_geometry=True`` returns ``(image,
+        geometry)`` with the geometry of :meth:`geometry`, drawing nothing more from ``rng``."""
+        image, masks, distances, reach = self._draw(attributes, _as_generator(rng))
+        if not with_geometry:
+            return image
+        return image, {"mask": masks.any(axis=0), "depth": dome_depth(masks, distances, reach)}
+
+    def _record_rng(self, index) -> np.random.Generator:
+        """The random stream record ``index`` is drawn from: (seed, index, split)."""
         index = int(index)
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} is out of range for {self!r}")
         index %= self.size
-        rng = np.random.default_rng([self.seed, index, SPLITS.index(self.split)])
+        return np.random.default_rng([self.seed, index, SPLITS.index(self.split)])
+
+    def geometry(self, index) -> dict:
+        """Where record ``index``'s objects are: ``{"mask": bool [H, W], "depth": float32 [H, W]}``.
+
+        ``mask`` is the union of the objects' pixels, exactly those the image paints in the
+        objects' colour; ``depth`` is a depth-like map (``sources.dome_depth``): on each object a
+        dome, 1 at its centre and at least ``sources.DEPTH_FLOOR`` at its edge, 0 on the
+        background. Record ``index`` itself is unchanged by asking."""
+        rng = self._record_rng(index)
+        return self.render(self.sample_attributes(rng), rng, with_geometry=True)[1]
+
+    def __getitem__(self, index):
+        rng = self._record_rng(index)
         attributes = self.sample_attributes(rng)
         image = self.render(attributes, rng)
         return {"image": image, "caption": caption_for(attributes, rng), "attributes": attributes}

@@ -40,7 +40,10 @@ class ToModelInputs(grain.MapTransform):
     vector data (``x``) passes through; labels become int32; captions become byte tokens
     ``tokens`` (int32 [max_length]) and ``token_mask`` (bool) through
     :func:`diffusion_jax.text.encode`, or through ``tokenizer(texts) -> (tokens, mask)`` when
-    one is given (a pretrained model's, e.g. a CLIP tokenizer's ``token_inputs``)."""
+    one is given (a pretrained model's, e.g. a CLIP tokenizer's ``token_inputs``). A control map
+    (``control``, uint8 [H, W, C] from :class:`~diffusion_jax.data.controls.WithControl`) becomes
+    float32 in [0, 1] under ``control``: ControlNets take control images in [0, 1], as
+    diffusers' pipelines give them, not in the images' [-1, 1]."""
 
     def __init__(self, max_length: int = 96, tokenizer=None):
         self.max_length = max_length
@@ -59,6 +62,8 @@ class ToModelInputs(grain.MapTransform):
             out["x"] = np.asarray(record["x"], np.float32)
         if "label" in record:
             out["label"] = np.int32(record["label"])
+        if "control" in record:
+            out["control"] = _unit_control(record["control"])
         if "caption" in record:
             if self.tokenizer is None:
                 tokens, mask = text.encode([str(record["caption"])], self.max_length)
@@ -86,7 +91,18 @@ class ToModelInputs(grain.MapTransform):
             out["x"] = np.asarray(records["x"], np.float32)
         if "label" in records:
             out["label"] = np.asarray(records["label"]).astype(np.int32)
+        if "control" in records:
+            out["control"] = _unit_control(records["control"])
         return out
+
+
+def _unit_control(control) -> np.ndarray:
+    """A uint8 control map (or a batch of them) as float32 in [0, 1]."""
+    control = np.asarray(control)
+    if control.dtype != np.uint8:
+        raise DataError(f"a record's 'control' is {_describe(control)}; control maps must be "
+                        "uint8 0..255 (diffusion_jax.data.controls.control_map makes them)")
+    return control.astype(np.float32) / 255.0
 
 
 def _describe(values: np.ndarray) -> str:
@@ -102,8 +118,9 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
 
     Cheap: only the first record is read. Images must be uint8 (pixels 0..255, which
     :class:`ToModelInputs` scales to [-1, 1]), HW or HWC with 1 or 3 channels; vectors ``x``
-    numeric and finite; a ``label`` one integer. ``dataset`` names the data in the message
-    (default ``repr(source)``). :func:`make_iterator` calls it.
+    numeric and finite; a ``label`` one integer; a ``control`` map uint8 [H, W, C] of its
+    image's size. ``dataset`` names the data in the message (default ``repr(source)``).
+    :func:`make_iterator` calls it.
     """
     dataset = dataset or repr(source)
     record = source[0]
@@ -133,12 +150,25 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
         if x.dtype.kind not in "iuf" or not np.all(np.isfinite(x)):
             raise DataError(f"{dataset}: record 0's 'x' is {_describe(x)}; vector data must be "
                             "finite numbers (float32)")
+    if "control" in record:
+        _check_control(np.asarray(record["control"]), record, dataset)
     if "label" in record:
         label = np.asarray(record["label"])
         if label.dtype.kind not in "iu" or label.ndim != 0:
             raise DataError(
                 f"{dataset}: record 0's label is {_describe(label)}, but a label must be one "
                 "integer class index (not one-hot, not a float); convert the source's labels")
+
+
+def _check_control(control: np.ndarray, record, dataset: str) -> None:
+    """Raise :class:`DataError` unless record 0's control map is uint8 [H, W, C] of its image."""
+    size = np.shape(record["image"])[:2] if "image" in record else None
+    if (control.dtype != np.uint8 or control.ndim != 3 or control.shape[-1] not in (1, 3)
+            or (size is not None and control.shape[:2] != size)):
+        expected = f"[{size[0]}, {size[1]}, 3]" if size is not None else "[H, W, 3]"
+        raise DataError(f"{dataset}: record 0's control is {_describe(control)}, but a control "
+                        f"map must be uint8 {expected}, the size of its image (make it with "
+                        "diffusion_jax.data.controls.control_map)")
 
 
 def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
@@ -148,8 +178,9 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
     and finite, images (rank >= 3 with the batch axis) within [-1, 1]; ``label`` int32 in
     ``[0, num_classes)`` when ``num_classes`` is not None (a class-conditional model, which
     would otherwise look up a wrong or clamped embedding without an error); ``tokens`` int32 and
-    ``token_mask`` bool of the same shape. ``dataset`` names the data in the messages. Meant for
-    the first batch of a run (:func:`check_first_batch`); it reads the whole batch.
+    ``token_mask`` bool of the same shape; ``control`` float32 in [0, 1], one per example.
+    ``dataset`` names the data in the messages. Meant for the first batch of a run
+    (:func:`check_first_batch`); it reads the whole batch.
     """
     if "x" not in batch and "moments" not in batch:
         raise DataError(f"{dataset}: the batch has no 'x' (keys {sorted(batch)}); the source's "
@@ -192,6 +223,13 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
         raise DataError(f"{dataset}: the model is class-conditional (num_classes={num_classes}) "
                         "but the batch has no 'label'; set config.data.class_conditional=False "
                         "or give the records labels")
+    if "control" in batch:
+        control = np.asarray(batch["control"])
+        if (control.dtype != np.float32 or control.shape[:1] != x.shape[:1]
+                or not np.all((control >= 0) & (control <= 1))):
+            raise DataError(f"{dataset}: batch 'control' is {_describe(control)}, expected "
+                            f"float32 in [0, 1] with {x.shape[0]} rows (ToModelInputs makes it "
+                            "so from uint8 control maps: build batches with make_iterator)")
     if "tokens" in batch or "token_mask" in batch:
         tokens = np.asarray(batch.get("tokens"))
         mask = np.asarray(batch.get("token_mask"))

@@ -29,6 +29,8 @@ __all__ = [
     "TFDSSource",
     "Toy2D",
     "Shapes",
+    "DEPTH_FLOOR",
+    "dome_depth",
 ]
 
 FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
@@ -350,13 +352,38 @@ class Toy2D:
         return f"Toy2D(kind={self.kind!r}, size={self.size}, seed={self.seed})"
 
 
+# The lowest depth of an object's pixel in the depth-like maps of procedural data (0: background).
+DEPTH_FLOOR = 0.25
+
+
+def dome_depth(masks: np.ndarray, distances: np.ndarray, reach) -> np.ndarray:
+    """A depth-like map of drawn objects: a dome on each, 1 at its centre, 0 on the background.
+
+    ``masks`` (bool [objects, H, W]) are the objects' pixels, ``distances`` (the same shape) each
+    pixel's distance from its object's centre and ``reach`` ([objects, 1, 1]) a distance no pixel
+    of the object exceeds. On an object, depth = f + (1 - f) sqrt(1 - (distance / reach)^2) with
+    f = DEPTH_FLOOR: a spherical cap, 1 at the centre and at least f at its edge, so the map's
+    support is exactly the objects' mask while its values say more than the mask does. It is
+    not a rendering of any camera, only a control map that differs from the mask inside objects.
+    Returns float32 [H, W] (objects never overlap; where they would, the nearer dome wins).
+    """
+    ratio = np.minimum(np.asarray(distances, np.float32) / np.asarray(reach, np.float32), 1.0)
+    dome = DEPTH_FLOOR + (1.0 - DEPTH_FLOOR) * np.sqrt(1.0 - ratio * ratio)
+    return np.where(masks, dome, 0.0).max(axis=0).astype(np.float32)
+
+
 class Shapes:
     """Procedural RGB images of one filled shape in a random colour, size and position.
 
     The label is the shape (0 circle, 1 square, 2 triangle); the background colour is random too.
-    Image i is generated from (seed, i)."""
+    Image i is generated from (seed, i); ``geometry(i)`` is its object's exact mask and
+    depth-like map (:func:`dome_depth`), for control maps (ControlNet).
+    """
 
     CLASSES = ("circle", "square", "triangle")
+    # No pixel of a shape lies further than this many radii from its centre (a triangle's base
+    # corners are the furthest, at sqrt(0.7^2 + 1.02^2) = 1.24 radii).
+    _REACH = 1.25
 
     def __init__(self, size: int = 50_000, resolution: int = 32, seed: int = 0):
         if resolution < 8:
@@ -369,7 +396,8 @@ class Shapes:
     def __len__(self):
         return self.size
 
-    def __getitem__(self, index):
+    def _draw(self, index):
+        """``(image, label, mask, distances, radius)`` of record ``index``."""
         rng = _rng(self.seed, index)
         label = int(rng.integers(3))
         radius = rng.uniform(0.18, 0.32)
@@ -384,7 +412,19 @@ class Shapes:
         background = rng.integers(0, 256, 3)
         colour = (background + rng.integers(80, 176, 3)) % 256  # keep a visible contrast
         image = np.where(mask[..., None], colour, background).astype(np.uint8)
+        return image, label, mask, np.sqrt(dy**2 + dx**2), radius
+
+    def __getitem__(self, index):
+        image, label, _, _, _ = self._draw(index)
         return {"image": image, "label": np.int32(label)}
+
+    def geometry(self, index) -> dict:
+        """Record ``index``'s object: ``{"mask": bool [H, W], "depth": float32 [H, W]}``.
+
+        ``depth`` is :func:`dome_depth` of the object (0 on the background)."""
+        _, _, mask, distances, radius = self._draw(index)
+        depth = dome_depth(mask[None], distances[None], np.full((1, 1, 1), self._REACH * radius))
+        return {"mask": mask, "depth": depth}
 
     def __repr__(self):
         return f"Shapes(size={self.size}, resolution={self.resolution}, seed={self.seed})"

@@ -35,7 +35,7 @@ class CLIPConditioned(nn.Module):
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, tokens=None,
-                 token_mask=None):
+                 token_mask=None, **control):
         del token_mask
         if labels is not None:
             raise ValueError("a Stable Diffusion UNet takes no class labels")
@@ -45,4 +45,5 @@ class CLIPConditioned(nn.Module):
         context = self.encoder(tokens).last_hidden_state
         if self.freeze_text:
             context = jax.lax.stop_gradient(context)
-        return self.denoiser(x, noise_level, train=train, context=context)
+        # control / control_scale reach a ControlledUNet denoiser (see models.controlnet).
+        return self.denoiser(x, noise_level, train=train, context=context, **control)

@@ -27,7 +27,8 @@ class TextConditioned(nn.Module):
     encoder's width. ``freeze_text`` stops gradients at the encoder's outputs (for an encoder
     taken from an earlier run; a frozen randomly initialised encoder still gives the denoiser a
     fixed, informative embedding of the bytes). Parameters: ``{"encoder": ..., "denoiser":
-    ...}``.
+    ...}``. Other keyword arguments (``control``, ``control_scale`` of a
+    :class:`~diffusion_jax.models.controlnet.ControlledUNet`) go to the denoiser.
     """
 
     denoiser: nn.Module
@@ -36,7 +37,7 @@ class TextConditioned(nn.Module):
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, tokens=None,
-                 token_mask=None):
+                 token_mask=None, **control):
         if (tokens is None) != (token_mask is None):
             raise ValueError("give both tokens and token_mask (from diffusion_jax.text.encode), "
                              "or neither for the empty caption")
@@ -50,4 +51,4 @@ class TextConditioned(nn.Module):
             context, pooled = jax.lax.stop_gradient((context, pooled))
         return self.denoiser(
             x, noise_level, labels, train=train, context=context, context_mask=token_mask,
-            pooled=pooled)
+            pooled=pooled, **control)

@@ -156,7 +156,8 @@ class UNet(nn.Module):
     """UNet denoiser on NHWC images (DDPM/ADM/Stable Diffusion family).
 
     ``UNet(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
-    pooled=None) -> output`` with the shape of x (or ``out_channels`` channels).
+    pooled=None, time_ids=None, residuals=None) -> output`` with the shape of x (or
+    ``out_channels`` channels); ``residuals`` are ControlNets' (see :meth:`__call__`).
 
     Attributes:
       channels: base width; level i has ``channels * channel_mult[i]`` channels.
@@ -232,7 +233,32 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
-                 context_mask=None, pooled=None, time_ids=None):
+                 context_mask=None, pooled=None, time_ids=None, residuals=None):
+        """The denoiser's output for ``x`` at ``noise_level``.
+
+        ``residuals`` (from :class:`~diffusion_jax.models.controlnet.ControlNet` s) is None or
+        ``(down, mid)``: one array per skip connection, added to it before the decoder reads it,
+        and one added to the middle block's output (Zhang et al. 2023, ControlNet)."""
+        emb, context, context_mask = self.conditioning(x, noise_level, labels, context,
+                                                       context_mask, pooled, time_ids)
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h, skips = self.encode(h, emb, train, context, context_mask)
+        if residuals is not None:
+            down, mid = residuals
+            if len(down) != len(skips):
+                raise ValueError(f"{len(down)} ControlNet residuals for {len(skips)} skip "
+                                 "connections: the ControlNet was built for another UNet")
+            for feature, residual in [*zip(skips, down), (h, mid)]:
+                _check_residual(feature, residual)
+            skips = [skip + residual.astype(skip.dtype) for skip, residual in zip(skips, down)]
+            h = h + mid.astype(h.dtype)
+        return self.decode(h, skips, emb, train, x.shape[-1], context, context_mask)
+
+    # The network in three parts, which a ControlNet (a copy of the encoder and the middle block)
+    # shares: called from a compact method, each creates its layers under the caller's names.
+
+    def conditioning(self, x, noise_level, labels, context, context_mask, pooled, time_ids):
+        """``(emb, context, context_mask)``: the embedding every res block reads, and the text."""
         if x.ndim != 4:
             raise ValueError(f"UNet expects NHWC images [batch, height, width, channels], got {x.shape}")
         levels = len(self.channel_mult)
@@ -252,71 +278,82 @@ class UNet(nn.Module):
             emb = add_pooled_embedding(emb, pooled, self.pooled_dim, self.dtype, "UNet")
         else:
             emb = emb + self._added_embedding(pooled, time_ids, x.shape[0], emb_dim)
-        heads_per_level = self._per_level(self.num_heads, "num_heads")
-        depth_per_level = self._per_level(self.transformer_depth, "transformer_depth")
         context, context_mask = prepare_context(context, context_mask, self.context_dim,
                                                 x.shape[0], self.dtype, "UNet")
+        return emb, context, context_mask
 
-        # nn.remat keeps each block's name, so the parameter tree is the same with remat on or off;
-        # `train` (argument 3, counting self) selects dropout and must stay a Python bool.
+    def _res_block(self, features, name):
+        # nn.remat keeps each block's name, so the parameter tree is the same with remat on or
+        # off; `train` (argument 3, counting self) selects dropout and must stay a Python bool.
         res_class = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attention_class = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        return res_class(features, self.dropout, self.scale_shift, self.num_groups, self.dtype,
+                         self.norm_eps, name=name)
+
+    def _has_attention(self, h, level):
+        if self.attention_levels is not None:
+            return level in self.attention_levels
+        return h.shape[1] in self.attention_resolutions
+
+    def _attention(self, h, name, level, context, context_mask):
+        heads = self._per_level(self.num_heads, "num_heads")[level]
+        if self.head_dim:
+            if h.shape[-1] % self.head_dim:
+                raise ValueError(f"{h.shape[-1]} channels in {name} do not split into heads "
+                                 f"of head_dim={self.head_dim}")
+            heads = h.shape[-1] // self.head_dim
+        if self.context_dim is None:
+            attention_class = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+            return attention_class(heads, self.num_groups, self.dtype, self.attention,
+                                   name=name)(h)
         transformer_class = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
+        depth = self._per_level(self.transformer_depth, "transformer_depth")[level]
+        return transformer_class(heads, depth, self.num_groups, self.dtype, self.attention,
+                                 name=name)(h, context, context_mask)
 
-        def res_block(features, name):
-            return res_class(features, self.dropout, self.scale_shift, self.num_groups,
-                             self.dtype, self.norm_eps, name=name)
+    def encode(self, h, emb, train, context, context_mask):
+        """The down path and the middle block, from ``conv_in``'s output: ``(h, skips)``.
 
-        def has_attention(h, level):
-            if self.attention_levels is not None:
-                return level in self.attention_levels
-            return h.shape[1] in self.attention_resolutions
-
-        def attention(h, name, level):
-            heads = heads_per_level[level]
-            if self.head_dim:
-                if h.shape[-1] % self.head_dim:
-                    raise ValueError(f"{h.shape[-1]} channels in {name} do not split into heads "
-                                     f"of head_dim={self.head_dim}")
-                heads = h.shape[-1] // self.head_dim
-            if self.context_dim is None:
-                return attention_class(heads, self.num_groups, self.dtype, self.attention,
-                                       name=name)(h)
-            return transformer_class(heads, depth_per_level[level], self.num_groups, self.dtype,
-                                     self.attention, name=name)(h, context, context_mask)
-
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        ``skips`` are the feature maps the decoder concatenates, in diffusers' order
+        (``conv_in``'s output, each res/attention block's, each downsampling's)."""
+        levels = len(self.channel_mult)
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for block in range(self.num_res_blocks):
-                h = res_block(self.channels * mult, f"down_{level}_res_{block}")(h, emb, train)
-                if has_attention(h, level):
-                    h = attention(h, f"down_{level}_attn_{block}", level)
+                h = self._res_block(self.channels * mult, f"down_{level}_res_{block}")(
+                    h, emb, train)
+                if self._has_attention(h, level):
+                    h = self._attention(h, f"down_{level}_attn_{block}", level, context,
+                                        context_mask)
                 skips.append(h)
             if level != levels - 1:
                 h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                             dtype=self.dtype, name=f"down_{level}_downsample")(h)
                 skips.append(h)
 
-        h = res_block(h.shape[-1], "mid_res_0")(h, emb, train)
+        h = self._res_block(h.shape[-1], "mid_res_0")(h, emb, train)
         if self.mid_attention:
-            h = attention(h, "mid_attn", levels - 1)
-        h = res_block(h.shape[-1], "mid_res_1")(h, emb, train)
+            h = self._attention(h, "mid_attn", levels - 1, context, context_mask)
+        h = self._res_block(h.shape[-1], "mid_res_1")(h, emb, train)
+        return h, skips
 
-        for level in reversed(range(levels)):
+    def decode(self, h, skips, emb, train, in_channels, context, context_mask):
+        """The up path from the middle block's output and the skips, to the output (float32)."""
+        skips = list(skips)
+        for level in reversed(range(len(self.channel_mult))):
             for block in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res_block(self.channels * self.channel_mult[level],
-                              f"up_{level}_res_{block}")(h, emb, train)
-                if has_attention(h, level):
-                    h = attention(h, f"up_{level}_attn_{block}", level)
+                h = self._res_block(self.channels * self.channel_mult[level],
+                                    f"up_{level}_res_{block}")(h, emb, train)
+                if self._has_attention(h, level):
+                    h = self._attention(h, f"up_{level}_attn_{block}", level, context,
+                                        context_mask)
             if level != 0:
                 h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype,
                             name=f"up_{level}_upsample")(upsample_nearest(h))
 
         h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
                               name="norm_out")(h, train))
-        out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=self.dtype,
+        out = nn.Conv(self.out_channels or in_channels, (3, 3), dtype=self.dtype,
                       kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
 
@@ -337,6 +374,16 @@ class UNet(nn.Module):
         h = jnp.concatenate([pooled.astype(jnp.float32), features], axis=-1).astype(self.dtype)
         h = nn.Dense(emb_dim, dtype=self.dtype, name="added_embedding_0")(h)
         return nn.Dense(emb_dim, dtype=self.dtype, name="added_embedding_1")(nn.silu(h))
+
+
+def _check_residual(feature, residual):
+    """A ControlNet residual must match its feature map (or be pooled to 1x1 over the image)."""
+    same = residual.ndim == 4 and residual.shape[0] == feature.shape[0] and \
+        residual.shape[-1] == feature.shape[-1] and \
+        tuple(residual.shape[1:3]) in (tuple(feature.shape[1:3]), (1, 1))
+    if not same:
+        raise ValueError(f"a ControlNet residual of shape {residual.shape} meets a UNet feature "
+                         f"map of shape {feature.shape}: the ControlNet was built for another UNet")
 
 
 # Parameters of diffusers' UNet2DConditionModel for runwayml/stable-diffusion-v1-5 (its 1x1

@@ -15,6 +15,11 @@ arguments of that program, not constants in it. By default the folder's schedule
 sampler, its timesteps and its final step (:mod:`diffusion_jax.pretrained.scheduler`), so the
 same ``latents`` give diffusers' images; ``method=`` (and ``grid=``) pick any of the library's
 samplers instead. With a mesh the batch is split over its devices.
+
+``pipe.load_controlnet(folder)`` adds a diffusers ``ControlNetModel``, and ``control_image=``
+(with ``controlnet_conditioning_scale=``, ``control_guidance_start=``, ``control_guidance_end=``)
+guides a call as diffusers' ``StableDiffusionControlNetPipeline`` does
+(:mod:`diffusion_jax.pipelines.control`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import editing, guidance, parallel, parameterization, samplers
+from diffusion_jax.pipelines import control as control_lib
 from diffusion_jax.pretrained import lora_files
 from diffusion_jax.pretrained import scheduler as scheduler_lib
 from diffusion_jax.pretrained.stable_diffusion import StableDiffusionModels, load_stable_diffusion
@@ -39,8 +45,9 @@ __all__ = ["StableDiffusion"]
 def _apply_unet(unet, params, x, t, cond):
     if "concat" in cond:  # an inpainting UNet's extra input channels: mask, masked latents
         x = jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)
+    control = {k: cond[k] for k in ("control", "control_scale") if k in cond}  # ControlNets
     return unet.apply({"params": params}, x, t, context=cond["context"],
-                      pooled=cond.get("pooled"), time_ids=cond.get("time_ids"))
+                      pooled=cond.get("pooled"), time_ids=cond.get("time_ids"), **control)
 
 
 def _encode(models: StableDiffusionModels, encoder_params, ids):
@@ -80,24 +87,44 @@ class StableDiffusion:
             models.index.get("force_zeros_for_empty_prompt", models.family == "sdxl"))
         self._programs = {}
         self.loras, self.lora_scales = [], []
+        self.controlnets: list[control_lib.LoadedControlNet] = []
+        self.fsdp = False
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, mesh=None,
-                        fsdp: bool = False, attention: str = "xla") -> "StableDiffusion":
+                        fsdp: bool = False, attention: str = "xla",
+                        controlnet=None) -> "StableDiffusion":
         """Load the diffusers folder ``path``.
 
         ``dtype`` is the networks' computation dtype and ``param_dtype`` their parameters'
         (default: ``dtype``); with a ``mesh`` (:func:`diffusion_jax.parallel.make_mesh`) each
         parameter is placed on it as it is read, replicated, or with ``fsdp=True`` split over
-        its ``fsdp`` axis (large tensors only), and the batch is split over its devices."""
-        def sharding_for(_, shape):
-            if mesh is None:
-                return None
-            return parallel.parameter_sharding(mesh, shape) if fsdp else parallel.replicated(mesh)
-
+        its ``fsdp`` axis (large tensors only), and the batch is split over its devices.
+        ``controlnet``: a ControlNet folder or a list of them (:meth:`load_controlnet`)."""
         models = load_stable_diffusion(path, dtype=dtype, param_dtype=param_dtype,
-                                       sharding_for=sharding_for, attention=attention)
-        return cls(models, mesh=mesh)
+                                       sharding_for=functools.partial(_sharding, mesh, fsdp),
+                                       attention=attention)
+        pipe = cls(models, mesh=mesh)
+        pipe.fsdp = fsdp
+        for folder in controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
+            if folder is not None:
+                pipe.load_controlnet(folder)
+        return pipe
+
+    # -- ControlNets -----------------------------------------------------------------------------
+
+    def load_controlnet(self, path) -> control_lib.LoadedControlNet:
+        """Use the diffusers ``ControlNetModel`` folder ``path`` (after those loaded before).
+
+        Calls then take ``control_image=``. One built for another base model is refused, naming
+        the folder and the config keys and tensors that differ (:func:`.control.load`)."""
+        self.controlnets.append(control_lib.load(
+            path, self.models, sharding_for=functools.partial(_sharding, self.mesh, self.fsdp)))
+        return self.controlnets[-1]
+
+    def unload_controlnets(self) -> None:
+        """Back to the UNet alone."""
+        self.controlnets = []
 
     @property
     def params(self) -> dict:
@@ -165,6 +192,8 @@ class StableDiffusion:
                  guidance_scale: float = 7.5, method: Optional[str] = None,
                  height: Optional[int] = None, width: Optional[int] = None, key=None,
                  latents=None, guidance_rescale: float = 0.0, grid: Optional[str] = None,
+                 control_image=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0,
                  **sampler_options) -> np.ndarray:
         """Generate one image per prompt: float32 [batch, height, width, 3] in [0, 1].
 
@@ -183,20 +212,27 @@ class StableDiffusion:
           latents: the initial standard-normal latents [batch, height/8, width/8, channels]
             (NHWC); the same array diffusers takes (permuted to NCHW) gives its images.
           guidance_rescale: Lin et al. 2023's rescale phi, in the model's prediction space.
+          control_image, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end: the loaded ControlNets' images (None: the UNet alone), scales
+            and windows, as in diffusers (:func:`diffusion_jax.pipelines.control.request`).
         """
         if self.inpainting_model:
             raise ValueError("this folder's UNet is an inpainting model (9 input channels: "
                              "latents, mask, masked-image latents); call pipe.inpaint(prompt, "
                              "image, mask)")
         return self._run(prompt, negative_prompt, num_steps, guidance_scale, method, height,
-                         width, key, latents, guidance_rescale, grid, sampler_options)
+                         width, key, latents, guidance_rescale, grid, sampler_options,
+                         control=(control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end))
 
     def img2img(self, prompt: Union[str, Sequence[str]], image, strength: float = 0.8,
                 negative_prompt: Union[None, str, Sequence[str]] = None, num_steps: int = 50,
                 guidance_scale: float = 7.5, method: Optional[str] = None,
                 height: Optional[int] = None, width: Optional[int] = None, key=None,
                 latents=None, image_noise=None, guidance_rescale: float = 0.0,
-                grid: Optional[str] = None, **sampler_options) -> np.ndarray:
+                grid: Optional[str] = None, control_image=None,
+                controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                control_guidance_end=1.0, **sampler_options) -> np.ndarray:
         """Image-to-image (SDEdit): ``image`` noised by ``strength``, then denoised with ``prompt``.
 
         Of ``num_steps`` steps the last ``min(int(num_steps * strength), num_steps)`` run, as
@@ -217,7 +253,9 @@ class StableDiffusion:
             raise ValueError("this folder's UNet is an inpainting model; call pipe.inpaint")
         return self._run(prompt, negative_prompt, num_steps, guidance_scale, method, height,
                          width, key, latents, guidance_rescale, grid, sampler_options,
-                         edit=_EditRequest(image, strength, image_noise=image_noise))
+                         edit=_EditRequest(image, strength, image_noise=image_noise),
+                         control=(control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end))
 
     def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, strength: float = 1.0,
                 negative_prompt: Union[None, str, Sequence[str]] = None, num_steps: int = 50,
@@ -225,8 +263,9 @@ class StableDiffusion:
                 height: Optional[int] = None, width: Optional[int] = None, key=None,
                 latents=None, image_noise=None, masked_image_noise=None,
                 guidance_rescale: float = 0.0, grid: Optional[str] = None,
-                jump_length: int = 10, jump_n_sample: int = 1,
-                **sampler_options) -> np.ndarray:
+                jump_length: int = 10, jump_n_sample: int = 1, control_image=None,
+                controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                control_guidance_end=1.0, **sampler_options) -> np.ndarray:
         """Repaint where ``mask`` is white, keep the rest; ``prompt`` says what to paint.
 
         With an inpainting checkpoint (UNet input: latents, the mask at latent size, the
@@ -254,7 +293,9 @@ class StableDiffusion:
                          edit=_EditRequest(image, strength, mask=mask, image_noise=image_noise,
                                            masked_image_noise=masked_image_noise,
                                            jump_length=jump_length,
-                                           jump_n_sample=jump_n_sample))
+                                           jump_n_sample=jump_n_sample),
+                         control=(control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end))
 
     @property
     def inpainting_model(self) -> bool:
@@ -293,7 +334,8 @@ class StableDiffusion:
         return inputs, images, height, width
 
     def _run(self, prompt, negative_prompt, num_steps, guidance_scale, method, height, width,
-             key, latents, guidance_rescale, grid, sampler_options, edit=None):
+             key, latents, guidance_rescale, grid, sampler_options, edit=None, control=()):
+        control = control_lib.ControlRequest.of(self.controlnets, *control)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -308,6 +350,8 @@ class StableDiffusion:
                                                                    key)
             if steps_run == 0:  # strength 0: nothing is noised, nothing repainted
                 return images
+        if control is not None:  # diffusers' default size: the control image's
+            height, width = control.size(height, width, self.models.latent_factor)
         height, width = self._size(height, width)
         latent_shape = (batch, height // self.models.latent_factor,
                         width // self.models.latent_factor, self.models.unet.out_channels)
@@ -321,6 +365,8 @@ class StableDiffusion:
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         sample_kwargs = self._sample_kwargs(int(num_steps), method, grid, sampler_options)
+        control_inputs = None if control is None else control.inputs(
+            batch, height, width, sample_kwargs, None if edit is None else edit.strength)
         inpaint = None
         if edit is not None and edit.mask is not None:
             inpaint = "channels" if self.inpainting_model else "known"
@@ -344,9 +390,10 @@ class StableDiffusion:
         program = self._program(_Static(prediction=self.base_plan.prediction,
             guided=guided, zero_negative=zero_negative, rescale=float(guidance_rescale),
             sample_kwargs=_freeze(sample_kwargs),
-            strength=None if edit is None else float(edit.strength), inpaint=inpaint))
+            strength=None if edit is None else float(edit.strength), inpaint=inpaint,
+            control=None if control is None else control.static))
         images = program(self.params, ids, negative_ids, time_ids, latents,
-                         jnp.float32(guidance_scale), key_sampler, edit_inputs)
+                         jnp.float32(guidance_scale), key_sampler, edit_inputs, control_inputs)
         return parallel.to_host(images)
 
     def _sample_kwargs(self, num_steps, method, grid, options):
@@ -392,7 +439,8 @@ class StableDiffusion:
         info = models.vae_info
         return (z - (info.get("shift_factor") or 0.0)) * info["scaling_factor"]
 
-    def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key, edit):
+    def _generate(self, static, params, ids, negative_ids, time_ids, latents, scale, key, edit,
+                  control):
         models = self.models
         params = _with_loras(params)
         sample_kwargs = _thaw(static.sample_kwargs)
@@ -415,8 +463,16 @@ class StableDiffusion:
                 cond["concat"] = extra
                 if static.guided:
                     uncond["concat"] = extra
-        unet = jax.tree_util.Partial(functools.partial(_apply_unet, models.unet), params["unet"])
+        unet, unet_params = models.unet, params["unet"]
+        if static.control is not None:  # the control images and scales join the conditions
+            modules, guess = static.control
+            unet, unet_params = control_lib.controlled(unet, modules, unet_params, control)
+            cond, uncond = control_lib.conditioning(control, cond, uncond if static.guided
+                                                    else None, guess)
+        unet = jax.tree_util.Partial(functools.partial(_apply_unet, unet), unet_params)
         denoise = parameterization.make_denoise_fn(unet, schedule, static.prediction)
+        if static.control is not None:
+            denoise = control_lib.windowed(denoise, control)
         if static.guided:
             fn = guidance.classifier_free_guidance(
                 denoise, cond=cond, uncond=uncond, scale=scale, rescale=static.rescale,
@@ -443,6 +499,13 @@ class StableDiffusion:
         z = final / info["scaling_factor"] + (info.get("shift_factor") or 0.0)
         images = models.vae.apply({"params": params["vae"]}, z, method=models.vae.decode)
         return jnp.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def _sharding(mesh, fsdp, _, shape):
+    """Where a parameter read from a folder lives: replicated, split over ``fsdp``, or default."""
+    if mesh is None:
+        return None
+    return parallel.parameter_sharding(mesh, shape) if fsdp else parallel.replicated(mesh)
 
 
 def _with_loras(params: dict) -> dict:
@@ -530,3 +593,4 @@ class _Static:
     sample_kwargs: tuple  # from _freeze
     strength: Optional[float] = None  # image-to-image / inpainting; None: text-to-image
     inpaint: Optional[str] = None  # "channels" (an inpainting UNet), "known" (RePaint) or None
+    control: Optional[tuple] = None  # ControlNets: (modules, guess mode), or None

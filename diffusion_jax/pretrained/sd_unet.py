@@ -4,7 +4,10 @@ Stable Diffusion 1.x, 2.x and XL's denoisers are the project's UNet with per-lev
 heads and transformer depth, GroupNorm epsilon 1e-5, diffusers' timestep k = 1000 t - 1 as the
 noise input and, for SDXL, the "text_time" added conditioning. :func:`unet_from_config` builds
 the module a ``unet/config.json`` describes (refusing, by key, anything it does not implement),
-:func:`load_unet` reads the weights tensor by tensor onto it.
+:func:`load_unet` reads the weights tensor by tensor onto it. The key checks
+(:func:`check_config_keys`), the down path's attributes (:func:`unet_attributes`) and the
+tensor names (:func:`source_for`) also serve ControlNet folders
+(:mod:`diffusion_jax.pretrained.controlnet`).
 
 Names: diffusers' ``down_blocks.{l}.resnets.{b}`` is our ``down_{l}_res_{b}`` (``norm1, conv1,
 time_emb_proj, norm2, conv2, conv_shortcut`` -> ``norm_0, conv_0, emb, norm_1, conv_1, skip``),
@@ -29,8 +32,9 @@ from diffusion_jax.models.unet import UNet
 from diffusion_jax.pretrained.weights import (DictWeights, Source, WeightsFile, load_tree,
                                               read_json_object)
 
-__all__ = ["unet_from_config", "load_unet", "convert_state_dict", "read_config",
-           "UNET_CLASS", "WEIGHTS_NAMES", "SHARDED_INDEX_NAME"]
+__all__ = ["unet_from_config", "unet_attributes", "check_config_keys", "load_unet",
+           "convert_state_dict", "read_config", "source_for", "parameter_shapes",
+           "example_inputs", "UNET_CLASS", "WEIGHTS_NAMES", "SHARDED_INDEX_NAME"]
 
 UNET_CLASS = "UNet2DConditionModel"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -78,6 +82,8 @@ _SHAPING = {"in_channels", "out_channels", "block_out_channels", "layers_per_blo
             "norm_eps", "addition_time_embed_dim", "projection_class_embeddings_input_dim"}
 # SDXL base's time ids: original size (2), crop offset (2), target size (2).
 SDXL_TIME_IDS = 6
+# Down block types -> whether the level has (cross-)attention.
+_DOWN_KINDS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 
 
 def _per_level(config, key, levels, default):
@@ -91,15 +97,79 @@ def _per_level(config, key, levels, default):
     return (int(value),) * levels
 
 
-def _same_for_every_level(config, key, default):
+def _same_for_every_level(config, key, default, what="UNet"):
     """A value diffusers allows per level, where this UNet needs one for all levels."""
     value = config.get(key, default)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ValueError(f"UNet config {key}={list(value)}: different values per level "
+            raise ValueError(f"{what} config {key}={list(value)}: different values per level "
                              "are not supported")
         value = value[0]
     return value
+
+
+def check_config_keys(config: Mapping[str, Any], required: Mapping[str, tuple], known,
+                      what: str) -> None:
+    """Refuse a config key this package does not know, or a value it does not implement.
+
+    A key in neither ``required`` nor ``known``, or a ``required`` key whose value is not one
+    of those allowed (a missing key takes the first), is a ValueError naming ``what`` and the
+    key."""
+    unknown = sorted(k for k in config if not k.startswith("_")
+                     and k not in required and k not in known)
+    if unknown:
+        raise ValueError(f"{what} config keys {unknown} are not supported by diffusion_jax")
+    for key, allowed in required.items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"{what} config {key}={value!r} is not supported (only "
+                             f"{' or '.join(repr(a) for a in allowed)})")
+
+
+def unet_attributes(config: Mapping[str, Any], what: str = "UNet") -> dict:
+    """The :class:`UNet` attributes of a config's down path, middle block and conditioning.
+
+    Everything but the up path and the output, which a ControlNet's config shares with its base
+    UNet's: widths, res blocks, attention levels, heads, depth, cross-attention width, groups,
+    epsilon and SDXL's "text_time" added conditioning. Errors name ``what`` and the key."""
+    widths = tuple(int(w) for w in config.get("block_out_channels", (320, 640, 1280, 1280)))
+    levels = len(widths)
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"{what} config block_out_channels={list(widths)}: every width must be "
+                         "a multiple of the first")
+    down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1)
+                           + ["DownBlock2D"]))
+    if len(down) != levels or any(t not in _DOWN_KINDS for t in down):
+        raise ValueError(f"{what} config down_block_types={down} is not supported: one of "
+                         f"{sorted(_DOWN_KINDS)} per level ({levels})")
+    layers = _same_for_every_level(config, "layers_per_block", 2, what)
+    # diffusers' "attention_head_dim" of these models is, by a historical misnomer, the number
+    # of heads; num_attention_heads, where given, says so directly.
+    heads = _per_level(config, "num_attention_heads", levels, None) or _per_level(
+        config, "attention_head_dim", levels, 8)
+    depth = _per_level(config, "transformer_layers_per_block", levels, 1)
+    context_dim = _same_for_every_level(config, "cross_attention_dim", 1280, what)
+    groups = int(config.get("norm_num_groups", 32))
+    if any(w % groups for w in widths):
+        raise ValueError(f"{what} config block_out_channels={list(widths)} must be multiples of "
+                         f"norm_num_groups={groups}")
+    extra = {}
+    if config.get("addition_embed_type") == "text_time":
+        time_dim = int(config.get("addition_time_embed_dim") or 0)
+        total = int(config.get("projection_class_embeddings_input_dim") or 0)
+        pooled_dim = total - SDXL_TIME_IDS * time_dim
+        if time_dim <= 0 or pooled_dim <= 0:
+            raise ValueError(
+                f"{what} config addition_embed_type='text_time' needs addition_time_embed_dim and "
+                f"projection_class_embeddings_input_dim = pooled width + {SDXL_TIME_IDS} x "
+                f"addition_time_embed_dim (SDXL base), got {time_dim} and {total}")
+        extra = dict(time_ids_dim=time_dim, pooled_dim=pooled_dim)
+    return dict(channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+                num_res_blocks=int(layers), attention_levels=tuple(
+                    i for i, t in enumerate(down) if _DOWN_KINDS[t]),
+                num_heads=heads, transformer_depth=depth, dropout=0.0, num_groups=groups,
+                context_dim=int(context_dim), norm_eps=float(config.get("norm_eps", 1e-5)),
+                noise_scale=1000.0, noise_shift=-1.0, mid_attention=True, **extra)
 
 
 def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat: bool = False,
@@ -113,65 +183,22 @@ def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat: bool =
     if class_name != UNET_CLASS:
         raise ValueError(f"config _class_name is {class_name!r}, not {UNET_CLASS!r}: this is not "
                          "a Stable Diffusion UNet (pass the model's unet/ folder)")
-    unknown = sorted(k for k in config if not k.startswith("_")
-                     and k not in _REQUIRED and k not in _IGNORED and k not in _SHAPING)
-    if unknown:
-        raise ValueError(f"UNet config keys {unknown} are not supported by diffusion_jax")
-    for key, allowed in _REQUIRED.items():
-        value = config.get(key, allowed[0])
-        if value not in allowed:
-            raise ValueError(f"UNet config {key}={value!r} is not supported (only "
-                             f"{' or '.join(repr(a) for a in allowed)})")
-    widths = tuple(int(w) for w in config.get("block_out_channels", (320, 640, 1280, 1280)))
-    levels = len(widths)
-    if any(w % widths[0] for w in widths):
-        raise ValueError(f"UNet config block_out_channels={list(widths)}: every width must be a "
-                         "multiple of the first")
+    check_config_keys(config, _REQUIRED, _IGNORED | _SHAPING, "UNet")
+    attributes = unet_attributes(config)
+    levels = len(attributes["channel_mult"])
     down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1)
                            + ["DownBlock2D"]))
     up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)))
-    kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-    if len(down) != levels or any(t not in kinds for t in down):
-        raise ValueError(f"UNet config down_block_types={down} is not supported: one of "
-                         f"{sorted(kinds)} per level ({levels})")
-    mirrored = ["CrossAttnUpBlock2D" if kinds[t] else "UpBlock2D" for t in reversed(down)]
+    mirrored = ["CrossAttnUpBlock2D" if _DOWN_KINDS[t] else "UpBlock2D" for t in reversed(down)]
     if up != mirrored:
         raise ValueError(f"UNet config up_block_types={up} must mirror down_block_types "
                          f"(expected {mirrored})")
-    layers = _same_for_every_level(config, "layers_per_block", 2)
-    # diffusers' "attention_head_dim" of these models is, by a historical misnomer, the number
-    # of heads; num_attention_heads, where given, says so directly.
-    heads = _per_level(config, "num_attention_heads", levels, None) or _per_level(
-        config, "attention_head_dim", levels, 8)
-    depth = _per_level(config, "transformer_layers_per_block", levels, 1)
-    context_dim = _same_for_every_level(config, "cross_attention_dim", 1280)
-    groups = int(config.get("norm_num_groups", 32))
-    if any(w % groups for w in widths):
-        raise ValueError(f"UNet config block_out_channels={list(widths)} must be multiples of "
-                         f"norm_num_groups={groups}")
-    extra = {}
-    if config.get("addition_embed_type") == "text_time":
-        time_dim = int(config.get("addition_time_embed_dim") or 0)
-        total = int(config.get("projection_class_embeddings_input_dim") or 0)
-        pooled_dim = total - SDXL_TIME_IDS * time_dim
-        if time_dim <= 0 or pooled_dim <= 0:
-            raise ValueError(
-                f"UNet config addition_embed_type='text_time' needs addition_time_embed_dim and "
-                f"projection_class_embeddings_input_dim = pooled width + {SDXL_TIME_IDS} x "
-                f"addition_time_embed_dim (SDXL base), got {time_dim} and {total}")
-        extra = dict(time_ids_dim=time_dim, pooled_dim=pooled_dim)
-    return UNet(channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
-                num_res_blocks=int(layers), attention_levels=tuple(
-                    i for i, t in enumerate(down) if kinds[t]),
-                num_heads=heads, transformer_depth=depth, dropout=0.0,
-                out_channels=int(config.get("out_channels", 4)), num_groups=groups,
-                context_dim=int(context_dim), norm_eps=float(config.get("norm_eps", 1e-5)),
-                noise_scale=1000.0, noise_shift=-1.0, mid_attention=True, remat=remat,
-                attention=attention, dtype=dtype, **extra)
+    return UNet(**attributes, out_channels=int(config.get("out_channels", 4)), remat=remat,
+                attention=attention, dtype=dtype)
 
 
-def parameter_shapes(model: UNet, in_channels: int) -> dict:
-    """Flattened parameter path -> shape of ``model`` (nothing is computed)."""
+def example_inputs(model: UNet, in_channels: int):
+    """``(x, t, kwargs)``: the smallest inputs of ``model``, as shapes (for ``jax.eval_shape``)."""
     size = 2 ** (len(model.channel_mult) - 1)
     x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
@@ -179,6 +206,12 @@ def parameter_shapes(model: UNet, in_channels: int) -> dict:
     if model.time_ids_dim is not None:
         kwargs.update(pooled=jax.ShapeDtypeStruct((1, model.pooled_dim), jnp.float32),
                       time_ids=jax.ShapeDtypeStruct((1, SDXL_TIME_IDS), jnp.float32))
+    return x, t, kwargs
+
+
+def parameter_shapes(model: UNet, in_channels: int) -> dict:
+    """Flattened parameter path -> shape of ``model`` (nothing is computed)."""
+    x, t, kwargs = example_inputs(model, in_channels)
     shapes = jax.eval_shape(lambda x, t, kw: model.init(jax.random.PRNGKey(0), x, t, **kw),
                             x, t, kwargs)["params"]
     return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}

@@ -1,0 +1,146 @@
+"""Checks of config keys that combine groups: editing inputs, LoRA and ControlNet runs.
+
+:func:`diffusion_jax.configuration.validate` calls them on the flattened config (``given``:
+dotted key -> value) after every value is in its range. :class:`ConfigError` lives here, so that
+both modules raise the same error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from diffusion_jax.data import controls
+
+__all__ = ["ConfigError", "check_editing", "check_lora", "check_controlnet", "comma_list"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has an invalid value; the message names the key."""
+
+
+def check_editing(given: dict) -> None:
+    """The editing keys: files that exist, a mask only with an image, jumps only to inpaint."""
+    for key in ("sampling.init_image", "sampling.mask_image"):
+        path = given[key]
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
+                              "JPEG image")
+    for path in (p.strip() for p in given["pretrained.lora"].split(",") if p.strip()):
+        if not os.path.exists(path):
+            raise ConfigError(f"config.pretrained.lora names {path!r}, which does not exist: "
+                              "give LoRA .safetensors files (or folders holding "
+                              "pytorch_lora_weights.safetensors), comma-separated")
+    if given["pretrained.lora"] and not given["pretrained.path"]:
+        raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
+                          "config.pretrained.path")
+    if given["sampling.mask_image"] and not given["sampling.init_image"]:
+        raise ConfigError("config.sampling.mask_image needs config.sampling.init_image: the "
+                          "image whose masked region is repainted")
+    if given["sampling.jump_n_sample"] > 1 and not given["sampling.mask_image"]:
+        raise ConfigError("config.sampling.jump_n_sample > 1 (RePaint's resampling) is for "
+                          "inpainting: set config.sampling.mask_image, or jump_n_sample=1")
+    if given["sampling.strength"] != -1 and not given["sampling.init_image"]:
+        raise ConfigError("config.sampling.strength applies to an input image: set "
+                          "config.sampling.init_image (or leave strength at -1)")
+
+
+def check_lora(given: dict) -> None:
+    """An adapter run's needs: one base, the jit train step, a denoiser, gradients to adapters."""
+    if not given["lora.rank"]:
+        return
+    if given["task"] != "diffusion":
+        raise ConfigError("config.lora.rank > 0 trains adapters of a denoiser; an autoencoder "
+                          "run (task='autoencoder') trains its whole network: set lora.rank=0")
+    if bool(given["lora.base"]) == bool(given["pretrained.path"]):
+        raise ConfigError("config.lora.rank > 0 trains adapters of a frozen model: give its "
+                          "weights with config.lora.base (a trained run's workdir) or "
+                          "config.pretrained.path (a Stable Diffusion folder), one of them")
+    if given["lora.base"] and not os.path.isdir(given["lora.base"]):
+        raise ConfigError(f"config.lora.base={given['lora.base']!r} is not a directory: give "
+                          "the workdir of the trained run to adapt")
+    if given["mesh.train_step"] == "shard_map":
+        raise ConfigError("config.lora.rank > 0 computes gradients with "
+                          "mesh.train_step='jit' (the adapters are small; the frozen base is "
+                          "still split over fsdp)")
+    if given["lora.text_encoder"] and given["text.freeze"]:
+        raise ConfigError("config.lora.text_encoder=True puts adapters on the text encoder, but "
+                          "config.text.freeze=True stops gradients at its output: set "
+                          "text.freeze=False (the encoder's own weights stay frozen)")
+
+
+def check_controlnet(given: dict) -> None:
+    """A ControlNet run's needs, and the control images of sampling."""
+    for path in comma_list(given["sampling.control_image"]):
+        if not os.path.isfile(path):
+            raise ConfigError(f"config.sampling.control_image names {path!r}, which is not a "
+                              "file: give PNG or JPEG control images, comma-separated, one per "
+                              "ControlNet")
+    for path in comma_list(given["pretrained.controlnet"]):
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.pretrained.controlnet names {path!r}, which is not a "
+                              "directory: give diffusers ControlNetModel folders (config.json "
+                              "and diffusion_pytorch_model.safetensors), comma-separated")
+    if given["pretrained.controlnet"] and not given["pretrained.path"]:
+        raise ConfigError("config.pretrained.controlnet guides a Stable Diffusion folder: set "
+                          "config.pretrained.path")
+    if not given["sampling.control_start"] < given["sampling.control_end"]:
+        raise ConfigError(f"config.sampling.control_start={given['sampling.control_start']} "
+                          f"must be below control_end={given['sampling.control_end']} (the "
+                          "fraction of the steps over which the control acts)")
+    if given["sampling.control_type"] and not given["sampling.control_image"]:
+        raise ConfigError("config.sampling.control_type computes control maps from "
+                          "config.sampling.control_image: set it, or leave control_type ''")
+    control = given["controlnet.control"]
+    for key, off in (("controlnet.base", ""), ("controlnet.base_step", -1),
+                     ("controlnet.embedding_channels", ())):
+        if given[key] != off and not control:
+            raise ConfigError(f"config.{key} is a setting of a ControlNet run: set "
+                              f"config.controlnet.control to one of {controls.CONTROL_TYPES}, "
+                              f"or leave {key} at {off!r}")
+    count = 1 if control else len(comma_list(given["pretrained.controlnet"]))
+    for key, off in (("sampling.control_image", ""), ("sampling.control_type", ""),
+                     ("sampling.control_scales", ()), ("sampling.control_start", 0.0),
+                     ("sampling.control_end", 1.0)):
+        if given[key] != off and not count:
+            raise ConfigError(f"config.{key} applies to ControlNets: this config has none (a "
+                              "ControlNet run sets config.controlnet.control; a Stable Diffusion "
+                              f"folder takes config.pretrained.controlnet); leave it at {off!r}")
+    scales = len(given["sampling.control_scales"])
+    if scales not in (0, count):
+        raise ConfigError(f"config.sampling.control_scales has {scales} values for {count} "
+                          "ControlNet(s): give one per ControlNet, or () for 1 each")
+    images = len(comma_list(given["sampling.control_image"]))
+    if images not in (0, count):
+        raise ConfigError(f"config.sampling.control_image names {images} images for {count} "
+                          "ControlNet(s): give one per ControlNet, comma-separated")
+    if given["pretrained.controlnet"] and not images:
+        raise ConfigError("config.pretrained.controlnet needs its control images: set "
+                          "config.sampling.control_image, one per ControlNet")
+    if not control:
+        return
+    if given["task"] != "diffusion":
+        raise ConfigError("config.controlnet.control trains a ControlNet of a denoiser; an "
+                          "autoencoder run (task='autoencoder') cannot have one: set it to ''")
+    if given["lora.rank"]:
+        raise ConfigError("config.controlnet.control and config.lora.rank > 0 both train on a "
+                          "frozen model: train the ControlNet and the LoRA in separate runs")
+    if bool(given["controlnet.base"]) == bool(given["pretrained.path"]):
+        raise ConfigError("config.controlnet.control trains a ControlNet of a frozen model: "
+                          "give its weights with config.controlnet.base (a trained run's "
+                          "workdir) or config.pretrained.path (a Stable Diffusion folder), one "
+                          "of them")
+    if given["controlnet.base"] and not os.path.isdir(given["controlnet.base"]):
+        raise ConfigError(f"config.controlnet.base={given['controlnet.base']!r} is not a "
+                          "directory: give the workdir of the trained run to guide")
+    if given["mesh.train_step"] == "shard_map":
+        raise ConfigError("a ControlNet run computes gradients with mesh.train_step='jit' (the "
+                          "frozen base is still split over fsdp)")
+    if given["latent.precomputed"]:
+        raise ConfigError("a ControlNet run computes each control image from the training "
+                          "image, which precomputed latents no longer hold: set "
+                          "config.latent.precomputed=False")
+
+
+def comma_list(value: str) -> list:
+    """The non-empty, stripped parts of a comma-separated config string."""
+    return [part.strip() for part in value.split(",") if part.strip()]
