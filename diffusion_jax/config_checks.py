@@ -25,7 +25,7 @@ def check_editing(given: dict) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
                               "JPEG image")
-    for path in (p.strip() for p in given["pretrained.lora"].split(",") if p.strip()):
+    for path in comma_list(given["pretrained.lora"]):
         if not os.path.exists(path):
             raise ConfigError(f"config.pretrained.lora names {path!r}, which does not exist: "
                               "give LoRA .safetensors files (or folders holding "

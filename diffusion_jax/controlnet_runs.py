@@ -1,10 +1,11 @@
 """Runs that train a ControlNet of a frozen model (``config.controlnet.control`` set).
 
 The base model comes from a run's workdir (``config.controlnet.base``: its checkpoint, EMA
-parameters) or from a Stable Diffusion folder (``config.pretrained.path``). Its UNet is wrapped
-in a :class:`~diffusion_jax.models.controlnet.ControlledUNet` with one
-:class:`~diffusion_jax.models.controlnet.ControlNet`, which starts as a copy of the UNet's
-encoder and middle block with zero convolutions (so the run starts exactly at the base model).
+parameters) or from a Stable Diffusion folder (``config.pretrained.path``). Its UNet (or DiT)
+is wrapped in a :class:`~diffusion_jax.models.controlnet.ControlledUNet` with one
+:class:`~diffusion_jax.models.controlnet.ControlNet` (:class:`~diffusion_jax.models.controlnet.\
+DiTControlNet`), which starts as a copy of the UNet's encoder and middle block (the DiT's first
+half) with zero-initialised outputs, so the run starts exactly at the base model.
 As for LoRA runs (:mod:`diffusion_jax.lora_runs`), the train state's ``params`` are the
 ControlNet's, its ``frozen`` the base's (held once, not checkpointed, read again on resuming from
 the base step ``WORKDIR/controlnet.json`` records), and ``compose(frozen, params)`` the wrapped
@@ -25,6 +26,7 @@ from diffusion_jax.data import controls
 from diffusion_jax.models.clip_conditioned import CLIPConditioned
 from diffusion_jax.models.controlnet import ControlledUNet, controlnet_for, init_from_base
 from diffusion_jax.models.text_conditioned import TextConditioned
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 
 __all__ = ["enabled", "wrap_model", "base_model", "control_shape", "with_control", "make_state",
@@ -46,10 +48,11 @@ def wrap_model(config, model, control_factor: int):
     The ControlNet reads control images ``control_factor`` times the denoiser's input size (a
     latent run's autoencoder factor; 1 in pixel space)."""
     denoiser = model.denoiser if isinstance(model, _WRAPPERS) else model
-    if not isinstance(denoiser, UNet):
+    if not isinstance(denoiser, (UNet, DiT)):
         raise configuration.ConfigError(
-            f"config.controlnet.control trains a ControlNet, a copy of a UNet's encoder; this "
-            f"run's denoiser is a {type(denoiser).__name__}: use config.model.name='unet'")
+            f"config.controlnet.control trains a ControlNet, a copy of a UNet's or DiT's "
+            f"encoder; this run's denoiser is a {type(denoiser).__name__}: use "
+            "config.model.name='unet' or 'dit'")
     widths = tuple(config.controlnet.embedding_channels) or None
     if control_factor < 1 or control_factor & (control_factor - 1):
         raise configuration.ConfigError(

@@ -20,8 +20,9 @@ import pytest
 from configs import tiny
 from diffusion_jax import configuration, controlnet_runs, generate, guidance, run, train
 from diffusion_jax import train_state
-from diffusion_jax.models.controlnet import (ControlledUNet, controlnet_for,
+from diffusion_jax.models.controlnet import (ControlledUNet, DiTControlNet, controlnet_for,
                                              embedding_channels_for, init_from_base)
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 
 UNET = UNet(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
@@ -265,11 +266,60 @@ def test_bad_controlnet_settings_are_refused_by_key(overrides, match):
         configuration.validate(config)
 
 
-def test_a_controlnet_of_a_dit_is_refused(base_run):
+def test_a_controlnet_of_vector_data_is_refused(base_run):
     config = _config(base_run)
-    config.model.name = "dit"
-    with pytest.raises(configuration.ConfigError, match="copy of a UNet's encoder"):
+    config.model.name = "mlp"
+    config.data.name = "toy2d"
+    with pytest.raises(ValueError, match="computes control maps from images"):
         run.build(config)
+
+
+def test_a_dit_controlnet_starts_at_its_base_and_acts_once_trained():
+    """PixArt's ControlNet-Transformer on our DiT: the copied blocks' zero linear layers make a
+    fresh one the base bit for bit; scale 0 is the base for any weights; residuals reach only
+    the first half of the blocks."""
+    dit = DiT(patch_size=2, hidden=32, depth=4, num_heads=2, context_dim=8)
+    base = _perturbed(dit.init(jax.random.key(0), X, T, context=CONTEXT)["params"],
+                      jax.random.key(1), 0.05)
+    controlnet = controlnet_for(dit, factor=2)
+    assert isinstance(controlnet, DiTControlNet) and controlnet.copied_blocks == 2
+    control = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3))
+    fresh = init_from_base(controlnet.init(jax.random.key(3), X, T, control,
+                                           context=CONTEXT)["params"], base)
+    assert {k for k in fresh if k.startswith("block_")} == {"block_0", "block_1"}
+    assert not any(k.startswith("final_") for k in fresh)
+    trained = _perturbed(fresh, jax.random.key(4), 0.05)
+    model = ControlledUNet(dit, (controlnet,))
+    apply = jax.jit(lambda p, s: model.apply({"params": p}, X, T, context=CONTEXT,
+                                             control=control, control_scale=s))
+    expected = jax.jit(lambda p: dit.apply({"params": p}, X, T, context=CONTEXT))(base)
+    np.testing.assert_array_equal(apply({"unet": base, "controlnets_0": fresh}, 1.0), expected)
+    np.testing.assert_array_equal(apply({"unet": base, "controlnets_0": trained}, 0.0), expected)
+    assert np.abs(apply({"unet": base, "controlnets_0": trained}, 1.0) - expected).max() > 1e-2
+    with pytest.raises(ValueError, match=r"takes \[batch, 16, 16, 3\]"):
+        model.apply({"params": {"unet": base, "controlnets_0": fresh}}, X, T, context=CONTEXT,
+                    control=jnp.zeros((2, 8, 8, 3)))
+
+
+@pytest.mark.slow  # two DiT-S runs
+def test_a_controlnet_run_of_a_dit_trains_and_samples(tmp_path):
+    base_config = tiny.get_config()
+    base_config.model.name = "dit"
+    base_config.model.dit.update(size="S", patch_size=4)
+    base_config.training.num_steps = 2
+    base_config.training.checkpoint_every = 2
+    base_config.training.log_every = 2
+    base_dir = str(tmp_path / "base")
+    train.train_and_evaluate(base_config, base_dir, log=_quiet)
+    config = base_config.copy_and_resolve_references()
+    config.controlnet.update(control="mask", base=base_dir)
+    lines = []
+    state = train.train_and_evaluate(config, str(tmp_path / "control"), log=lines.append)
+    assert any("a ControlNet (mask control" in line for line in lines), lines[:3]
+    names = set(state.params)
+    assert "control_patch" in names and "control_out_0" in names and "final_linear" not in names
+    written = generate.generate_to_files(config, str(tmp_path / "control"))
+    assert np.load(written[0])["samples"].shape == (4, 16, 16, 3)
 
 
 @pytest.mark.slow  # two tiny runs and sampling at four settings
@@ -290,8 +340,9 @@ def test_the_adherence_benchmark_runs_the_whole_protocol(tmp_path):
         result = json.load(f)
     rows = result["evaluation"]["rows"]
     ceiling, chance = rows[0], rows[1]
-    assert ceiling["mask_iou"] == 1.0 and ceiling["edge_f1"] == 1.0
-    assert chance["mask_iou"] < 1.0
+    # The mask is exact; Canny's smoothing moves a few edge pixels of 16 px objects that touch.
+    assert ceiling["mask_iou"] == 1.0 and ceiling["edge_f1"] > 0.95
+    assert chance["mask_iou"] < ceiling["mask_iou"] and chance["edge_f1"] < ceiling["edge_f1"]
     generated = [r for r in rows if "control_scale" in r]
     assert [(r["guidance"], r["control_scale"]) for r in generated] == [
         (1.0, 0.0), (1.0, 1.0), (3.0, 0.0), (3.0, 1.0)]

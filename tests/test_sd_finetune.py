@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+import flax.traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -106,3 +107,30 @@ def test_configs_that_do_not_fit_the_folder_are_refused(folder, change, match, t
         config.latent.autoencoder = str(tmp_path / "vae")
     with pytest.raises(configuration.ConfigError, match=match):
         run.build(config)
+
+
+@pytest.mark.slow  # a short ControlNet run and sampling: about a minute
+def test_a_controlnet_of_a_folder_trains_on_its_frozen_unet(folder, tmp_path):
+    """config.controlnet with config.pretrained.path: the ControlNet copies the folder's UNet
+    encoder, reads control images 2x the latents' size (the tiny VAE's factor), trains alone
+    while the folder's weights stay as they were, and samples with its controls."""
+    from diffusion_jax import controlnet_runs
+
+    config = _config(folder)
+    config.controlnet.control = "mask"
+    _, model, example_shape, num_classes, optimizer = run.build(config)
+    assert controlnet_runs.control_shape(model, example_shape) == (32, 32, 3)
+    workdir = str(tmp_path / "control")
+    lines = []
+    state = train.train_and_evaluate(config, workdir, log=lines.append)
+    assert any("a ControlNet (mask control" in line for line in lines), lines[:3]
+    pipe = StableDiffusion.from_pretrained(folder)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.frozen["denoiser"],
+                           pipe.models.unet_params)  # the base did not move
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(state.params).items()}
+    assert float(jnp.abs(flat["control_mid/kernel"]).max()) > 0  # the zero convolution trained
+    assert not any(path.startswith("up_") for path in flat)  # an encoder copy, no decoder
+    written = generate.generate_to_files(config, workdir)
+    arrays = np.load(written[0])
+    assert arrays["samples"].shape == (2, 32, 32, 3) and np.isfinite(arrays["samples"]).all()
+    assert arrays["controls"].shape == (2, 32, 32, 3)

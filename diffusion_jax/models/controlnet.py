@@ -25,9 +25,12 @@ import flax.linen as nn
 import flax.traverse_util
 import jax.numpy as jnp
 
+import jax
+
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["ControlNet", "ControlledUNet", "controlnet_for", "init_from_base",
+__all__ = ["ControlNet", "DiTControlNet", "ControlledUNet", "controlnet_for", "init_from_base",
            "embedding_channels_for", "OWN_PREFIX", "SHARED_PREFIXES",
            "DIFFUSERS_EMBEDDING_CHANNELS"]
 
@@ -54,6 +57,17 @@ def embedding_channels_for(factor: int, widths: Sequence[int] = DIFFUSERS_EMBEDD
     stages = factor.bit_length()  # 1 + log2(factor)
     widths = tuple(widths)
     return widths[:stages] + (widths[-1],) * max(0, stages - len(widths))
+
+
+def _check_control(factor, channels, x_shape, control_shape):
+    expected = (x_shape[1] * factor, x_shape[2] * factor, channels)
+    if len(control_shape) != 4 or tuple(control_shape[1:]) != expected or \
+            control_shape[0] not in (1, x_shape[0]):
+        raise ValueError(
+            f"the control image has shape {tuple(control_shape)}, but this ControlNet takes "
+            f"[batch, {expected[0]}, {expected[1]}, {expected[2]}] for inputs of shape "
+            f"{tuple(x_shape)} ({factor}x their size, {channels} channels in [0, 1]); resize "
+            f"the control image to the generated image's size and give it {channels} channels")
 
 
 class ControlEmbedding(nn.Module):
@@ -110,16 +124,7 @@ class ControlNet(UNet):
 
     def check_control(self, x_shape, control_shape):
         """Raise a ValueError unless a control of ``control_shape`` fits inputs of ``x_shape``."""
-        f = self.control_factor
-        expected = (x_shape[0], x_shape[1] * f, x_shape[2] * f, self.control_channels)
-        if len(control_shape) != 4 or tuple(control_shape[1:]) != expected[1:] or \
-                control_shape[0] not in (1, x_shape[0]):
-            raise ValueError(
-                f"the control image has shape {tuple(control_shape)}, but this ControlNet takes "
-                f"[batch, {expected[1]}, {expected[2]}, {expected[3]}] for inputs of shape "
-                f"{tuple(x_shape)} ({f}x their size, {self.control_channels} channels in "
-                "[0, 1]); resize the control image to the generated image's size and give it "
-                f"{self.control_channels} channels")
+        _check_control(self.control_factor, self.control_channels, x_shape, control_shape)
 
     @nn.compact
     def __call__(self, x, noise_level, control, labels=None, train: bool = False, context=None,
@@ -145,18 +150,85 @@ class ControlNet(UNet):
         return tuple(down), mid
 
 
-def controlnet_for(unet: UNet, *, embedding_channels: Optional[Sequence[int]] = None,
-                   factor: int = 1, control_channels: int = 3, **attributes) -> ControlNet:
-    """The :class:`ControlNet` of base ``unet`` (same attributes).
+class DiTControlNet(DiT):
+    """A DiT's embedding and first blocks reading a control image; returns one residual per block.
 
-    Its control images are ``factor`` times the denoiser's input size (``embedding_channels``
-    from :func:`embedding_channels_for` unless given)."""
-    fields = {f: getattr(unet, f) for f in UNet.__dataclass_fields__
+    PixArt's ControlNet-Transformer (Chen et al. 2024, PixArt-delta): a trainable copy of the
+    patch embedding, the conditioning and the first ``control_blocks`` blocks of the base
+    :class:`~diffusion_jax.models.dit.DiT` (its attributes, its parameter names). The control
+    image goes through :class:`ControlEmbedding` to the input's size and a ``p x p`` patch
+    convolution (``control_patch``) into the copy's tokens; each copied block's output passes
+    a zero-initialised linear layer (``control_out_{i}``) and is added to the output of the base's
+    block ``i``. ``(x, noise_level, control, labels=None, train=False, context=None,
+    context_mask=None, pooled=None) -> residuals`` ([batch, tokens, hidden] each).
+
+    Attributes (besides the DiT's, which must be the base's):
+      control_blocks: how many of the first blocks are copied (0: half the depth, as PixArt's
+        13 of 28).
+      control_channels, embedding_channels: as :class:`ControlNet`'s.
+    """
+
+    control_blocks: int = 0
+    control_channels: int = 3
+    embedding_channels: Sequence[int] = (16,)
+
+    @property
+    def control_factor(self) -> int:
+        """How many times larger than the denoiser's input the control image is."""
+        return 2 ** (len(self.embedding_channels) - 1)
+
+    @property
+    def copied_blocks(self) -> int:
+        """The number of the base's blocks the copy holds."""
+        return self.control_blocks or max(self.depth // 2, 1)
+
+    def check_control(self, x_shape, control_shape):
+        """Raise a ValueError unless a control of ``control_shape`` fits inputs of ``x_shape``."""
+        _check_control(self.control_factor, self.control_channels, x_shape, control_shape)
+
+    @nn.compact
+    def __call__(self, x, noise_level, control, labels=None, train: bool = False, context=None,
+                 context_mask=None, pooled=None):
+        del train  # no dropout in DiT
+        control = jnp.asarray(control)
+        self.check_control(x.shape, control.shape)
+        control = jnp.broadcast_to(control, (x.shape[0],) + control.shape[1:])
+        if not 0 < self.copied_blocks <= self.depth:
+            raise ValueError(f"control_blocks={self.control_blocks}: a DiT of depth "
+                             f"{self.depth} has blocks 1 to {self.depth} to copy")
+        tokens, cond, context, context_mask = self.embed(x, noise_level, labels, context,
+                                                         context_mask, pooled)
+        widths = tuple(self.embedding_channels)
+        h = ControlEmbedding(widths, widths[-1], self.dtype, name="control_embedding")(
+            control.astype(self.dtype))
+        p = self.patch_size
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    name="control_patch")(h)
+        tokens = tokens + h.reshape(tokens.shape)
+        residuals = []
+        for i in range(self.copied_blocks):
+            tokens = self.block(i)(tokens, cond, context, context_mask)
+            residuals.append(nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_zeros,
+                                      name=f"control_out_{i}")(tokens))
+        return tuple(residuals)
+
+
+def controlnet_for(base, *, embedding_channels: Optional[Sequence[int]] = None,
+                   factor: int = 1, control_channels: int = 3, **attributes):
+    """The :class:`ControlNet` of a base UNet, or :class:`DiTControlNet` of a base DiT.
+
+    It has the base's attributes; its control images are ``factor`` times the denoiser's input
+    size (``embedding_channels`` from :func:`embedding_channels_for` unless given)."""
+    kind, cls = (UNet, ControlNet) if isinstance(base, UNet) else (DiT, DiTControlNet)
+    if not isinstance(base, (UNet, DiT)):
+        raise ValueError(f"a ControlNet copies a UNet's or a DiT's encoder, not a "
+                         f"{type(base).__name__}'s")
+    fields = {f: getattr(base, f) for f in kind.__dataclass_fields__
               if f not in ("parent", "name")}
     if embedding_channels is None:
         embedding_channels = embedding_channels_for(factor)
-    return ControlNet(**fields, control_channels=control_channels,
-                      embedding_channels=tuple(embedding_channels), **attributes)
+    return cls(**fields, control_channels=control_channels,
+               embedding_channels=tuple(embedding_channels), **attributes)
 
 
 def init_from_base(controlnet_params, base_params):
@@ -201,7 +273,10 @@ def _scales(control_scale, count, batch):
 
 
 class ControlledUNet(nn.Module):
-    """A base :class:`UNet` guided by ControlNets, each reading its own control image.
+    """A base :class:`UNet` (or DiT) guided by ControlNets, each reading its own control image.
+
+    ``unet`` is the base denoiser: a :class:`UNet` with :class:`ControlNet` s, or a
+    :class:`~diffusion_jax.models.dit.DiT` with :class:`DiTControlNet` s.
 
     ``ControlledUNet(unet, controlnets)(x, noise_level, labels=None, train=False, ...,
     control=None, control_scale=None)`` takes the UNet's arguments and:
@@ -219,15 +294,16 @@ class ControlledUNet(nn.Module):
     Parameters: ``{"unet": ..., "controlnets_0": ..., ...}``.
     """
 
-    unet: UNet
-    controlnets: Sequence[ControlNet]
+    unet: nn.Module
+    controlnets: Sequence[nn.Module]
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
                  context_mask=None, pooled=None, time_ids=None, control=None,
                  control_scale=None):
-        text = dict(context=context, context_mask=context_mask, pooled=pooled,
-                    time_ids=time_ids)
+        text = dict(context=context, context_mask=context_mask, pooled=pooled)
+        if time_ids is not None:  # (SDXL's; a DiT has none)
+            text["time_ids"] = time_ids
         if control is None:
             return self.unet(x, noise_level, labels, False, **text)
         controls = tuple(control) if isinstance(control, (tuple, list)) else (control,)
@@ -237,13 +313,11 @@ class ControlledUNet(nn.Module):
         scales = _scales(control_scale, len(self.controlnets), x.shape[0])
         residuals = None
         for i, (net, image) in enumerate(zip(self.controlnets, controls)):
-            down, mid = net(x, noise_level, image, labels, train, **text)
-            scale = scales[:, i][:, None, None, None]
-            down = [r * scale.astype(r.dtype) for r in down]
-            mid = mid * scale.astype(mid.dtype)
-            if residuals is None:
-                residuals = (down, mid)
-            else:
-                residuals = ([a + b for a, b in zip(residuals[0], down)], residuals[1] + mid)
+            scale = scales[:, i]
+            scaled = jax.tree_util.tree_map(
+                lambda r, s=scale: r * s.reshape((-1,) + (1,) * (r.ndim - 1)).astype(r.dtype),
+                net(x, noise_level, image, labels, train, **text))
+            residuals = scaled if residuals is None else jax.tree_util.tree_map(
+                lambda a, b: a + b, residuals, scaled)
         return self.unet(x, noise_level, labels, False, residuals=residuals, **text)
 

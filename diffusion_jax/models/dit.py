@@ -103,7 +103,7 @@ class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023) on patches of NHWC inputs.
 
     ``DiT(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
-    pooled=None)``.
+    pooled=None, residuals=None)``; ``residuals`` are a ControlNet's (see :meth:`__call__`).
 
     Attributes:
       patch_size, hidden, depth, num_heads: the architecture (see :data:`DIT_SIZES`).
@@ -139,17 +139,42 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
-                 context_mask=None, pooled=None):
+                 context_mask=None, pooled=None, residuals=None):
+        """The denoiser's output for ``x`` at ``noise_level``.
+
+        ``residuals`` (from :class:`~diffusion_jax.models.controlnet.DiTControlNet` s) is None
+        or one array of tokens per block of the ControlNet's copy, each added to the output of
+        the block of the same index (PixArt's ControlNet-Transformer, Chen et al. 2024)."""
         del train  # no dropout in DiT
+        tokens, cond, context, context_mask = self.embed(x, noise_level, labels, context,
+                                                         context_mask, pooled)
+        residuals = list(residuals or [])
+        if len(residuals) > self.depth:
+            raise ValueError(f"{len(residuals)} ControlNet residuals for the {self.depth} blocks "
+                             "of this DiT: the ControlNet was built for another DiT")
+        for i in range(self.depth):
+            tokens = self.block(i)(tokens, cond, context, context_mask)
+            if i < len(residuals):
+                if residuals[i].shape != tokens.shape:
+                    raise ValueError(f"a ControlNet residual of shape {residuals[i].shape} meets "
+                                     f"tokens of shape {tokens.shape}: the ControlNet was "
+                                     "built for another DiT")
+                tokens = tokens + residuals[i].astype(tokens.dtype)
+        return self.head(tokens, cond, x.shape)
+
+    # The network in three parts, which a ControlNet (a copy of the embedding and the first
+    # blocks) shares: called from a compact method, each creates its layers under the caller's
+    # names.
+
+    def embed(self, x, noise_level, labels, context, context_mask, pooled):
+        """``(tokens, cond, context, context_mask)``: patches with positions, the conditioning."""
         if x.ndim != 4:
             raise ValueError(f"DiT expects NHWC inputs [batch, height, width, channels], got {x.shape}")
-        batch, height, width, channels = x.shape
+        batch, height, width, _ = x.shape
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"input size {(height, width)} is not divisible by patch size {p}")
-        out_channels = self.out_channels or channels
         rows, cols = height // p, width // p
-
         tokens = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                          name="patch_embedding")(x.astype(self.dtype))
         tokens = tokens.reshape(batch, rows * cols, self.hidden)
@@ -163,15 +188,21 @@ class DiT(nn.Module):
         cond = add_pooled_embedding(cond, pooled, self.pooled_dim, self.dtype, "DiT")
         context, context_mask = prepare_context(context, context_mask, self.context_dim, batch,
                                                 self.dtype, "DiT")
+        return tokens, cond, context, context_mask
 
+    def block(self, i):
+        """Transformer block ``i`` (``block_{i}``)."""
         # nn.remat keeps the block names: the parameter tree is the same with remat on or off.
         block_class = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            tokens = block_class(self.hidden, self.num_heads, self.mlp_ratio,
-                                 cross_attention=self.context_dim is not None, dtype=self.dtype,
-                                 attention=self.attention, name=f"block_{i}")(
-                tokens, cond, context, context_mask)
+        return block_class(self.hidden, self.num_heads, self.mlp_ratio,
+                           cross_attention=self.context_dim is not None, dtype=self.dtype,
+                           attention=self.attention, name=f"block_{i}")
 
+    def head(self, tokens, cond, x_shape):
+        """The final adaLN and linear layer, tokens back to an image of ``x_shape`` (float32)."""
+        batch, height, width, channels = x_shape
+        p = self.patch_size
+        out_channels = self.out_channels or channels
         shift, scale = jnp.split(
             nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
                      name="final_adaln")(nn.silu(cond)), 2, axis=-1)
@@ -179,7 +210,7 @@ class DiT(nn.Module):
                                         dtype=self.dtype, name="final_norm")(tokens), shift, scale)
         tokens = nn.Dense(p * p * out_channels, dtype=self.dtype, kernel_init=_zeros,
                           name="final_linear")(tokens)
-        out = tokens.reshape(batch, rows, cols, p, p, out_channels)
+        out = tokens.reshape(batch, height // p, width // p, p, p, out_channels)
         out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, out_channels)
         return out.astype(jnp.float32)
 

@@ -118,17 +118,7 @@ def read_control_image(image, height: int, width: int) -> np.ndarray:
     as diffusers does), or an array [H, W, channels] (uint8 in [0, 255] or floats in [0, 1];
     resized by nearest-neighbour sampling)."""
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"control_image {path} does not exist (give the path of a "
-                                    "PNG or JPEG file)")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except Exception as err:  # Pillow raises many types for a damaged or foreign file
-            raise ValueError(f"control_image {path} cannot be read as an image "
-                             f"({type(err).__name__}: {err}); give a PNG or JPEG file") from err
+        image = editing.open_image(image, "control_image")
     if isinstance(image, Image.Image):
         image = image.resize((width, height), resample=Image.LANCZOS).convert("RGB")
         return np.asarray(image, np.float32) / 255.0
