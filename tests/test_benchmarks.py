@@ -116,9 +116,23 @@ def test_train_memory_compares_lora_with_full_training():
     assert "LoRA rank 4 (attention) / full: inputs" in out
     for bad, message in ((["--lora-rank", "-1"], "--lora-rank takes 0 (full) or a positive"),
                          (["--lora-rank", "4", "--train-step", "shard_map"],
-                          "LoRA steps compute their gradients with --train-step jit")):
+                          "LoRA and ControlNet steps compute their gradients with "
+                          "--train-step jit")):
         run = _call("train_memory.py", *bad)
         assert run.returncode == 2 and message in run.stderr, (bad, run.stderr[-2000:])
+
+
+def test_train_memory_compares_a_controlnet_with_full_training():
+    out = _run("train_memory.py", "--controlnet", "--name", "test_train_memory_controlnet")
+    full, control = _rows("test_train_memory_controlnet")
+    assert (full["trains"], control["trains"]) == ("full", "controlnet")
+    # The ControlNet (a copy of the encoder) is what is trained; the base is held once.
+    assert 0 < control["params"] < full["params"] == control["frozen_params"]
+    assert 0 < control["frozen_gb"] < control["state_gb"] <= control["inputs_gb"]
+    for part in ("inputs", "temp", "peak"):
+        assert control[f"{part}_ratio"] == pytest.approx(
+            control[f"{part}_gb"] / full[f"{part}_gb"])
+    assert "ControlNet / full: inputs" in out
 
 
 def test_train_throughput_compares_lora_with_full_training():
