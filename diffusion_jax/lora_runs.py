@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from diffusion_jax import configuration, lora, train_state
 
 __all__ = ["enabled", "adapter_paths", "adapted_paths", "abstract_state", "make_state", "fingerprint",
-           "adapter_of", "LORA_FILE", "Compose"]
+           "adapter_of", "LORA_FILE", "OFF_FINGERPRINT", "Compose"]
 
 LORA_FILE = "lora.json"  # in the run's workdir: which base (folder or run, and its step)
 
@@ -124,7 +124,13 @@ def abstract_state(config, model, optimizer, example_shape, num_classes):
     return jax.eval_shape(functools.partial(make_state, config, optimizer, paths), base)
 
 
+# What checkpoints of runs without adapters record (and those written before adapters).
+OFF_FINGERPRINT = {"rank": 0}
+
+
 def fingerprint(config) -> dict:
-    """What an adapter run's checkpoints record of its adapters (their shapes and scale)."""
+    """What a run's checkpoints record of its adapters (their shapes and scale; rank 0: none)."""
+    if not enabled(config):
+        return dict(OFF_FINGERPRINT)
     return {"rank": config.lora.rank, "alpha": config.lora.alpha or config.lora.rank,
             "targets": config.lora.targets, "text_encoder": bool(config.lora.text_encoder)}

@@ -158,9 +158,9 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
         fingerprint["text"] = {k: config.text[k] for k in TEXT_FINGERPRINT}
     if config.pretrained.path:  # the folder's networks (their configs, not its location)
         fingerprint["pretrained"] = pretrained_runs.fingerprint(config.pretrained.path)
-    if lora_runs.enabled(config):  # (full runs record nothing here, as before adapters)
-        fingerprint["lora"] = lora_runs.fingerprint(config)
-    # Always recorded, so that a ControlNet run's checkpoints are never read as the base's.
+    # Always recorded, so that an adapter or ControlNet run's checkpoints are never read as
+    # its base's (checkpoints written before either record nothing: read as "off").
+    fingerprint["lora"] = lora_runs.fingerprint(config)
     fingerprint["controlnet"] = controlnet_runs.fingerprint(config)
     if config.latent.autoencoder:  # (pixel runs record nothing here, as before latents)
         fingerprint["latent"] = autoencoders.describe(config.latent.autoencoder).fingerprint()
@@ -171,7 +171,7 @@ def open_checkpoints(config, workdir, example_shape, num_classes, *,
     # are taken as given.
     known = {"model": model_fingerprint(reference), "diffusion": fingerprint["diffusion"],
              "optimizer": fingerprint["optimizer"], "text": fingerprint.get("text"),
-             "controlnet": controlnet_runs.OFF_FINGERPRINT}
+             "lora": lora_runs.OFF_FINGERPRINT, "controlnet": controlnet_runs.OFF_FINGERPRINT}
     return ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), fingerprint=fingerprint,
                                 max_to_keep=config.training.keep_checkpoints,
                                 fingerprint_defaults=known,

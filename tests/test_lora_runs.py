@@ -20,6 +20,7 @@ import pytest
 
 from configs import tiny
 from conftest import kill_at_step_and_rerun
+from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import configuration, generate, lora_runs, run, train, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +154,16 @@ def test_adapter_configs_that_cannot_work_are_refused(base, tmp_path):
     config.training.num_steps = 6
     with pytest.raises(configuration.ConfigError, match="resume with that base"):
         train.train_and_evaluate(config, str(tmp_path / "r"), log=_quiet)
+
+
+def test_an_adapter_run_is_not_restored_as_its_base(base, tmp_path):
+    # The fingerprint records the adapters (rank 0 when there are none), so a config without
+    # them is refused by name instead of failing inside Orbax on the state's shape.
+    config = _config(base)
+    config.training.update(num_steps=2, checkpoint_every=2)
+    workdir = str(tmp_path / "adapt")
+    train.train_and_evaluate(config, workdir, log=_quiet)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"lora.rank: checkpoint 4 vs config 0"):
+        run.restore_run(tiny.get_config(), workdir)
+    state, *_ = run.restore_run(tiny.get_config(), base)  # the base's, written with "off" too
+    assert int(state.step) == 6
