@@ -25,11 +25,9 @@ def check_editing(given: dict) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"config.{key}={path!r} is not a file: give the path of a PNG or "
                               "JPEG image")
-    for path in comma_list(given["pretrained.lora"]):
-        if not os.path.exists(path):
-            raise ConfigError(f"config.pretrained.lora names {path!r}, which does not exist: "
-                              "give LoRA .safetensors files (or folders holding "
-                              "pytorch_lora_weights.safetensors), comma-separated")
+    _each_path(given, "pretrained.lora", os.path.exists, "does not exist",
+               "give LoRA .safetensors files (or folders holding "
+               "pytorch_lora_weights.safetensors), comma-separated")
     if given["pretrained.lora"] and not given["pretrained.path"]:
         raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
                           "config.pretrained.path")
@@ -51,13 +49,7 @@ def check_lora(given: dict) -> None:
     if given["task"] != "diffusion":
         raise ConfigError("config.lora.rank > 0 trains adapters of a denoiser; an autoencoder "
                           "run (task='autoencoder') trains its whole network: set lora.rank=0")
-    if bool(given["lora.base"]) == bool(given["pretrained.path"]):
-        raise ConfigError("config.lora.rank > 0 trains adapters of a frozen model: give its "
-                          "weights with config.lora.base (a trained run's workdir) or "
-                          "config.pretrained.path (a Stable Diffusion folder), one of them")
-    if given["lora.base"] and not os.path.isdir(given["lora.base"]):
-        raise ConfigError(f"config.lora.base={given['lora.base']!r} is not a directory: give "
-                          "the workdir of the trained run to adapt")
+    _check_base(given, "lora", "config.lora.rank > 0 trains adapters", "adapt")
     if given["mesh.train_step"] == "shard_map":
         raise ConfigError("config.lora.rank > 0 computes gradients with "
                           "mesh.train_step='jit' (the adapters are small; the frozen base is "
@@ -70,16 +62,11 @@ def check_lora(given: dict) -> None:
 
 def check_controlnet(given: dict) -> None:
     """A ControlNet run's needs, and the control images of sampling."""
-    for path in comma_list(given["sampling.control_image"]):
-        if not os.path.isfile(path):
-            raise ConfigError(f"config.sampling.control_image names {path!r}, which is not a "
-                              "file: give PNG or JPEG control images, comma-separated, one per "
-                              "ControlNet")
-    for path in comma_list(given["pretrained.controlnet"]):
-        if not os.path.isdir(path):
-            raise ConfigError(f"config.pretrained.controlnet names {path!r}, which is not a "
-                              "directory: give diffusers ControlNetModel folders (config.json "
-                              "and diffusion_pytorch_model.safetensors), comma-separated")
+    _each_path(given, "sampling.control_image", os.path.isfile, "is not a file",
+               "give PNG or JPEG control images, comma-separated, one per ControlNet")
+    _each_path(given, "pretrained.controlnet", os.path.isdir, "is not a directory",
+               "give diffusers ControlNetModel folders (config.json and "
+               "diffusion_pytorch_model.safetensors), comma-separated")
     if given["pretrained.controlnet"] and not given["pretrained.path"]:
         raise ConfigError("config.pretrained.controlnet guides a Stable Diffusion folder: set "
                           "config.pretrained.path")
@@ -124,14 +111,7 @@ def check_controlnet(given: dict) -> None:
     if given["lora.rank"]:
         raise ConfigError("config.controlnet.control and config.lora.rank > 0 both train on a "
                           "frozen model: train the ControlNet and the LoRA in separate runs")
-    if bool(given["controlnet.base"]) == bool(given["pretrained.path"]):
-        raise ConfigError("config.controlnet.control trains a ControlNet of a frozen model: "
-                          "give its weights with config.controlnet.base (a trained run's "
-                          "workdir) or config.pretrained.path (a Stable Diffusion folder), one "
-                          "of them")
-    if given["controlnet.base"] and not os.path.isdir(given["controlnet.base"]):
-        raise ConfigError(f"config.controlnet.base={given['controlnet.base']!r} is not a "
-                          "directory: give the workdir of the trained run to guide")
+    _check_base(given, "controlnet", "config.controlnet.control trains a ControlNet", "guide")
     if given["mesh.train_step"] == "shard_map":
         raise ConfigError("a ControlNet run computes gradients with mesh.train_step='jit' (the "
                           "frozen base is still split over fsdp)")
@@ -139,6 +119,27 @@ def check_controlnet(given: dict) -> None:
         raise ConfigError("a ControlNet run computes each control image from the training "
                           "image, which precomputed latents no longer hold: set "
                           "config.latent.precomputed=False")
+
+
+def _each_path(given: dict, key: str, test, wrong: str, fix: str) -> None:
+    """Raise unless every path of the comma-separated ``config.key`` passes ``test``."""
+    for path in comma_list(given[key]):
+        if not test(path):
+            raise ConfigError(f"config.{key} names {path!r}, which {wrong}: {fix}")
+
+
+def _check_base(given: dict, group: str, what: str, verb: str) -> None:
+    """A run on a frozen model: exactly one base, and a base run's workdir that exists.
+
+    The base is ``config.<group>.base`` or ``config.pretrained.path``."""
+    base = given[f"{group}.base"]
+    if bool(base) == bool(given["pretrained.path"]):
+        raise ConfigError(f"{what} of a frozen model: give its weights with config.{group}.base "
+                          "(a trained run's workdir) or config.pretrained.path (a Stable "
+                          "Diffusion folder), one of them")
+    if base and not os.path.isdir(base):
+        raise ConfigError(f"config.{group}.base={base!r} is not a directory: give the workdir "
+                          f"of the trained run to {verb}")
 
 
 def comma_list(value: str) -> list:

@@ -37,7 +37,7 @@ from diffusion_jax import schedules as schedules_lib
 from diffusion_jax import time_grids
 
 __all__ = ["steps_to_run", "network_times", "noised", "image_to_image", "read_image",
-           "read_mask", "resize_mask", "keep_from_mask", "open_image"]
+           "read_mask", "resize_mask", "keep_from_mask", "open_image", "unit_values"]
 
 # samplers.sample's arguments that choose the grid; replaced by the image-to-image time_grid.
 _GRID_ARGS = ("num_steps", "grid", "time_grid", "t_min", "t_max", "rho", "snap")
@@ -136,6 +136,11 @@ def _unit_array(value, what: str, mode: str, height: int, width: int, resample) 
         if picture.size != (width, height):
             picture = picture.resize((width, height), resample)
         return np.asarray(picture, np.float32) / 255.0
+    return unit_values(value, what)
+
+
+def unit_values(value, what: str) -> np.ndarray:
+    """An array as float32 in [0, 1]: uint8 in [0, 255] scaled, floats (or bools) checked."""
     array = np.asarray(value)
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0

@@ -126,12 +126,7 @@ def read_control_image(image, height: int, width: int) -> np.ndarray:
     if array.ndim != 3:
         raise ValueError(f"a control_image array has shape {array.shape}; give [height, width, "
                          "channels] (or a batch [batch, height, width, channels])")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    array = array.astype(np.float32)
-    if array.size and (array.min() < 0.0 or array.max() > 1.0):
-        raise ValueError(f"a control_image array must hold values in [0, 1] (floats) or "
-                         f"[0, 255] (uint8), got values in [{array.min():g}, {array.max():g}]")
+    array = editing.unit_values(array, "control_image")
     if array.shape[:2] != (height, width):
         array = np.asarray(editing.resize_mask(array[None], height, width))[0]
     return array
