@@ -49,6 +49,19 @@ def x64():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny_base_run(tmp_path_factory):
+    """The workdir of a finished ``configs/tiny.py`` run (6 steps), trained once per process.
+
+    Runs on a frozen base (LoRA adapters, ControlNets) read it and write nothing into it."""
+    from configs import tiny
+    from diffusion_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_base") / "base")
+    train.train_and_evaluate(tiny.get_config(), workdir, log=lambda line: None)
+    return workdir
+
+
 def kill_at_step_and_rerun(command, kill_at, *, cwd, env):
     """Start a training ``command``, SIGKILL it when it logs step ``kill_at``, rerun it to the end.
 

@@ -166,11 +166,9 @@ def _quiet(line):
     pass
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("controlnet_base") / "base")
-    train.train_and_evaluate(tiny.get_config(), workdir, log=_quiet)
-    return workdir
+@pytest.fixture
+def base_run(tiny_base_run):
+    return tiny_base_run  # (conftest.py: a tiny run trained once, shared with test_lora_runs)
 
 
 def _config(base_dir, **controlnet):

@@ -30,11 +30,9 @@ def _quiet(line):
     pass
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("lora_base") / "base")
-    train.train_and_evaluate(tiny.get_config(), workdir, log=_quiet)
-    return workdir
+@pytest.fixture
+def base(tiny_base_run):
+    return tiny_base_run  # (conftest.py: a tiny run trained once, shared with test_controlnet)
 
 
 def _config(base_dir, **lora):

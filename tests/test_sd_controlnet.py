@@ -63,6 +63,13 @@ def _reference(pipe, controlnet, cls=None):
     return reference
 
 
+def _parity(ours, theirs, what: str) -> None:
+    """Our images against diffusers': the worst absolute difference, printed, within BOUND."""
+    error = float(np.abs(ours - theirs).max())
+    print(f"{what}: max abs image difference {error:.2e}")
+    assert error <= BOUND
+
+
 def _their_images(reference, latents, control, steps=STEPS, negative=NEGATIVE, **kwargs):
     with torch.no_grad():
         return reference(prompt=PROMPTS, negative_prompt=negative, num_inference_steps=steps,
@@ -231,9 +238,7 @@ def test_pipeline_matches_diffusers_with_scale_and_window(sd1, loaded):
     ours = loaded(PROMPTS, negative_prompt=NEGATIVE, num_steps=STEPS, latents=latents,
                   control_image=control, **window)
     assert ours.shape == theirs.shape == (2, SIZE, SIZE, 3)
-    error = float(np.abs(ours - theirs).max())
-    print(f"sd1 ddim, scale 0.6, window (0.2, 0.7): max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, "sd1 ddim, scale 0.6, window (0.2, 0.7)")
     # The control shows: without it, or with another window, the images differ.
     assert np.abs(without - theirs).max() > 10 * BOUND
     programs = len(loaded._programs)
@@ -312,9 +317,7 @@ def test_pipeline_matches_diffusers(tmp_path, family, scheduler, scale):
     ours = StableDiffusion.from_pretrained(tmp_path / "model", controlnet=tmp_path / "controlnet")(
         PROMPTS, negative_prompt=NEGATIVE, num_steps=10, latents=latents,
         control_image=list(control), controlnet_conditioning_scale=scale)
-    error = float(np.abs(ours - theirs).max())
-    print(f"{family} {scheduler}, scale {scale}: max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, f"{family} {scheduler}, scale {scale}")
 
 
 @pytest.mark.slow
@@ -331,9 +334,7 @@ def test_two_controlnets_match_diffusers_multicontrolnet(tmp_path, sd1):
         root / "model", controlnet=[root / "controlnet", tmp_path / "bgr"])(
         PROMPTS, negative_prompt=NEGATIVE, num_steps=STEPS, latents=latents,
         control_image=controls, **options)
-    error = float(np.abs(ours - theirs).max())
-    print(f"two ControlNets: max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, "two ControlNets")
 
 
 @pytest.mark.slow
@@ -348,9 +349,7 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path):
     ours = StableDiffusion.from_pretrained(tmp_path / "model", controlnet=tmp_path / "controlnet")(
         PROMPTS, num_steps=STEPS, latents=latents, control_image=control,
         controlnet_conditioning_scale=0.8)
-    error = float(np.abs(ours - theirs).max())
-    print(f"sdxl euler: max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, "sdxl euler")
 
 
 @pytest.mark.slow
@@ -372,9 +371,7 @@ def test_img2img_with_controlnet_matches_diffusers(sd1):
     ours = StableDiffusion.from_pretrained(root / "model", controlnet=root / "controlnet").img2img(
         PROMPTS, image, strength=0.7, negative_prompt=NEGATIVE, num_steps=10, latents=noise,
         image_noise=posterior, control_image=_control_images(), control_guidance_end=0.8)
-    error = float(np.abs(ours - theirs).max())
-    print(f"img2img with a ControlNet, strength 0.7: max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, "img2img with a ControlNet, strength 0.7")
 
 
 @pytest.mark.slow
@@ -387,9 +384,7 @@ def test_pooling_controlnet_acts_on_the_conditional_half_as_in_diffusers(tmp_pat
     ours = StableDiffusion.from_pretrained(root / "model", controlnet=tmp_path / "pooled")(
         PROMPTS, negative_prompt=NEGATIVE, num_steps=STEPS, latents=latents,
         control_image=control)
-    error = float(np.abs(ours - theirs).max())
-    print(f"pooling ControlNet (guess mode): max abs image difference {error:.2e}")
-    assert error <= BOUND
+    _parity(ours, theirs, "pooling ControlNet (guess mode)")
 
 
 def test_command_line_samples_a_folder_under_control(sd1, tmp_path):
