@@ -252,7 +252,8 @@ def test_other_unusable_records():
                                     "label": np.eye(10)[3]}))
     with pytest.raises(data.DataError, match="must be finite numbers"):
         data.check_source(_Records({"x": np.array([0.0, np.nan], np.float32)}))
-    with pytest.raises(data.DataError, match=r"'image' \(uint8 HWC\) or 'x'.*\['pixels'\]"):
+    with pytest.raises(data.DataError,
+                       match=r"'image' \(uint8 HWC\), 'video'.*'audio'.*or 'x'.*\['pixels'\]"):
         data.check_source(_Records({"pixels": np.zeros((8, 8), np.uint8)}))
 
 

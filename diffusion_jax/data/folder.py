@@ -127,14 +127,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _scan(path: str) -> list:
-    """Relative paths of the image files under ``path``, sorted; hidden entries left out."""
+def _scan(path: str, extensions=IMAGE_EXTENSIONS) -> list:
+    """Relative paths of the files under ``path`` whose names end in ``extensions`` (any case).
+
+    Sorted; hidden files and folders are left out."""
     found = []
     for folder, subfolders, names in os.walk(path):
         subfolders[:] = [s for s in subfolders if not s.startswith(".")]
         relative = os.path.relpath(folder, path)
         for name in names:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if not name.startswith(".") and name.lower().endswith(extensions):
                 found.append(os.path.normpath(os.path.join(relative, name)))
     return sorted(found)
 

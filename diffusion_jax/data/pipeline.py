@@ -37,7 +37,8 @@ class ToModelInputs(grain.MapTransform):
     """Turns a source's records into the model's inputs.
 
     uint8 images -> float32 in [-1, 1] under ``x`` (NHWC; grayscale keeps its channel axis);
-    vector data (``x``) passes through; labels become int32; captions become byte tokens
+    uint8 videos ``video`` [frames, H, W, C] likewise; audio ``audio`` (float waveforms in
+    [-1, 1], [length, channels]) and vector data (``x``) pass through as float32; labels become int32; captions become byte tokens
     ``tokens`` (int32 [max_length]) and ``token_mask`` (bool) through
     :func:`diffusion_jax.text.encode`, or through ``tokenizer(texts) -> (tokens, mask)`` when
     one is given (a pretrained model's, e.g. a CLIP tokenizer's ``token_inputs``). A control map
@@ -56,6 +57,10 @@ class ToModelInputs(grain.MapTransform):
             if image.ndim == 2:
                 image = image[..., None]
             out["x"] = image.astype(np.float32) / 127.5 - 1.0
+        elif "video" in record:
+            out["x"] = np.asarray(record["video"]).astype(np.float32) / 127.5 - 1.0
+        elif "audio" in record:
+            out["x"] = np.asarray(record["audio"], np.float32)
         elif "moments" in record:  # precomputed latents: the posterior's mean and log-variance
             out["moments"] = np.asarray(record["moments"], np.float32)
         else:
@@ -85,6 +90,10 @@ class ToModelInputs(grain.MapTransform):
             if images.ndim == 3:
                 images = images[..., None]
             out["x"] = images.astype(np.float32) / 127.5 - 1.0
+        elif "video" in records:
+            out["x"] = np.asarray(records["video"]).astype(np.float32) / 127.5 - 1.0
+        elif "audio" in records:
+            out["x"] = np.asarray(records["audio"], np.float32)
         elif "moments" in records:
             out["moments"] = np.asarray(records["moments"], np.float32)
         else:
@@ -124,12 +133,16 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
     """
     dataset = dataset or repr(source)
     record = source[0]
-    if not hasattr(record, "keys") or not any(k in record for k in ("image", "x", "moments")):
+    kinds = ("image", "video", "audio", "x", "moments")
+    if not hasattr(record, "keys") or not any(k in record for k in kinds):
         found = (f"has the keys {sorted(record)}" if hasattr(record, "keys") else
                  f"is a {type(record).__name__}")
-        raise DataError(f"{dataset}: a record must be a dict with an 'image' (uint8 HWC) or "
-                        f"'x' (float vector) entry; record 0 {found}")
-    if "image" in record:
+        raise DataError(f"{dataset}: a record must be a dict with an 'image' (uint8 HWC), "
+                        "'video' (uint8 [frames, H, W, C]), 'audio' (float [length, channels]) "
+                        f"or 'x' (float vector) entry; record 0 {found}")
+    if "video" in record or "audio" in record:
+        _check_clip(record, dataset)
+    elif "image" in record:
         image = np.asarray(record["image"])
         if image.dtype != np.uint8:
             scale = (" (it looks like floats in [0, 1]: give np.round(image * 255)"
@@ -158,6 +171,23 @@ def check_source(source, *, dataset: Optional[str] = None) -> None:
             raise DataError(
                 f"{dataset}: record 0's label is {_describe(label)}, but a label must be one "
                 "integer class index (not one-hot, not a float); convert the source's labels")
+
+
+def _check_clip(record, dataset: str) -> None:
+    """Raise :class:`DataError` unless record 0's video or audio is what the pipeline takes."""
+    if "video" in record:
+        video = np.asarray(record["video"])
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] not in (1, 3):
+            raise DataError(f"{dataset}: record 0's video is {_describe(video)}, but videos must "
+                            "be uint8 0..255 of shape [frames, height, width, channels] with 1 or "
+                            "3 channels (the pipeline scales them to [-1, 1])")
+        return
+    audio = np.asarray(record["audio"])
+    if (audio.dtype.kind != "f" or audio.ndim != 2 or not np.all(np.isfinite(audio))
+            or (audio.size and np.abs(audio).max() > 1)):
+        raise DataError(f"{dataset}: record 0's audio is {_describe(audio)}, but audio must be "
+                        "finite float samples in [-1, 1] of shape [length, channels] (e.g. "
+                        "int16 PCM divided by 32768, with a channel axis: wave[:, None])")
 
 
 def _check_control(control: np.ndarray, record, dataset: str) -> None:
