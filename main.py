@@ -57,7 +57,12 @@ def sample(config, workdir):
         written = autoencoder_eval.reconstruct_to_files(config, workdir)
     else:
         written = generate.generate_to_files(config, workdir)
-    if written:
+    if len(written) > 6:  # an audio or video sample's files: one line, not one per clip
+        folder = os.path.dirname(written[0])
+        kinds = sorted({os.path.splitext(p)[1] for p in written})
+        print(f"wrote {len(written)} files ({', '.join(kinds)}) to {folder}: "
+              f"{os.path.basename(written[0])} ... {os.path.basename(written[-1])}")
+    elif written:
         print(f"wrote {' and '.join(written)}")
 
 

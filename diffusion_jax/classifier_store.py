@@ -1,8 +1,9 @@
-"""The evaluation classifiers' store, shared by the two evaluators.
+"""The evaluation classifiers' store and the evaluations' result files, shared by the evaluators.
 
 ``--mode=train_classifier`` saves a classifier here (the feature extractor of
-:mod:`diffusion_jax.evaluate`, or the attribute judge of :mod:`diffusion_jax.prompt_eval`) and
-``--mode=eval`` reads it back.
+:mod:`diffusion_jax.evaluate` and :mod:`diffusion_jax.audio_eval`, or the attribute judge of
+:mod:`diffusion_jax.prompt_eval`) and ``--mode=eval`` reads it back, then writes its results
+with :func:`write_results`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import jax
 import optax
 import orbax.checkpoint as ocp
 
-from diffusion_jax import files
+from diffusion_jax import files, parallel, writers
 
 __all__ = ["EvaluationError", "classifier_dir", "save_classifier", "classifier_optimizer",
-           "restore_classifier_params", "read_classifier_summary"]
+           "restore_classifier_params", "read_classifier_summary", "write_results"]
 
 
 class EvaluationError(RuntimeError):
@@ -80,3 +81,20 @@ def read_classifier_summary(config, workdir: str, kind: str = "classifier"):
             "config.evaluation.classifier_dir")
     with open(summary_path) as f:
         return directory, json.load(f)
+
+
+def write_results(config, workdir: str, name: str, results: dict, scalars: dict, log) -> str:
+    """Write an evaluation's results: ``workdir/eval/<name>_<digest>.json`` and TensorBoard.
+
+    The JSON holds ``results`` and the settings (sampling, evaluation and data groups);
+    ``scalars`` (tag -> number) go to TensorBoard at ``results["step"]``. Process 0 writes;
+    returns the JSON's path there (None elsewhere)."""
+    settings = {"workdir": os.path.abspath(workdir), "sampling": config.sampling.to_dict(),
+                "evaluation": config.evaluation.to_dict(), "data": config.data.to_dict()}
+    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
+                if parallel.is_writer() else None)
+    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
+                                  enabled=parallel.is_writer())
+    writer.scalars(results["step"], scalars)
+    writer.close()
+    return out_path

@@ -21,7 +21,8 @@ from diffusion_jax.config_checks import (ConfigError, check_controlnet, check_ed
                                          check_lora, comma_list)
 from diffusion_jax.data import controls
 from diffusion_jax import checkpoints as ckpt_lib
-from diffusion_jax import defaults, losses, parameterization, pretrained_runs, samplers, schedules
+from diffusion_jax import defaults, losses, modalities, parameterization, pretrained_runs
+from diffusion_jax import samplers, schedules
 from diffusion_jax import models
 from diffusion_jax import text as text_lib
 from diffusion_jax.models import registry
@@ -70,10 +71,14 @@ def _tfds(d, split):
     return source
 
 
+def text_data(name: str, captions: str) -> bool:
+    """Whether data ``config.data.name=name`` with ``config.data.captions=captions`` has captions."""
+    return name == "captions" or (name in modalities.TEXT_SOURCES and captions != "none")
+
+
 def is_text_model(config) -> bool:
     """Whether the run's data is captioned, so that the model reads text."""
-    return config.data.name == "captions" or (config.data.name == "folder"
-                                              and config.data.captions != "none")
+    return text_data(config.data.name, config.data.captions)
 
 
 # Data sources by ``config.data.name``: ``(config.data, split) -> source``. A new dataset is one
@@ -86,6 +91,7 @@ SOURCES = {
     "captions": _captioned_shapes,
     "toy2d": lambda d, split: data_lib.Toy2D(d.toy_kind, d.size, seed=_procedural_seed(split)),
     "folder": _image_folder,
+    **modalities.SOURCES,  # tones, audio_folder, moving_shapes, video_folder
 }
 
 _CHOICES = {
@@ -118,6 +124,9 @@ _CHOICES = {
 NUMERIC = {
     "seed": (int, ">= 0"),
     "data.size": (int, "> 0"), "data.resolution": (int, "> 0"), "data.batch_size": (int, "> 0"),
+    "data.sample_rate": (int, "> 0"), "data.clip_length": (int, "> 0"),
+    "data.audio_channels": (int, "in [1, 2]"), "data.frames": (int, "> 0"),
+    "data.frame_stride": (int, "> 0"), "data.fps": (int, "> 0"),
     "data.worker_count": (int, ">= 0"), "data.max_objects": (int, "in [1, 4]"),
     "model.dropout": (float, "in [0, 1)"), "model.noise_scale": (float, "> 0"),
     "model.context_dim": (int, ">= 0"), "model.pooled_dim": (int, ">= 0"),
@@ -176,7 +185,7 @@ RULES = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
     ">= -1": lambda v: v >= -1, "-1 or >= 1": lambda v: v == -1 or v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
-    "in [1, 4]": lambda v: 1 <= v <= 4,
+    "in [1, 4]": lambda v: 1 <= v <= 4, "in [1, 2]": lambda v: 1 <= v <= 2,
     "-1 or in [0, 1]": lambda v: v == -1 or 0 <= v <= 1,
     "any number": lambda v: True,
 }
@@ -370,8 +379,7 @@ def _check_combinations(given):
     if given["text.width"] % given["text.num_heads"]:
         raise ConfigError(f"config.text.width={given['text.width']} must be divisible by "
                           f"config.text.num_heads={given['text.num_heads']}")
-    text = given["data.name"] == "captions" or (given["data.name"] == "folder"
-                                                and given["data.captions"] != "none")
+    text = text_data(given["data.name"], given["data.captions"])
     for key in ("sampling.method", "sampling.grid"):
         if given[key] == "scheduler" and not given["pretrained.path"]:
             raise ConfigError(f"config.{key}='scheduler' means the scheduler of a pretrained "
@@ -383,7 +391,8 @@ def _check_combinations(given):
     check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
         raise ConfigError("config.sampling.prompt needs a text-conditioned model "
-                          "(data.name='captions', or 'folder' with data.captions); this config "
+                          "(data.name='captions', or 'folder', 'tones' or 'moving_shapes' with "
+                          "data.captions); this config "
                           f"trains on {given['data.name']!r}")
     if given["task"] == "autoencoder" and given["autoencoder.disc_weight"] and (
             given["training.grad_accumulation"] > 1 or given["mesh.train_step"] == "shard_map"):
@@ -396,8 +405,14 @@ def _check_combinations(given):
     if given["latent.precomputed"] and not given["latent.autoencoder"]:
         raise ConfigError("config.latent.precomputed needs config.latent.autoencoder, the "
                           "autoencoder that encoded the latents")
-    if given["data.name"] == "folder" and not given["data.path"]:
-        raise ConfigError("config.data.path must name the image folder when data.name='folder'")
+    for name, what in (("folder", "image"), ("audio_folder", "audio"), ("video_folder", "video")):
+        if given["data.name"] == name and not given["data.path"]:
+            raise ConfigError(f"config.data.path must name the {what} folder when "
+                              f"data.name={name!r}")
+    if given["data.name"] in ("audio_folder", "video_folder") and given["data.captions"] != "none":
+        raise ConfigError(f"config.data.captions={given['data.captions']!r}: a "
+                          f"{given['data.name']} has no captions (its model is unconditional); "
+                          "set config.data.captions='none'")
     if given["data.name"] == "tfds" and not given["data.tfds_name"]:
         raise ConfigError("config.data.tfds_name must name the dataset when data.name='tfds'")
 
@@ -451,12 +466,14 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
         if model_config[key] < 0:
             raise ConfigError(f"config.model.{key} must be >= 0 (0 = off), got "
                               f"{model_config[key]!r}")
-    if len(example_shape) != family.data_rank:
+    if not family.takes(len(example_shape)):
         fitting = tuple(f.name for f in registry.FAMILIES.values()
-                        if f.data_rank == len(example_shape))
-        raise ConfigError(f"config.model.name={family.name!r} needs "
-                          f"{'images' if family.data_rank == 3 else 'vectors'}, got data of shape "
-                          f"{tuple(example_shape)}; use model.name in {fitting}")
+                        if f.takes(len(example_shape)))
+        kinds = {1: "vectors", 2: "signals [length, channels]", 3: "images",
+                 4: "videos [frames, height, width, channels]"}
+        wanted = " or ".join(kinds[r] for r in sorted(kinds) if family.takes(r))
+        raise ConfigError(f"config.model.name={family.name!r} takes {wanted}, not data of "
+                          f"shape {tuple(example_shape)}; use model.name in {fitting}")
     if not family.text and (model_config.context_dim or model_config.pooled_dim):
         texts = tuple(f.name for f in registry.FAMILIES.values() if f.text)
         raise ConfigError(f"config.model.name={family.name!r} has no text conditioning; set "

@@ -51,7 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _data() -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict()
-    data.name = "shapes"  # fashion_mnist | tfds | shapes | captions | toy2d | folder
+    # fashion_mnist | tfds | shapes | captions | toy2d | folder | tones | audio_folder |
+    # moving_shapes | video_folder
+    data.name = "shapes"
     # Fashion-MNIST IDX folder ("" = the Debian package's location); folder: the folder of
     # images (png/jpg; captions from metadata.jsonl or a .txt beside each image)
     data.path = ""
@@ -71,10 +73,21 @@ def _data() -> ml_collections.ConfigDict:
     # as a background either); and the most objects in one image (1 to 4)
     data.heldout = "pairs"
     data.max_objects = 3
-    data.resolution = 32  # shapes, captions, folder: image size (folder, resized tfds: crop size)
+    data.resolution = 32  # shapes, captions, folder, videos: image/frame size (folder: crop size)
+    # Audio (tones, audio_folder): samples per second, samples per clip (a folder's clips are
+    # resampled and centre-cropped to it) and channels (1 = mono: a folder's clips are mixed down)
+    data.sample_rate = 8000
+    data.clip_length = 4096
+    data.audio_channels = 1
+    # Video (moving_shapes, video_folder): frames per clip, every frame_stride-th frame of a
+    # folder's clips, and the frame rate sampled clips are written at (GIF, MP4)
+    data.frames = 16
+    data.frame_stride = 1
+    data.fps = 8
     data.resize = False  # tfds: resize and centre-crop the images to data.resolution
     # folder: "none" (unconditional), "auto" (captions where given, "" elsewhere) or "required";
-    # anything but "none" trains a text-conditioned model, as for data.name="captions"
+    # anything but "none" trains a text-conditioned model, as for data.name="captions"; for
+    # tones and moving_shapes anything but "none" trains on their captions instead of labels
     data.captions = "none"
     data.batch_size = 128  # global batch size
     data.class_conditional = True  # use labels when the data has them
@@ -267,9 +280,9 @@ def _evaluation() -> ml_collections.ConfigDict:
     evaluation.precision_recall_k = 3
     evaluation.likelihood_examples = 0  # test examples for bits/dim; 0 skips it
     evaluation.likelihood_steps = 64  # RK4 steps of the probability-flow ODE
-    # Text-to-image (data.name = "captions"): --mode=eval measures prompt adherence (attribute
-    # accuracy, seen vs held-out pairs) at each of these guidance scales, e.g. (0.0, 1.0, 3.0, 5.0);
-    # () = config.sampling.guidance_scale only.
+    # Text-to-image (data.name = "captions") and tones: --mode=eval measures prompt adherence
+    # (attribute accuracy, seen vs held-out pairs), or pitch and label accuracy, at each of these
+    # guidance scales, e.g. (0.0, 1.0, 3.0, 5.0); () = config.sampling.guidance_scale only.
     evaluation.guidance_scales = ()
     # A pretrained Stable Diffusion folder (pretrained.path, no run in the workdir): the prompts
     # to generate from, one per line of this UTF-8 file; "" = the captions of config.data,

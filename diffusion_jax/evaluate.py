@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import classifier_store, configuration, controlnet_runs, data, files, generate
-from diffusion_jax import likelihood
+from diffusion_jax import audio_eval, classifier_store, configuration, controlnet_runs, data, files
+from diffusion_jax import generate, likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
 from diffusion_jax import train_state, writers
 from diffusion_jax.classifier_store import EvaluationError
@@ -44,9 +44,18 @@ FEATURE_SPACE_NOTE = ("Fréchet distance and precision/recall in the features of
                       "published FID numbers)")
 
 
-def _classifier_model(config, num_classes):
-    return models.Classifier(num_classes=num_classes, width=config.classifier.width,
-                             feature_dim=config.classifier.feature_dim)
+# The most held-out examples the classifier's test accuracy is measured on.
+TEST_EXAMPLES = 10_000
+
+
+def _classifier_model(classifier_config, num_classes, example_shape, sample_rate):
+    """The classifier of images, or of audio clips (on their spectrograms)."""
+    c = classifier_config
+    if len(example_shape) == 2:
+        return models.AudioClassifier(num_classes=num_classes, sample_rate=sample_rate,
+                                      width=c["width"], feature_dim=c["feature_dim"])
+    return models.Classifier(num_classes=num_classes, width=c["width"],
+                             feature_dim=c["feature_dim"])
 
 
 # Held-out data is config.data.test_split: Fashion-MNIST's and TFDS datasets' test split (or a
@@ -105,12 +114,12 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     source = configuration.build_source(config.data)
     test_source = split_source(config, "data.test_split")  # before training: a typo fails now
     example_shape, num_classes = configuration.data_shape(source)
-    if num_classes is None or len(example_shape) != 3:
+    if num_classes is None or len(example_shape) not in (2, 3):
         raise configuration.ConfigError(
-            f"--mode=train_classifier needs labelled images; {source!r} has "
+            f"--mode=train_classifier needs labelled images or audio clips; {source!r} has "
             f"{'no labels' if num_classes is None else f'examples of shape {example_shape}'}")
     c = config.classifier
-    model = _classifier_model(config, num_classes)
+    model = _classifier_model(c, num_classes, example_shape, config.data.sample_rate)
     key_init, key_train = jax.random.split(jax.random.key(config.seed))
     params = model.init(key_init, jnp.zeros((1,) + tuple(example_shape)))["params"]
     optimizer = classifier_store.classifier_optimizer(config)
@@ -140,7 +149,8 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
     seconds = time.time() - start
 
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    images, labels = _examples(test_source)
+    # (all of Fashion-MNIST's test split; procedural data would otherwise be data.size records)
+    images, labels = _examples(test_source, range(min(len(test_source), TEST_EXAMPLES)))
     logits, _ = _batched_apply(apply, params, images)
     test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
     summary = {"test_accuracy": test_accuracy, "test_examples": int(len(labels)),
@@ -163,9 +173,8 @@ def load_classifier(config, workdir: str):
         raise EvaluationError(
             f"the classifier in {directory} was trained on data {summary['data'].get('name')!r}, "
             f"this config uses {config.data.name!r}")
-    model = models.Classifier(num_classes=summary["num_classes"],
-                              width=summary["classifier"]["width"],
-                              feature_dim=summary["classifier"]["feature_dim"])
+    model = _classifier_model(summary["classifier"], summary["num_classes"],
+                              summary["example_shape"], summary["data"].get("sample_rate"))
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1,) + tuple(summary["example_shape"])))["params"])
     params = classifier_store.restore_classifier_params(directory, abstract)
@@ -252,8 +261,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     ``config.sampling``'s sampler, and measures them (see the module docstring). Writes
     ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
     under ``eval/``, and returns the results. Captioned data is measured by prompt adherence
-    at each of ``evaluation.guidance_scales`` instead
-    (:func:`diffusion_jax.prompt_eval.evaluate_prompts`)."""
+    (:func:`diffusion_jax.prompt_eval.evaluate_prompts`) and audio by pitch and label accuracy
+    (:func:`diffusion_jax.audio_eval.evaluate_audio`) at each of ``evaluation.guidance_scales``
+    instead."""
     # Every process of a multi-process run generates its share and computes the same results;
     # process 0 alone writes and reports them.
     log = log if parallel.is_writer() else writers.quiet
@@ -263,6 +273,8 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
         step = config.sampling.checkpoint_step
     if config.data.name == "captions":  # prompt adherence: captioned shapes
         return prompt_eval.evaluate_prompts(_no_controlnet(config), workdir, log=log, step=step)
+    if config.data.name in ("tones", "audio_folder"):  # pitch and label accuracy per guidance
+        return _evaluate_audio(config, workdir, log, step)
     e, s = config.evaluation, config.sampling
     classifier = load_classifier(config, workdir) if e.feature_extractor == "classifier" or \
         os.path.exists(os.path.join(classifier_store.classifier_dir(config, workdir),
@@ -324,15 +336,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
                                      e.likelihood_examples, e.likelihood_steps))
 
     name = f"step{results['step']}_{s.method}_{s.num_steps}steps_cfg{s.guidance_scale:g}"
-    settings = {"workdir": os.path.abspath(workdir), "sampling": s.to_dict(),
-                "evaluation": e.to_dict(), "data": config.data.to_dict()}
-    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
-                if parallel.is_writer() else None)
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
-                                  enabled=parallel.is_writer())
-    writer.scalars(results["step"], {f"eval/{k}": v for k, v in results.items()
-                                     if isinstance(v, float)})
-    writer.close()
+    out_path = classifier_store.write_results(
+        config, workdir, name, results,
+        {f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, log)
     log(format_table(results))
     log(f"wrote {out_path}")
     return results
@@ -364,6 +370,20 @@ def evaluation_prompts(config, num: int) -> list:
             f"{source!r} has no captions to prompt the pretrained model with: set "
             "config.evaluation.prompts_file, or use captioned data (data.captions)")
     return [str(records[i % len(records)]["caption"]) for i in range(num)]
+
+
+def _evaluate_audio(config, workdir, log, step):
+    """:func:`diffusion_jax.audio_eval.evaluate_audio` with this run's classifier and data."""
+    if config.evaluation.feature_extractor != "classifier":
+        raise configuration.ConfigError(
+            "config.evaluation.feature_extractor='inception' reads images; audio is measured in "
+            "the features of its spectrogram classifier: leave it 'classifier'")
+    classifier = load_classifier(config, workdir)
+    extract = lambda clips: _batched_apply(classifier[0], classifier[1], clips)[1]  # noqa: E731
+    test_source = split_source(config, "data.test_split")
+    reference = reference_features(config, workdir, extract, config.evaluation.num_samples)
+    return audio_eval.evaluate_audio(config, workdir, classifier, reference, test_source,
+                                     log=log, step=step)
 
 
 def evaluate_pretrained(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:

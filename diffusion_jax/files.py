@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-__all__ = ["to_uint8", "quantize", "make_grid", "save_grid", "save_arrays", "save_json",
+__all__ = ["to_uint8", "quantize", "make_grid", "save_png", "save_grid", "save_arrays", "save_json",
            "atomic_write", "settings_digest", "reserve_stem", "save_result"]
 
 
@@ -61,12 +61,16 @@ def make_grid(images, columns=None) -> np.ndarray:
     return grid[..., 0] if channels == 1 else grid
 
 
+def save_png(pixels, path):
+    """Write a uint8 image ([H, W] or [H, W, 3]) as a PNG file (atomically); returns it."""
+    image = Image.fromarray(pixels)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return pixels
+
+
 def save_grid(images, path, columns=None):
     """Write a batch of NHWC images in [-1, 1] as one PNG grid (written atomically)."""
-    grid = make_grid(images, columns)
-    image = Image.fromarray(grid)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-    return grid
+    return save_png(make_grid(images, columns), path)
 
 
 def save_json(path, value):

@@ -19,6 +19,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from diffusion_jax import configuration, controlnet_runs, editing, files, guidance, latent
+from diffusion_jax import modalities
 from diffusion_jax import parallel, parameterization, run, samplers, time_grids, train_state
 from diffusion_jax.conditioning import sampling_network
 from diffusion_jax.data import controls as controls_lib
@@ -385,7 +386,8 @@ def generate_to_files(config, workdir):
 
     Reads the checkpoint ``config.sampling.checkpoint_step`` (-1: the latest) and writes
     ``workdir/samples/step<N>_<method>_<steps>steps_cfg<scale>_<digest>.npz`` (samples, and the
-    labels or prompts asked for), for images a PNG grid beside it, and a JSON of the settings
+    labels or prompts asked for), a PNG grid beside it (audio: WAV files and spectrograms; video:
+    GIF and MP4 clips; :func:`~diffusion_jax.modalities.write_samples`), and a JSON of the settings
     (step, sampling group, whole config). The digest is that of the settings, so runs that
     differ in any sampling key never share a name, and a repeat gets a ``_2`` suffix: no output
     is overwritten. Samples that are not finite (a diverged checkpoint) are an error. Every process of a multi-process
@@ -430,10 +432,7 @@ def generate_to_files(config, workdir):
     if controls is not None:
         extra["controls"] = np.asarray(controls)
     files.save_arrays(stem + ".npz", samples=images, **extra)
-    written = [stem + ".npz"]
-    if images.ndim == 4:
-        files.save_grid(images, stem + ".png")
-        written.append(stem + ".png")
+    written = [stem + ".npz"] + modalities.write_samples(stem, images, config)
     if controls is not None:  # the control maps in the samples' order, in [-1, 1] as images
         files.save_grid(np.asarray(controls) * 2.0 - 1.0, stem + "_controls.png")
         written.append(stem + "_controls.png")

@@ -11,20 +11,22 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import autoencoder_training, autoencoders, data, files, generate, parallel
-from diffusion_jax import train_state
+from diffusion_jax import autoencoder_training, autoencoders, data, files, generate, modalities
+from diffusion_jax import parallel, train_state
 
 __all__ = ["SampleGrids", "ReconstructionGrids", "for_run"]
 
 
 class SampleGrids:
-    """Samples of ``config.sampling`` (decoded to images in a latent run)."""
+    """Samples of ``config.sampling`` (decoded to images in a latent run).
+
+    Images as a grid; audio as a grid of spectrograms; video as rows of frames
+    (:func:`~diffusion_jax.modalities.preview`)."""
 
     def __init__(self, config, model, example_shape, num_classes, mesh, workdir, writer,
                  space=None):
         self._config, self._workdir, self._writer = config, workdir, writer
         self._space = space
-        self._images = len(example_shape) == 3
         self._make = lambda: jax.jit(generate.make_generate_fn(
             config, model, example_shape, num_classes, mesh=mesh), static_argnums=2)
         self._generate = None  # compiled when first needed
@@ -38,10 +40,10 @@ class SampleGrids:
                                  s.num_samples)
         if self._space is not None:
             samples = self._space.decode(samples)
-        images = parallel.to_host(samples)
-        if parallel.is_writer() and self._images:
-            grid = files.save_grid(images, os.path.join(self._workdir, "samples",
-                                                        f"step_{step:08d}.png"))
+        samples = parallel.to_host(samples)
+        grid = modalities.preview(samples, self._config) if parallel.is_writer() else None
+        if grid is not None:  # (vectors have no picture)
+            files.save_png(grid, os.path.join(self._workdir, "samples", f"step_{step:08d}.png"))
             self._writer.image(step, "samples/ema", grid)
 
 

@@ -22,7 +22,6 @@ pairs separately.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -43,6 +42,8 @@ __all__ = ["ATTRIBUTES", "NO_POSITION", "heads", "attribute_targets", "validate"
 ATTRIBUTES = ("shape", "colour", "size", "count", "position", "background")
 NO_POSITION = len(captions.POSITIONS)  # the position class of several objects ("none")
 GROUPS = ("seen", "heldout", "all")
+# The data whose --mode=eval measures every one of config.evaluation.guidance_scales.
+GUIDANCE_SWEEPS = ("captions", "tones")
 TEST_EXAMPLES = 2_000  # fresh images the judge's accuracy is measured on
 _CLASSIFY_BATCH = 250  # images per call of the jitted classifier (padded: one compilation)
 
@@ -97,11 +98,12 @@ def validate(config) -> None:
             raise configuration.ConfigError(
                 f"config.evaluation.guidance_scales must hold finite numbers >= 0 (0 = "
                 f"unconditional), got {tuple(scales)!r}")
-    if scales and config.data.name != "captions":
+    if scales and config.data.name not in GUIDANCE_SWEEPS:
         raise configuration.ConfigError(
-            "config.evaluation.guidance_scales is for prompt adherence of text-to-image runs "
-            f"(data.name='captions'); this config's data is {config.data.name!r}: leave it empty "
-            "and set config.sampling.guidance_scale")
+            "config.evaluation.guidance_scales is for the evaluations that sweep guidance "
+            f"(data.name in {GUIDANCE_SWEEPS}: prompt adherence, audio metrics); this config's "
+            f"data is {config.data.name!r}: leave it empty and set "
+            "config.sampling.guidance_scale")
 
 
 def guidance_scales(config):
@@ -433,13 +435,6 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
         "classifier_test_accuracy": judge["test_accuracy_per_attribute"],
         "generation_and_scoring_seconds": round(time.time() - start, 2),
     }
-    name = f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts"
-    settings = {"workdir": os.path.abspath(workdir), "sampling": s.to_dict(),
-                "evaluation": e.to_dict(), "data": config.data.to_dict()}
-    out_path = (files.save_result(os.path.join(workdir, "eval"), name, results, settings)
-                if parallel.is_writer() else None)
-    writer = writers.MetricWriter(os.path.join(workdir, "tensorboard"), console=log,
-                                  enabled=parallel.is_writer())
     scalars = {}
     for result in per_scale:
         prefix = f"eval/prompts/cfg{result['guidance_scale']:g}"
@@ -448,8 +443,9 @@ def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print
             scalars[f"{prefix}/{group}/all_correct"] = result[group]["all_correct"]
             for attribute, value in result[group]["accuracy"].items():
                 scalars[f"{prefix}/{group}/{attribute}"] = value
-    writer.scalars(results["step"], {k: v for k, v in scalars.items() if v is not None})
-    writer.close()
+    out_path = classifier_store.write_results(
+        config, workdir, f"step{results['step']}_{s.method}_{s.num_steps}steps_prompts",
+        results, {k: v for k, v in scalars.items() if v is not None}, log)
     log(format_table(results))
     log(f"wrote {out_path}")
     return results

@@ -12,7 +12,8 @@ from diffusion_jax import autoencoders, configuration
 PRESETS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem != "__init__")
 SHAPES = {"fashion_mnist": ((28, 28, 1), 10), "tfds": ((32, 32, 3), 10),
-          "shapes": (None, 3), "captions": (None, None), "toy2d": ((2,), 8)}
+          "shapes": (None, 3), "captions": (None, None), "toy2d": ((2,), 8),
+          "tones": (None, 36), "moving_shapes": (None, None)}
 
 
 # Each latent-diffusion preset and the autoencoder preset whose run it names.
@@ -37,7 +38,11 @@ def test_preset_validates_and_builds(name):
         return
     configuration.validate(config)
     shape, classes = SHAPES[config.data.name]
-    if shape is None:
+    if config.data.name == "tones":
+        shape = (config.data.clip_length, config.data.audio_channels)
+    elif config.data.name == "moving_shapes":
+        shape = (config.data.frames, config.data.resolution, config.data.resolution, 3)
+    elif shape is None:
         shape = (config.data.resolution, config.data.resolution, 3)
     classes = classes if config.data.class_conditional else None
     if config.task == "autoencoder":

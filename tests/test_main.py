@@ -183,14 +183,14 @@ def test_sigterm_saves_and_stops(tmp_path):
 def test_signal_during_sampling_still_saves(tmp_path, monkeypatch):
     """A signal that lands after the step's save decision (here: while the sample grid is
     written) stops the run one step later, with a checkpoint of that step."""
-    original = files.save_grid
+    original = files.save_png
 
     def save_and_signal(*args, **kwargs):
         grid = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return grid
 
-    monkeypatch.setattr(files, "save_grid", save_and_signal)
+    monkeypatch.setattr(files, "save_png", save_and_signal)
     lines = []
     with pytest.raises(train.Interrupted) as stopped:
         train.train_and_evaluate(_config(num_steps=50, sample_every=3, checkpoint_every=100),

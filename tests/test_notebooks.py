@@ -219,3 +219,58 @@ def test_controlnet_notebook_runs(tmp_path):
         assert json.load(f) == {"base": os.path.realpath(workdir / "base"), "base_step": 4}
     circle = np.asarray(Image.open(workdir / "control_circle.png"))
     assert circle.shape == (16, 16, 3) and set(np.unique(circle)) == {0, 255}
+
+
+@pytest.mark.slow  # a minute or more: the notebook trains, samples and trains a classifier
+def test_audio_notebook_runs(tmp_path):
+    # The CPU preset shrunk: a 2-level UNet of 16 channels on clips of 1,024 samples, 256 records
+    # per split, 4 training steps, 2 sampling steps, one clip per class per guidance scale.
+    import glob
+
+    import numpy as np
+    import soundfile
+
+    workdir = tmp_path / "run"
+    notebook = _run("audio.ipynb", {
+        "WORKDIR": str(workdir), "PRESET": "tones_cpu", "NUM_STEPS": 4, "BATCH_SIZE": 8,
+        "SAMPLING_STEPS": 2, "NUM_EVAL": 36, "CLASSIFIER_STEPS": 10,
+        "CONFIG_OVERRIDES": {"model.unet.channels": 16, "model.unet.channel_mult": (1, 2),
+                             "model.unet.attention_resolutions": (512,),
+                             "data.clip_length": 1024, "data.size": 256}})
+    text, images = _outputs(notebook)
+    assert "preset tones_cpu: 4 steps of 8 clips, 1024 samples at 8000 Hz (0.128 s)" in text
+    assert "evaluation: 36 clips per scale (1 per class) in batches of 36" in text
+    assert "256 training records of 36 classes" in text
+    assert "record " in text and "heard C4 (" in text  # the real sine C4 is heard as C4
+    # Real notes: nearly all right even at 1,024 samples (all at the presets' 2,048 and more).
+    real = float(text.split("real held-out clips: pitch accuracy ")[1].split()[0])
+    assert real >= 0.9
+    assert "sine notes: the note heard" in text
+    assert "step 4/4" in text
+    assert "finished at step 4" in text
+    assert "wrote 7 WAV files to" in text
+    for scale in (0, 1, 2, 4):
+        assert f"guidance {scale}: pitch accuracy " in text
+    assert "classifier: test accuracy " in text  # train_classifier's own line
+    for row in ("cfg 0", "cfg 1", "cfg 2", "cfg 4", "real", "chance"):
+        assert f"\n{row:>10} " in text  # the rows of audio_eval.format_table
+    assert "highest label accuracy at guidance " in text  # the last code cell ran to the end
+    # real clips, generated clips, one grid of notes per guidance scale
+    assert images == 1 + 1 + 4
+    # players (IPython's Audio, HTML with an embedded WAV): 7 real, 7 generated, one per scale
+    players = sum(output.get("data", {}).get("text/html", "").count("<audio")
+                  for cell in notebook.cells for output in cell.get("outputs", []))
+    assert players == 7 + 7 + 4
+
+    # The WAV files: one per chosen class, 16-bit, at the run's rate and length.
+    written = sorted(os.path.basename(p) for p in glob.glob(str(workdir / "clips" / "*.wav")))
+    assert written == sorted(["sine_note_C4.wav", "square_note_E4.wav", "pluck_note_G4.wav",
+                              "square_chord_F_major.wav", "pluck_chord_C_major.wav",
+                              "kick_hit.wav", "snare_hit.wav"])
+    wave, rate = soundfile.read(str(workdir / "clips" / "kick_hit.wav"))
+    info = soundfile.info(str(workdir / "clips" / "kick_hit.wav"))
+    assert rate == 8000 and info.subtype == "PCM_16" and wave.shape == (1024,)
+    assert np.all(np.isfinite(wave)) and np.abs(wave).max() <= 1
+    assert os.path.isdir(workdir / "checkpoints" / "4")
+    assert os.path.isfile(workdir / "classifier" / "classifier.json")
+    assert glob.glob(str(workdir / "eval" / "step4_dpmpp_2m_2steps_audio*.json"))

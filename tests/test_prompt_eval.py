@@ -190,7 +190,7 @@ def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
     # Other data is measured at config.sampling.guidance_scale.
     other = tiny.get_config()
     other.evaluation.guidance_scales = (1.0, 2.0)
-    with pytest.raises(configuration.ConfigError, match="data.name='captions'"):
+    with pytest.raises(configuration.ConfigError, match=r"data.name in \('captions', 'tones'\)"):
         evaluate.evaluate(other, str(tmp_path))
 
 

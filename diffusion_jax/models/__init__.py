@@ -11,7 +11,7 @@ of latent diffusion; ``lpips`` holds the perceptual distance its training may us
 """
 
 from diffusion_jax.models.autoencoder import AutoencoderKL, kl_divergence, sample_latent
-from diffusion_jax.models.classifier import AttributeClassifier, Classifier
+from diffusion_jax.models.classifier import AttributeClassifier, AudioClassifier, Classifier
 from diffusion_jax.models.dit import DIT_SIZES, DiT, dit
 from diffusion_jax.models.layers import ATTENTION_IMPLEMENTATIONS, dot_product_attention
 from diffusion_jax.models.mlp import MLP
@@ -21,5 +21,5 @@ from diffusion_jax.models.text_encoder import TextEncoder
 from diffusion_jax.models.unet import SD15_UNET_PARAMETERS, UNet, sd15_unet
 
 __all__ = ["AutoencoderKL", "kl_divergence", "sample_latent", "PatchDiscriminator", "UNet", "sd15_unet", "SD15_UNET_PARAMETERS", "DiT", "DIT_SIZES", "dit", "MLP",
-           "Classifier", "AttributeClassifier", "TextConditioned", "TextEncoder",
+           "Classifier", "AudioClassifier", "AttributeClassifier", "TextConditioned", "TextEncoder",
            "dot_product_attention", "ATTENTION_IMPLEMENTATIONS"]

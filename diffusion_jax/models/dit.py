@@ -28,7 +28,7 @@ from diffusion_jax.models.layers import (
     prepare_context,
 )
 
-__all__ = ["DiT", "DiTBlock", "DIT_SIZES", "dit", "sincos_position_embedding"]
+__all__ = ["DiT", "DiTBlock", "DIT_SIZES", "dit", "sincos_position_embedding", "unpatchify"]
 
 Dtype = Any
 _zeros = nn.initializers.zeros
@@ -42,23 +42,42 @@ DIT_SIZES = {
 }
 
 
-def sincos_position_embedding(dim: int, height: int, width: int) -> np.ndarray:
-    """Fixed 2-D sine-cosine position embedding [height * width, dim].
+def sincos_position_embedding(dim: int, *sizes: int) -> np.ndarray:
+    """Fixed sine-cosine position embedding [prod(sizes), dim] of a grid of tokens.
 
-    Half the channels encode the row, half the column (as in MAE and DiT)."""
-    if dim % 4:
-        raise ValueError(f"position embedding dimension must be a multiple of 4, got {dim}")
+    ``sincos_position_embedding(dim, height, width)``: half the channels encode the row, half the
+    column (as in MAE and DiT); one size (a signal's patches) uses all channels for it; with n
+    sizes each axis gets ``2 * (dim // 2n)`` channels (frames, rows and columns of a video) and
+    any channels left over are zero. Tokens are in row-major order of the grid."""
+    axes = len(sizes)
+    if not axes or dim < 2 * axes:
+        raise ValueError(f"a position embedding of {axes} axes needs at least {2 * axes} "
+                         f"channels, got {dim}")
+    per_axis = 2 * (dim // (2 * axes))
 
     def one_axis(positions, d):
         freqs = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
         args = positions[:, None] * freqs[None, :]
         return np.concatenate([np.sin(args), np.cos(args)], axis=1)
 
-    rows, cols = np.meshgrid(np.arange(height, dtype=np.float64),
-                             np.arange(width, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([one_axis(rows.reshape(-1), dim // 2),
-                          one_axis(cols.reshape(-1), dim // 2)], axis=1)
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in sizes], indexing="ij")
+    parts = [one_axis(grid.reshape(-1), per_axis) for grid in grids]
+    emb = np.concatenate(parts + [np.zeros((parts[0].shape[0], dim - axes * per_axis))], axis=1)
     return emb.astype(np.float32)
+
+
+def unpatchify(tokens, shape, patch):
+    """Tokens [batch, n, prod(patch) * channels] back to an input of ``shape`` (channels last).
+
+    The inverse of cutting ``shape``'s spatial axes into patches of size ``patch`` (row-major
+    grid of patches, each patch's values row-major then channels)."""
+    batch, *spatial, channels = shape
+    grid = [size // p for size, p in zip(spatial, patch)]
+    out = tokens.reshape(batch, *grid, *patch, channels)
+    axes = len(patch)
+    # [batch, g1, .., gn, p1, .., pn, c] -> [batch, g1, p1, .., gn, pn, c]
+    order = [0] + [i for a in range(axes) for i in (1 + a, 1 + axes + a)] + [1 + 2 * axes]
+    return out.transpose(order).reshape(shape)
 
 
 def _modulate(x, shift, scale):
@@ -100,13 +119,18 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer (Peebles & Xie 2023) on patches of NHWC inputs.
+    """Diffusion Transformer (Peebles & Xie 2023) on patches of images, signals or videos.
+
+    Inputs are NHWC images, [batch, length, channels] signals (patches of ``patch_size``
+    samples) or [batch, frames, height, width, channels] videos (spatio-temporal patches).
 
     ``DiT(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
     pooled=None, residuals=None)``; ``residuals`` are a ControlNet's (see :meth:`__call__`).
 
     Attributes:
       patch_size, hidden, depth, num_heads: the architecture (see :data:`DIT_SIZES`).
+      temporal_patch: frames per patch of a video's spatio-temporal patches
+        (``temporal_patch`` x ``patch_size`` x ``patch_size``); unused for images and signals.
       num_classes: enables class conditioning; label ``num_classes`` is the null label.
       out_channels: output channels (default: the input's; DiT's learned-variance models use 2x).
       noise_scale: factor applied to the noise level before the sinusoidal embedding.
@@ -124,6 +148,7 @@ class DiT(nn.Module):
     """
 
     patch_size: int = 2
+    temporal_patch: int = 1
     hidden: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -166,19 +191,32 @@ class DiT(nn.Module):
     # blocks) shares: called from a compact method, each creates its layers under the caller's
     # names.
 
+    def patch_shape(self, x_shape) -> tuple:
+        """The patch's size along each spatial axis of inputs of ``x_shape``.
+
+        ``patch_size`` along every axis of an image or signal; a video's frames are patched
+        ``temporal_patch`` at a time."""
+        spatial = len(x_shape) - 2
+        if spatial == 3:
+            return (self.temporal_patch,) + (self.patch_size,) * 2
+        return (self.patch_size,) * spatial
+
     def embed(self, x, noise_level, labels, context, context_mask, pooled):
         """``(tokens, cond, context, context_mask)``: patches with positions, the conditioning."""
-        if x.ndim != 4:
-            raise ValueError(f"DiT expects NHWC inputs [batch, height, width, channels], got {x.shape}")
-        batch, height, width, _ = x.shape
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"input size {(height, width)} is not divisible by patch size {p}")
-        rows, cols = height // p, width // p
-        tokens = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        if x.ndim not in (3, 4, 5):
+            raise ValueError("DiT expects NHWC images [batch, height, width, channels], signals "
+                             "[batch, length, channels] or videos [batch, frames, height, width, "
+                             f"channels], got {x.shape}")
+        batch = x.shape[0]
+        patch = self.patch_shape(x.shape)
+        if any(size % p for size, p in zip(x.shape[1:-1], patch)):
+            raise ValueError(f"input size {x.shape[1:-1]} is not divisible by patch size "
+                             f"{patch if len(patch) == 3 else self.patch_size}")
+        grid = tuple(size // p for size, p in zip(x.shape[1:-1], patch))
+        tokens = nn.Conv(self.hidden, patch, strides=patch, padding="VALID", dtype=self.dtype,
                          name="patch_embedding")(x.astype(self.dtype))
-        tokens = tokens.reshape(batch, rows * cols, self.hidden)
-        tokens = tokens + jnp.asarray(sincos_position_embedding(self.hidden, rows, cols),
+        tokens = tokens.reshape(batch, -1, self.hidden)
+        tokens = tokens + jnp.asarray(sincos_position_embedding(self.hidden, *grid),
                                       self.dtype)[None]
 
         noise_level = jnp.broadcast_to(noise_level, (batch,))
@@ -199,20 +237,17 @@ class DiT(nn.Module):
                            attention=self.attention, name=f"block_{i}")
 
     def head(self, tokens, cond, x_shape):
-        """The final adaLN and linear layer, tokens back to an image of ``x_shape`` (float32)."""
-        batch, height, width, channels = x_shape
-        p = self.patch_size
-        out_channels = self.out_channels or channels
+        """The final adaLN and linear layer, tokens back to an input of ``x_shape`` (float32)."""
+        patch = self.patch_shape(x_shape)
+        out_channels = self.out_channels or x_shape[-1]
         shift, scale = jnp.split(
             nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
                      name="final_adaln")(nn.silu(cond)), 2, axis=-1)
         tokens = _modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
                                         dtype=self.dtype, name="final_norm")(tokens), shift, scale)
-        tokens = nn.Dense(p * p * out_channels, dtype=self.dtype, kernel_init=_zeros,
-                          name="final_linear")(tokens)
-        out = tokens.reshape(batch, height // p, width // p, p, p, out_channels)
-        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, out_channels)
-        return out.astype(jnp.float32)
+        tokens = nn.Dense(int(np.prod(patch)) * out_channels, dtype=self.dtype,
+                          kernel_init=_zeros, name="final_linear")(tokens)
+        return unpatchify(tokens, x_shape[:-1] + (out_channels,), patch).astype(jnp.float32)
 
 
 def dit(size: str, patch_size: int = 2, **kwargs) -> DiT:

@@ -32,17 +32,25 @@ def sinusoidal_embedding(values, dim: int, max_period: float = 10_000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def upsample_nearest(x, factor: int = 2):
-    """Nearest-neighbour upsampling of NHWC ``x`` by an integer ``factor``.
+def upsample_nearest(x, factor: int = 2, axes=None):
+    """Nearest-neighbour upsampling of channels-last ``x`` by an integer ``factor``.
 
-    Every pixel is repeated ``factor`` x ``factor`` times. The same values as
+    ``axes`` are the upsampled axes (default: every axis between the batch and the channels,
+    i.e. height and width of NHWC images, the length of [batch, length, channels] signals).
+    Every pixel is repeated ``factor`` times along each. The same values as
     ``jax.image.resize(..., "nearest")``, but as a broadcast and a reshape, so its gradient is a sum
     over each block of pixels; resize's index gather differentiates to a scatter-add with non-unique
     indices (atomics on a GPU)."""
-    batch, height, width, channels = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :],
-                         (batch, height, factor, width, factor, channels))
-    return x.reshape(batch, height * factor, width * factor, channels)
+    axes = tuple(range(1, x.ndim - 1)) if axes is None else tuple(axes)
+    expanded, shape, out_shape = [], [], []
+    for axis, size in enumerate(x.shape):
+        expanded.append(slice(None))
+        shape.append(size)
+        out_shape.append(size * factor if axis in axes else size)
+        if axis in axes:
+            expanded.append(None)
+            shape.append(factor)
+    return jnp.broadcast_to(x[tuple(expanded)], tuple(shape)).reshape(out_shape)
 
 
 def _group_statistics(x, num_groups: int):
@@ -59,24 +67,28 @@ def _group_statistics(x, num_groups: int):
     return mean, jnp.maximum(mean_square - mean * mean, 0.0)
 
 
-def _per_channel(values, channels: int):
-    """[batch, groups] -> [batch, 1, ..., 1, channels] (each group's value for its channels)."""
+def _per_channel(values, channels: int, spatial: int = 2):
+    """[batch, groups] -> [batch, 1, ..., 1, channels] (each group's value for its channels).
+
+    ``spatial`` is the number of 1-axes (2 for NHWC images)."""
     batch, groups = values.shape
-    return jnp.repeat(values, channels // groups, axis=-1).reshape(batch, 1, 1, channels)
+    return jnp.repeat(values, channels // groups, axis=-1).reshape(
+        (batch,) + (1,) * spatial + (channels,))
 
 
 def _group_norm_forward(x, scale, bias, num_groups, epsilon, dtype):
     channels = x.shape[-1]
     mean, var = _group_statistics(x, num_groups)
     inv = jax.lax.rsqrt(var + epsilon)
-    mean_c, inv_c = _per_channel(mean, channels), _per_channel(inv, channels)
+    spatial = x.ndim - 2
+    mean_c, inv_c = _per_channel(mean, channels, spatial), _per_channel(inv, channels, spatial)
     y = (x - mean_c) * (inv_c * scale) + bias  # float32 (mean and scale are), as Flax's
     return y.astype(dtype), (x, mean, inv, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, scale, bias, num_groups: int, epsilon: float, dtype):
-    """Group normalisation (Wu & He 2018) of NHWC ``x``, with a written-out gradient.
+    """Group normalisation (Wu & He 2018) of channels-last ``x``, with a written-out gradient.
 
     Each example's channels in ``num_groups`` groups, normalised by the group's mean and variance
     over the spatial axes and its channels (in float32), then ``* scale + bias`` per channel
@@ -118,9 +130,10 @@ def _group_norm_bwd(num_groups, epsilon, dtype, residuals, dy):
         2, batch, num_groups, size).sum(-1) / count
     # dx = r g - r mean_g - r x_hat mean_g_xhat, with x_hat = (x - mean) r: one multiply-add
     # of dy and x with per-(example, channel) coefficients.
-    coef_dy = (inv_c * flat_scale).reshape(batch, 1, 1, channels)
-    coef_x = _per_channel(-inv * inv * mean_g_xhat, channels)
-    offset = _per_channel(inv * inv * mean_g_xhat * mean - inv * mean_g, channels)
+    ones = (1,) * (x.ndim - 2)
+    coef_dy = (inv_c * flat_scale).reshape((batch,) + ones + (channels,))
+    coef_x = _per_channel(-inv * inv * mean_g_xhat, channels, len(ones))
+    offset = _per_channel(inv * inv * mean_g_xhat * mean - inv * mean_g, channels, len(ones))
     dx = dyf * coef_dy + xf * coef_x + offset
     return (dx.astype(x.dtype), grad_scale.reshape(scale.shape).astype(scale.dtype),
             grad_bias.reshape(scale.shape).astype(scale.dtype))
@@ -130,7 +143,9 @@ group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
-    """``flax.linen.GroupNorm`` for NHWC inputs, with an optional written-out gradient.
+    """``flax.linen.GroupNorm`` for channels-last inputs, with an optional written-out gradient.
+
+    Any number of spatial axes: NHWC images, [batch, length, channels] signals, video.
 
     The same parameters (``scale`` and ``bias``, float32, one per channel) and epsilon, so
     checkpoints and parameter trees are unchanged; output in ``dtype`` (default, as Flax's: the
@@ -149,8 +164,9 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x, written_gradient: bool = False):
         channels = x.shape[-1]
-        if x.ndim != 4:
-            raise ValueError(f"GroupNorm expects NHWC inputs, got shape {x.shape}")
+        if x.ndim < 3:
+            raise ValueError(f"GroupNorm expects channels-last inputs with spatial axes "
+                             f"([batch, ..., channels]), got shape {x.shape}")
         if channels % self.num_groups:
             raise ValueError(f"{channels} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)

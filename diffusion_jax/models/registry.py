@@ -10,13 +10,14 @@ shares (``dtype``, ``dropout``, ``noise_scale``, ``remat``, ``attention``, ``dro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import ml_collections
 
 from diffusion_jax.models.dit import DIT_SIZES, dit
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.video_unet import VideoUNet
 
 __all__ = ["Family", "FAMILIES", "register", "get", "SHARED_KEYS"]
 
@@ -35,7 +36,8 @@ class Family:
     example_shape)`` raises ``ValueError`` naming the key for anything else wrong;
     ``build(group, example_shape, common)`` returns the Flax module, where ``common`` holds the
     shared settings as keyword arguments. ``data_rank`` is the rank of one example the family
-    takes (3 for images, 1 for vectors) and ``text`` whether it can cross-attend to text.
+    takes (3 for images, 2 for signals such as audio [length, channels], 1 for vectors), or a
+    tuple of the ranks it takes and ``text`` whether it can cross-attend to text.
     ``fingerprint_names`` maps a key to the name checkpoints store it under (the flat names
     of the layout before families had groups, so that older checkpoints still restore).
     """
@@ -43,11 +45,16 @@ class Family:
     name: str
     defaults: Callable[[], Mapping[str, Any]]
     build: Callable[..., Any]
-    data_rank: int
+    data_rank: Union[int, tuple]
     text: bool
     ranges: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     check: Callable[..., None] = lambda group, example_shape: None
     fingerprint_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def takes(self, rank: int) -> bool:
+        """Whether the family's networks take examples of ``rank`` axes."""
+        ranks = self.data_rank if isinstance(self.data_rank, tuple) else (self.data_rank,)
+        return rank in ranks
 
     def default_group(self) -> ml_collections.ConfigDict:
         """The sub-group ``config.model.<name>`` with the family's defaults."""
@@ -86,14 +93,19 @@ def _check_unet(group, example_shape):
     levels = len(group.channel_mult)
     if levels < 1:
         raise ValueError("config.model.unet.channel_mult needs at least one level")
-    if example_shape[0] % 2 ** (levels - 1):
-        raise ValueError(f"config.model.unet.channel_mult has {levels} levels; the image size "
-                         f"{example_shape[0]} must be divisible by {2 ** (levels - 1)}")
+    sizes = example_shape[-3:-1] if len(example_shape) == 4 else example_shape[:-1]
+    if any(size % 2 ** (levels - 1) for size in sizes):
+        what = {1: "signal length", 2: "image size"}[len(sizes)]
+        if len(example_shape) == 4:
+            what = "frame size"
+        raise ValueError(f"config.model.unet.channel_mult has {levels} levels; the {what} "
+                         f"{sizes[0]} must be divisible by {2 ** (levels - 1)}")
 
 
 def _build_unet(group, example_shape, common):
-    del example_shape
-    return UNet(channels=group.channels, channel_mult=tuple(group.channel_mult),
+    # Clips [frames, height, width, channels] get the factorised space-time UNet of the same keys.
+    network = VideoUNet if len(example_shape) == 4 else UNet
+    return network(channels=group.channels, channel_mult=tuple(group.channel_mult),
                 num_res_blocks=group.num_res_blocks,
                 attention_resolutions=tuple(group.attention_resolutions),
                 num_heads=group.num_heads, scale_shift=group.scale_shift,
@@ -106,16 +118,23 @@ def _check_dit(group, example_shape):
     if group.size not in DIT_SIZES:
         raise ValueError(f"config.model.dit.size={group.size!r} is not one of "
                          f"{tuple(DIT_SIZES)}")
-    if example_shape[0] % group.patch_size or example_shape[1] % group.patch_size:
+    sizes = tuple(example_shape[:-1])
+    if len(sizes) == 3 and sizes[0] % group.temporal_patch:
+        raise ValueError(f"config.model.dit.temporal_patch={group.temporal_patch} does not "
+                         f"divide the {sizes[0]} frames of a clip")
+    if any(size % group.patch_size for size in sizes[-2:] if len(sizes) > 1) or (
+            len(sizes) == 1 and sizes[0] % group.patch_size):
+        what = {1: "signal length", 2: "image size", 3: "frame size"}[len(sizes)]
+        shown = sizes[0] if len(sizes) == 1 else sizes[-2:]
         raise ValueError(f"config.model.dit.patch_size={group.patch_size} does not divide the "
-                         f"image size {tuple(example_shape[:2])}")
+                         f"{what} {shown}")
 
 
 def _build_dit(group, example_shape, common):
     del example_shape
     # DiT has no dropout layers (as in Peebles & Xie 2023); config.model.dropout does not apply.
-    return dit(group.size, group.patch_size, **{k: v for k, v in common.items()
-                                                 if k != "dropout"})
+    return dit(group.size, group.patch_size, temporal_patch=group.temporal_patch,
+               **{k: v for k, v in common.items() if k != "dropout"})
 
 
 def _build_mlp(group, example_shape, common):
@@ -126,15 +145,16 @@ def _build_mlp(group, example_shape, common):
 
 
 register(Family(
-    name="unet", defaults=_unet_defaults, build=_build_unet, data_rank=3, text=True,
+    name="unet", defaults=_unet_defaults, build=_build_unet, data_rank=(2, 3, 4), text=True,
     ranges={"channels": (int, "> 0"), "channel_mult": (int, "> 0"),
             "num_res_blocks": (int, "> 0"), "attention_resolutions": (int, "> 0"),
             "num_heads": (int, "> 0"), "head_dim": (int, ">= 0 (0 = num_heads heads)"),
             "transformer_depth": (int, "> 0")},
     check=_check_unet))
 register(Family(
-    name="dit", defaults=lambda: dict(size="S", patch_size=2), build=_build_dit, data_rank=3,
-    text=True, ranges={"patch_size": (int, "> 0")}, check=_check_dit,
+    name="dit", defaults=lambda: dict(size="S", patch_size=2, temporal_patch=1),
+    build=_build_dit, data_rank=(2, 3, 4), text=True,
+    ranges={"patch_size": (int, "> 0"), "temporal_patch": (int, "> 0")}, check=_check_dit,
     fingerprint_names={"size": "dit_size"}))
 register(Family(
     name="mlp", defaults=lambda: dict(hidden=256, depth=4), build=_build_mlp, data_rank=1,

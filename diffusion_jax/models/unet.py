@@ -3,7 +3,8 @@
 Residual blocks with GroupNorm and SiLU, the noise-level embedding added per block (or applied as
 a scale and shift, ADM's "AdaGN"), self-attention at chosen resolutions, strided-convolution
 downsampling and nearest-neighbour upsampling, dropout, and optional class conditioning with a null
-label for classifier-free guidance. Layout NHWC; parameters float32; computation in ``dtype``.
+label for classifier-free guidance. Layout NHWC, or [batch, length, channels] for 1-D signals
+(audio: the same blocks with 1-D convolutions); parameters float32; computation in ``dtype``.
 
 With ``channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,)``
 on 32x32x3 images it is DDPM's CIFAR-10 network, 35,746,307 parameters.
@@ -57,16 +58,19 @@ class ResBlock(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-6
+    kernel: Optional[tuple] = None  # default: 3 along every spatial axis (3x3 on images)
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
+        kernel = self.kernel or (3,) * (x.ndim - 2)
         h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
                               name="norm_0")(x, train))
-        h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv_0")(h)
+        h = nn.Conv(self.features, kernel, dtype=self.dtype, name="conv_0")(h)
         emb_out = nn.Dense(
             2 * self.features if self.scale_shift else self.features, dtype=self.dtype,
             name="emb",
-        )(nn.silu(emb))[:, None, None, :]
+        )(nn.silu(emb))
+        emb_out = emb_out.reshape(emb_out.shape[:1] + (1,) * (x.ndim - 2) + emb_out.shape[1:])
         h_norm = GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype, name="norm_1")
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -75,14 +79,14 @@ class ResBlock(nn.Module):
             h = h_norm(h + emb_out, train)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         # Zero-initialised so that every block starts as the identity (Ho et al. 2020).
-        h = nn.Conv(self.features, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
+        h = nn.Conv(self.features, kernel, dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+            x = nn.Conv(self.features, (1,) * len(kernel), dtype=self.dtype, name="skip")(x)
         return x + h
 
 
 class AttentionBlock(nn.Module):
-    """GroupNorm, multi-head self-attention over all pixels, residual connection."""
+    """GroupNorm, multi-head self-attention over all pixels (or samples), residual connection."""
 
     num_heads: int = 1
     num_groups: int = 32
@@ -91,12 +95,11 @@ class AttentionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        batch, height, width, channels = x.shape
         h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
-        h = h.reshape(batch, height * width, channels)
+        h = h.reshape(x.shape[0], -1, x.shape[-1])
         h = MultiHeadSelfAttention(self.num_heads, dtype=self.dtype, out_kernel_init=_zeros,
                                    attention=self.attention, name="attention")(h)
-        return x + h.reshape(batch, height, width, channels)
+        return x + h.reshape(x.shape)
 
 
 class TransformerBlock(nn.Module):
@@ -141,19 +144,19 @@ class SpatialTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, context_mask=None):
-        batch, height, width, channels = x.shape
+        channels = x.shape[-1]
         h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(
-            h.reshape(batch, height * width, channels))
+            h.reshape(x.shape[0], -1, channels))
         for i in range(self.depth):
             h = TransformerBlock(self.num_heads, self.dtype, self.attention, name=f"block_{i}")(
                 h, context, context_mask)
         h = nn.Dense(channels, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(h)
-        return x + h.reshape(batch, height, width, channels)
+        return x + h.reshape(x.shape)
 
 
 class UNet(nn.Module):
-    """UNet denoiser on NHWC images (DDPM/ADM/Stable Diffusion family).
+    """UNet denoiser on NHWC images or [batch, length, channels] signals (DDPM/ADM/SD family).
 
     ``UNet(...)(x, noise_level, labels=None, train=False, context=None, context_mask=None,
     pooled=None, time_ids=None, residuals=None) -> output`` with the shape of x (or
@@ -161,7 +164,8 @@ class UNet(nn.Module):
 
     Attributes:
       channels: base width; level i has ``channels * channel_mult[i]`` channels.
-      attention_resolutions: feature-map sizes (height) with attention after each res block.
+      attention_resolutions: feature-map sizes (height; a signal's length) with attention after
+        each res block.
       num_heads: attention heads (unless ``head_dim`` is set).
       head_dim: if set, each attention block has (its channels) // head_dim heads instead.
       num_classes: enables class conditioning; label ``num_classes`` is the null label used for
@@ -231,6 +235,35 @@ class UNet(nn.Module):
                              f"({len(self.channel_mult)})")
         return value
 
+    # The spatial layout: NHWC images, or [batch, length, channels] signals (audio). Every
+    # convolution spans all spatial axes; a subclass (the video UNet) may choose otherwise.
+
+    def _kernel(self, h, size: int = 3):
+        return (size,) * (h.ndim - 2)
+
+    def _check_input(self, x):
+        if x.ndim not in (3, 4):
+            raise ValueError("UNet expects NHWC images [batch, height, width, channels] or "
+                             f"signals [batch, length, channels], got {x.shape}")
+        levels = len(self.channel_mult)
+        if any(size % 2 ** (levels - 1) for size in x.shape[1:-1]):
+            what = "image size" if x.ndim == 4 else "signal length"
+            raise ValueError(
+                f"{what} {x.shape[1:-1]} must be divisible by {2 ** (levels - 1)} for "
+                f"{levels} resolution levels"
+            )
+
+    def _downsample(self, h, name):
+        """Halve every spatial axis: a stride-2 3x3 (or 3) convolution."""
+        nd = h.ndim - 2
+        return nn.Conv(h.shape[-1], self._kernel(h), strides=(2,) * nd, padding=((1, 1),) * nd,
+                       dtype=self.dtype, name=name)(h)
+
+    def _upsample(self, h, name):
+        """Double every spatial axis: nearest neighbour, then a 3x3 (or 3) convolution."""
+        return nn.Conv(h.shape[-1], self._kernel(h), dtype=self.dtype,
+                       name=name)(upsample_nearest(h))
+
     @nn.compact
     def __call__(self, x, noise_level, labels=None, train: bool = False, context=None,
                  context_mask=None, pooled=None, time_ids=None, residuals=None):
@@ -241,7 +274,8 @@ class UNet(nn.Module):
         and one added to the middle block's output (Zhang et al. 2023, ControlNet)."""
         emb, context, context_mask = self.conditioning(x, noise_level, labels, context,
                                                        context_mask, pooled, time_ids)
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = nn.Conv(self.channels, self._kernel(x), dtype=self.dtype,
+                    name="conv_in")(x.astype(self.dtype))
         h, skips = self.encode(h, emb, train, context, context_mask)
         if residuals is not None:
             down, mid = residuals
@@ -259,14 +293,7 @@ class UNet(nn.Module):
 
     def conditioning(self, x, noise_level, labels, context, context_mask, pooled, time_ids):
         """``(emb, context, context_mask)``: the embedding every res block reads, and the text."""
-        if x.ndim != 4:
-            raise ValueError(f"UNet expects NHWC images [batch, height, width, channels], got {x.shape}")
-        levels = len(self.channel_mult)
-        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
-            raise ValueError(
-                f"image size {x.shape[1:3]} must be divisible by {2 ** (levels - 1)} for "
-                f"{levels} resolution levels"
-            )
+        self._check_input(x)
         emb_dim = 4 * self.channels
         noise_level = jnp.broadcast_to(noise_level, x.shape[:1])
         emb = NoiseLevelEmbedding(emb_dim, self.channels, self.noise_scale, dtype=self.dtype,
@@ -294,13 +321,18 @@ class UNet(nn.Module):
             return level in self.attention_levels
         return h.shape[1] in self.attention_resolutions
 
-    def _attention(self, h, name, level, context, context_mask):
+    def _heads(self, h, name, level) -> int:
+        """The attention heads of block ``name`` at ``level`` over features ``h``."""
         heads = self._per_level(self.num_heads, "num_heads")[level]
         if self.head_dim:
             if h.shape[-1] % self.head_dim:
                 raise ValueError(f"{h.shape[-1]} channels in {name} do not split into heads "
                                  f"of head_dim={self.head_dim}")
             heads = h.shape[-1] // self.head_dim
+        return heads
+
+    def _attention(self, h, name, level, context, context_mask):
+        heads = self._heads(h, name, level)
         if self.context_dim is None:
             attention_class = nn.remat(AttentionBlock) if self.remat else AttentionBlock
             return attention_class(heads, self.num_groups, self.dtype, self.attention,
@@ -326,8 +358,7 @@ class UNet(nn.Module):
                                         context_mask)
                 skips.append(h)
             if level != levels - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                            dtype=self.dtype, name=f"down_{level}_downsample")(h)
+                h = self._downsample(h, f"down_{level}_downsample")
                 skips.append(h)
 
         h = self._res_block(h.shape[-1], "mid_res_0")(h, emb, train)
@@ -348,12 +379,11 @@ class UNet(nn.Module):
                     h = self._attention(h, f"up_{level}_attn_{block}", level, context,
                                         context_mask)
             if level != 0:
-                h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype,
-                            name=f"up_{level}_upsample")(upsample_nearest(h))
+                h = self._upsample(h, f"up_{level}_upsample")
 
         h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
                               name="norm_out")(h, train))
-        out = nn.Conv(self.out_channels or in_channels, (3, 3), dtype=self.dtype,
+        out = nn.Conv(self.out_channels or in_channels, self._kernel(h), dtype=self.dtype,
                       kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
 
