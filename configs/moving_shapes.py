@@ -44,4 +44,12 @@ def get_config():
     config.sampling.num_steps = 30
     config.sampling.num_samples = 12
     config.sampling.guidance_scale = 3.0
+    # The frame judge of --mode=train_classifier (video_eval.train_judge): 600 steps of 32 frames
+    # read shapes, colours and positions almost perfectly (docs/video.md).
+    config.classifier.num_steps = 600
+    config.classifier.batch_size = 32
+    config.classifier.learning_rate = 3e-3
+    config.classifier.width = 24
+    config.evaluation.num_samples = 600
+    config.evaluation.batch_size = 60
     return config

@@ -31,7 +31,7 @@ import optax
 from diffusion_jax import audio_eval, classifier_store, configuration, controlnet_runs, data, files
 from diffusion_jax import generate, likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
-from diffusion_jax import train_state, writers
+from diffusion_jax import train_state, video_eval, writers
 from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
@@ -111,6 +111,8 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
             "reads it on every host")
     if config.data.name == "captions":  # prompt adherence: captioned shapes
         return prompt_eval.train_attribute_classifier(config, workdir, log=log)
+    if config.data.name == "moving_shapes":  # the frame judge of video_eval
+        return video_eval.train_judge(config, workdir, log=log)
     source = configuration.build_source(config.data)
     test_source = split_source(config, "data.test_split")  # before training: a typo fails now
     example_shape, num_classes = configuration.data_shape(source)
@@ -275,6 +277,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
         return prompt_eval.evaluate_prompts(_no_controlnet(config), workdir, log=log, step=step)
     if config.data.name in ("tones", "audio_folder"):  # pitch and label accuracy per guidance
         return _evaluate_audio(config, workdir, log, step)
+    if config.data.name == "moving_shapes":  # motion and attributes per guidance scale
+        return video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
+                                         log=log, step=step)
     e, s = config.evaluation, config.sampling
     classifier = load_classifier(config, workdir) if e.feature_extractor == "classifier" or \
         os.path.exists(os.path.join(classifier_store.classifier_dir(config, workdir),

@@ -43,7 +43,7 @@ ATTRIBUTES = ("shape", "colour", "size", "count", "position", "background")
 NO_POSITION = len(captions.POSITIONS)  # the position class of several objects ("none")
 GROUPS = ("seen", "heldout", "all")
 # The data whose --mode=eval measures every one of config.evaluation.guidance_scales.
-GUIDANCE_SWEEPS = ("captions", "tones")
+GUIDANCE_SWEEPS = ("captions", "tones", "moving_shapes")
 TEST_EXAMPLES = 2_000  # fresh images the judge's accuracy is measured on
 _CLASSIFY_BATCH = 250  # images per call of the jitted classifier (padded: one compilation)
 

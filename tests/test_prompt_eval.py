@@ -190,7 +190,8 @@ def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
     # Other data is measured at config.sampling.guidance_scale.
     other = tiny.get_config()
     other.evaluation.guidance_scales = (1.0, 2.0)
-    with pytest.raises(configuration.ConfigError, match=r"data.name in \('captions', 'tones'\)"):
+    with pytest.raises(configuration.ConfigError,
+                       match=r"data.name in \('captions', 'tones', 'moving_shapes'\)"):
         evaluate.evaluate(other, str(tmp_path))
 
 
