@@ -21,7 +21,7 @@ def get_config():
     config.model.unet.attention_resolutions = (256,)
     config.model.unet.num_heads = 2
     config.model.dtype = "float32"
-    config.training.num_steps = 2_000
+    config.training.num_steps = 3_000
     config.training.learning_rate = 1e-3
     config.training.warmup_steps = 200
     config.training.ema_decay = 0.995

@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from diffusion_jax import audio, classifier_store, configuration, generate, latent, metrics
-from diffusion_jax import parallel, prompt_eval, run, train_state, writers
+from diffusion_jax import audio, classifier_store, configuration, generate, metrics, parallel
+from diffusion_jax import prompt_eval, writers
 
 __all__ = ["pitch_targets", "pitch_accuracy", "quantize_16bit", "evaluate_audio",
            "format_table"]
@@ -84,23 +84,14 @@ def _score(waves, labels, classifier, sample_rate, source, reference_stats):
 
 
 def _checkpoint_generator(config, workdir, step):
-    """``(step, num_classes, for_scale)`` of the run's checkpoint."""
-    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
+    """``(step, num_classes, for_scale)`` of the run's checkpoint; a class-conditional one."""
+    step, num_classes, for_scale = generate.checkpoint_generators(config, workdir, step)
     if num_classes is None:
         raise configuration.ConfigError(
             "--mode=eval of audio measures a class-conditional run (label and pitch accuracy "
             "of the classes it is asked for); this run has no classes: set "
             "config.data.class_conditional=True on labelled data (data.name='tones')")
-    params = train_state.model_params(state, config.sampling.use_ema)
-    mesh = run.sampling_mesh(config)
-    decode = latent.decoder_for(config, workdir)
-
-    def for_scale(scale):
-        generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                                mesh=mesh, decode=decode, guidance_scale=scale)
-        return lambda key, num: generate_fn(params, key, num)
-
-    return int(state.step), num_classes, for_scale
+    return step, num_classes, lambda scale: (lambda key, num, g=for_scale(scale): g(key, num))
 
 
 def evaluate_audio(config, workdir: str, classifier, reference, test_source, *,

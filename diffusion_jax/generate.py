@@ -364,6 +364,24 @@ class _Controls:
         return guidance.windowed_control(denoise, self.times, self.window)
 
 
+def checkpoint_generators(config, workdir, step=None):
+    """``(step, num_classes, for_scale)`` of a run's checkpoint, for the evaluations' sweeps.
+
+    ``for_scale(scale)`` returns ``generate(key, num, prompts=None) -> samples`` at guidance
+    ``scale`` from the checkpoint's parameters (one compiled program for every scale)."""
+    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
+    params = train_state.model_params(state, config.sampling.use_ema)
+    mesh, decode = run.sampling_mesh(config), latent.decoder_for(config, workdir)
+
+    def for_scale(scale):
+        fn = make_generate_fn(config, model, example_shape, num_classes, mesh=mesh,
+                              decode=decode, guidance_scale=scale)
+        return lambda key, num, prompts=None: fn(params, key, num,
+                                                 None if prompts is None else list(prompts))
+
+    return int(state.step), num_classes, for_scale
+
+
 def generate_from_prompts(config, workdir, prompts, *, seed=0, step=None, **sampling):
     """Load the trained text-to-image run in ``workdir`` and generate one image per prompt.
 

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import classifier_store, configuration, files, generate, parallel, run
-from diffusion_jax import latent, train_state, writers
+from diffusion_jax import classifier_store, configuration, files, generate, parallel, writers
 from diffusion_jax.data import captions
 from diffusion_jax.models.classifier import AttributeClassifier
 
@@ -354,19 +353,10 @@ def _chance(attributes, num_heads):
 
 
 def _checkpoint_generator(config, workdir, step):
-    """The default generator source: the run's checkpoint, through ``generate.make_generate_fn``."""
-    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
-    params = train_state.model_params(state, config.sampling.use_ema)
-    mesh = run.sampling_mesh(config)
-    decode = latent.decoder_for(config, workdir)
-
-    def for_scale(scale):
-        generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                                mesh=mesh, decode=decode, guidance_scale=scale)
-        return lambda key, prompts, attributes: generate_fn(params, key, len(prompts),
-                                                            list(prompts))
-
-    return int(state.step), for_scale
+    """The default generator source: the run's checkpoint (:func:`generate.checkpoint_generators`)."""
+    step, _, for_scale = generate.checkpoint_generators(config, workdir, step)
+    return step, lambda scale: (lambda key, prompts, attributes, g=for_scale(scale):
+                                g(key, len(prompts), prompts))
 
 
 def evaluate_prompts(config, workdir: str, *, log: Callable[[str], None] = print,

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import classifier_store, configuration, files, generate, latent, parallel
-from diffusion_jax import prompt_eval, run, train_state, writers
+from diffusion_jax import classifier_store, configuration, files, generate, parallel, prompt_eval
+from diffusion_jax import writers
 from diffusion_jax.data.captions import COLOURS, SHAPES
 from diffusion_jax.data.video import MOTIONS
 from diffusion_jax.models.frame_judge import FrameJudge
@@ -406,19 +406,10 @@ def load_judge(config, workdir: str):
 
 
 def _checkpoint_generator(config, workdir, step):
-    """The default generator source: the run's checkpoint, through ``generate.make_generate_fn``."""
-    state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
-    params = train_state.model_params(state, config.sampling.use_ema)
-    mesh = run.sampling_mesh(config)
-    decode = latent.decoder_for(config, workdir)
-
-    def for_scale(scale):
-        generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                                mesh=mesh, decode=decode, guidance_scale=scale)
-        return lambda key, prompts, num: generate_fn(
-            params, key, num, None if prompts is None else list(prompts))
-
-    return int(state.step), for_scale
+    """The default generator source: the run's checkpoint (:func:`generate.checkpoint_generators`)."""
+    step, _, for_scale = generate.checkpoint_generators(config, workdir, step)
+    return step, lambda scale: (lambda key, prompts, num, g=for_scale(scale):
+                                g(key, num, prompts))
 
 
 def _conditioning(config):
