@@ -70,12 +70,7 @@ def pitch_accuracy(waves, targets, sample_rate: int) -> tuple:
 def _score(waves, labels, classifier, sample_rate, source, reference_stats):
     """Pitch and label accuracy of clips asked to be ``labels``, and their Fréchet distance."""
     apply, params, _ = classifier
-    logits, features = [], []
-    for start in range(0, len(waves), 250):
-        lo, fe = apply(params, waves[start:start + 250])
-        logits.append(np.asarray(lo))
-        features.append(np.asarray(fe))
-    logits, features = np.concatenate(logits), np.concatenate(features)
+    logits, features = classifier_store.apply_in_batches(apply, params, waves, 250)
     pitch, count = pitch_accuracy(waves, pitch_targets(source, labels), sample_rate)
     stats = metrics.FeatureStatistics(features.shape[1]).update(features)
     return {"pitch_accuracy": pitch, "pitch_clips": count,

@@ -12,13 +12,15 @@ import json
 import os
 
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from diffusion_jax import files, parallel, writers
 
 __all__ = ["EvaluationError", "classifier_dir", "save_classifier", "classifier_optimizer",
-           "restore_classifier_params", "read_classifier_summary", "write_results"]
+           "restore_classifier_params", "read_classifier_summary", "write_results",
+           "apply_in_batches"]
 
 
 class EvaluationError(RuntimeError):
@@ -98,3 +100,22 @@ def write_results(config, workdir: str, name: str, results: dict, scalars: dict,
     writer.scalars(results["step"], scalars)
     writer.close()
     return out_path
+
+
+def apply_in_batches(apply, params, inputs, batch_size: int, *, pad: bool = False):
+    """``apply(params, batch)`` over ``inputs`` in batches; its output tree, concatenated (numpy).
+
+    With ``pad`` every call gets ``batch_size`` rows (the last batch padded with zeros, whose rows
+    are dropped), so one compiled program serves any count, none included."""
+    inputs = np.asarray(inputs, np.float32)
+    parts = []
+    for start in range(0, max(len(inputs), 1) if pad else len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        if pad:
+            padded = np.zeros((batch_size,) + inputs.shape[1:], np.float32)
+            padded[:len(chunk)] = chunk
+            parts.append(jax.tree_util.tree_map(lambda a, n=len(chunk): np.asarray(a)[:n],
+                                                apply(params, padded)))
+        else:
+            parts.append(jax.tree_util.tree_map(np.asarray, apply(params, chunk)))
+    return jax.tree_util.tree_map(lambda *arrays: np.concatenate(arrays), *parts)

@@ -77,12 +77,8 @@ def split_source(config, key: str):
 
 
 def _batched_apply(apply_fn, params, images, batch_size=500):
-    logits, features = [], []
-    for start in range(0, len(images), batch_size):
-        lo, fe = apply_fn(params, jnp.asarray(images[start:start + batch_size]))
-        logits.append(np.asarray(lo))
-        features.append(np.asarray(fe))
-    return np.concatenate(logits), np.concatenate(features)
+    """``(logits, features)`` of the classifier over ``images``, 500 at a time."""
+    return classifier_store.apply_in_batches(apply_fn, params, images, batch_size)
 
 
 def _examples(source, indices=None):

@@ -122,20 +122,8 @@ def _make_classify(model, params):
     apply = jax.jit(lambda p, x: {k: jnp.argmax(v, -1) for k, v in model.apply(
         {"params": p}, x)[0].items()})
 
-    def classify(images):
-        images = np.asarray(images, np.float32)
-        out = {name: [] for name, _ in model.heads}
-        for start in range(0, len(images), _CLASSIFY_BATCH):
-            chunk = images[start:start + _CLASSIFY_BATCH]
-            padded = np.zeros((_CLASSIFY_BATCH,) + chunk.shape[1:], np.float32)
-            padded[:len(chunk)] = chunk
-            predicted = apply(params, padded)
-            for name in out:
-                out[name].append(np.asarray(predicted[name])[:len(chunk)])
-        return {name: np.concatenate(v) if v else np.zeros((0,), np.int32)
-                for name, v in out.items()}
-
-    return classify
+    return lambda images: classifier_store.apply_in_batches(apply, params, images,
+                                                            _CLASSIFY_BATCH, pad=True)
 
 
 def _judge_accuracy(predicted, targets):

@@ -238,20 +238,8 @@ def _make_judge_fn(model, params) -> Callable:
 
     apply = jax.jit(predict)
 
-    def judge_fn(frames):
-        frames = np.asarray(frames, np.float32)
-        out = {name: [] for name in ATTRIBUTES + ("centre",)}
-        for start in range(0, len(frames), _READ_BATCH):
-            chunk = frames[start:start + _READ_BATCH]
-            padded = np.zeros((_READ_BATCH,) + chunk.shape[1:], np.float32)
-            padded[:len(chunk)] = chunk
-            predicted = apply(params, padded)
-            for name in out:
-                out[name].append(np.asarray(predicted[name])[:len(chunk)])
-        return {name: np.concatenate(value) if value else
-                np.zeros((0, 2) if name == "centre" else (0,)) for name, value in out.items()}
-
-    return judge_fn
+    return lambda frames: classifier_store.apply_in_batches(apply, params, frames, _READ_BATCH,
+                                                            pad=True)
 
 
 def read_clips(judge_fn: Callable, clips) -> dict:
