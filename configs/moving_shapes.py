@@ -52,4 +52,7 @@ def get_config():
     config.classifier.width = 24
     config.evaluation.num_samples = 600
     config.evaluation.batch_size = 60
+    # --mode=eval's sweep: each scale from noise and from each clip's own first frame
+    config.evaluation.guidance_scales = (0.0, 1.0, 3.0)
+    config.evaluation.first_frame = True
     return config

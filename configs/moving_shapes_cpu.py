@@ -33,4 +33,5 @@ def get_config():
     config.training.sample_every = 1_000
     config.sampling.num_steps = 20
     config.sampling.num_samples = 8
+    config.evaluation.num_samples = 120  # per row: 3 scales x (from noise, from a first frame)
     return config

@@ -18,8 +18,12 @@ class ConfigError(ValueError):
     """A config key is unknown or has an invalid value; the message names the key."""
 
 
-def check_editing(given: dict) -> None:
-    """The editing keys: files that exist, a mask only with an image, jumps only to inpaint."""
+def check_editing(given: dict, kind: str = "image") -> None:
+    """The editing keys: files that exist, a mask only with an image, jumps only to inpaint.
+
+    ``kind`` is what the data's examples are ("image", "audio" or "video"): a video run's
+    init_image is its clips' first frame (image-to-video, inpainting in time), so it takes
+    jumps and no mask; an audio run takes no image at all."""
     for key in ("sampling.init_image", "sampling.mask_image"):
         path = given[key]
         if path and not os.path.isfile(path):
@@ -31,12 +35,21 @@ def check_editing(given: dict) -> None:
     if given["pretrained.lora"] and not given["pretrained.path"]:
         raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
                           "config.pretrained.path")
+    if given["sampling.init_image"] and kind == "audio":
+        raise ConfigError(f"config.sampling.init_image edits images and starts videos; "
+                          f"data.name={given['data.name']!r} is audio: leave it empty")
+    if given["sampling.mask_image"] and kind == "video":
+        raise ConfigError("config.sampling.mask_image repaints part of an image; a video run's "
+                          "init_image is its clips' first frame and the other frames are "
+                          "painted: leave mask_image empty")
     if given["sampling.mask_image"] and not given["sampling.init_image"]:
         raise ConfigError("config.sampling.mask_image needs config.sampling.init_image: the "
                           "image whose masked region is repainted")
-    if given["sampling.jump_n_sample"] > 1 and not given["sampling.mask_image"]:
+    inpainting = given["sampling.mask_image"] or (kind == "video" and given["sampling.init_image"])
+    if given["sampling.jump_n_sample"] > 1 and not inpainting:
         raise ConfigError("config.sampling.jump_n_sample > 1 (RePaint's resampling) is for "
-                          "inpainting: set config.sampling.mask_image, or jump_n_sample=1")
+                          "inpainting: set config.sampling.mask_image (or, for a video run, "
+                          "init_image: the first frame), or jump_n_sample=1")
     if given["sampling.strength"] != -1 and not given["sampling.init_image"]:
         raise ConfigError("config.sampling.strength applies to an input image: set "
                           "config.sampling.init_image (or leave strength at -1)")

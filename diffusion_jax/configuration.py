@@ -30,7 +30,7 @@ from diffusion_jax.models import registry
 __all__ = ["ConfigError", "SOURCES", "NUMERIC", "check_number", "load_config", "validate",
            "build_source", "build_model", "build_denoiser", "build_schedule",
            "build_parameterization", "data_shape", "caption_tokenizer", "null_caption",
-           "encode_captions", "editing_strength", "comma_list"]
+           "encode_captions", "data_kind", "editing_strength", "comma_list"]
 
 
 def _procedural_seed(split):
@@ -260,11 +260,20 @@ def moved_key_hint(key: str) -> str:
             "own group of keys)")
 
 
+def data_kind(config) -> str:
+    """"audio", "video" or "image": what ``config.data.name``'s examples are.
+
+    2-D toys count as "image": no editing key applies to them."""
+    return modalities.KINDS.get(config.data.name, "image")
+
+
 def editing_strength(config) -> float:
-    """``config.sampling.strength``, with -1 read as 0.8 (image-to-image) or 1.0 (inpainting)."""
+    """``config.sampling.strength``, with -1 read as 0.8 or 1.0 (see below).
+
+    0.8 for image-to-image, 1.0 for inpainting and image-to-video."""
     strength = config.sampling.strength
     if strength == -1:
-        return 1.0 if config.sampling.mask_image else 0.8
+        return 1.0 if config.sampling.mask_image or data_kind(config) == "video" else 0.8
     return float(strength)
 
 
@@ -376,6 +385,10 @@ def _check_combinations(given):
             "config.evaluation.inception_weights: the path of pytorch-fid's FID Inception "
             "weights (pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's releases) or an "
             ".npz converted from it")
+    if given["evaluation.first_frame"] and given["data.name"] != "moving_shapes":
+        raise ConfigError("config.evaluation.first_frame=True measures image-to-video on "
+                          "moving shapes (data.name='moving_shapes'); this config's data is "
+                          f"{given['data.name']!r}: set it to False")
     if given["text.width"] % given["text.num_heads"]:
         raise ConfigError(f"config.text.width={given['text.width']} must be divisible by "
                           f"config.text.num_heads={given['text.num_heads']}")
@@ -386,7 +399,7 @@ def _check_combinations(given):
                               "model folder: set config.pretrained.path, or choose one of "
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
-    check_editing(given)
+    check_editing(given, modalities.KINDS.get(given["data.name"], "image"))
     check_lora(given)
     check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:

@@ -284,6 +284,9 @@ def _evaluation() -> ml_collections.ConfigDict:
     # (attribute accuracy, seen vs held-out pairs), or pitch and label accuracy, at each of these
     # guidance scales, e.g. (0.0, 1.0, 3.0, 5.0); () = config.sampling.guidance_scale only.
     evaluation.guidance_scales = ()
+    # Moving shapes: also generate each held-out clip from its own first frame (image-to-video,
+    # with sampling.jump_n_sample / jump_length) at every scale, and score it beside.
+    evaluation.first_frame = False
     # A pretrained Stable Diffusion folder (pretrained.path, no run in the workdir): the prompts
     # to generate from, one per line of this UTF-8 file; "" = the captions of config.data,
     # whose images are the reference set of the Fréchet distance.

@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from diffusion_jax import configuration, controlnet_runs, editing, files, guidance, latent
+from diffusion_jax import configuration, controlnet_runs, edit_runs, editing, files, guidance
+from diffusion_jax import latent
 from diffusion_jax import modalities
 from diffusion_jax import parallel, parameterization, run, samplers, time_grids, train_state
 from diffusion_jax.conditioning import sampling_network
 from diffusion_jax.data import controls as controls_lib
+from diffusion_jax.edit_runs import EditInputs, edit_inputs
 from diffusion_jax.pipelines import StableDiffusion
 
 __all__ = ["make_generate_fn", "generate_from_prompts", "generate_to_files", "sampling_labels",
@@ -166,58 +168,14 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
                 "prompt", "negative_prompt", "control_scales", "control_start", "control_end")
 
 
-class EditInputs(NamedTuple):
-    """What image-to-image and inpainting start from, in the sampler's space.
-
-    x0: the input [1 or batch, ...] (pixels in [-1, 1], or a latent run's scaled latents).
-    mask: None, or [1 or batch, ..., 1] with 1 where the sampler repaints (at x0's size).
-    strength: the share of the steps run (see :mod:`diffusion_jax.editing`).
-    jump_length, jump_n_sample: RePaint's resampling (inpainting only; 1 = off)."""
-
-    x0: jax.Array
-    mask: Optional[jax.Array]
-    strength: float
-    jump_length: int = 10
-    jump_n_sample: int = 1
-
-
-def edit_inputs(config, example_shape, space=None, key=None) -> Optional[EditInputs]:
-    """``config.sampling.init_image`` (and ``mask_image``) for a run, or None.
-
-    The image is read at the run's resolution (``example_shape``, or for a latent run the
-    autoencoder's image size) into [-1, 1]; a latent run encodes it with ``space`` (a posterior
-    sample from ``key``) and takes the mask to the latent grid by nearest-neighbour sampling."""
-    s = config.sampling
-    if not s.init_image:
-        return None
-    height, width, channels = example_shape
-    if space is not None:
-        factor = space.autoencoder.downsampling_factor
-        height, width, channels = height * factor, width * factor, space.autoencoder.in_channels
-    try:
-        image = editing.read_image(s.init_image, height, width, channels)[None] * 2.0 - 1.0
-        mask = (editing.read_mask(s.mask_image, height, width)[None] if s.mask_image
-                else None)
-    except (OSError, ValueError) as err:
-        raise configuration.ConfigError(f"config.sampling.init_image / mask_image: {err}") \
-            from err
-    x0 = jnp.asarray(image)
-    if space is not None:
-        key = jax.random.key(s.seed) if key is None else key
-        x0 = space.encode_batch({"x": x0}, jax.random.fold_in(key, 2))["x"]
-        if mask is not None:
-            mask = editing.resize_mask(mask, *example_shape[:2])
-    return EditInputs(x0, None if mask is None else jnp.asarray(mask),
-                      configuration.editing_strength(config), s.jump_length, s.jump_n_sample)
-
-
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, decode=None,
                      edit: Optional[EditInputs] = None, **sampling):
     """Make ``generate(params, key, num, prompts=None) -> samples`` for ``config.sampling``.
 
-    ``edit`` (:func:`edit_inputs`) turns generation into image-to-image, or with a mask
-    inpainting (RePaint, :class:`diffusion_jax.samplers.KnownRegion`), from one input image for
-    every sample.
+    ``edit`` (:func:`~diffusion_jax.edit_runs.edit_inputs`) turns generation into
+    image-to-image, or with a mask inpainting (RePaint, :class:`diffusion_jax.samplers.KnownRegion`),
+    from one input image for every sample (or from per-sample inputs); for a video run,
+    image-to-video (:func:`~diffusion_jax.edit_runs.first_frame_inputs`).
 
     ``decode``, if given, maps the generated samples to what is returned: a latent run's
     decoder (:func:`diffusion_jax.latent.decoder_for`), which runs as its own compiled program.
@@ -301,29 +259,12 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
                 f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
                 f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
                 "for a multiple to spread it (same results, less time and memory per device)")
-        samples = _sample(fn, noise, edit, dict(
+        samples = edit_runs.sample_edited(fn, noise, edit, dict(
             schedule=schedule, method=sampling.method, num_steps=sampling.num_steps,
             grid=sampling.grid, key=key_sampler))
         return samples if decode is None else decode(samples)
 
     return generate
-
-
-def _sample(fn, noise, edit: Optional[EditInputs], sample_kwargs):
-    """The samples of ``fn`` from ``noise``: plain, or image-to-image / inpainting."""
-    if edit is None:
-        return samplers.sample(fn, noise, **sample_kwargs).samples
-    x0 = jnp.broadcast_to(edit.x0, noise.shape)
-    known = None
-    if edit.mask is not None:
-        keep = editing.keep_from_mask(jnp.broadcast_to(edit.mask, noise.shape[:-1] + (1,)))
-        known = samplers.KnownRegion(x0, keep)
-        sample_kwargs.update(jump_length=edit.jump_length, jump_n_sample=edit.jump_n_sample)
-    try:
-        return editing.image_to_image(fn, x0, noise, strength=edit.strength, known=known,
-                                      **sample_kwargs).samples
-    except ValueError as err:
-        raise configuration.ConfigError(f"config.sampling: {err}") from err
 
 
 class _Controls:
@@ -367,17 +308,24 @@ class _Controls:
 def checkpoint_generators(config, workdir, step=None):
     """``(step, num_classes, for_scale)`` of a run's checkpoint, for the evaluations' sweeps.
 
-    ``for_scale(scale)`` returns ``generate(key, num, prompts=None) -> samples`` at guidance
-    ``scale`` from the checkpoint's parameters (one compiled program for every scale)."""
+    ``for_scale(scale)`` returns ``generate(key, num, prompts=None, edit=None) -> samples`` at
+    guidance ``scale`` from the checkpoint's parameters (one compiled program for every scale);
+    ``edit`` (:class:`~diffusion_jax.edit_runs.EditInputs`, e.g. first frames) edits from it."""
     state, model, example_shape, num_classes = run.restore_run(config, workdir, step=step)
     params = train_state.model_params(state, config.sampling.use_ema)
     mesh, decode = run.sampling_mesh(config), latent.decoder_for(config, workdir)
 
     def for_scale(scale):
-        fn = make_generate_fn(config, model, example_shape, num_classes, mesh=mesh,
-                              decode=decode, guidance_scale=scale)
-        return lambda key, num, prompts=None: fn(params, key, num,
-                                                 None if prompts is None else list(prompts))
+        plain = make_generate_fn(config, model, example_shape, num_classes, mesh=mesh,
+                                 decode=decode, guidance_scale=scale)
+
+        def generate(key, num, prompts=None, edit=None):
+            fn = plain if edit is None else make_generate_fn(
+                config, model, example_shape, num_classes, mesh=mesh, decode=decode, edit=edit,
+                guidance_scale=scale)
+            return fn(params, key, num, None if prompts is None else list(prompts))
+
+        return generate
 
     return int(state.step), num_classes, for_scale
 
@@ -439,7 +387,7 @@ def generate_to_files(config, workdir):
     settings = {"step": int(state.step), "workdir": os.path.abspath(workdir),
                 "sampling": s.to_dict()}
     stem = files.reserve_stem(os.path.join(workdir, "samples"),
-                              f"step{int(state.step)}_{_mode_name(config)}{s.method}_"
+                              f"step{int(state.step)}_{edit_runs.mode_name(config)}{s.method}_"
                               f"{s.num_steps}steps_cfg{s.guidance_scale:g}_"
                               f"{files.settings_digest(settings)}")
     if is_text_model(config):
@@ -458,14 +406,6 @@ def generate_to_files(config, workdir):
                                      "config": json.loads(config.to_json_best_effort())})
     written.append(stem + ".json")
     return written
-
-
-def _mode_name(config) -> str:
-    """A file name prefix saying what was done: "" (generation), "img2img_" or "inpaint_"."""
-    s = config.sampling
-    if not s.init_image:
-        return ""
-    return f"{'inpaint' if s.mask_image else 'img2img'}{configuration.editing_strength(config):g}_"
 
 
 def load_pipeline(config) -> StableDiffusion:
@@ -586,7 +526,8 @@ def generate_pretrained_to_files(config, workdir):
                 "pipeline": pipeline.models.index["_class_name"], "sampling": s.to_dict(),
                 "size": list(images.shape[1:3])}
     stem = files.reserve_stem(os.path.join(workdir, "samples"),
-                              f"pretrained_{_mode_name(config)}{s.method}_{s.num_steps}steps_"
+                              f"pretrained_{edit_runs.mode_name(config)}{s.method}_"
+                              f"{s.num_steps}steps_"
                               f"cfg{s.guidance_scale:g}_{files.settings_digest(settings)}")
     files.save_arrays(stem + ".npz", samples=images, prompts=np.array(prompts))
     files.save_grid(images, stem + ".png")

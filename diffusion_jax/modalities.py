@@ -25,7 +25,7 @@ from diffusion_jax.data.audio import AudioFolder, Tones
 from diffusion_jax.data.video import MovingShapes, VideoFolder
 
 __all__ = ["MODALITIES", "modality", "preview", "write_samples", "CaptionsOnly", "SOURCES",
-           "TEXT_SOURCES"]
+           "KINDS", "TEXT_SOURCES"]
 
 MODALITIES = {1: "vector", 2: "audio", 3: "image", 4: "video"}
 
@@ -143,5 +143,8 @@ def _video_folder(d, split):
 # The audio and video sources by config.data.name (configuration.SOURCES holds them all).
 SOURCES = {"tones": _tones, "audio_folder": _audio_folder, "moving_shapes": _moving_shapes,
            "video_folder": _video_folder}
+# What each of these sources' examples are (configuration.data_kind: any other is "image").
+KINDS = {"tones": "audio", "audio_folder": "audio", "moving_shapes": "video",
+         "video_folder": "video"}
 # Sources that give captions (a text-conditioned run) when config.data.captions != "none".
 TEXT_SOURCES = ("folder", "tones", "moving_shapes")

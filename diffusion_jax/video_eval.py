@@ -14,6 +14,9 @@ when it is -1), reads every frame of every clip with the judge, and scores:
 - temporal consistency: the share of consecutive frame pairs whose read shape and colour are
   unchanged (a colour-change clip may switch colour once).
 
+With ``evaluation.first_frame`` each scale runs twice: from noise, and from each record's own
+first frame (image-to-video), whose attributes are then scored on the frames after the first.
+
 The same scores of the real held-out clips against their own ground truth, and chance, give
 the scale:
 
@@ -32,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import classifier_store, configuration, files, generate, parallel, prompt_eval
+from diffusion_jax import classifier_store, configuration, edit_runs, files, generate, parallel
+from diffusion_jax import prompt_eval
 from diffusion_jax import writers
 from diffusion_jax.data.captions import COLOURS, SHAPES
 from diffusion_jax.data.video import MOTIONS
@@ -141,7 +145,7 @@ def _jumps(read_shape, read_colour, allow_switch: bool) -> np.ndarray:
     return jumps
 
 
-def score(read: dict, wanted: Sequence[dict]) -> dict:
+def score(read: dict, wanted: Sequence[dict], *, given_frames: int = 0) -> dict:
     """Motion accuracy, attribute accuracy and temporal consistency of clips read by the judge.
 
     ``read`` is :func:`read_clips`' dict (shape, colour, background [n, T], centre [n, T, 2]);
@@ -149,7 +153,9 @@ def score(read: dict, wanted: Sequence[dict]) -> dict:
     asked for: left out of its score, which is None when no clip asks). A frame's colour is
     right when it is ``colour`` or ``to_colour``. Temporal consistency is one minus the share of
     consecutive frame pairs whose shape or colour reading changes, where a clip that asks for
-    the colour change (or whose motion is not given) may switch colour once."""
+    the colour change (or whose motion is not given) may switch colour once. The first
+    ``given_frames`` frames of each clip (image-to-video's given first frame) are left out of
+    attribute accuracy; motion and consistency read every frame, the given ones included."""
     shapes, colours = np.asarray(read["shape"]), np.asarray(read["colour"])
     backgrounds, centres = np.asarray(read["background"]), np.asarray(read["centre"])
     if len(wanted) != len(shapes):
@@ -170,7 +176,7 @@ def score(read: dict, wanted: Sequence[dict]) -> dict:
                 continue
             accepted = [w[name]] + ([w["to_colour"]] if name == "colour"
                                     and w.get("to_colour") is not None else [])
-            right.append(np.isin(readings[name][i], accepted))
+            right.append(np.isin(readings[name][i][given_frames:], accepted))
         attribute[name] = float(np.mean(right)) if right else None
     jumps = [_jumps(shapes[i], colours[i], w.get("motion") in ("colour", None))
              for i, w in enumerate(wanted)]
@@ -396,8 +402,19 @@ def load_judge(config, workdir: str):
 def _checkpoint_generator(config, workdir, step):
     """The default generator source: the run's checkpoint (:func:`generate.checkpoint_generators`)."""
     step, _, for_scale = generate.checkpoint_generators(config, workdir, step)
-    return step, lambda scale: (lambda key, prompts, num, g=for_scale(scale):
-                                g(key, num, prompts))
+    s, frames = config.sampling, config.data.frames
+
+    def for_scale_video(scale):
+        g = for_scale(scale)
+
+        def generate_clips(key, prompts, num, first_frames=None):
+            edit = None if first_frames is None else edit_runs.first_frame_inputs(
+                first_frames, frames, jump_length=s.jump_length, jump_n_sample=s.jump_n_sample)
+            return g(key, num, prompts, edit=edit)
+
+        return generate_clips
+
+    return step, for_scale_video
 
 
 def _conditioning(config):
@@ -418,8 +435,11 @@ def _generated_wanted(config, conditioning, num, wanted):
             for m in motions]
 
 
-def _generate_and_read(config, generate_scale, judge_fn, records, wanted, conditioning):
-    """``(read, wanted)`` of clips made in batches for ``records``, quantised like saved ones."""
+def _generate_and_read(config, generate_scale, judge_fn, records, wanted, conditioning,
+                       first_frames=None):
+    """``(read, wanted)`` of clips made in batches for ``records``, quantised like saved ones.
+
+    ``first_frames`` [n, R, R, 3] in [-1, 1], if given, are the clips' given first frames."""
     e, d = config.evaluation, config.data
     key = jax.random.key(config.sampling.seed)
     expected = (d.frames, d.resolution, d.resolution, 3)
@@ -429,8 +449,9 @@ def _generate_and_read(config, generate_scale, judge_fn, records, wanted, condit
         num = chunk.stop - chunk.start
         prompts = ([r["caption"] for r in records[chunk]] if conditioning == "captions"
                    else None)
+        extra = {} if first_frames is None else {"first_frames": first_frames[chunk]}
         clips = files.quantize(parallel.to_host(
-            generate_scale(jax.random.fold_in(key, offset), prompts, num)))
+            generate_scale(jax.random.fold_in(key, offset), prompts, num, **extra)))
         if clips.shape[1:] != expected:
             raise classifier_store.EvaluationError(
                 f"the generator made clips of shape {clips.shape[1:]}, the judge reads "
@@ -440,6 +461,25 @@ def _generate_and_read(config, generate_scale, judge_fn, records, wanted, condit
         asked += _generated_wanted(config, conditioning, num, wanted[chunk])
     read = {name: np.concatenate([r[name] for r in reads]) for name in reads[0]}
     return read, asked
+
+
+def _sweep(config, for_scale, judge_fn, records, wanted, conditioning, first_frames, log):
+    """One result per guidance scale (and per first-frame setting): scores and seconds."""
+    per_scale, asked = [], wanted
+    settings = [None] + ([first_frames] if config.evaluation.first_frame else [])
+    for scale in prompt_eval.guidance_scales(config):
+        for given in settings:
+            scale_start = time.time()
+            read, asked = _generate_and_read(config, for_scale(scale), judge_fn, records,
+                                             wanted, conditioning, given)
+            result = {"guidance_scale": scale, "first_frame": given is not None,
+                      **score(read, asked, given_frames=int(given is not None)),
+                      "seconds": round(time.time() - scale_start, 2)}
+            per_scale.append(result)
+            log(f"guidance {scale:g}{', first frame given' if given is not None else ''}: "
+                f"motion accuracy {_cell(result['motion_accuracy'])}, "
+                f"temporal consistency {result['temporal_consistency']:.3f}")
+    return per_scale, asked
 
 
 def evaluate_video(config, workdir: str, judge, *, log: Callable[[str], None] = print,
@@ -454,13 +494,15 @@ def evaluate_video(config, workdir: str, judge, *, log: Callable[[str], None] = 
     motion and consistency only (an unconditional one on consistency alone). Clips are
     generated in batches of ``evaluation.batch_size`` with the same noise at every scale of
     :func:`~diffusion_jax.prompt_eval.guidance_scales`, quantised to 8 bits like saved clips
-    and read by the judge (see :func:`score`). The records' own clips give the "real" row.
-    Writes ``workdir/eval/step<N>_<method>_<steps>steps_video.json`` and TensorBoard scalars
+    and read by the judge (see :func:`score`). With ``evaluation.first_frame`` every scale is
+    also run from each record's own first frame (image-to-video,
+    :func:`~diffusion_jax.edit_runs.first_frame_inputs`), scored on the frames after it. The
+    records' own clips give the "real" row. Writes ``workdir/eval/step<N>_<method>_<steps>steps_video.json`` and TensorBoard scalars
     under ``eval/video/``, and returns the results.
 
     ``load_generator(config, workdir, step) -> (step, for_scale)``, where ``for_scale(scale)``
-    returns ``generate(key, prompts or None, num) -> clips [num, T, R, R, 3] in [-1, 1]``,
-    replaces the run's checkpoint (tests give it real clips or noise)."""
+    returns ``generate(key, prompts or None, num, first_frames=None) -> clips [num, T, R, R, 3]
+    in [-1, 1]`` (``first_frames`` [num, R, R, 3]: the given first frames), replaces the run's checkpoint (tests give it real clips or noise)."""
     log = log if parallel.is_writer() else writers.quiet  # process 0 reports
     configuration.validate(config)
     _check_data(config)
@@ -473,16 +515,8 @@ def evaluate_video(config, workdir: str, judge, *, log: Callable[[str], None] = 
     wanted = [wanted_of(g) for g in geometries]
     real = score(read_clips(judge_fn, clips), wanted)
     step, for_scale = (load_generator or _checkpoint_generator)(config, workdir, step)
-    per_scale, asked = [], wanted
-    for scale in prompt_eval.guidance_scales(config):
-        scale_start = time.time()
-        read, asked = _generate_and_read(config, for_scale(scale), judge_fn, records, wanted,
-                                         conditioning)
-        result = {"guidance_scale": scale, **score(read, asked),
-                  "seconds": round(time.time() - scale_start, 2)}
-        per_scale.append(result)
-        log(f"guidance {scale:g}: motion accuracy {_cell(result['motion_accuracy'])}, "
-            f"temporal consistency {result['temporal_consistency']:.3f}")
+    per_scale, asked = _sweep(config, for_scale, judge_fn, records, wanted, conditioning,
+                              clips[:, 0], log)
     results = {
         "step": int(step),
         "metric": "video adherence: the frame judge's reading of generated clips (motion from "
@@ -490,16 +524,18 @@ def evaluate_video(config, workdir: str, judge, *, log: Callable[[str], None] = 
                   "consistency of shape and colour between frames) against what was asked for",
         "conditioning": conditioning,
         "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
-                    "guidance_rescale": s.guidance_rescale, "use_ema": s.use_ema},
+                    "guidance_rescale": s.guidance_rescale, "use_ema": s.use_ema,
+                    "jump_length": s.jump_length, "jump_n_sample": s.jump_n_sample},
         "num_samples": len(records),
-        "guidance_scales": [r["guidance_scale"] for r in per_scale],
+        "guidance_scales": list(dict.fromkeys(r["guidance_scale"] for r in per_scale)),
         "scales": per_scale, "real": real, "chance": chance(asked),
         "judge_test": summary["test"],
         "generation_and_scoring_seconds": round(time.time() - start, 2),
     }
     scalars = {}
     for result in per_scale:
-        prefix = f"eval/video/cfg{result['guidance_scale']:g}"
+        prefix = (f"eval/video/cfg{result['guidance_scale']:g}"
+                  f"{'_first_frame' if result['first_frame'] else ''}")
         scalars[f"{prefix}/motion_accuracy"] = result["motion_accuracy"]
         scalars[f"{prefix}/temporal_consistency"] = result["temporal_consistency"]
         for name, value in result["attribute_accuracy"].items():
@@ -524,7 +560,8 @@ def format_table(results: dict) -> str:
              f"(conditioned on {results['conditioning']})",
              f"{'':>10} {'motion':>7} " + " ".join(f"{n:>10}" for n in ATTRIBUTES)
              + f" {'consistency':>11}"]
-    rows = [(f"cfg {r['guidance_scale']:g}", r) for r in results["scales"]]
+    rows = [(f"cfg {r['guidance_scale']:g}{' i2v' if r.get('first_frame') else ''}", r)
+            for r in results["scales"]]
     for name, r in rows + [("real", results["real"]), ("chance", results["chance"])]:
         lines.append(f"{name:>10} {_cell(r['motion_accuracy'], 7)} "
                      + " ".join(_cell(r["attribute_accuracy"][n], 10) for n in ATTRIBUTES)
@@ -533,7 +570,8 @@ def format_table(results: dict) -> str:
     lines.append("(motion: clips whose motion, read from the judge's centres and colours, is the "
                  "one asked for; shape, colour, background: frames read as asked; consistency: "
                  "frame pairs with shape and colour unchanged, one colour switch allowed in a "
-                 "colour change; real: held-out clips against their own ground truth; the "
+                 "colour change; i2v: the record's first frame given, attributes read on the "
+                 "frames after it; real: held-out clips against their own ground truth; the "
                  "judge on fresh frames: " + ", ".join(f"{n} {judge[n]:.3f}" for n in ATTRIBUTES)
                  + f", centre error {judge['centre_error_pixels']:.2f} px)")
     return "\n".join(lines)

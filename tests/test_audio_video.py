@@ -273,6 +273,18 @@ def test_a_video_run_resumes_bit_for_bit_and_samples_gif_and_mp4(tmp_path):
     grid = imageio.imread([p for p in written if p.endswith(".png")][0])
     assert grid.shape[:2] == (2 * 16 + 2, 4 * 16 + 3 * 2)  # a row of 4 frames per clip
 
+    # Image-to-video: config.sampling.init_image is every clip's first frame, kept exactly.
+    first = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    imageio.imwrite(str(tmp_path / "first.png"), first)
+    config.sampling.init_image = str(tmp_path / "first.png")
+    written = generate.generate_to_files(config, str(tmp_path / "a"))
+    npz = [p for p in written if p.endswith(".npz")][0]
+    assert os.path.basename(npz).startswith("step4_i2v_")
+    clips = np.load(npz)["samples"]
+    assert clips.shape == (2, 4, 16, 16, 3)
+    np.testing.assert_allclose(clips[:, 0], np.broadcast_to(first / 127.5 - 1.0, (2, 16, 16, 3)),
+                               atol=1e-6)
+
 
 # ------------------------------------------------------------------------------- metrics
 

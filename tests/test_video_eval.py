@@ -299,7 +299,9 @@ def test_real_clips_score_like_the_real_row_and_noise_far_below(judge):
     assert real["guidance_scales"] == [1.0, 3.0] and real["conditioning"] == "captions"
     assert real["num_samples"] == 60
     for result in real["scales"]:
-        scored = {k: v for k, v in result.items() if k not in ("guidance_scale", "seconds")}
+        assert result["first_frame"] is False
+        scored = {k: v for k, v in result.items()
+                  if k not in ("guidance_scale", "first_frame", "seconds")}
         assert scored == real["real"]
     assert real["real"]["motion_accuracy"] > 0.95
     assert real["real"]["attribute_accuracy"]["colour"] > 0.98
@@ -319,6 +321,50 @@ def test_real_clips_score_like_the_real_row_and_noise_far_below(judge):
         assert json.load(f)["scales"][1] == real["scales"][1]
     table = "\n".join(lines)
     assert "cfg 3" in table and "chance" in table and "real" in table and written[0] in table
+
+
+def _frozen_first_frames(config, workdir, step):
+    """Plain generation gives noise; given first frames, clips that hold them (no motion)."""
+    source = configuration.build_source(config.data, split="test")
+    d = config.data
+
+    def for_scale(scale):
+        given = []
+
+        def generate(key, prompts, num, first_frames=None):
+            if first_frames is None:
+                return np.asarray(jax.random.uniform(
+                    key, (num, d.frames, d.resolution, d.resolution, 3), minval=-1.0, maxval=1.0))
+            start = sum(len(f) for f in given)
+            given.append(first_frames)
+            real = np.stack([source[i]["video"][0] for i in range(start, start + num)])
+            np.testing.assert_allclose(first_frames, real / 127.5 - 1.0, atol=1e-6)
+            return np.repeat(np.asarray(first_frames)[:, None], d.frames, axis=1)
+        return generate
+    return 0, for_scale
+
+
+def test_first_frame_rows_are_scored_on_the_frames_after_it(judge):
+    config, workdir, _, _ = judge
+    config = config.copy_and_resolve_references()
+    config.evaluation.first_frame = True
+    config.evaluation.guidance_scales = (0.0, 2.0)
+    lines = []
+    result = video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
+                                       log=lines.append, load_generator=_frozen_first_frames)
+    rows = result["scales"]
+    assert [(r["guidance_scale"], r["first_frame"]) for r in rows] == [
+        (0.0, False), (0.0, True), (2.0, False), (2.0, True)]
+    frozen = rows[1]
+    # A held first frame keeps every attribute (a colour change's first colour counts) ...
+    for name in video_eval.ATTRIBUTES:
+        assert frozen["attribute_accuracy"][name] > 0.95, name
+        assert rows[0]["attribute_accuracy"][name] < 0.6, name
+    assert frozen["temporal_consistency"] > 0.99
+    # ... and shows no motion at all.
+    assert frozen["motion_accuracy"] == 0.0 and frozen["read_motions"]["still"] > 55
+    assert rows[3] == {**frozen, "guidance_scale": 2.0, "seconds": rows[3]["seconds"]}
+    assert "cfg 2 i2v" in "\n".join(lines)
 
 
 def test_a_class_conditional_run_is_scored_on_its_labels_motions(judge):
@@ -403,9 +449,11 @@ def test_video_adherence_of_a_trained_run(judge):
     config.evaluation.num_samples = 6
     config.evaluation.batch_size = 3
     config.evaluation.guidance_scales = (0.0, 2.0)
+    config.evaluation.first_frame = True  # image-to-video from the checkpoint too
     train.train_and_evaluate(config, workdir, log=lambda line: None)
     results = video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
                                         log=lambda line: None)
     assert results["step"] == 2 and results["guidance_scales"] == [0.0, 2.0]
+    assert [r["first_frame"] for r in results["scales"]] == [False, True, False, True]
     assert results["scales"][0]["num_clips"] == 6
     assert glob.glob(os.path.join(workdir, "eval", "step2_dpmpp_2m_3steps_video_*.json"))
