@@ -18,7 +18,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from configs import cifar10_ddpm, default, tiny  # noqa: E402
+from configs import cifar10_ddpm, default, moving_shapes, moving_shapes_cpu, tiny  # noqa: E402
 
 # name -> (config builder, data shape, number of classes or None)
 MODELS = {}
@@ -49,6 +49,18 @@ def _sd15():
     return config, (64, 64, 4), None
 
 
+def _moving_shapes():
+    config = moving_shapes.get_config()
+    d = config.data
+    return config, (d.frames, d.resolution, d.resolution, 3), None
+
+
+def _moving_shapes_cpu():
+    config = moving_shapes_cpu.get_config()
+    d = config.data
+    return config, (d.frames, d.resolution, d.resolution, 3), None
+
+
 def _tiny():  # a seconds-long smoke test of the benchmarks themselves (tests/test_benchmarks.py)
     config = tiny.get_config()
     config.model.dropout = 0.1
@@ -59,33 +71,61 @@ MODELS["ddpm_cifar10"] = _ddpm_cifar10
 MODELS["dit_b2"] = _dit_b2
 MODELS["sd15"] = _sd15
 MODELS["tiny"] = _tiny
+
+
+def _tiny_video():  # the tiny model on 4-frame 16x16 clips with captions (the benchmarks' tests)
+    config = tiny.get_config()
+    config.data.name = "moving_shapes"
+    config.data.captions = "auto"
+    config.data.frames = 4
+    config.data.resolution = 16
+    config.text.width = 32
+    config.text.depth = 1
+    config.text.num_heads = 2
+    config.text.max_length = 80
+    return config, (4, 16, 16, 3), None
+
+
+MODELS["tiny_video"] = _tiny_video
+# The text-to-video presets: a factorised space-time UNet on [frames, R, R, 3] clips with its
+# byte-level text encoder; their batches carry random caption tokens (see text_tokens).
+MODELS["moving_shapes"] = _moving_shapes
+MODELS["moving_shapes_cpu"] = _moving_shapes_cpu
 # Models that cross-attend to text: the batch carries a random [77, 768] context (the output of
 # SD's frozen CLIP text encoder, which is not part of what is timed, as in the PyTorch baseline).
 CONTEXT = {"sd15": (77, 768)}
 
 
-def build(name, dtype, batch, **overrides):
+def build(name, dtype, batch, frames=None, **overrides):
     """The benchmark model ``name`` as a run would build it, its state initialised on the mesh.
 
     Returns ``(config, shape, num_classes, model, optimizer, mesh, abstract_state, state)``.
-    ``overrides`` set config keys, e.g. ``training__steps_per_call=4``."""
+    ``overrides`` set config keys, e.g. ``training__steps_per_call=4``; ``frames`` a video
+    model's clip length."""
     from diffusion_jax import run, train_state
 
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
-        name, dtype, batch, **overrides)
+        name, dtype, batch, frames, **overrides)
     mesh = run.build_mesh(config)
     state = train_state.init_train_state(config, model, optimizer, shape, num_classes, mesh)
     return config, shape, num_classes, model, optimizer, mesh, abstract, state
 
 
-def build_abstract(name, dtype, batch, **overrides):
+def build_abstract(name, dtype, batch, frames=None, **overrides):
     """:func:`build` without a mesh or arrays.
 
-    Returns ``(config, shape, num_classes, model, optimizer, abstract_state)``."""
+    ``frames`` sets a video model's clip length (``config.data.frames``). Returns ``(config,
+    shape, num_classes, model, optimizer, abstract_state)``."""
     from diffusion_jax import configuration, train_state
     from diffusion_jax import optimizer as optimizer_lib
 
     config, shape, num_classes = MODELS[name]()
+    if frames is not None:
+        if len(shape) != 4:
+            raise ValueError(f"--frames sets a video model's clip length; {name!r} takes data of "
+                             f"shape {shape}")
+        shape = (int(frames),) + tuple(shape[1:])
+        config.data.frames = int(frames)
     config.model.dtype = dtype
     config.data.batch_size = batch
     config.data.class_conditional = num_classes is not None
@@ -98,18 +138,27 @@ def build_abstract(name, dtype, batch, **overrides):
         model = models.sd15_unet(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                                  remat=bool(config.model.remat),
                                  attention=config.model.attention)
-    else:
-        model = configuration.build_model(config.model, shape, num_classes)
+    else:  # with its text encoder for captioned data, as a run builds it
+        model = configuration.build_denoiser(config, shape, num_classes)
     optimizer = optimizer_lib.optimizer_from_config(config)
     abstract = train_state.abstract_train_state(model, optimizer, shape, num_classes, config.seed)
     return config, shape, num_classes, model, optimizer, abstract
 
 
-def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes, control_shape=None):
+def text_tokens(config):
+    """The caption length of a model with its own text encoder (a captioned run), else None."""
+    from diffusion_jax import configuration
+
+    return config.text.max_length if configuration.is_text_model(config) else None
+
+
+def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes, control_shape=None,
+                            tokens=None):
     """Abstract arguments of benchmark model ``name``'s train step on ``mesh``, for compiling.
 
     ``(state, batch, running metrics)`` as abstract arrays in their shardings, for compiling
-    without data; with ``control_shape`` the batch holds control images (a ControlNet run's)."""
+    without data; with ``control_shape`` the batch holds control images (a ControlNet run's),
+    with ``tokens`` (a length) caption tokens and their mask."""
     from diffusion_jax import parallel, train
 
     def placed(tree, sharding):  # every leaf in ``sharding`` (one, or a tree like ``tree``)
@@ -123,6 +172,9 @@ def abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes, con
         batch_struct["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if name in CONTEXT:
         batch_struct["context"] = jax.ShapeDtypeStruct((batch,) + CONTEXT[name], jnp.float32)
+    if tokens:
+        batch_struct["tokens"] = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+        batch_struct["token_mask"] = jax.ShapeDtypeStruct((batch, tokens), jnp.bool_)
     if control_shape is not None:
         batch_struct["control"] = jax.ShapeDtypeStruct((batch,) + tuple(control_shape),
                                                        jnp.float32)
@@ -285,11 +337,17 @@ def _fmt(value):
     return "" if value is None else str(value)
 
 
-def random_batch(shape, batch, num_classes, seed=0, context=None):
+def random_batch(shape, batch, num_classes, seed=0, context=None, tokens=None):
+    """A batch of random data (and labels, a text context, or ``tokens`` caption tokens)."""
     rng = np.random.default_rng(seed)
     out = {"x": rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)}
     if num_classes:
         out["label"] = rng.integers(0, num_classes, batch).astype(np.int32)
     if context:
         out["context"] = rng.standard_normal((batch,) + tuple(context)).astype(np.float32)
+    if tokens:  # byte tokens of captions of random lengths, the rest padding
+        lengths = rng.integers(tokens // 4, tokens + 1, batch)
+        out["token_mask"] = np.arange(tokens)[None] < lengths[:, None]
+        out["tokens"] = np.where(out["token_mask"], rng.integers(32, 127, (batch, tokens)),
+                                 0).astype(np.int32)
     return out

@@ -10,6 +10,8 @@ not fit it, and the options that trade speed for memory (``--remat``, ``--grad-a
     python benchmarks/train_memory.py --target h100 --models sd15 --batch 32 --remat both
     python benchmarks/train_memory.py --models sd15 --batch 2 --lora-rank 0 8  # full vs LoRA
     python benchmarks/train_memory.py --models sd15 --batch 2 --controlnet    # full vs ControlNet
+    python benchmarks/train_memory.py --models moving_shapes --batch 64 --frames 8 16 32 64 \
+        --remat both --meshes 1x1 1x8                                   # frames that fit
 
 Per device, in GB: ``inputs_gb`` is what the step is given (its share of parameters, EMA, Adam
 moments, batch and metrics), ``temp_gb`` what it allocates while it runs (activations kept for the
@@ -30,6 +32,11 @@ base needs no weights here, only its shapes). ``state_gb`` and ``frozen_gb`` are
 the base's bytes per device (part of ``inputs_gb``), ``params`` counts what is trained (the
 adapters' factors) and ``frozen_params`` the base. Each LoRA row carries ``inputs_ratio``,
 ``temp_ratio`` and ``peak_ratio``: its numbers over the full step's with the same settings.
+
+``--frames 8 16 32`` compiles a video model (``moving_shapes``: the text-to-video preset's
+space-time UNet and text encoder, 32x32 frames; ``moving_shapes_cpu``) for each clip length, so
+the frame count that fits a device, with or without remat and fsdp, can be read before a run;
+the batch carries random caption tokens.
 
 ``--controlnet`` adds, for the same settings, the step of a ControlNet run (``config.controlnet``:
 a copy of the UNet's encoder trained on the frozen base, each example with a control image, 8x
@@ -61,17 +68,17 @@ def parse_mesh(text):
 
 def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
                 grad_accumulation=1, train_step="jit", attention="xla", lora_rank=0,
-                lora_targets="attention", controlnet=False):
+                lora_targets="attention", controlnet=False, frames=None):
     """Per-device memory in GB of benchmark model ``name``'s full training step on a mesh.
 
     The step is compiled for a ``data`` x ``fsdp`` mesh of ``devices`` (abstract arrays only).
     ``lora_rank`` > 0 compiles an adapter run's step instead: adapters of that rank on the
     kernels ``lora_targets`` selects, the base frozen (``config.lora``); ``controlnet`` that of
-    a ControlNet run on the frozen base."""
+    a ControlNet run on the frozen base. ``frames`` sets a video model's clip length."""
     import jax
     import numpy as np
 
-    from common import abstract_step_arguments, build_abstract, compiled_memory
+    from common import abstract_step_arguments, build_abstract, compiled_memory, text_tokens
     from diffusion_jax import controlnet_runs, parallel, run, train
     from diffusion_jax.models import layers
 
@@ -79,7 +86,7 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
     if controlnet:
         frozen = dict(controlnet__control="canny")
     config, shape, num_classes, model, optimizer, abstract = build_abstract(
-        name, dtype, batch, model__remat=remat, model__attention=attention,
+        name, dtype, batch, frames, model__remat=remat, model__attention=attention,
         training__grad_accumulation=grad_accumulation, mesh__train_step=train_step,
         mesh__data=data, mesh__fsdp=fsdp, **frozen)
     control_shape = None
@@ -90,7 +97,8 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
         abstract = run.abstract_state(config, model, optimizer, shape, num_classes)
     mesh = parallel.make_mesh(data, fsdp, devices[:data * fsdp])
     arguments = abstract_step_arguments(name, abstract, mesh, batch, shape, num_classes,
-                                        control_shape=control_shape)
+                                        control_shape=control_shape,
+                                        tokens=text_tokens(config))
     with layers.compiling_for(devices[0].platform):
         step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
         compiled = step.lower(*arguments).compile()
@@ -103,7 +111,8 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
                    for x in jax.tree_util.tree_leaves(tree)) / 1e9
 
     state = arguments[0]
-    return {"model": name, "dtype": dtype, "batch": batch, "mesh": f"{data}x{fsdp}",
+    return {"model": name, "dtype": dtype, "batch": batch,
+            "frames": shape[0] if len(shape) == 4 else None, "mesh": f"{data}x{fsdp}",
             "train_step": train_step, "remat": remat, "grad_accumulation": grad_accumulation,
             "trains": ("controlnet" if controlnet else f"lora {lora_rank}" if lora_rank
                        else "full"),
@@ -116,7 +125,8 @@ def step_memory(name, dtype, batch, *, devices, data=1, fsdp=1, remat=False,
 def add_ratios(rows):
     """Give each LoRA or ControlNet row its memory over the full step's of the same settings
     (if measured)."""
-    keys = ("model", "dtype", "batch", "mesh", "train_step", "remat", "grad_accumulation")
+    keys = ("model", "dtype", "batch", "frames", "mesh", "train_step", "remat",
+            "grad_accumulation")
     full = {tuple(r[k] for k in keys): r for r in rows if r["trains"] == "full"}
     for row in rows:
         reference = full.get(tuple(row[k] for k in keys))
@@ -148,6 +158,9 @@ def main(argv=None):
     parser.add_argument("--controlnet", action="store_true",
                         help="also compile a ControlNet run's step (config.controlnet) for each "
                              "setting")
+    parser.add_argument("--frames", nargs="+", type=int, default=[None],
+                        help="a video model's clip lengths, e.g. 8 16 32 (moving_shapes: the "
+                             "frame count that fits a device)")
     parser.add_argument("--name", default="train_memory", help="results file stem")
     args = parser.parse_args(argv)
     if any(rank < 0 for rank in args.lora_rank):
@@ -182,6 +195,11 @@ def main(argv=None):
     for model in args.models:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+        if args.frames != [None] and len(MODELS[model]()[1]) != 4:
+            parser.error(f"--frames sets a video model's clip length; {model!r} is not one "
+                         "(video models: moving_shapes, moving_shapes_cpu, tiny_video)")
+    if any(frames is not None and frames < 1 for frames in args.frames):
+        parser.error(f"--frames takes clip lengths >= 1, got {args.frames}")
     devices = _devices(args.target) if args.target else jax.devices()
     if needed > len(devices):
         how = ("XLA_FLAGS sets --xla_force_host_platform_device_count lower: raise it or leave it "
@@ -201,13 +219,14 @@ def main(argv=None):
                         kinds = [(rank, False) for rank in args.lora_rank]
                         if args.controlnet:
                             kinds.append((0, True))
-                        for steps, (rank, control) in itertools.product(
-                                args.grad_accumulation, kinds):
+                        for frames, steps, (rank, control) in itertools.product(
+                                args.frames, args.grad_accumulation, kinds):
                             rows.append(step_memory(
                                 name, dtype, args.batch, devices=devices, data=data, fsdp=fsdp,
                                 remat=remat, grad_accumulation=steps, train_step=train_step,
                                 attention=args.attention, lora_rank=rank,
-                                lora_targets=args.lora_targets, controlnet=control))
+                                lora_targets=args.lora_targets, controlnet=control,
+                                frames=frames))
                             add_ratios(rows)
                             print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
                                             f"{k} {v}" for k, v in rows[-1].items()), flush=True)
@@ -215,6 +234,8 @@ def main(argv=None):
                "inputs_gb", "temp_gb", "peak_gb"]
     if args.lora_rank != [0] or args.controlnet:
         columns[7:7] = ["trains", "params", "frozen_params", "state_gb", "frozen_gb"]
+    if any(row["frames"] for row in rows):
+        columns[3:3] = ["frames"]
         columns += ["inputs_ratio", "temp_ratio", "peak_ratio"]
     report(rows, columns, args.name, {"target": args.target or devices[0].platform})
     for row in rows:

@@ -11,6 +11,8 @@ against a measured matmul peak (bf16 on GPU/TPU, float32 on a CPU).
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --plain --profile
     python benchmarks/train_throughput.py --models ddpm_cifar10 --dtypes bfloat16 --checkpoint
     python benchmarks/train_throughput.py --models ddpm_cifar10 --lora-rank 0 8  # full vs LoRA
+    python benchmarks/train_throughput.py --models moving_shapes --dtypes bfloat16 --batch 64 \
+        --frames 8 16 --remat                                    # text-to-video, clips/s
 
 Models: the DDPM CIFAR-10 UNet (35.7M parameters, 32x32x3) and DiT-B/2 on 32x32x4 latents by
 default; ``--models sd15`` adds Stable Diffusion 1.5's UNet (859.5M parameters, 64x64x4 latents,
@@ -20,6 +22,10 @@ device at that batch than an H100 has and than JAX takes of an H200 by default; 
 ``train_memory.py``).
 Batches are random (the input pipeline's decoding is not what is measured). On a CPU the default
 batch is 8 and few steps are timed; on a GPU or TPU, 128.
+
+``--models moving_shapes`` (and ``moving_shapes_cpu``) time the text-to-video presets' step:
+the space-time UNet with its text encoder on random clips and caption tokens (``images_per_s``
+counts clips); ``--frames`` sets their length.
 
 ``--lora-rank 0 8`` times, for the same model and batch, full fine-tuning (rank 0) and the step of
 an adapter run (``config.lora.rank`` 8 on ``--lora-targets``): the train state's parameters, EMA
@@ -41,7 +47,7 @@ import jax
 
 from common import (CONTEXT, MODELS, accelerator, build, compiled_flops, compiled_memory,
                     forward_flops, matmul_peak_tflops, on_accelerator, profile_summary,
-                    random_batch, report)
+                    random_batch, report, text_tokens)
 from diffusion_jax import parallel, train
 
 
@@ -71,7 +77,7 @@ def lora_state(config, model, optimizer, shape, num_classes, mesh):
 def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
             train_step="jit", grad_accumulation=1, dropout_rng="threefry", attention="xla",
             state_layouts="auto", profile=False, profile_dir="", checkpoint=False, lora_rank=0,
-            lora_targets="attention"):
+            lora_targets="attention", frames=None):
     overrides = dict(training__steps_per_call=steps_per_call, mesh__train_step=train_step,
                      mesh__state_layouts=state_layouts,
                      training__grad_accumulation=grad_accumulation,
@@ -84,16 +90,17 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
 
         overrides.update(lora__rank=lora_rank, lora__targets=lora_targets)
         config, shape, num_classes, model, optimizer, _ = build_abstract(
-            name, dtype, batch, **overrides)
+            name, dtype, batch, frames, **overrides)
         mesh = run.build_mesh(config)
         abstract, state = lora_state(config, model, optimizer, shape, num_classes, mesh)
     else:
         config, shape, num_classes, model, optimizer, mesh, abstract, state = build(
-            name, dtype, batch, **overrides)
+            name, dtype, batch, frames, **overrides)
     step = train.compiled_train_step(config, model, optimizer, num_classes, mesh, abstract)
     context = CONTEXT.get(name)
     host_batches = itertools.cycle([random_batch(shape, batch, num_classes, seed=i,
-                                                 context=context) for i in range(4)])
+                                                 context=context, tokens=text_tokens(config))
+                                    for i in range(4)])
     batches = parallel.DevicePrefetcher(host_batches, mesh, size=config.training.prefetch,
                                         stack=steps_per_call)
     running = train.empty_running_metrics(mesh)
@@ -130,7 +137,8 @@ def measure(name, dtype, batch, iterations, *, steps_per_call=1, remat=False,
     params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
     frozen = sum(x.size for x in jax.tree_util.tree_leaves(abstract.frozen))
     train_flops = 3 * forward_flops(model, shape, num_classes, context)  # per image
-    return {"model": name, "dtype": dtype, "batch": batch, "params": int(params),
+    return {"model": name, "dtype": dtype, "batch": batch,
+            "frames": shape[0] if len(shape) == 4 else None, "params": int(params),
             "frozen_params": int(frozen), "lora_rank": lora_rank,
             "lora_targets": lora_targets if lora_rank else None,
             "steps_per_call": steps_per_call, "remat": remat, "train_step": train_step,
@@ -261,6 +269,8 @@ def main(argv=None):
                              "(config.lora.rank); e.g. 0 8 times both and their ratio")
     parser.add_argument("--lora-targets", default="attention",
                         help="the kernels LoRA adapts (config.lora.targets)")
+    parser.add_argument("--frames", nargs="+", type=int, default=[None],
+                        help="a video model's clip lengths (moving_shapes, moving_shapes_cpu)")
     parser.add_argument("--name", default="train_throughput", help="results file stem")
     args = parser.parse_args(argv)
     if any(rank < 0 for rank in args.lora_rank):
@@ -273,9 +283,15 @@ def main(argv=None):
     peak = matmul_peak_tflops()
     print(f"measured matmul peak: {peak:.2f} TFLOP/s")
     rows = []
+    for name in args.models:
+        if args.frames != [None] and len(MODELS[name]()[1]) != 4:
+            parser.error(f"--frames sets a video model's clip length; {name!r} is not one "
+                         "(video models: moving_shapes, moving_shapes_cpu, tiny_video)")
     for name, dtype in itertools.product(args.models, args.dtypes):
-        for layouts, rank in itertools.product(args.state_layouts, args.lora_rank):
-            row = measure(name, dtype, batch, iterations, steps_per_call=args.steps_per_call,
+        for layouts, rank, frames in itertools.product(args.state_layouts, args.lora_rank,
+                                                       args.frames):
+            row = measure(name, dtype, batch, iterations, frames=frames,
+                          steps_per_call=args.steps_per_call,
                           remat=args.remat, train_step=args.train_step,
                           grad_accumulation=args.grad_accumulation,
                           dropout_rng=args.dropout_rng, attention=args.attention,
@@ -285,7 +301,8 @@ def main(argv=None):
             ops = row.pop("profile")
             row["mfu"] = row["achieved_tflops"] / peak
             full = [r for r in rows if r["model"] == name and r["dtype"] == dtype
-                    and r.get("state_layouts") == layouts and r.get("lora_rank") == 0]
+                    and r.get("state_layouts") == layouts and r.get("lora_rank") == 0
+                    and r.get("frames") == row["frames"]]
             if rank and full:  # LoRA over full fine-tuning, same model, batch and options
                 row["speed_ratio"] = row["steps_per_s"] / full[0]["steps_per_s"]
                 if row.get("peak_gb") and full[0].get("peak_gb"):
@@ -314,6 +331,8 @@ def main(argv=None):
                "dropout_rng", "attention", "state_layouts", "params",
                "images_per_s", "step_ms", "gflop_per_image", "achieved_tflops", "mfu",
                "gflop_per_image_xla", "peak_gb", "save_blocking_s", "save_stall_s"]
+    if any(row.get("frames") for row in rows):
+        columns[3:3] = ["frames"]
     flops_note = ("gflop_per_image = 3 x forward matmul/conv FLOPs counted from the jaxpr; XLA's "
                   "cost analysis misses cuDNN convolutions on GPU")
     if args.lora_rank != [0]:

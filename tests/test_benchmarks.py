@@ -97,6 +97,29 @@ def test_train_memory_compiles_for_a_mesh_it_simulates():
     assert run.returncode == 2 and "has 2 cpu devices (XLA_FLAGS" in run.stderr, run.stderr
 
 
+def test_video_models_are_measured_per_clip_length():
+    # The text-to-video step (space-time UNet, text encoder, caption tokens) at 2 and 4 frames,
+    # with and without remat, on a 1x2 mesh (fsdp over 2 fake devices).
+    out = _run("train_memory.py", "--models", "tiny_video", "--frames", "2", "4", "--remat",
+               "both", "--meshes", "1x2", "--name", "test_train_memory_video")
+    rows = _rows("test_train_memory_video")
+    assert [(r["frames"], r["remat"]) for r in rows] == [(2, False), (4, False), (2, True),
+                                                          (4, True)]
+    by = {(r["frames"], r["remat"]): r for r in rows}
+    for remat in (False, True):  # twice the frames: more activations, the same parameters
+        assert by[4, remat]["temp_gb"] > 1.5 * by[2, remat]["temp_gb"]
+        assert by[4, remat]["params"] == by[2, remat]["params"]
+    # (XLA's CPU compiler realises little of what remat saves: no claim about it here.)
+    assert " frames " in out
+    out = _run("train_throughput.py", "--models", "tiny_video", "--frames", "2",
+               "--iterations", "1", "--name", "test_train_throughput_video")
+    (row,) = _rows("test_train_throughput_video")
+    assert row["frames"] == 2 and row["images_per_s"] > 0 and row["gflop_per_image"] > 0
+    for script in ("train_memory.py", "train_throughput.py"):
+        run = _call(script, "--frames", "4")  # tiny is an image model
+        assert run.returncode == 2 and "'tiny' is not one" in run.stderr, run.stderr[-2000:]
+
+
 def test_train_memory_compares_lora_with_full_training():
     out = _run("train_memory.py", "--lora-rank", "0", "4", "--lora-targets", "attention",
                "--name", "test_train_memory_lora")
