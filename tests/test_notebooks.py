@@ -274,3 +274,79 @@ def test_audio_notebook_runs(tmp_path):
     assert os.path.isdir(workdir / "checkpoints" / "4")
     assert os.path.isfile(workdir / "classifier" / "classifier.json")
     assert glob.glob(str(workdir / "eval" / "step4_dpmpp_2m_2steps_audio*.json"))
+
+
+@pytest.mark.slow  # a minute or two: the notebook trains, samples, trains the judge, evaluates
+def test_video_notebook_runs(tmp_path):
+    # The CPU preset shrunk: a 2-level UNet of 16 channels and a 1-block text encoder on clips of
+    # 4 frames of 16x16, 256 records per split, 4 training steps, 2 sampling steps, 6 held-out
+    # captions per guidance scale and a judge of 10 steps.
+    import glob
+    import json
+
+    from PIL import Image
+
+    from diffusion_jax.data.video import MOTIONS
+
+    workdir = tmp_path / "run"
+    notebook = _run("video.ipynb", {
+        "WORKDIR": str(workdir), "PRESET": "moving_shapes_cpu", "NUM_STEPS": 4, "BATCH_SIZE": 8,
+        "SAMPLING_STEPS": 2, "NUM_EVAL": 6, "CLASSIFIER_STEPS": 10,
+        "CONFIG_OVERRIDES": {"model.unet.channels": 16, "model.unet.channel_mult": (1, 2),
+                             "model.unet.attention_resolutions": (8,), "data.frames": 4,
+                             "data.size": 256, "text.width": 32, "text.depth": 1,
+                             "text.num_heads": 2}})
+    text, images = _outputs(notebook)
+    assert "preset moving_shapes_cpu: 4 steps of 8 clips, 4 frames of 16x16" in text
+    assert "evaluation: 6 held-out captions per scale in batches of 6" in text
+    assert "256 training clips of 4 frames of 16x16" in text
+    # The notebook's reading of sentences agrees with the ground truth of real captions.
+    assert "asked() reads 200 of 200 training captions as their ground truth" in text
+    assert "is not in the captions' words" not in text  # every default prompt is scored
+    assert "step 4/4" in text
+    assert "finished at step 4" in text
+    assert "wrote 6 GIF and 6 MP4 files to" in text
+    # Image-to-video keeps the given first frame bit for bit.
+    assert "frame 0 of each of the 6 clips is the given frame: largest difference 0.00e+00" \
+        in text
+    assert "frame judge step 10/10" in text and "frame judge: held-out accuracy" in text
+    for scale in (0, 1, 3):
+        # once in the notebook's sweep, once from evaluate_video, which also runs from the
+        # first frame
+        assert text.count(f"guidance {scale}: motion accuracy ") == 2
+        assert f"guidance {scale}, first frame given: motion accuracy " in text
+    assert text.count("; frames right: shape ") == 3
+    for row in ("cfg 0", "cfg 0 i2v", "cfg 1", "cfg 1 i2v", "cfg 3", "cfg 3 i2v", "real",
+                "chance"):
+        assert f"\n{row:>10} " in text  # the rows of video_eval.format_table
+    assert "highest motion accuracy at guidance " in text  # the last code cell ran to the end
+    # real clips, generated clips, image-to-video, one per guidance scale
+    assert images == 1 + 1 + 1 + 3
+    # GIFs (HTML with embedded GIFs): 6 real, 6 generated, 6 image-to-video
+    gifs = sum(output.get("data", {}).get("text/html", "").count("data:image/gif;base64,")
+               for cell in notebook.cells for output in cell.get("outputs", []))
+    assert gifs == 6 + 6 + 6
+
+    # The clips written: a GIF of every clip shown, an MP4 of every generated one.
+    clips = workdir / "clips"
+    written = sorted(os.path.basename(p) for p in glob.glob(str(clips / "*")))
+    prompts = ["a_red_circle_moving_to_the_right_on_a_blue_background",
+               "a_yellow_square_moving_to_the_left_on_a_black_background",
+               "a_white_triangle_moving_up_on_a_green_background",
+               "a_green_circle_moving_down_on_a_white_background",
+               "a_blue_square_bouncing_left_and_right_on_a_yellow_background",
+               "a_red_triangle_changing_from_red_to_yellow_on_a_black_background"]
+    assert written == sorted([f"real_{m}.gif" for m in MOTIONS] + [f"i2v_{m}.gif" for m in MOTIONS]
+                             + [f"{p}.gif" for p in prompts] + [f"{p}.mp4" for p in prompts])
+    with Image.open(clips / "i2v_bounce.gif") as gif:
+        assert gif.size == (16, 16) and gif.n_frames == 4
+    assert os.path.getsize(clips / f"{prompts[0]}.mp4") > 0
+    assert os.path.isdir(workdir / "checkpoints" / "4")
+    with open(workdir / "classifier" / "classifier.json") as f:
+        assert json.load(f)["kind"] == "frame_judge"
+    [results] = glob.glob(str(workdir / "eval" / "step4_*_video*.json"))
+    with open(results) as f:
+        results = json.load(f)
+    assert [(r["guidance_scale"], r["first_frame"]) for r in results["scales"]] == [
+        (0.0, False), (0.0, True), (1.0, False), (1.0, True), (3.0, False), (3.0, True)]
+    assert results["num_samples"] == 6
