@@ -264,7 +264,11 @@ def data_kind(config) -> str:
     """"audio", "video" or "image": what ``config.data.name``'s examples are.
 
     2-D toys count as "image": no editing key applies to them."""
-    return modalities.KINDS.get(config.data.name, "image")
+    return _kind_of(config.data.name)
+
+
+def _kind_of(data_name: str) -> str:
+    return modalities.KINDS.get(data_name, "image")
 
 
 def editing_strength(config) -> float:
@@ -399,7 +403,7 @@ def _check_combinations(given):
                               "model folder: set config.pretrained.path, or choose one of "
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
-    check_editing(given, modalities.KINDS.get(given["data.name"], "image"))
+    check_editing(given, _kind_of(given["data.name"]))
     check_lora(given)
     check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:
