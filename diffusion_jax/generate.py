@@ -170,12 +170,14 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
 
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, decode=None,
                      edit: Optional[EditInputs] = None, **sampling):
-    """Make ``generate(params, key, num, prompts=None) -> samples`` for ``config.sampling``.
+    """Make ``generate(params, key, num, prompts=None, edit=None) -> samples`` for ``config.sampling``.
 
     ``edit`` (:func:`~diffusion_jax.edit_runs.edit_inputs`) turns generation into
     image-to-image, or with a mask inpainting (RePaint, :class:`diffusion_jax.samplers.KnownRegion`),
     from one input image for every sample (or from per-sample inputs); for a video run,
-    image-to-video (:func:`~diffusion_jax.edit_runs.first_frame_inputs`).
+    image-to-video (:func:`~diffusion_jax.edit_runs.first_frame_inputs`). Given here it is
+    every call's default; given to ``generate`` it applies to that call (per-batch masks or
+    first frames reuse one generate function).
 
     ``decode``, if given, maps the generated samples to what is returned: a latent run's
     decoder (:func:`diffusion_jax.latent.decoder_for`), which runs as its own compiled program.
@@ -220,7 +222,12 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
     control = (_Controls(config, model, example_shape, schedule, edit)
                if controlnet_runs.enabled(config) else None)
 
-    def generate(params, key, num, prompts=None, controls=None):
+    default_edit = edit
+
+    def generate(params, key, num, prompts=None, controls=None, edit=None):
+        edit = default_edit if edit is None else edit
+        if control is not None:
+            control.check_edit(edit)
         explicit_prompts = prompts is not None
         if text_model:
             if prompts is None:
@@ -277,11 +284,22 @@ class _Controls:
         self.scales = _control_scales(config, 1)
         # The window is over the steps that run: image-to-image runs the tail of the grid.
         times = time_grids.time_grid(schedule, sampling.num_steps, sampling.grid)[:-1]
+        self.strength = None if edit is None else edit.strength
         if edit is not None:
             times = times[len(times) - editing.steps_to_run(sampling.num_steps, edit.strength):]
         self.times = times
         self.window = guidance.control_window(len(times), sampling.control_start,
                                               sampling.control_end)
+
+    def check_edit(self, edit):
+        """Refuse a call's edit whose strength differs from the one the window was built for."""
+        strength = None if edit is None else edit.strength
+        if strength != self.strength:
+            raise ValueError(
+                f"this ControlNet generate function was made for editing strength "
+                f"{self.strength} (None: no editing), so its control window covers those steps; "
+                f"a call with strength {strength} needs its own: pass that edit to "
+                "make_generate_fn")
 
     def conditions(self, cond, uncond, num, controls, explicit_prompts):
         """``(cond, uncond)`` with the control images and scales.
@@ -320,10 +338,8 @@ def checkpoint_generators(config, workdir, step=None):
                                  decode=decode, guidance_scale=scale)
 
         def generate(key, num, prompts=None, edit=None):
-            fn = plain if edit is None else make_generate_fn(
-                config, model, example_shape, num_classes, mesh=mesh, decode=decode, edit=edit,
-                guidance_scale=scale)
-            return fn(params, key, num, None if prompts is None else list(prompts))
+            return plain(params, key, num, None if prompts is None else list(prompts),
+                         edit=edit)
 
         return generate
 

@@ -175,12 +175,13 @@ def _checkpoint_inpainter(config, workdir, step):
     s = config.sampling
 
     def for_scale(scale):
+        generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
+                                                mesh=mesh, guidance_scale=scale)
+
         def inpaint(key, x0, mask, prompts):
             edit = generate.EditInputs(jnp.asarray(x0), jnp.asarray(mask), 1.0, s.jump_length,
                                        s.jump_n_sample)
-            generate_fn = generate.make_generate_fn(config, model, example_shape, num_classes,
-                                                    mesh=mesh, edit=edit, guidance_scale=scale)
-            return generate_fn(params, key, len(prompts), list(prompts))
+            return generate_fn(params, key, len(prompts), list(prompts), edit=edit)
         return inpaint
 
     return int(state.step), for_scale

@@ -182,6 +182,18 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def test_a_calls_edit_must_keep_the_strength_the_control_window_was_made_for():
+    """A ControlNet's window counts the steps that run, so a per-call edit of another strength
+    (or none, after a function made for editing) is refused rather than mis-windowed."""
+    import types
+    controls = types.SimpleNamespace(strength=0.5)
+    edit = generate.EditInputs(jnp.zeros((1, 8, 8, 3)), None, 0.5)
+    generate._Controls.check_edit(controls, edit)  # the same strength: accepted
+    for other in (edit._replace(strength=0.75), None):
+        with pytest.raises(ValueError, match="made for editing strength 0.5"):
+            generate._Controls.check_edit(controls, other)
+
+
 def test_a_controlnet_run_starts_at_the_base_and_trains_only_the_controlnet(base_run, tmp_path):
     config = _config(base_run)
     base_state, base_model, shape, num_classes = run.restore_run(tiny.get_config(), base_run)

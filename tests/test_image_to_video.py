@@ -93,3 +93,27 @@ def test_editing_keys_that_do_not_fit_the_data_are_refused(tmp_path, kind, key, 
         config.sampling.mask_image = path
     with pytest.raises(configuration.ConfigError, match=message):
         run.build(config)
+
+
+def test_one_generate_function_takes_each_calls_first_frames():
+    """``edit`` given per call (per-batch first frames) is the same as a generate function made
+    for it: the evaluations reuse one compiled sampler for every batch."""
+    from diffusion_jax import generate, train_state
+    config = video_config()
+    config.sampling.num_steps = 3
+    _, model, shape, num_classes, optimizer = run.build(config)
+    state = train_state.init_train_state(config, model, optimizer, shape, num_classes,
+                                           run.build_mesh(config))
+    keys = jax.random.split(jax.random.key(5), 2)
+    firsts = [jax.random.uniform(k, (2,) + shape[1:], minval=-1.0, maxval=1.0) for k in keys]
+    edits = [edit_runs.first_frame_inputs(f, shape[0]) for f in firsts]
+    prompts = ["a red circle moving up on a blue background"] * 2
+    shared = generate.make_generate_fn(config, model, shape, num_classes)
+    per_call = [shared(state.params, jax.random.key(0), 2, prompts, edit=e) for e in edits]
+    made_for = generate.make_generate_fn(config, model, shape, num_classes, edit=edits[0])(
+        state.params, jax.random.key(0), 2, prompts)
+    np.testing.assert_array_equal(per_call[0], made_for)
+    for clips, first in zip(per_call, firsts):
+        np.testing.assert_array_equal(clips[:, 0], first)
+    plain = shared(state.params, jax.random.key(0), 2, prompts)  # no edit: from noise
+    assert float(jnp.abs(plain[:, 0] - firsts[1]).max()) > 0.1
