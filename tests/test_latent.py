@@ -412,12 +412,18 @@ def test_eight_devices_train_as_one(autoencoder_run, tmp_path):
         latent_config(autoencoder_dir, training__steps_per_call=2, training__log_every=2,
                       training__checkpoint_every=2, data__batch_size=16),
         str(tmp_path / "latent_one"), log=_quiet)
-    # Same math, batch reductions in another order: float32 round-off, except for biases whose
-    # true gradient is 0 (a convolution's bias right before a GroupNorm), where Adam turns the
-    # round-off gradients of either run into updates of up to the learning rate (1e-3) a step.
+    # Same math, batch reductions in another order: float32 round-off. Biases whose true
+    # gradient is 0 or nearly (a convolution's right before a GroupNorm) get a looser bound,
+    # since Adam scales their round-off gradients up. An attention's key bias has a gradient of
+    # exactly 0 (it adds the same q.b to every score of a query, which the softmax ignores): in
+    # either run it is round-off amplified by Adam, different run to run, so it is checked only
+    # to stay far below the 4 steps x 1e-3 a real gradient would move it.
     for name, state in (("autoencoder", one_device), ("latent", latent_one)):
         for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state.params)[0]):
             where = jax.tree_util.keystr(path)
+            if where.endswith("['to_k']['bias']"):
+                assert max(np.abs(eight[f"{name}/{i}"]).max(), np.abs(leaf).max()) < 1e-3
+                continue
             tolerance = 1e-4 if where.endswith("['bias']") else 2e-5
             np.testing.assert_allclose(eight[f"{name}/{i}"], np.asarray(leaf), rtol=2e-4,
                                        atol=tolerance, err_msg=f"{name} {where}")
