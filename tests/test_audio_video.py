@@ -160,6 +160,30 @@ def test_a_new_video_unet_is_the_image_unet_on_each_frame_and_then_mixes_frames(
     assert np.abs(reversed_out - out).max() > 1e-3
 
 
+def test_temporal_layers_start_at_zero_or_at_random_as_asked():
+    """temporal_init="zeros" (the default, for inflation) makes every temporal output projection
+    zero, so a clip's frames do not see each other; "default" starts them at random, and the
+    spatial layers are initialised alike either way."""
+    kw = dict(channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(4,),
+              num_heads=1, num_groups=4, dropout=0.0)
+    x = jax.random.normal(jax.random.key(0), (1, 3, 4, 4, 3))
+    t = jnp.array([0.5])
+    inits = {name: VideoUNet(temporal_init=name, **kw).init(jax.random.key(1), x, t)["params"]
+             for name in ("zeros", "default")}
+    for name, params in inits.items():
+        paths = [(jax.tree_util.keystr(p), a)
+                 for p, a in jax.tree_util.tree_flatten_with_path(params)[0]]
+        out_kernels = [a for p, a in paths if "['time']" in p and (
+            p.endswith("['conv']['kernel']") or p.endswith("['out']['kernel']"))]
+        assert len(out_kernels) == 9, name  # six res blocks' convs, three attentions' outs
+        assert all(bool(jnp.all(a == 0)) == (name == "zeros") for a in out_kernels), name
+    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), _strip_time(inits["zeros"]),
+                                  _strip_time(inits["default"]))
+    assert all(jax.tree_util.tree_leaves(same))
+    with pytest.raises(ValueError, match="temporal_init='ones' is not one of"):
+        VideoUNet(temporal_init="ones", **kw).init(jax.random.key(1), x, t)
+
+
 @pytest.mark.slow  # a minute or more on two cores
 def test_every_sampler_runs_audio_and_video_networks_unchanged():
     schedule = schedules.get("cosine")
@@ -196,6 +220,9 @@ def test_every_sampler_runs_audio_and_video_networks_unchanged():
     ("video", {"data.name": "video_folder", "data.path": "/x"},
      "a video_folder has no captions"),
     ("audio", {"data.audio_channels": 3}, "config.data.audio_channels must be in \\[1, 2\\], got 3"),
+    ("video", {"model.unet.temporal_init": "ones"},
+     "temporal_init='ones' is not one of \\('zeros', 'default'\\)"),
+    ("audio", {"model.unet.temporal_init": "default"}, "this data has no frames"),
 ])
 def test_bad_audio_and_video_settings_name_the_key(config, overrides, message):
     config = audio_config() if config == "audio" else video_config()

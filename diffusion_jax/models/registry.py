@@ -17,7 +17,7 @@ import ml_collections
 from diffusion_jax.models.dit import DIT_SIZES, dit
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
-from diffusion_jax.models.video_unet import VideoUNet
+from diffusion_jax.models.video_unet import TEMPORAL_INITS, VideoUNet
 
 __all__ = ["Family", "FAMILIES", "register", "get", "SHARED_KEYS"]
 
@@ -86,7 +86,7 @@ def get(name: str) -> Family:
 def _unet_defaults():
     return dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                 attention_resolutions=(16,), num_heads=1, scale_shift=False, head_dim=0,
-                mid_attention=True, transformer_depth=1)
+                mid_attention=True, transformer_depth=1, temporal_init="zeros")
 
 
 def _check_unet(group, example_shape):
@@ -100,18 +100,26 @@ def _check_unet(group, example_shape):
             what = "frame size"
         raise ValueError(f"config.model.unet.channel_mult has {levels} levels; the {what} "
                          f"{sizes[0]} must be divisible by {2 ** (levels - 1)}")
+    if group.temporal_init not in TEMPORAL_INITS:
+        raise ValueError(f"config.model.unet.temporal_init={group.temporal_init!r} is not one "
+                         f"of {TEMPORAL_INITS}")
+    if group.temporal_init != "zeros" and len(example_shape) != 4:
+        raise ValueError("config.model.unet.temporal_init sets the temporal layers of a video "
+                         "UNet; this data has no frames, so leave it at 'zeros'")
 
 
 def _build_unet(group, example_shape, common):
     # Clips [frames, height, width, channels] get the factorised space-time UNet of the same keys.
-    network = VideoUNet if len(example_shape) == 4 else UNet
+    video = len(example_shape) == 4
+    extra = {"temporal_init": group.temporal_init} if video else {}
+    network = VideoUNet if video else UNet
     return network(channels=group.channels, channel_mult=tuple(group.channel_mult),
-                num_res_blocks=group.num_res_blocks,
-                attention_resolutions=tuple(group.attention_resolutions),
-                num_heads=group.num_heads, scale_shift=group.scale_shift,
-                num_groups=min(32, group.channels), head_dim=group.head_dim or None,
-                mid_attention=group.mid_attention, transformer_depth=group.transformer_depth,
-                **common)
+                   num_res_blocks=group.num_res_blocks,
+                   attention_resolutions=tuple(group.attention_resolutions),
+                   num_heads=group.num_heads, scale_shift=group.scale_shift,
+                   num_groups=min(32, group.channels), head_dim=group.head_dim or None,
+                   mid_attention=group.mid_attention, transformer_depth=group.transformer_depth,
+                   **extra, **common)
 
 
 def _check_dit(group, example_shape):

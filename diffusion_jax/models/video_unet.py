@@ -7,9 +7,10 @@ across frames; each spatial attention block (self-attention over one frame's pix
 transformer block that also cross-attends to the text) is followed by self-attention across
 frames at each pixel, with a sine-cosine embedding of the frame index so that it knows the order.
 Downsampling and upsampling halve and double height and width only; the frame count stays.
-Every temporal layer's output projection starts at zero, so a new VideoUNet computes exactly the
-image UNet frame by frame, which is how an image model's weights can start a video model
-("inflation").
+By default every temporal layer's output projection starts at zero, so a new VideoUNet computes
+exactly the image UNet frame by frame, which is how an image model's weights can start a video
+model ("inflation"); ``temporal_init="default"`` gives them the usual random initialisation
+instead, for a model trained from scratch.
 """
 
 from __future__ import annotations
@@ -21,22 +22,27 @@ from diffusion_jax.models.layers import GroupNorm, MultiHeadSelfAttention, upsam
 from diffusion_jax.models.dit import sincos_position_embedding
 from diffusion_jax.models.unet import AttentionBlock, ResBlock, SpatialTransformer, UNet
 
-__all__ = ["VideoUNet", "TemporalConv", "TemporalAttention"]
+__all__ = ["VideoUNet", "TemporalConv", "TemporalAttention", "TEMPORAL_INITS"]
 
 _zeros = nn.initializers.zeros
+TEMPORAL_INITS = ("zeros", "default")  # VideoUNet.temporal_init's values
 
 
 class TemporalConv(nn.Module):
-    """GroupNorm -> SiLU -> 3-tap convolution across frames (zero-initialised), added to the input."""
+    """GroupNorm -> SiLU -> 3-tap convolution across frames, added to the input.
+
+    The convolution's kernel starts at zero (the layer is the identity) unless not
+    ``zero_init``."""
 
     num_groups: int = 32
     dtype: object = jnp.float32
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x, train))
-        h = nn.Conv(x.shape[-1], (3, 1, 1), dtype=self.dtype, kernel_init=_zeros,
-                    name="conv")(h)
+        kwargs = {"kernel_init": _zeros} if self.zero_init else {}
+        h = nn.Conv(x.shape[-1], (3, 1, 1), dtype=self.dtype, name="conv", **kwargs)(h)
         return x + h
 
 
@@ -45,12 +51,13 @@ class TemporalAttention(nn.Module):
 
     GroupNorm, plus a fixed sine-cosine embedding of the frame index, then multi-head attention
     over the frames of [batch, frames, height, width, channels] at every (row, column), its output
-    projection zero-initialised and added to the input."""
+    projection zero-initialised (unless not ``zero_init``) and added to the input."""
 
     num_heads: int = 1
     num_groups: int = 32
     dtype: object = jnp.float32
     attention: str = "xla"
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -58,7 +65,8 @@ class TemporalAttention(nn.Module):
         h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         h = h.transpose(0, 2, 3, 1, 4).reshape(batch * height * width, frames, channels)
         h = h + jnp.asarray(sincos_position_embedding(channels, frames), h.dtype)[None]
-        h = MultiHeadSelfAttention(self.num_heads, dtype=self.dtype, out_kernel_init=_zeros,
+        h = MultiHeadSelfAttention(self.num_heads, dtype=self.dtype,
+                                   out_kernel_init=_zeros if self.zero_init else None,
                                    attention=self.attention, name="attention")(h)
         h = h.reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)
         return x + h
@@ -73,12 +81,13 @@ class _SpaceTimeResBlock(nn.Module):
     num_groups: int
     dtype: object
     norm_eps: float
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
         h = ResBlock(self.features, self.dropout, self.scale_shift, self.num_groups, self.dtype,
                      self.norm_eps, kernel=(1, 3, 3), name="space")(x, emb, train)
-        return TemporalConv(self.num_groups, self.dtype, name="time")(h, train)
+        return TemporalConv(self.num_groups, self.dtype, self.zero_init, name="time")(h, train)
 
 
 class _SpaceTimeAttention(nn.Module):
@@ -90,6 +99,7 @@ class _SpaceTimeAttention(nn.Module):
     dtype: object
     attention: str
     text: bool
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x, context=None, context_mask=None):
@@ -104,7 +114,7 @@ class _SpaceTimeAttention(nn.Module):
             h = AttentionBlock(self.num_heads, self.num_groups, self.dtype, self.attention,
                                name="space")(frames_as_images)
         return TemporalAttention(self.num_heads, self.num_groups, self.dtype, self.attention,
-                                 name="time")(h.reshape(x.shape))
+                                 self.zero_init, name="time")(h.reshape(x.shape))
 
 
 class VideoUNet(UNet):
@@ -112,7 +122,11 @@ class VideoUNet(UNet):
 
     The attributes are :class:`~diffusion_jax.models.unet.UNet`'s, read per frame
     (``attention_resolutions`` are frame heights); the frame count may be anything. Called as
-    the UNet is (labels, text context, pooled text); ControlNet residuals are not supported."""
+    the UNet is (labels, text context, pooled text); ControlNet residuals are not supported.
+    ``temporal_init`` (one of TEMPORAL_INITS) starts the temporal layers' output projections at
+    zero (``"zeros"``, for inflating an image model) or at Flax's random defaults."""
+
+    temporal_init: str = "zeros"
 
     def _kernel(self, h, size: int = 3):
         return (1, size, size)  # one frame at a time; TemporalConv mixes the frames
@@ -143,11 +157,18 @@ class VideoUNet(UNet):
         block = nn.remat(_SpaceTimeResBlock, static_argnums=(3,)) if self.remat \
             else _SpaceTimeResBlock
         return block(features, self.dropout, self.scale_shift, self.num_groups, self.dtype,
-                     self.norm_eps, name=name)
+                     self.norm_eps, self._zero_init(), name=name)
 
     def _attention(self, h, name, level, context, context_mask):
         heads = self._heads(h, name, level)
         depth = self._per_level(self.transformer_depth, "transformer_depth")[level]
         block = nn.remat(_SpaceTimeAttention) if self.remat else _SpaceTimeAttention
         return block(heads, depth, self.num_groups, self.dtype, self.attention,
-                     self.context_dim is not None, name=name)(h, context, context_mask)
+                     self.context_dim is not None, self._zero_init(), name=name)(
+            h, context, context_mask)
+
+    def _zero_init(self) -> bool:
+        if self.temporal_init not in TEMPORAL_INITS:
+            raise ValueError(f"temporal_init={self.temporal_init!r} is not one of "
+                             f"{TEMPORAL_INITS}")
+        return self.temporal_init == "zeros"
