@@ -258,6 +258,7 @@ def test_sampling_a_non_finite_checkpoint_is_refused(capsys, run_copy):
     assert not list((run_copy / "samples").glob("step5_*"))
 
 
+@pytest.mark.slow  # a second diverging run; the default suite has the first (above)
 def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint(capsys, run_copy):
     before = snapshot(run_copy / "checkpoints")
     expect_error(capsys, r"the newest checkpoint, step 4 in .*, is the last good state",

@@ -194,6 +194,7 @@ def test_a_calls_edit_must_keep_the_strength_the_control_window_was_made_for():
             generate._Controls.check_edit(controls, other)
 
 
+@pytest.mark.slow  # a base run and a ControlNet run: about a minute
 def test_a_controlnet_run_starts_at_the_base_and_trains_only_the_controlnet(base_run, tmp_path):
     config = _config(base_run)
     base_state, base_model, shape, num_classes = run.restore_run(tiny.get_config(), base_run)
@@ -284,6 +285,7 @@ def test_a_controlnet_of_vector_data_is_refused(base_run):
         run.build(config)
 
 
+@pytest.mark.slow  # DiT-S networks trained a few steps
 def test_a_dit_controlnet_starts_at_its_base_and_acts_once_trained():
     """PixArt's ControlNet-Transformer on our DiT: the copied blocks' zero linear layers make a
     fresh one the base bit for bit; scale 0 is the base for any weights; residuals reach only

@@ -95,6 +95,7 @@ def test_editing_keys_that_do_not_fit_the_data_are_refused(tmp_path, kind, key, 
         run.build(config)
 
 
+@pytest.mark.slow  # compiles generation for three edits
 def test_one_generate_function_takes_each_calls_first_frames():
     """``edit`` given per call (per-batch first frames) is the same as a generate function made
     for it: the evaluations reuse one compiled sampler for every batch."""

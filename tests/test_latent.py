@@ -125,6 +125,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     np.testing.assert_allclose(aux["reconstruction"], terms(kernel)[0], rtol=1e-6)
 
 
+@pytest.mark.slow  # gradients of the autoencoder and discriminator losses
 def test_each_network_is_trained_by_its_own_terms():
     """Before disc_start the discriminator gets no gradient; after, only the hinge loss moves it."""
     ae, disc, loss, params, x = _loss_setup()

@@ -51,6 +51,7 @@ def _folder_bytes(path):
                for f in names)
 
 
+@pytest.mark.slow  # a base run and an adapter run
 def test_adapter_run_starts_at_the_base_and_trains_only_the_adapters(base, tmp_path):
     config = _config(base)
     base_state, model, shape, num_classes = run.restore_run(tiny.get_config(), base)

@@ -463,7 +463,9 @@ def test_upsample_nearest_repeats_pixels_and_its_gradient_sums_blocks():
     assert "scatter" not in jax.jit(grad_fn).lower(x).as_text()
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [
+    pytest.param(jnp.bfloat16, marks=pytest.mark.slow),  # bfloat16 compiles slowly on a CPU
+    jnp.float32])
 def test_sampler_casts_parameters_once_with_the_same_results(dtype):
     """Samplers hand the network the leaves it only ever casts already cast (once, before the
     loop): kernels, dense/conv biases and embeddings of a bf16 network, never its float32 norm

@@ -143,6 +143,7 @@ def _logged(output_lines):
     return np.array(values)
 
 
+@pytest.mark.slow  # a subprocess with 8 simulated devices: minutes on two cores
 def test_eight_devices_shard_map_and_fsdp_match_one_device(tmp_path, single_device_run):
     single, _, one_dir = single_device_run["plain"]
     os.symlink(one_dir, tmp_path / "one")

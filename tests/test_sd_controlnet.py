@@ -387,6 +387,7 @@ def test_pooling_controlnet_acts_on_the_conditional_half_as_in_diffusers(tmp_pat
     _parity(ours, theirs, "pooling ControlNet (guess mode)")
 
 
+@pytest.mark.slow  # a CLI run of the pipeline under control
 def test_command_line_samples_a_folder_under_control(sd1, tmp_path):
     """--config.pretrained.controlnet and sampling.control_*: the pipeline's images, and a
     control type computed from an ordinary image."""

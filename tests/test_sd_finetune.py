@@ -42,6 +42,7 @@ def _config(folder, **training):
     return config
 
 
+@pytest.mark.slow  # builds a run on the folder: about a minute
 def test_first_parameters_are_the_folders_weights(folder):
     config = _config(folder)
     _, model, example_shape, num_classes, optimizer = run.build(config)

@@ -124,6 +124,7 @@ def test_batch_is_split_over_a_mesh_and_sizes_checked(sd1_folder):
         pipe("a", negative_prompt=["x", "y"])
 
 
+@pytest.mark.slow  # compiles the pipeline for several samplers
 def test_any_library_sampler_runs_on_the_folder(sd1_folder):
     folder, _ = sd1_folder
     pipe = StableDiffusion.from_pretrained(folder)
@@ -276,6 +277,7 @@ def test_eight_devices_generate_what_one_does(sd1_folder, tmp_path):
         assert error < 1e-4, name
 
 
+@pytest.mark.slow  # compiles the pipeline for several schedulers
 def test_scheduler_options_keep_the_folders_plan_and_other_schedulers_need_a_method(
         sd1_folder, tmp_path):
     import json

@@ -86,6 +86,7 @@ def _guided(network, prompts, scale):
     return guided(x, t), denoise(x, t, cond), denoise(x, t, None)
 
 
+@pytest.mark.slow  # samples at three scales; guidance is checked in closed form in test_guidance
 def test_guidance_scale_one_is_the_conditional_and_zero_ignores_the_prompt(network):
     prompts = ["a small red circle in the top left", "three white squares on a black background"]
     guided, conditional, unconditional = _guided(network, prompts, 1.0)

@@ -232,6 +232,7 @@ def test_writing_checks_its_examples(tmp_path):
     assert read == [(0, 0), (1, 40), (2, 80)] and source[0]["image"].shape == (6, 6, 1)
 
 
+@pytest.mark.slow  # three CLI runs; the default suite resumes runs in test_main.py
 def test_a_cli_run_trains_checkpoints_and_resumes_bit_for_bit(prepared, tmp_path, capsys):
     """``python main.py`` (run in this process, with fresh flags) on the prepared dataset."""
     data_dir, _ = prepared

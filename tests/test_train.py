@@ -94,6 +94,7 @@ def _generate(model, params, n, key, labels=None, scale=None):
                            grid="trailing").samples
 
 
+@pytest.mark.slow  # a minute of training
 def test_toy2d_training_reduces_sliced_wasserstein():
     """A few thousand CPU steps on the 8-Gaussian mixture: samples from the EMA parameters get far
     closer to the data than samples from the initial network."""
