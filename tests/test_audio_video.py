@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from diffusion_jax import schedules, train
 from diffusion_jax.data import DataError, Tones, check_source
 from diffusion_jax.models.dit import DiT, sincos_position_embedding, unpatchify
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.layers import FrameConv
 from diffusion_jax.models.video_unet import VideoUNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,22 +144,48 @@ def test_a_new_video_unet_is_the_image_unet_on_each_frame_and_then_mixes_frames(
     assert params["conv_in"]["kernel"].shape == (1, 3, 3, 3, 16)
     assert params["down_0_res_0"]["space"]["conv_0"]["kernel"].shape == (1, 3, 3, 16, 16)
     assert params["down_0_res_0"]["time"]["conv"]["kernel"].shape == (3, 1, 1, 16, 16)
+    key = iter(jax.random.split(jax.random.key(2), 1000))
+
+    def perturbed(params, where):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: a + 0.05 * jax.random.normal(next(key), a.shape)
+            if where(jax.tree_util.keystr(path)) else a, params)
+
+    # Every spatial layer trained (here: perturbed, the zero-initialised output convolutions
+    # too), the temporal layers new: each frame's output is the image UNet's.
+    params = perturbed(params, lambda keys: "time" not in keys)
     out = video.apply({"params": params}, x, t, y)
+    assert np.abs(out).max() > 0.1
     per_frame = jnp.stack([image.apply({"params": _strip_time(params)}, x[:, i], t, y)
                            for i in range(5)], axis=1)
-    np.testing.assert_allclose(out, per_frame, atol=1e-6)
+    np.testing.assert_allclose(out, per_frame, atol=2e-5)
 
-    # With the temporal layers trained (here: perturbed), a frame's output depends on the others,
-    # and on their order (the temporal attention knows the frame index).
-    key = iter(jax.random.split(jax.random.key(2), 1000))
-    moved = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.05 * jax.random.normal(next(key), a.shape)
-        if "time" in (keys := jax.tree_util.keystr(path)) or "conv_out" in keys else a, params)
+    # With the temporal layers trained too, a frame's output depends on the others, and on their
+    # order (the temporal attention knows the frame index).
+    moved = perturbed(params, lambda keys: "time" in keys)
     out = video.apply({"params": moved}, x, t, y)
     changed = video.apply({"params": moved}, x.at[:, 4].set(0.0), t, y)
     assert np.abs(changed[:, 0] - out[:, 0]).max() > 1e-3
     reversed_out = video.apply({"params": moved}, x[:, ::-1], t, y)[:, ::-1]
     assert np.abs(reversed_out - out).max() > 1e-3
+
+
+def test_frame_convolutions_are_flax_convolutions_over_each_frame():
+    """FrameConv makes nn.Conv's parameters for a [1, kh, kw] kernel and gives its output, with
+    strides and padding within frames; a kernel spanning frames is refused."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+    for kw in (dict(kernel_size=(1, 3, 3)), dict(kernel_size=(1, 1, 1)),
+               dict(kernel_size=(1, 3, 3), strides=(1, 2, 2), padding=((0, 0), (1, 1), (1, 1)))):
+        ours, flax_conv = FrameConv(5, **kw), nn.Conv(5, **kw)
+        params = ours.init(jax.random.key(1), x)
+        reference = flax_conv.init(jax.random.key(1), x)
+        assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+            jnp.shape, reference)
+        np.testing.assert_array_equal(params["params"]["kernel"], reference["params"]["kernel"])
+        params = jax.tree_util.tree_map(lambda a: a + 0.1, params)  # a bias that is not zero
+        np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-5)
+    with pytest.raises(ValueError, match="convolves each frame of"):
+        FrameConv(5, (3, 3, 3)).init(jax.random.key(1), x)
 
 
 def test_temporal_layers_start_at_zero_or_at_random_as_asked():

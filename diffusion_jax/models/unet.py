@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (
+    FrameConv,
     GEGLUFeedForward,
     GroupNorm,
     MultiHeadCrossAttention,
@@ -59,19 +60,22 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-6
     kernel: Optional[tuple] = None  # default: 3 along every spatial axis (3x3 on images)
+    frames: bool = False  # [batch, frames, H, W, C] clips: convolve and normalise each frame
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
         kernel = self.kernel or (3,) * (x.ndim - 2)
+        conv = FrameConv if self.frames else nn.Conv
         h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
-                              name="norm_0")(x, train))
-        h = nn.Conv(self.features, kernel, dtype=self.dtype, name="conv_0")(h)
+                              per_frame=self.frames, name="norm_0")(x, train))
+        h = conv(self.features, kernel, dtype=self.dtype, name="conv_0")(h)
         emb_out = nn.Dense(
             2 * self.features if self.scale_shift else self.features, dtype=self.dtype,
             name="emb",
         )(nn.silu(emb))
         emb_out = emb_out.reshape(emb_out.shape[:1] + (1,) * (x.ndim - 2) + emb_out.shape[1:])
-        h_norm = GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype, name="norm_1")
+        h_norm = GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
+                           per_frame=self.frames, name="norm_1")
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = h_norm(h, train) * (1 + scale) + shift
@@ -79,9 +83,9 @@ class ResBlock(nn.Module):
             h = h_norm(h + emb_out, train)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         # Zero-initialised so that every block starts as the identity (Ho et al. 2020).
-        h = nn.Conv(self.features, kernel, dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
+        h = conv(self.features, kernel, dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1,) * len(kernel), dtype=self.dtype, name="skip")(x)
+            x = conv(self.features, (1,) * len(kernel), dtype=self.dtype, name="skip")(x)
         return x + h
 
 
@@ -241,6 +245,14 @@ class UNet(nn.Module):
     def _kernel(self, h, size: int = 3):
         return (size,) * (h.ndim - 2)
 
+    def _conv(self, *args, **kwargs):
+        """The convolution of ``conv_in`` and ``conv_out``: ``nn.Conv``'s arguments."""
+        return nn.Conv(*args, **kwargs)
+
+    def _norm(self, name):
+        """The GroupNorm before ``conv_out``."""
+        return GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype, name=name)
+
     def _check_input(self, x):
         if x.ndim not in (3, 4):
             raise ValueError("UNet expects NHWC images [batch, height, width, channels] or "
@@ -274,8 +286,8 @@ class UNet(nn.Module):
         and one added to the middle block's output (Zhang et al. 2023, ControlNet)."""
         emb, context, context_mask = self.conditioning(x, noise_level, labels, context,
                                                        context_mask, pooled, time_ids)
-        h = nn.Conv(self.channels, self._kernel(x), dtype=self.dtype,
-                    name="conv_in")(x.astype(self.dtype))
+        h = self._conv(self.channels, self._kernel(x), dtype=self.dtype,
+                       name="conv_in")(x.astype(self.dtype))
         h, skips = self.encode(h, emb, train, context, context_mask)
         if residuals is not None:
             down, mid = residuals
@@ -381,10 +393,9 @@ class UNet(nn.Module):
             if level != 0:
                 h = self._upsample(h, f"up_{level}_upsample")
 
-        h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype,
-                              name="norm_out")(h, train))
-        out = nn.Conv(self.out_channels or in_channels, self._kernel(h), dtype=self.dtype,
-                      kernel_init=_zeros, name="conv_out")(h)
+        h = nn.silu(self._norm("norm_out")(h, train))
+        out = self._conv(self.out_channels or in_channels, self._kernel(h), dtype=self.dtype,
+                         kernel_init=_zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
 
     def _added_embedding(self, pooled, time_ids, batch, emb_dim):

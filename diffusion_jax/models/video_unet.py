@@ -18,7 +18,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import GroupNorm, MultiHeadSelfAttention, upsample_nearest
+from diffusion_jax.models.layers import FrameConv, GroupNorm, MultiHeadSelfAttention
+from diffusion_jax.models.layers import upsample_nearest
 from diffusion_jax.models.dit import sincos_position_embedding
 from diffusion_jax.models.unet import AttentionBlock, ResBlock, SpatialTransformer, UNet
 
@@ -86,7 +87,7 @@ class _SpaceTimeResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool):
         h = ResBlock(self.features, self.dropout, self.scale_shift, self.num_groups, self.dtype,
-                     self.norm_eps, kernel=(1, 3, 3), name="space")(x, emb, train)
+                     self.norm_eps, kernel=(1, 3, 3), frames=True, name="space")(x, emb, train)
         return TemporalConv(self.num_groups, self.dtype, self.zero_init, name="time")(h, train)
 
 
@@ -131,6 +132,13 @@ class VideoUNet(UNet):
     def _kernel(self, h, size: int = 3):
         return (1, size, size)  # one frame at a time; TemporalConv mixes the frames
 
+    def _conv(self, *args, **kwargs):
+        return FrameConv(*args, **kwargs)
+
+    def _norm(self, name):
+        return GroupNorm(self.num_groups, self.norm_eps, dtype=self.dtype, per_frame=True,
+                         name=name)
+
     def _check_input(self, x):
         if x.ndim != 5:
             raise ValueError("VideoUNet expects clips [batch, frames, height, width, channels], "
@@ -141,12 +149,12 @@ class VideoUNet(UNet):
                              f"{2 ** (levels - 1)} for {levels} resolution levels")
 
     def _downsample(self, h, name):
-        return nn.Conv(h.shape[-1], (1, 3, 3), strides=(1, 2, 2),
-                       padding=((0, 0), (1, 1), (1, 1)), dtype=self.dtype, name=name)(h)
+        return FrameConv(h.shape[-1], (1, 3, 3), strides=(1, 2, 2),
+                         padding=((0, 0), (1, 1), (1, 1)), dtype=self.dtype, name=name)(h)
 
     def _upsample(self, h, name):
-        return nn.Conv(h.shape[-1], (1, 3, 3), dtype=self.dtype,
-                       name=name)(upsample_nearest(h, axes=(2, 3)))
+        return FrameConv(h.shape[-1], (1, 3, 3), dtype=self.dtype,
+                         name=name)(upsample_nearest(h, axes=(2, 3)))
 
     def _has_attention(self, h, level):
         if self.attention_levels is not None:
