@@ -13,18 +13,15 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview as clu_parameter_overview
-from jax.experimental import multihost_utils
 from jax.experimental.layout import Format, Layout
 
 from diffusion_jax import autoencoder_training, autoencoders
@@ -32,7 +29,8 @@ from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import conditioning, configuration, data, files, gradients, latent
 from diffusion_jax import console as console_lib
 from diffusion_jax import grids as grids_lib
-from diffusion_jax import controlnet_runs, lora_runs, losses, parallel, pretrained_runs, run
+from diffusion_jax import controlnet_runs, lora_runs, loop_control, losses, parallel
+from diffusion_jax import pretrained_runs, run
 from diffusion_jax import train_state
 from diffusion_jax import writers
 from diffusion_jax import workdir as workdir_lib
@@ -305,53 +303,6 @@ def _print_now(line):
     print(line, flush=True)  # visible at once even when stdout is a file
 
 
-class _StopSignals:
-    """SIGTERM and SIGINT ask the loop to save a checkpoint and stop (a context manager).
-
-    With several processes they must agree (a save is collective), so they compare their flags
-    at log boundaries, where all are at the same step.
-    """
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.signal is None:
-            self.signal = signum
-            return
-        # A second signal: stop now, as the signal would without this handler. A checkpoint being
-        # written is not committed, and the earlier ones stay as they are.
-        print(f"received signal {signum} again: exiting without waiting for the save in progress",
-              file=sys.stderr, flush=True)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    def requested(self, at_log_boundary: bool) -> bool:
-        """Whether to save and stop now."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if not at_log_boundary:
-            return False
-        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-        return bool(np.any(flags))
-
-    def reason(self) -> str:
-        """Why the run stopped, for the last console line."""
-        return (f"received signal {self.signal}" if self.signal is not None
-                else "another process received a signal")
-
-
 def _check_finite(running, checkpoints, step: int) -> None:
     """Raise :class:`TrainingDiverged` if any step since the last check was not finite."""
     if bool(running["finite"]):
@@ -545,7 +496,7 @@ def _train(config, workdir, parts, log):
                         "nothing to train (raise num_steps to train further)")
         grids = grids_lib.for_run(config, model, example_shape, num_classes, mesh, workdir,
                                   writer, space)
-        with _StopSignals() as signals:
+        with loop_control.StopSignals() as signals:
             state, stopped_at = _loop(config, state, step_fn, iterator, mesh, checkpoints,
                                       writer, grids, signals)
         if stopped_at is not None:
@@ -566,6 +517,7 @@ def _loop(config, state, step_fn, iterator, mesh, checkpoints, writer, grids, si
     console = console_lib.Console(writer, config, step)
     running = empty_running_metrics(mesh)
     compiled = None
+    window = loop_control.DispatchWindow()  # so that a signal or a log line is not steps late
     while step < t.num_steps:
         batch = next(iterator)
         if compiled is None:  # for the first batch's shapes, then fixed
@@ -580,6 +532,7 @@ def _loop(config, state, step_fn, iterator, mesh, checkpoints, writer, grids, si
         else:
             state, running = compiled(state, batch, running)
             step += t.steps_per_call
+            window.dispatched(running["finite"])
         at_log = step % t.log_every == 0
         if at_log or step == t.num_steps:
             _check_finite(running, checkpoints, step)

@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import kill_at_step_and_rerun
 
 from configs import tiny
-from diffusion_jax import checkpoints, configuration, files, run, train, train_state
+from diffusion_jax import checkpoints, configuration, files, loop_control, run, train
+from diffusion_jax import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,6 +180,26 @@ def test_sigterm_saves_and_stops(tmp_path):
     assert int(stopped.value.state.step) == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_loop_stays_at_most_two_step_calls_ahead_of_the_device(tmp_path, monkeypatch):
+    """The window waits for the call two back each time a call is dispatched (JAX would
+    otherwise let the loop queue every step up to the next log line, and a signal's checkpoint
+    would wait for all of them)."""
+    window = loop_control.DispatchWindow(ahead=2)
+    waited = []
+    monkeypatch.setattr(loop_control, "_wait", lambda mark: waited.append(int(mark)))
+    for i in range(5):
+        window.dispatched(jax.numpy.asarray(i))
+    assert waited == [0, 1, 2]
+    with pytest.raises(ValueError, match="ahead must be at least 1"):
+        loop_control.DispatchWindow(ahead=0)
+
+    # In a run of 12 single-step calls between log lines, each call after the third waits.
+    waited.clear()
+    train.train_and_evaluate(_config(num_steps=12, log_every=12, checkpoint_every=12,
+                                     sample_every=0), str(tmp_path), log=_quiet)
+    assert len(waited) == 12 - 1 - 2  # the first call (compiled and timed) waits by itself
 
 
 def test_signal_during_sampling_still_saves(tmp_path, monkeypatch):
