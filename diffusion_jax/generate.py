@@ -170,7 +170,7 @@ _OVERRIDABLE = ("method", "num_steps", "grid", "label", "guidance_scale", "guida
 
 def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, decode=None,
                      edit: Optional[EditInputs] = None, **sampling):
-    """Make ``generate(params, key, num, prompts=None, edit=None) -> samples`` for ``config.sampling``.
+    """``generate(params, key, num, prompts=None, edit=None) -> samples`` for ``config.sampling``.
 
     ``edit`` (:func:`~diffusion_jax.edit_runs.edit_inputs`) turns generation into
     image-to-image, or with a mask inpainting (RePaint, :class:`diffusion_jax.samplers.KnownRegion`),
