@@ -20,7 +20,7 @@ import pytest
 from absl import flags
 
 from configs import tiny
-from diffusion_jax import train, workdir
+from diffusion_jax import loop_control, train, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -393,12 +393,12 @@ def test_a_second_signal_ends_the_process_at_once(monkeypatch, capsys):
     import signal as signal_lib
 
     sent = []
-    monkeypatch.setattr(train.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    monkeypatch.setattr(loop_control.os, "kill", lambda pid, signum: sent.append((pid, signum)))
     # Start from Python's own handler, whatever an earlier test in this worker process left
     # installed (one run in three of the parallel suite found SIGINT ignored here).
     outside = signal_lib.signal(signal_lib.SIGINT, signal_lib.default_int_handler)
     try:
-        with train._StopSignals() as signals:
+        with loop_control.StopSignals() as signals:
             signals._handle(signal_lib.SIGINT, None)
             assert signals.requested(True) and not sent
             signals._handle(signal_lib.SIGINT, None)
