@@ -186,6 +186,13 @@ def test_frame_convolutions_are_flax_convolutions_over_each_frame():
         np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-5)
     with pytest.raises(ValueError, match="convolves each frame of"):
         FrameConv(5, (3, 3, 3)).init(jax.random.key(1), x)
+    # In bfloat16 the kernel and bias are cast as their first use, so the samplers cast them
+    # once before their loop, as they do nn.Conv's.
+    bf16 = FrameConv(5, (1, 3, 3), dtype=jnp.bfloat16)
+    params = bf16.init(jax.random.key(1), x)["params"]
+    network = lambda p, x, t, c: bf16.apply({"params": p}, x)  # noqa: E731
+    cast = generate.cast_params_once(network, params, x.shape)
+    assert {k: a.dtype for k, a in cast.items()} == {"kernel": jnp.bfloat16, "bias": jnp.bfloat16}
 
 
 def test_temporal_layers_start_at_zero_or_at_random_as_asked():
@@ -203,7 +210,7 @@ def test_temporal_layers_start_at_zero_or_at_random_as_asked():
                  for p, a in jax.tree_util.tree_flatten_with_path(params)[0]]
         out_kernels = [a for p, a in paths if "['time']" in p and (
             p.endswith("['conv']['kernel']") or p.endswith("['out']['kernel']"))]
-        assert len(out_kernels) == 9, name  # six res blocks' convs, three attentions' outs
+        assert len(out_kernels) == 9, name  # five res blocks' convs, four attentions' outs
         assert all(bool(jnp.all(a == 0)) == (name == "zeros") for a in out_kernels), name
     same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), _strip_time(inits["zeros"]),
                                   _strip_time(inits["default"]))

@@ -213,13 +213,15 @@ class FrameConv(nn.Module):
                              f"channels] clips alone; got input {x.shape}, kernel "
                              f"{self.kernel_size}, strides {strides}, padding {self.padding}")
         kernel = self.param("kernel", self.kernel_init,
-                            tuple(self.kernel_size) + (x.shape[-1], self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        dtype = self.dtype or jnp.result_type(x, kernel)
+                            tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
         batch, frames = x.shape[:2]
         images = x.reshape((batch * frames,) + x.shape[2:]).astype(dtype)
+        # Cast, then drop the frame axis: a cast as the kernel's first use is what lets the
+        # samplers cast it once before their loop (generate.cast_params_once).
         y = jax.lax.conv_general_dilated(
-            images, kernel[0].astype(dtype), strides[1:],
+            images, kernel.astype(dtype)[0], strides[1:],
             padding if isinstance(padding, str) else padding[1:],
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         y = y + bias.astype(dtype)
