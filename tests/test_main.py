@@ -61,7 +61,6 @@ def _read_events(directory):
     return found
 
 
-@pytest.mark.slow  # a CLI run, sampling and an export; the default suite trains in the next test
 def test_cli_train_then_sample(tmp_path):
     workdir = str(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT}
