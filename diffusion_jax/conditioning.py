@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from diffusion_jax import text as text_lib
 
-__all__ = ["TEXT_KEYS", "CONTROL_KEYS", "drop_labels", "drop_captions", "network_apply_fn",
-           "sampling_network"]
+__all__ = ["TEXT_KEYS", "CONTROL_KEYS", "SET_KEYS", "drop_labels", "drop_captions",
+           "network_apply_fn", "sampling_network"]
 
 # Condition entries handed to the network as keyword arguments: caption tokens (for
 # TextConditioned), or precomputed text embeddings (e.g. from a frozen external encoder) for a
@@ -25,7 +25,10 @@ TEXT_KEYS = ("tokens", "token_mask", "context", "context_mask", "pooled")
 # A ControlNet run's control images [batch, H, W, C] in [0, 1] and, in generation, their
 # conditioning scales [batch, ControlNets] (see diffusion_jax.models.controlnet.ControlledUNet).
 CONTROL_KEYS = ("control", "control_scale")
-_KEYWORD_KEYS = TEXT_KEYS + CONTROL_KEYS
+# The present members [batch, members] of sets of varying size (the atoms of molecules), for
+# the set denoisers (diffusion_jax.models.egnn).
+SET_KEYS = ("node_mask",)
+_KEYWORD_KEYS = TEXT_KEYS + CONTROL_KEYS + SET_KEYS
 
 
 def drop_labels(num_classes: int, label_dropout: float, label_key: str = "label"):
@@ -103,7 +106,8 @@ def sampling_network(model):
     """``network(params, x, noise_level, cond)``: ``model`` applied for generation.
 
     ``cond`` is None, an array of labels, or a dict with ``label`` and/or the text entries of
-    :data:`TEXT_KEYS` and the control entries of :data:`CONTROL_KEYS`. One function per model,
+    :data:`TEXT_KEYS`, the control entries of :data:`CONTROL_KEYS` and the set entries of
+    :data:`SET_KEYS`. One function per model,
     so that compiled samplers are reused.
     """
 

@@ -1,4 +1,4 @@
-"""Checks of config keys that combine groups: editing inputs, LoRA and ControlNet runs.
+"""Checks of config keys that combine groups: editing inputs, LoRA, ControlNet and set runs.
 
 :func:`diffusion_jax.configuration.validate` calls them on the flattened config (``given``:
 dotted key -> value) after every value is in its range. :class:`ConfigError` lives here, so that
@@ -11,7 +11,8 @@ import os
 
 from diffusion_jax.data import controls
 
-__all__ = ["ConfigError", "check_editing", "check_lora", "check_controlnet", "comma_list"]
+__all__ = ["ConfigError", "check_editing", "check_lora", "check_controlnet", "check_sets",
+           "comma_list"]
 
 
 class ConfigError(ValueError):
@@ -35,9 +36,9 @@ def check_editing(given: dict, kind: str = "image") -> None:
     if given["pretrained.lora"] and not given["pretrained.path"]:
         raise ConfigError("config.pretrained.lora adapts a Stable Diffusion folder: set "
                           "config.pretrained.path")
-    if given["sampling.init_image"] and kind == "audio":
+    if given["sampling.init_image"] and kind not in ("image", "video"):
         raise ConfigError(f"config.sampling.init_image edits images and starts videos; "
-                          f"data.name={given['data.name']!r} is audio: leave it empty")
+                          f"data.name={given['data.name']!r} is {kind}: leave it empty")
     if given["sampling.mask_image"] and kind == "video":
         raise ConfigError("config.sampling.mask_image repaints part of an image; a video run's "
                           "init_image is its clips' first frame and the other frames are "
@@ -132,6 +133,30 @@ def check_controlnet(given: dict) -> None:
         raise ConfigError("a ControlNet run computes each control image from the training "
                           "image, which precomputed latents no longer hold: set "
                           "config.latent.precomputed=False")
+
+
+def check_sets(given: dict, kind: str, set_family: bool) -> None:
+    """Sets of points (point clouds, molecules) and the set networks go together, and only so.
+
+    ``kind`` is what the data's examples are; ``set_family`` whether ``model.name`` is a
+    family of set networks (``egnn``, ``point_transformer``)."""
+    sets = kind in ("points", "molecules")
+    if sets and not set_family:
+        raise ConfigError(f"data.name={given['data.name']!r} gives sets of 3-D points; its "
+                          "denoiser must be a set network: config.model.name='egnn' (E(3)-"
+                          "equivariant) or 'point_transformer'")
+    if set_family and not sets:
+        raise ConfigError(f"config.model.name={given['model.name']!r} denoises sets of 3-D "
+                          f"points; data.name={given['data.name']!r} is {kind} data: use "
+                          "data.name='shape_points', 'molecules' or 'molecule_folder'")
+    elements = comma_list(given["data.elements"])
+    if not elements or len(set(elements)) != len(elements):
+        raise ConfigError(f"config.data.elements={given['data.elements']!r} must name each "
+                          "element once, comma separated (e.g. 'H,C,N,O,F')")
+    if kind == "molecules" and given["data.max_heavy_atoms"] > given["data.max_atoms"]:
+        raise ConfigError(f"config.data.max_heavy_atoms={given['data.max_heavy_atoms']} is more "
+                          f"than config.data.max_atoms={given['data.max_atoms']} (all atoms, "
+                          "hydrogens included)")
 
 
 def _each_path(given: dict, key: str, test, wrong: str, fix: str) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import data as data_lib
 from diffusion_jax.config_checks import (ConfigError, check_controlnet, check_editing,
-                                         check_lora, comma_list)
+                                         check_lora, check_sets, comma_list)
 from diffusion_jax.data import controls
 from diffusion_jax import checkpoints as ckpt_lib
 from diffusion_jax import defaults, losses, modalities, parameterization, pretrained_runs
@@ -128,6 +128,8 @@ NUMERIC = {
     "data.audio_channels": (int, "in [1, 2]"), "data.frames": (int, "> 0"),
     "data.frame_stride": (int, "> 0"), "data.fps": (int, "> 0"),
     "data.worker_count": (int, ">= 0"), "data.max_objects": (int, "in [1, 4]"),
+    "data.num_points": (int, "> 0"), "data.max_atoms": (int, "> 0"),
+    "data.max_heavy_atoms": (int, "> 0"), "data.feature_scale": (float, "> 0"),
     "model.dropout": (float, "in [0, 1)"), "model.noise_scale": (float, "> 0"),
     "model.context_dim": (int, ">= 0"), "model.pooled_dim": (int, ">= 0"),
     "diffusion.sigma_data": (float, "> 0"), "diffusion.label_dropout": (float, "in [0, 1)"),
@@ -404,6 +406,7 @@ def _check_combinations(given):
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
     check_editing(given, _kind_of(given["data.name"]))
+    check_sets(given, _kind_of(given["data.name"]), registry.get(given["model.name"]).sets)
     check_lora(given)
     check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:

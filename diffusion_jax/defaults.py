@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
 def _data() -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict()
     # fashion_mnist | tfds | shapes | captions | toy2d | folder | tones | audio_folder |
-    # moving_shapes | video_folder
+    # moving_shapes | video_folder | shape_points | molecules | molecule_folder
     data.name = "shapes"
     # Fashion-MNIST IDX folder ("" = the Debian package's location); folder: the folder of
     # images (png/jpg; captions from metadata.jsonl or a .txt beside each image)
@@ -84,6 +84,17 @@ def _data() -> ml_collections.ConfigDict:
     data.frames = 16
     data.frame_stride = 1
     data.fps = 8
+    # Point clouds (shape_points): points per shape. Molecules (molecules: small organic
+    # molecules from a built-in SMILES list with RDKit conformers; molecule_folder: the user's
+    # .xyz/.sdf files under data.path): the most atoms per molecule (hydrogens included; the
+    # model's set size), the most heavy atoms (molecules), the elements the model knows (comma
+    # separated, one feature channel each) and the scale of those one-hot channels against the
+    # positions in Angstrom (0.25, as Hoogeboom et al. 2022).
+    data.num_points = 128
+    data.max_atoms = 29
+    data.max_heavy_atoms = 9
+    data.elements = "H,C,N,O,F"
+    data.feature_scale = 0.25
     data.resize = False  # tfds: resize and centre-crop the images to data.resolution
     # folder: "none" (unconditional), "auto" (captions where given, "" elsewhere) or "required";
     # anything but "none" trains a text-conditioned model, as for data.name="captions"; for

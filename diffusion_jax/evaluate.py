@@ -31,7 +31,7 @@ import optax
 from diffusion_jax import audio_eval, classifier_store, configuration, controlnet_runs, data, files
 from diffusion_jax import generate, likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
-from diffusion_jax import train_state, video_eval, writers
+from diffusion_jax import modalities, set_eval, train_state, video_eval, writers
 from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
@@ -109,6 +109,12 @@ def train_classifier(config, workdir: str, *, log: Callable[[str], None] = print
         return prompt_eval.train_attribute_classifier(config, workdir, log=log)
     if config.data.name == "moving_shapes":  # the frame judge of video_eval
         return video_eval.train_judge(config, workdir, log=log)
+    if modalities.KINDS.get(config.data.name) == "points":  # the shape classifier of set_eval
+        return set_eval.train_point_classifier(config, workdir, log=log)
+    if modalities.KINDS.get(config.data.name) == "molecules":
+        raise configuration.ConfigError(
+            "molecules need no classifier: --mode=eval measures them with RDKit (stability, "
+            "validity, uniqueness, novelty); run it directly")
     source = configuration.build_source(config.data)
     test_source = split_source(config, "data.test_split")  # before training: a typo fails now
     example_shape, num_classes = configuration.data_shape(source)
@@ -276,6 +282,8 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     if config.data.name == "moving_shapes":  # motion and attributes per guidance scale
         return video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
                                          log=log, step=step)
+    if modalities.KINDS.get(config.data.name) in ("points", "molecules"):
+        return set_eval.evaluate_sets(config, workdir, log=log, step=step)
     e, s = config.evaluation, config.sampling
     classifier = load_classifier(config, workdir) if e.feature_extractor == "classifier" or \
         os.path.exists(os.path.join(classifier_store.classifier_dir(config, workdir),

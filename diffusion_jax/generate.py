@@ -21,7 +21,8 @@ from jax.extend.core import Literal
 from diffusion_jax import configuration, controlnet_runs, edit_runs, editing, files, guidance
 from diffusion_jax import latent
 from diffusion_jax import modalities
-from diffusion_jax import parallel, parameterization, run, samplers, time_grids, train_state
+from diffusion_jax import parallel, parameterization, run, samplers, set_runs, time_grids
+from diffusion_jax import train_state
 from diffusion_jax.conditioning import sampling_network
 from diffusion_jax.data import controls as controls_lib
 from diffusion_jax.edit_runs import EditInputs, edit_inputs
@@ -221,6 +222,8 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
 
     control = (_Controls(config, model, example_shape, schedule, edit)
                if controlnet_runs.enabled(config) else None)
+    sets = set_runs.SetSampling(config, example_shape, lambda: configuration.build_source(
+        config.data, "train")) if set_runs.is_set_data(config) else None
 
     default_edit = edit
 
@@ -243,12 +246,17 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
             uncond = None if labels is None else {"label": jnp.full_like(labels, num_classes)}
         if control is not None:
             cond, uncond = control.conditions(cond, uncond, num, controls, explicit_prompts)
+        masks = None
+        if sets is not None:  # each sample's members, in both branches of guidance
+            key, masks, cond, uncond = sets.prepare(key, num, cond, uncond)
         params = cast_params_once(sampling_network(model), params, (1,) + tuple(example_shape),
                                   cond)
         denoise = parameterization.make_denoise_fn(
             jax.tree_util.Partial(sampling_network(model), params), schedule, par)
         if control is not None:
             denoise = control.windowed(denoise)
+        if sets is not None:
+            denoise = sets.denoiser(denoise)
         if cond is None:
             fn = jax.tree_util.Partial(_unconditional, denoise)
         elif uncond is None:  # a ControlNet of an unconditional (or unguided) model
@@ -258,20 +266,30 @@ def make_generate_fn(config, model, example_shape, num_classes, *, mesh=None, de
                 denoise, cond=cond, uncond=uncond, scale=sampling.guidance_scale,
                 rescale=sampling.guidance_rescale)
         key_noise, key_sampler = jax.random.split(key)
-        noise = jax.random.normal(key_noise, (num,) + tuple(example_shape), jnp.float32)
-        if mesh is not None and num % mesh.devices.size == 0:
-            noise = jax.lax.with_sharding_constraint(noise, parallel.batch_sharding(mesh))
-        elif mesh is not None and mesh.devices.size > 1:  # said once, when this num compiles
-            warnings.warn(
-                f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
-                f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
-                "for a multiple to spread it (same results, less time and memory per device)")
+        noise = _starting_noise(key_noise, (num,) + tuple(example_shape), mesh, masks, sets)
         samples = edit_runs.sample_edited(fn, noise, edit, dict(
             schedule=schedule, method=sampling.method, num_steps=sampling.num_steps,
             grid=sampling.grid, key=key_sampler))
+        samples = samples if sets is None else set_runs.project(samples, masks)
         return samples if decode is None else decode(samples)
 
     return generate
+
+
+def _starting_noise(key, shape, mesh, masks, sets):
+    """Standard normal noise of ``shape``, split over ``mesh``; projected for set data."""
+    noise = jax.random.normal(key, shape, jnp.float32)
+    if sets is not None:
+        noise = set_runs.project(noise, masks)
+    num = shape[0]
+    if mesh is not None and num % mesh.devices.size == 0:
+        noise = jax.lax.with_sharding_constraint(noise, parallel.batch_sharding(mesh))
+    elif mesh is not None and mesh.devices.size > 1:  # said once, when this num compiles
+        warnings.warn(
+            f"generating {num} samples on each of {mesh.devices.size} devices: {num} is not "
+            f"a multiple of {mesh.devices.size}, so the batch cannot be split over them; ask "
+            "for a multiple to spread it (same results, less time and memory per device)")
+    return noise
 
 
 class _Controls:

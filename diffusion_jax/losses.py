@@ -158,10 +158,15 @@ class DiffusionLoss:
     """
 
     def __init__(self, apply_fn, schedule, parameterization, draw_time, weighting, weight_params,
-                 data_key, prepare):
+                 data_key, prepare, mask_key=None, project=None):
         self.apply_fn, self.schedule, self.parameterization = apply_fn, schedule, parameterization
         self._draw_time, self.weighting, self._weight_params = draw_time, weighting, weight_params
         self.data_key, self.prepare = data_key, prepare
+        self.mask_key, self.project = mask_key, project
+
+    def _mask(self, batch):
+        """The batch's mask of present entries, or None (every entry counts)."""
+        return batch.get(self.mask_key) if self.mask_key is not None else None
 
     def _x0(self, batch):
         if self.data_key not in batch:
@@ -177,6 +182,8 @@ class DiffusionLoss:
         x0 = self._x0(batch)
         t = self._draw_time(key_t, x0.shape[0], x0.dtype)
         eps = jax.random.normal(key_noise, x0.shape, x0.dtype)
+        if self.project is not None:
+            eps = self.project(eps, self._mask(batch))
         return batch, {"t": t, "eps": eps, "key": key_model}
 
     def compute(self, params, batch, draws):
@@ -193,7 +200,15 @@ class DiffusionLoss:
         output = self.apply_fn(params, x_in, noise_input, cond, draws["key"])
         target = jax.lax.stop_gradient(parameterization.target(x0, eps, x_t, alpha, sigma))
         axes = tuple(range(1, x0.ndim))
-        mse = jnp.mean(jnp.square(output.astype(dtype) - target), axis=axes)
+        squared = jnp.square(output.astype(dtype) - target)
+        mask = self._mask(batch)
+        if mask is None:
+            mse = jnp.mean(squared, axis=axes)
+        else:  # the mean over present entries: absent ones neither count nor dilute
+            mask = jnp.reshape(mask, mask.shape + (1,) * (x0.ndim - mask.ndim)).astype(dtype)
+            per_entry = x0[0].size / mask[0].size
+            mse = jnp.sum(squared * mask, axis=axes) / jnp.maximum(
+                jnp.sum(mask, axis=axes) * per_entry, 1.0)
         weight = loss_weight(logsnr, self.weighting, parameterization, **self._weight_params)
         per_example = weight.astype(dtype) * mse
         aux = {
@@ -220,6 +235,8 @@ def make_loss_fn(
     weighting_params: Optional[Mapping[str, Any]] = None,
     data_key: str = "x",
     prepare: Optional[Callable] = None,
+    mask_key: Optional[str] = None,
+    project: Optional[Callable] = None,
 ) -> DiffusionLoss:
     """Build ``loss_fn(params, batch, key) -> (loss, aux)`` (a :class:`DiffusionLoss`).
 
@@ -233,6 +250,12 @@ def make_loss_fn(
     ``prepare(batch, key) -> batch``, if given, transforms the batch before noising (e.g. drops
     labels for classifier-free guidance). ``aux`` has ``loss_per_example`` (weighted, [batch]),
     ``mse_per_example`` (unweighted target-space MSE), ``t`` and ``logsnr``.
+
+    For sets of varying size, ``batch[mask_key]`` (e.g. [batch, members], 1 for present
+    members) restricts the MSE to present entries, and ``project(eps, mask) -> eps`` maps the
+    drawn noise into the data's subspace (for equivariant diffusion: positions with zero centre
+    of mass, absent members zero; Hoogeboom et al. 2022, section 3.2). The network's output must
+    then lie in that subspace too.
     """
     schedule = schedules_lib.get(schedule)
     parameterization = param_lib.get(parameterization)
@@ -250,4 +273,4 @@ def make_loss_fn(
 
     weight_params = _merge("weighting", weighting, _WEIGHT_PARAMS, weighting_params)
     return DiffusionLoss(apply_fn, schedule, parameterization, draw_time, weighting,
-                         weight_params, data_key, prepare)
+                         weight_params, data_key, prepare, mask_key, project)

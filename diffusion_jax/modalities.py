@@ -8,9 +8,13 @@ an example is; only its shape tells, and only the code here uses that:
     rank 3  images [height, width, channels]
     rank 4  videos [frames, height, width, channels] (played at ``config.data.fps``)
 
+except sets of 3-D points ([members, 3 + features]: point clouds, molecules), which have the
+rank of audio and are told by ``config.data.name`` (:data:`KINDS`).
+
 :func:`preview` turns a batch of samples into the one image a training run writes and logs
-(a grid of images, of spectrograms, or of frames); :func:`write_samples` writes ``--mode=sample``'s
-files beside its ``.npz`` (a PNG grid; WAV files and spectrograms; GIF and MP4 clips).
+(a grid of images, of spectrograms, of frames or of 3-D renders); :func:`write_samples` writes
+``--mode=sample``'s files beside its ``.npz`` (a PNG grid; WAV files and spectrograms; GIF and
+MP4 clips; PLY point clouds; XYZ and SDF molecules).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import audio, files, video
+from diffusion_jax import audio, files, set_files, video
+from diffusion_jax.config_checks import comma_list
 from diffusion_jax.data.audio import AudioFolder, Tones
+from diffusion_jax.data.molecules import MoleculeFolder, SmilesMolecules
+from diffusion_jax.data.points import ShapePoints
 from diffusion_jax.data.video import MovingShapes, VideoFolder
 
 __all__ = ["MODALITIES", "modality", "preview", "write_samples", "CaptionsOnly", "SOURCES",
@@ -30,8 +37,13 @@ __all__ = ["MODALITIES", "modality", "preview", "write_samples", "CaptionsOnly",
 MODALITIES = {1: "vector", 2: "audio", 3: "image", 4: "video"}
 
 
-def modality(example_shape) -> str:
-    """"vector", "audio", "image" or "video": what examples of ``example_shape`` are."""
+def modality(example_shape, config=None) -> str:
+    """What examples of ``example_shape`` are: "vector", "audio", "image" or "video".
+
+    With a ``config`` whose data are sets of points, "points" or "molecules" (the rank of
+    sets, [members, 3 + features], is that of audio)."""
+    if config is not None and KINDS.get(config.data.name) in ("points", "molecules"):
+        return KINDS[config.data.name]
     return MODALITIES.get(len(example_shape), "vector")
 
 
@@ -39,9 +51,11 @@ def preview(samples, config):
     """One uint8 image of a batch of samples in [-1, 1], or None for vectors.
 
     Images tile into a grid; audio clips become a grid of their spectrograms; videos one row of
-    frames per clip."""
+    frames per clip; point clouds and molecules a grid of 3-D scatter renders."""
     samples = np.asarray(samples, np.float32)
-    kind = modality(samples.shape[1:])
+    kind = modality(samples.shape[1:], config)
+    if kind in ("points", "molecules"):
+        return set_files.render_sets(samples, config)
     if kind == "image":
         return files.make_grid(samples)
     if kind == "audio":
@@ -56,11 +70,15 @@ def write_samples(stem: str, samples, config) -> list:
 
     Images: ``stem.png`` (the grid). Audio: ``stem_<i>.wav`` and ``stem_<i>.png`` (its
     spectrogram) per sample, and ``stem.png`` (the spectrograms' grid). Video: ``stem_<i>.gif``
-    and ``stem_<i>.mp4`` per sample, and ``stem.png`` (a row of frames per clip). Vectors:
-    nothing (the ``.npz`` holds them)."""
+    and ``stem_<i>.mp4`` per sample, and ``stem.png`` (a row of frames per clip). Point
+    clouds: ``stem_<i>.ply`` per sample; molecules: ``stem_<i>.xyz`` per sample and ``stem.sdf``
+    (all of them, with the bonds their distances give); both a ``stem.png`` grid of renders.
+    Vectors: nothing (the ``.npz`` holds them)."""
     samples = np.asarray(samples, np.float32)
-    kind = modality(samples.shape[1:])
+    kind = modality(samples.shape[1:], config)
     written = []
+    if kind in ("points", "molecules"):
+        written = set_files.write_sets(stem, samples, config)
     if kind == "audio":
         for i, wave in enumerate(samples):
             audio.write_wav(f"{stem}_{i:03d}.wav", wave, config.data.sample_rate)
@@ -140,11 +158,30 @@ def _video_folder(d, split):
                        stride=d.frame_stride, log=_log())
 
 
-# The audio and video sources by config.data.name (configuration.SOURCES holds them all).
+def _shape_points(d, split):
+    return ShapePoints(d.size, d.num_points, seed=_procedural_seed(split))
+
+
+def _molecules(d, split):
+    return SmilesMolecules(d.size, d.max_atoms, elements=tuple(comma_list(d.elements)),
+                           feature_scale=d.feature_scale, seed=_procedural_seed(split),
+                           max_heavy_atoms=d.max_heavy_atoms)
+
+
+def _molecule_folder(d, split):
+    del split
+    return MoleculeFolder(os.path.expanduser(d.path), d.max_atoms,
+                          elements=tuple(comma_list(d.elements)), feature_scale=d.feature_scale,
+                          log=_log())
+
+
+# The audio, video and 3-D sources by config.data.name (configuration.SOURCES holds them all).
 SOURCES = {"tones": _tones, "audio_folder": _audio_folder, "moving_shapes": _moving_shapes,
-           "video_folder": _video_folder}
+           "video_folder": _video_folder, "shape_points": _shape_points,
+           "molecules": _molecules, "molecule_folder": _molecule_folder}
 # What each of these sources' examples are (configuration.data_kind: any other is "image").
 KINDS = {"tones": "audio", "audio_folder": "audio", "moving_shapes": "video",
-         "video_folder": "video"}
+         "video_folder": "video", "shape_points": "points", "molecules": "molecules",
+         "molecule_folder": "molecules"}
 # Sources that give captions (a text-conditioned run) when config.data.captions != "none".
 TEXT_SOURCES = ("folder", "tones", "moving_shapes")

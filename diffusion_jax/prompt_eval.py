@@ -42,7 +42,8 @@ ATTRIBUTES = ("shape", "colour", "size", "count", "position", "background")
 NO_POSITION = len(captions.POSITIONS)  # the position class of several objects ("none")
 GROUPS = ("seen", "heldout", "all")
 # The data whose --mode=eval measures every one of config.evaluation.guidance_scales.
-GUIDANCE_SWEEPS = ("captions", "tones", "moving_shapes")
+GUIDANCE_SWEEPS = ("captions", "tones", "moving_shapes", "shape_points", "molecules",
+                   "molecule_folder")
 TEST_EXAMPLES = 2_000  # fresh images the judge's accuracy is measured on
 _CLASSIFY_BATCH = 250  # images per call of the jitted classifier (padded: one compilation)
 
@@ -100,7 +101,8 @@ def validate(config) -> None:
     if scales and config.data.name not in GUIDANCE_SWEEPS:
         raise configuration.ConfigError(
             "config.evaluation.guidance_scales is for the evaluations that sweep guidance "
-            f"(data.name in {GUIDANCE_SWEEPS}: prompt adherence, audio metrics); this config's "
+            f"(data.name in {GUIDANCE_SWEEPS}: prompt adherence, audio, video and 3-D metrics); "
+            "this config's "
             f"data is {config.data.name!r}: leave it empty and set "
             "config.sampling.guidance_scale")
 

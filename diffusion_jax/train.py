@@ -30,7 +30,7 @@ from diffusion_jax import conditioning, configuration, data, files, gradients, l
 from diffusion_jax import console as console_lib
 from diffusion_jax import grids as grids_lib
 from diffusion_jax import controlnet_runs, lora_runs, loop_control, losses, parallel
-from diffusion_jax import pretrained_runs, run
+from diffusion_jax import pretrained_runs, run, set_runs
 from diffusion_jax import train_state
 from diffusion_jax import writers
 from diffusion_jax import workdir as workdir_lib
@@ -219,7 +219,7 @@ def make_loss_from_config(config, model, num_classes):
         time_sampling_params=dict(config.diffusion.time_sampling_params),
         weighting=config.diffusion.weighting,
         weighting_params=dict(config.diffusion.weighting_params),
-        prepare=prepare if prepares else None)
+        prepare=prepare if prepares else None, **set_runs.loss_options(config))
 
 
 def compiled_train_step(config, model, optimizer, num_classes, mesh, abstract_state):
@@ -334,7 +334,8 @@ def _data_iterator(config, source, mesh, num_classes):
                                   shard_index=slot, shard_count=process_count,
                                   worker_count=config.data.worker_count)
     return data.check_first_batch(iterator, num_classes=num_classes,
-                                  dataset=f"config.data.name={config.data.name!r} ({source!r})")
+                                  dataset=f"config.data.name={config.data.name!r} ({source!r})",
+                                  sets=set_runs.is_set_data(config))
 
 
 def _restore_or_init(config, workdir, checkpoints, abstract, mesh, iterator, parts):

@@ -13,7 +13,8 @@ PRESETS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / 
     "*.py") if p.stem != "__init__")
 SHAPES = {"fashion_mnist": ((28, 28, 1), 10), "tfds": ((32, 32, 3), 10),
           "shapes": (None, 3), "captions": (None, None), "toy2d": ((2,), 8),
-          "tones": (None, 36), "moving_shapes": (None, None)}
+          "tones": (None, 36), "moving_shapes": (None, None), "shape_points": (None, 6),
+          "molecules": (None, None)}
 
 
 # Each latent-diffusion preset and the autoencoder preset whose run it names.
@@ -42,6 +43,10 @@ def test_preset_validates_and_builds(name):
         shape = (config.data.clip_length, config.data.audio_channels)
     elif config.data.name == "moving_shapes":
         shape = (config.data.frames, config.data.resolution, config.data.resolution, 3)
+    elif config.data.name == "shape_points":
+        shape = (config.data.num_points, 3)
+    elif config.data.name == "molecules":  # positions and one channel per element
+        shape = (config.data.max_atoms, 3 + len(config.data.elements.split(",")))
     elif shape is None:
         shape = (config.data.resolution, config.data.resolution, 3)
     classes = classes if config.data.class_conditional else None

@@ -38,7 +38,9 @@ class ToModelInputs(grain.MapTransform):
 
     uint8 images -> float32 in [-1, 1] under ``x`` (NHWC; grayscale keeps its channel axis);
     uint8 videos ``video`` [frames, H, W, C] likewise; audio ``audio`` (float waveforms in
-    [-1, 1], [length, channels]) and vector data (``x``) pass through as float32; labels become int32; captions become byte tokens
+    [-1, 1], [length, channels]) and vector data (``x``; sets [members, 3 + features]) pass
+    through as float32, a set's ``mask`` of present members becomes ``node_mask`` (float32);
+    labels become int32; captions become byte tokens
     ``tokens`` (int32 [max_length]) and ``token_mask`` (bool) through
     :func:`diffusion_jax.text.encode`, or through ``tokenizer(texts) -> (tokens, mask)`` when
     one is given (a pretrained model's, e.g. a CLIP tokenizer's ``token_inputs``). A control map
@@ -67,6 +69,8 @@ class ToModelInputs(grain.MapTransform):
             out["x"] = np.asarray(record["x"], np.float32)
         if "label" in record:
             out["label"] = np.int32(record["label"])
+        if "mask" in record:  # the present members of a set (atoms of a molecule)
+            out["node_mask"] = np.asarray(record["mask"], np.float32)
         if "control" in record:
             out["control"] = _unit_control(record["control"])
         if "caption" in record:
@@ -100,6 +104,8 @@ class ToModelInputs(grain.MapTransform):
             out["x"] = np.asarray(records["x"], np.float32)
         if "label" in records:
             out["label"] = np.asarray(records["label"]).astype(np.int32)
+        if "mask" in records:
+            out["node_mask"] = np.asarray(records["mask"], np.float32)
         if "control" in records:
             out["control"] = _unit_control(records["control"])
         return out
@@ -201,7 +207,7 @@ def _check_control(control: np.ndarray, record, dataset: str) -> None:
                         "diffusion_jax.data.controls.control_map)")
 
 
-def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
+def check_batch(batch, *, num_classes: Optional[int], dataset: str, sets: bool = False) -> None:
     """Raise :class:`DataError` if a batch of model inputs is not what training expects.
 
     ``batch`` is what :func:`make_iterator` yields (after :class:`ToModelInputs`): ``x`` float32
@@ -209,7 +215,8 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
     ``[0, num_classes)`` when ``num_classes`` is not None (a class-conditional model, which
     would otherwise look up a wrong or clamped embedding without an error); ``tokens`` int32 and
     ``token_mask`` bool of the same shape; ``control`` float32 in [0, 1], one per example.
-    ``dataset`` names the data in the messages. Meant for the first batch of a run
+    ``dataset`` names the data in the messages; ``sets`` says the examples are sets of points
+    (positions in their own units, not pixels: no range). Meant for the first batch of a run
     (:func:`check_first_batch`); it reads the whole batch.
     """
     if "x" not in batch and "moments" not in batch:
@@ -224,7 +231,7 @@ def check_batch(batch, *, num_classes: Optional[int], dataset: str) -> None:
         raise DataError(f"{dataset}: the batch holds {int(np.sum(~np.isfinite(x)))} NaN or "
                         "infinite values in 'x'; the source gives non-finite data: fix or "
                         "filter those records")
-    if x.ndim >= 3 and not latents:  # images (audio, video): the model's range
+    if x.ndim >= 3 and not latents and not sets:  # images (audio, video): the model's range
         low, high = float(x.min()), float(x.max())
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
             raise DataError(
@@ -294,13 +301,14 @@ class _FirstBatchChecked:
         return getattr(self._iterator, name)
 
 
-def check_first_batch(iterator, *, num_classes: Optional[int], dataset: str):
+def check_first_batch(iterator, *, num_classes: Optional[int], dataset: str,
+                      sets: bool = False):
     """``iterator`` that runs :func:`check_batch` on the first host batch it yields.
 
     Wrap the iterator of :func:`make_iterator` before it is restored or prefetched; it keeps its
     ``get_state``/``set_state``, so checkpoints are unchanged."""
     return _FirstBatchChecked(iterator, lambda batch: check_batch(
-        batch, num_classes=num_classes, dataset=dataset))
+        batch, num_classes=num_classes, dataset=dataset, sets=sets))
 
 
 class _RecordKeys:

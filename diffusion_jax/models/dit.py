@@ -88,7 +88,8 @@ class DiTBlock(nn.Module):
     """DiT's adaLN-Zero transformer block.
 
     Modulated self-attention, (with ``cross_attention``) LayerNorm -> cross-attention to the
-    context, and a modulated MLP; each added to its input."""
+    context, and a modulated MLP; each added to its input. ``mask`` [batch, tokens] leaves absent
+    tokens out of the self-attention's keys."""
 
     hidden: int
     num_heads: int
@@ -98,7 +99,7 @@ class DiTBlock(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cond, context=None, context_mask=None):
+    def __call__(self, x, cond, context=None, context_mask=None, mask=None):
         mods = nn.Dense(6 * self.hidden, dtype=self.dtype, kernel_init=_zeros,
                         name="adaln")(nn.silu(cond))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
@@ -106,7 +107,7 @@ class DiTBlock(nn.Module):
             epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
         h = _modulate(norm("norm_0")(x), shift_a, scale_a)
         x = x + gate_a[:, None, :] * MultiHeadSelfAttention(
-            self.num_heads, dtype=self.dtype, attention=self.attention, name="attention")(h)
+            self.num_heads, dtype=self.dtype, attention=self.attention, name="attention")(h, mask)
         if self.cross_attention:
             h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x)
             x = x + MultiHeadCrossAttention(self.num_heads, dtype=self.dtype,

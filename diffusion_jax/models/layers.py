@@ -320,7 +320,8 @@ class MultiHeadSelfAttention(nn.Module):
     """Self-attention over the token axis of [batch, tokens, channels].
 
     Computed with :func:`dot_product_attention` (``attention`` picks XLA's or cuDNN's fused
-    kernel)."""
+    kernel). ``mask`` [batch, tokens], if given, leaves out the keys where it is False (the
+    absent members of a set)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -329,7 +330,7 @@ class MultiHeadSelfAttention(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, mask=None):
         batch, length, channels = tokens.shape
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
@@ -337,7 +338,9 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = nn.Dense(3 * channels, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(tokens)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, implementation=self.attention)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)[:, None, None, :]
+        out = dot_product_attention(q, k, v, mask, implementation=self.attention)
         out = out.reshape(batch, length, channels)
         kwargs = {} if self.out_kernel_init is None else {"kernel_init": self.out_kernel_init}
         return nn.Dense(channels, dtype=self.dtype, name="out", **kwargs)(out)

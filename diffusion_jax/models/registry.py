@@ -15,7 +15,9 @@ from typing import Any, Callable, Mapping, Union
 import ml_collections
 
 from diffusion_jax.models.dit import DIT_SIZES, dit
+from diffusion_jax.models.egnn import EGNN
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.point_transformer import PointTransformer
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.models.video_unet import TEMPORAL_INITS, VideoUNet
 
@@ -38,6 +40,8 @@ class Family:
     shared settings as keyword arguments. ``data_rank`` is the rank of one example the family
     takes (3 for images, 2 for signals such as audio [length, channels], 1 for vectors), or a
     tuple of the ranks it takes and ``text`` whether it can cross-attend to text.
+    ``sets`` marks the families of sets of points ([members, 3 + features]: point clouds,
+    molecules), which take set data only and which no other family takes.
     ``fingerprint_names`` maps a key to the name checkpoints store it under (the flat names
     of the layout before families had groups, so that older checkpoints still restore).
     """
@@ -50,6 +54,7 @@ class Family:
     ranges: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     check: Callable[..., None] = lambda group, example_shape: None
     fingerprint_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sets: bool = False
 
     def takes(self, rank: int) -> bool:
         """Whether the family's networks take examples of ``rank`` axes."""
@@ -167,3 +172,41 @@ register(Family(
 register(Family(
     name="mlp", defaults=lambda: dict(hidden=256, depth=4), build=_build_mlp, data_rank=1,
     text=False, ranges={"hidden": (int, "> 0"), "depth": (int, "> 0")}))
+
+
+def _build_egnn(group, example_shape, common):
+    del example_shape
+    return EGNN(hidden=group.hidden, depth=group.depth, normalization=group.normalization,
+                coordinate_range=group.coordinate_range, num_classes=common["num_classes"],
+                noise_scale=common["noise_scale"], dtype=common["dtype"])
+
+
+def _build_point_transformer(group, example_shape, common):
+    del example_shape
+    return PointTransformer(hidden=group.hidden, depth=group.depth, num_heads=group.num_heads,
+                            fourier_features=group.fourier_features,
+                            fourier_scale=group.fourier_scale, num_classes=common["num_classes"],
+                            noise_scale=common["noise_scale"], remat=common["remat"],
+                            attention=common["attention"], dtype=common["dtype"])
+
+
+def _check_point_transformer(group, example_shape):
+    del example_shape
+    if group.hidden % group.num_heads:
+        raise ValueError(f"config.model.point_transformer.hidden={group.hidden} does not split "
+                         f"into num_heads={group.num_heads} heads")
+
+
+register(Family(
+    name="egnn", defaults=lambda: dict(hidden=128, depth=4, normalization=1.0,
+                                       coordinate_range=15.0),
+    build=_build_egnn, data_rank=2, text=False, sets=True,
+    ranges={"hidden": (int, "> 0"), "depth": (int, "> 0"), "normalization": (float, "> 0"),
+            "coordinate_range": (float, "> 0")}))
+register(Family(
+    name="point_transformer", defaults=lambda: dict(hidden=128, depth=4, num_heads=4,
+                                                    fourier_features=32, fourier_scale=1.0),
+    build=_build_point_transformer, data_rank=2, text=False, sets=True,
+    ranges={"hidden": (int, "> 0"), "depth": (int, "> 0"), "num_heads": (int, "> 0"),
+            "fourier_features": (int, "> 0"), "fourier_scale": (float, "> 0")},
+    check=_check_point_transformer))

@@ -1,0 +1,72 @@
+"""The files and pictures of generated point clouds and molecules.
+
+A point cloud is written as a PLY file; a molecule as an XYZ file, and all of a batch's molecules
+as one SDF file whose bonds are those their interatomic distances give
+(:func:`~diffusion_jax.molecule_eval.bonds`). Either is drawn as a matplotlib 3-D scatter; a
+batch's drawings tile into one grid image, the ``--mode=sample`` grid and the training preview.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffusion_jax import molecule_eval, point_eval
+from diffusion_jax.config_checks import comma_list
+from diffusion_jax.data import molecule_files
+from diffusion_jax.data.molecules import decode
+
+__all__ = ["molecules_of", "render_sets", "write_sets"]
+
+_RENDER_SIZE = 128
+_RENDER_LIMIT = 64  # the most sets one grid draws
+
+
+def molecules_of(samples, config) -> list:
+    """``[(symbols, positions)]`` of generated molecules [batch, atoms, 3 + elements].
+
+    The atoms of a molecule are its nonzero rows (generation zeroes absent ones); each atom's
+    element is its largest feature channel."""
+    samples = np.asarray(samples, np.float32)
+    mask = np.any(samples != 0, axis=-1).astype(np.float32)
+    return decode(samples, mask, tuple(comma_list(config.data.elements)))
+
+
+def _is_molecules(config) -> bool:
+    return config.data.name in ("molecules", "molecule_folder")
+
+
+def render_sets(samples, config) -> np.ndarray:
+    """uint8 [H, W, 3]: a grid of 3-D renders of (at most 64 of) ``samples``."""
+    samples = np.asarray(samples, np.float32)[:_RENDER_LIMIT]
+    if _is_molecules(config):
+        images = [point_eval.render_molecule(symbols, positions,
+                                             molecule_eval.bonds(symbols, positions),
+                                             size=_RENDER_SIZE)
+                  for symbols, positions in molecules_of(samples, config)]
+    else:
+        images = [point_eval.render_points(points[:, :3], size=_RENDER_SIZE)
+                  for points in samples]
+    return point_eval.render_grid(images)
+
+
+def write_sets(stem: str, samples, config) -> list:
+    """Write ``stem_<i>.ply`` (point clouds) or ``stem_<i>.xyz`` and ``stem.sdf`` (molecules).
+
+    Returns the paths written; the caller writes the grid of renders."""
+    samples = np.asarray(samples, np.float32)
+    written = []
+    if not _is_molecules(config):
+        for i, points in enumerate(samples):
+            point_eval.write_ply(f"{stem}_{i:03d}.ply", points[:, :3])
+            written.append(f"{stem}_{i:03d}.ply")
+        return written
+    molecules = molecules_of(samples, config)
+    mols = []
+    for i, (symbols, positions) in enumerate(molecules):
+        molecule_files.write_xyz(f"{stem}_{i:03d}.xyz", symbols, positions,
+                                 comment=f"generated sample {i}")
+        written.append(f"{stem}_{i:03d}.xyz")
+        mols.append(molecule_eval.to_rdkit(symbols, positions,
+                                           molecule_eval.bonds(symbols, positions)))
+    molecule_files.write_sdf(stem + ".sdf", mols)
+    return written + [stem + ".sdf"]
