@@ -30,4 +30,6 @@ def get_config():
     config.sampling.num_steps = 30
     config.evaluation.num_samples = 120
     config.evaluation.batch_size = 60
+    config.classifier.num_steps = 500
+    config.classifier.batch_size = 64
     return config

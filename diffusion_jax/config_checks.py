@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from diffusion_jax.data import controls
+from diffusion_jax.data import controls, molecule_files
 
 __all__ = ["ConfigError", "check_editing", "check_lora", "check_controlnet", "check_sets",
            "comma_list"]
@@ -150,9 +150,11 @@ def check_sets(given: dict, kind: str, set_family: bool) -> None:
                           f"points; data.name={given['data.name']!r} is {kind} data: use "
                           "data.name='shape_points', 'molecules' or 'molecule_folder'")
     elements = comma_list(given["data.elements"])
-    if not elements or len(set(elements)) != len(elements):
+    unknown = [e for e in elements if e not in molecule_files.ATOMIC_NUMBERS]
+    if not elements or unknown or len(set(elements)) != len(elements):
         raise ConfigError(f"config.data.elements={given['data.elements']!r} must name each "
-                          "element once, comma separated (e.g. 'H,C,N,O,F')")
+                          "element once by its symbol, comma separated (e.g. 'H,C,N,O,F')"
+                          + (f"; {', '.join(map(repr, unknown))} is not one" if unknown else ""))
     if kind == "molecules" and given["data.max_heavy_atoms"] > given["data.max_atoms"]:
         raise ConfigError(f"config.data.max_heavy_atoms={given['data.max_heavy_atoms']} is more "
                           f"than config.data.max_atoms={given['data.max_atoms']} (all atoms, "

@@ -256,6 +256,20 @@ def _controls(config, model, example_shape, num, offset) -> dict:
     return {"controls": generate.sampling_controls(config, num, shape, offset)}
 
 
+def _data_specific_evaluation(config, workdir, log, step) -> Optional[dict]:
+    """The results of the data's own evaluation, or None for images measured by features."""
+    if config.data.name == "captions":  # prompt adherence: captioned shapes
+        return prompt_eval.evaluate_prompts(_no_controlnet(config), workdir, log=log, step=step)
+    if config.data.name in ("tones", "audio_folder"):  # pitch and label accuracy per guidance
+        return _evaluate_audio(config, workdir, log, step)
+    if config.data.name == "moving_shapes":  # motion and attributes per guidance scale
+        return video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
+                                         log=log, step=step)
+    if modalities.KINDS.get(config.data.name) in ("points", "molecules"):  # distances, RDKit
+        return set_eval.evaluate_sets(config, workdir, log=log, step=step)
+    return None
+
+
 def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
              step: Optional[int] = None) -> dict:
     """Generate samples from a checkpoint of the run and measure them.
@@ -266,8 +280,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     ``workdir/eval/step<N>_<method>_<steps>steps_cfg<scale>.json`` and TensorBoard scalars
     under ``eval/``, and returns the results. Captioned data is measured by prompt adherence
     (:func:`diffusion_jax.prompt_eval.evaluate_prompts`) and audio by pitch and label accuracy
-    (:func:`diffusion_jax.audio_eval.evaluate_audio`) at each of ``evaluation.guidance_scales``
-    instead."""
+    (:func:`diffusion_jax.audio_eval.evaluate_audio`), video by the frame judge and point clouds
+    and molecules by :func:`diffusion_jax.set_eval.evaluate_sets`, at each of
+    ``evaluation.guidance_scales`` instead."""
     # Every process of a multi-process run generates its share and computes the same results;
     # process 0 alone writes and reports them.
     log = log if parallel.is_writer() else writers.quiet
@@ -275,15 +290,9 @@ def evaluate(config, workdir: str, *, log: Callable[[str], None] = print,
     prompt_eval.validate(config)
     if step is None and config.sampling.checkpoint_step != -1:
         step = config.sampling.checkpoint_step
-    if config.data.name == "captions":  # prompt adherence: captioned shapes
-        return prompt_eval.evaluate_prompts(_no_controlnet(config), workdir, log=log, step=step)
-    if config.data.name in ("tones", "audio_folder"):  # pitch and label accuracy per guidance
-        return _evaluate_audio(config, workdir, log, step)
-    if config.data.name == "moving_shapes":  # motion and attributes per guidance scale
-        return video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
-                                         log=log, step=step)
-    if modalities.KINDS.get(config.data.name) in ("points", "molecules"):
-        return set_eval.evaluate_sets(config, workdir, log=log, step=step)
+    special = _data_specific_evaluation(config, workdir, log, step)
+    if special is not None:
+        return special
     e, s = config.evaluation, config.sampling
     classifier = load_classifier(config, workdir) if e.feature_extractor == "classifier" or \
         os.path.exists(os.path.join(classifier_store.classifier_dir(config, workdir),

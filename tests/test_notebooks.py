@@ -350,3 +350,25 @@ def test_video_notebook_runs(tmp_path):
     assert [(r["guidance_scale"], r["first_frame"]) for r in results["scales"]] == [
         (0.0, False), (0.0, True), (1.0, False), (1.0, True), (3.0, False), (3.0, True)]
     assert results["num_samples"] == 6
+
+
+@pytest.mark.slow  # half a minute or more: the notebook trains, samples and evaluates
+def test_molecules_notebook_runs(tmp_path):
+    pytest.importorskip("rdkit")
+    notebook = _run("molecules.ipynb", {
+        "WORKDIR": str(tmp_path / "run"), "PRESET": "molecules_cpu", "NUM_STEPS": 4,
+        "BATCH_SIZE": 8, "SAMPLING_STEPS": 5, "NUM_SAMPLES": 4, "NUM_EVAL": 8,
+        "CONFIG_OVERRIDES": {"data.max_atoms": 12, "data.max_heavy_atoms": 3,
+                             "model.egnn.hidden": 16, "model.egnn.depth": 2}})
+    text, images = _outputs(notebook)
+    assert "preset molecules_cpu: 4 steps of 8 molecules, up to 12 atoms" in text
+    assert "atom_stability" in text  # the real molecules' metrics
+    # The symmetries hold to float32 round-off: the printed errors are tiny.
+    for line in text.splitlines():
+        if line.startswith(("positions, rotated back:", "atom types:", "atoms reordered:")):
+            assert float(line.split(":")[1]) < 1e-4, line
+    assert "finished at step 4" in text
+    assert ".xyz" in text and "generated sample 0" in text
+    assert "evaluation finished" in text and "real" in text
+    assert images == 2  # the real molecules and the generated ones
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")

@@ -86,7 +86,9 @@ class PointTransformer(nn.Module):
         tokens = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype,
                               name="final_norm")(tokens)
         tokens = tokens * (1 + scale[:, None, :]) + shift[:, None, :]
-        out = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_zeros,
+        # No bias: a bias of the position channels would be removed by the centring below, so
+        # its gradient is 0 and its value only Adam's steps of round-off.
+        out = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_zeros, use_bias=False,
                        name="final_linear")(tokens)
         return center_positions(out.astype(jnp.float32), mask)
 
