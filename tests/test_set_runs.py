@@ -300,6 +300,10 @@ def test_sets_on_eight_devices_match_one_device(tmp_path):
                 np.testing.assert_array_equal(states[f"{name}/{i}"], np.asarray(expected),
                                               err_msg=f"{name} {where}")
         restored, model, shape, num_classes = run.restore_run(config, str(tmp_path / name))
-        samples = generate.make_generate_fn(config, model, shape, num_classes)(
-            restored.ema_params, jax.random.key(0), 8)
-        np.testing.assert_allclose(states[f"{name}/samples"], samples, atol=1e-5)
+        samples = np.asarray(generate.make_generate_fn(config, model, shape, num_classes)(
+            restored.ema_params, jax.random.key(0), 8))
+        # The same parameters sampled over 8 devices and over one: float32 round-off of the
+        # largest entry (an untrained network's atom-type outputs reach hundreds; DDPM's first
+        # step divides by alpha(t_max) = 0.006).
+        np.testing.assert_allclose(states[f"{name}/samples"], samples,
+                                   atol=1e-5 * np.abs(samples).max())
