@@ -188,6 +188,8 @@ class DiffusionLoss:
 
     def compute(self, params, batch, draws):
         x0 = self._x0(batch)
+        if self.project is not None:  # (the sources centre their data; this makes it certain)
+            x0 = self.project(x0, self._mask(batch))
         dtype = x0.dtype
         cond = {k: v for k, v in batch.items() if k != self.data_key}
         t, eps = draws["t"], draws["eps"]

@@ -115,16 +115,19 @@ def load_point_classifier(config, workdir: str):
 def _score_points(points, asked, reference, classify) -> dict:
     """Distances of ``points`` to the ``reference`` shapes, and the classifier's accuracy."""
     result = point_eval.set_distances(points[..., :3], reference[..., :3])
-    if asked is not None:
+    if asked is not None and classify is not None:
         result["class_accuracy"] = float(np.mean(classify(points) == asked))
     return result
 
 
 def _reference_smiles(source) -> Optional[list]:
-    """The training molecules' canonical SMILES (for novelty), where the source names them."""
+    """The training molecules' canonical SMILES (for novelty), where the source names them.
+
+    Example i is molecule ``i mod n``, so the first ``min(len, n)`` examples are all the
+    molecules a run trains on (fewer than the list when ``data.size`` is smaller)."""
     if not hasattr(source, "smiles"):
         return None
-    return sorted({source.smiles(i) for i in range(source.num_molecules)})
+    return sorted({source.smiles(i) for i in range(min(len(source), source.num_molecules))})
 
 
 def _generate_all(config, g, num_classes, num, key) -> tuple:
@@ -141,10 +144,23 @@ def _generate_all(config, g, num_classes, num, key) -> tuple:
 def _real_row(config, kind, test, num, reference, classify) -> dict:
     """The metrics of held-out real data: the level a perfect model reaches."""
     if kind == "molecules":
-        x, _ = _records(test, range(num))
+        x, _ = _records(test, range(min(num, len(test))))
         return molecule_eval.evaluate(set_files.molecules_of(x, config))
     x, labels = _records(test, range(num, 2 * num))
-    return _score_points(x, labels, reference, classify)
+    return _score_points(x, labels if classify is not None else None, reference, classify)
+
+
+def _sizes(config, kind, test) -> int:
+    """Samples per row: ``evaluation.num_samples`` (point clouds: at most half the held-out
+    shapes, the other half being the real row)."""
+    num = config.evaluation.num_samples
+    if kind == "points":
+        num = min(num, len(test) // 2)
+    if num < 1:
+        raise configuration.ConfigError(
+            f"{test!r} has {len(test)} records, too few to evaluate against: raise "
+            "config.data.size (point clouds need two held-out shapes per sample)")
+    return num
 
 
 def evaluate_sets(config, workdir: str, *, log: Callable[[str], None] = print,
@@ -161,22 +177,23 @@ def evaluate_sets(config, workdir: str, *, log: Callable[[str], None] = print,
     :func:`~diffusion_jax.generate.checkpoint_generators`)."""
     log = log if parallel.is_writer() else writers.quiet
     configuration.validate(config)
-    e, s = config.evaluation, config.sampling
+    s = config.sampling
     kind = modalities.KINDS.get(config.data.name)
     if kind not in ("points", "molecules"):
         raise configuration.ConfigError(f"evaluate_sets measures point clouds and molecules; "
                                         f"data.name={config.data.name!r} is {kind or 'image'}")
     test = configuration.build_source(config.data, split="test")
-    classify, summary = (load_point_classifier(config, workdir) if kind == "points"
-                         else (None, None))
-    num = min(e.num_samples, len(test) // 2)
+    num = _sizes(config, kind, test)
+    step, num_classes, for_scale = (load_generator or generate.checkpoint_generators)(
+        config, workdir, step)
+    # The shape judge reads the classes asked for: a class-conditional point-cloud run only.
+    classify, summary = (load_point_classifier(config, workdir)
+                         if kind == "points" and num_classes is not None else (None, None))
     reference = _records(test, range(num))[0] if kind == "points" else None
     start = time.time()
     real = _real_row(config, kind, test, num, reference, classify)
     novelty_reference = (_reference_smiles(configuration.build_source(config.data, "train"))
                          if kind == "molecules" else None)
-    step, num_classes, for_scale = (load_generator or generate.checkpoint_generators)(
-        config, workdir, step)
     per_scale = []
     for scale in prompt_eval.guidance_scales(config):
         samples, asked = _generate_all(config, for_scale(scale), num_classes, num,

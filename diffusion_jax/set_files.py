@@ -15,19 +15,27 @@ from diffusion_jax.config_checks import comma_list
 from diffusion_jax.data import molecule_files
 from diffusion_jax.data.molecules import decode
 
-__all__ = ["molecules_of", "render_sets", "write_sets"]
+__all__ = ["present", "molecules_of", "render_sets", "write_sets"]
 
 _RENDER_SIZE = 128
 _RENDER_LIMIT = 64  # the most sets one grid draws
 
 
+def present(samples) -> np.ndarray:
+    """bool [batch, members]: the members of generated sets that are there (nonzero rows).
+
+    Generation zeroes absent members (:func:`diffusion_jax.set_runs.project`), and a present
+    member's projected row is never all zeros, nor is a real record's (its one-hot element)."""
+    return np.any(np.asarray(samples) != 0, axis=-1)
+
+
 def molecules_of(samples, config) -> list:
     """``[(symbols, positions)]`` of generated molecules [batch, atoms, 3 + elements].
 
-    The atoms of a molecule are its nonzero rows (generation zeroes absent ones); each atom's
-    element is its largest feature channel."""
+    The atoms of a molecule are its nonzero rows (:func:`present`); each atom's element is its
+    largest feature channel."""
     samples = np.asarray(samples, np.float32)
-    mask = np.any(samples != 0, axis=-1).astype(np.float32)
+    mask = present(samples).astype(np.float32)
     return decode(samples, mask, tuple(comma_list(config.data.elements)))
 
 
@@ -35,17 +43,28 @@ def _is_molecules(config) -> bool:
     return config.data.name in ("molecules", "molecule_folder")
 
 
+def _render(symbols, positions, molecule: bool) -> np.ndarray:
+    """One set's drawing, or a blank cell for a set with no finite present member."""
+    if not len(positions) or not np.all(np.isfinite(positions)):
+        return np.full((_RENDER_SIZE, _RENDER_SIZE, 3), 255, np.uint8)
+    if molecule:
+        return point_eval.render_molecule(symbols, positions,
+                                          molecule_eval.bonds(symbols, positions),
+                                          size=_RENDER_SIZE)
+    return point_eval.render_points(positions, size=_RENDER_SIZE)
+
+
 def render_sets(samples, config) -> np.ndarray:
-    """uint8 [H, W, 3]: a grid of 3-D renders of (at most 64 of) ``samples``."""
+    """uint8 [H, W, 3]: a grid of 3-D renders of the first 64 of ``samples``.
+
+    A set that is empty or not finite (a diverging run's sample) is a blank cell, so a preview
+    never stops training."""
     samples = np.asarray(samples, np.float32)[:_RENDER_LIMIT]
     if _is_molecules(config):
-        images = [point_eval.render_molecule(symbols, positions,
-                                             molecule_eval.bonds(symbols, positions),
-                                             size=_RENDER_SIZE)
+        images = [_render(symbols, positions, True)
                   for symbols, positions in molecules_of(samples, config)]
     else:
-        images = [point_eval.render_points(points[:, :3], size=_RENDER_SIZE)
-                  for points in samples]
+        images = [_render(None, points[:, :3], False) for points in samples]
     return point_eval.render_grid(images)
 
 

@@ -15,8 +15,9 @@ et al. 2022, section 3.2), and every piece here keeps to it without changing the
   centred positions of present members), and the rest decays with the noise level and is
   projected away at the end.
 
-Generated sets mark absent members by all-zero rows (:func:`present`): a projected present
-member always has a nonzero feature or position.
+Generated sets mark absent members by all-zero rows
+(:func:`diffusion_jax.set_files.present`): a projected present member always has a nonzero
+feature or position.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from diffusion_jax import modalities
 from diffusion_jax.models.egnn import center_positions
 
-__all__ = ["SET_KINDS", "is_set_data", "has_masks", "loss_options", "project", "present",
+__all__ = ["SET_KINDS", "is_set_data", "has_masks", "loss_options", "project",
            "member_counts", "SetSampling"]
 
 SET_KINDS = ("points", "molecules")
@@ -55,11 +56,6 @@ def loss_options(config) -> dict:
     if not is_set_data(config):
         return {}
     return {"mask_key": MASK_KEY, "project": project}
-
-
-def present(samples) -> np.ndarray:
-    """bool [batch, members]: the members of generated sets that are there (nonzero rows)."""
-    return np.any(np.asarray(samples) != 0, axis=-1)
 
 
 _COUNTS: dict = {}  # data config (JSON) -> (counts, probabilities)

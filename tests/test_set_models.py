@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses, parameterization, samplers, set_runs
+from diffusion_jax import losses, parameterization, samplers, schedules, set_runs
 from diffusion_jax.models.egnn import EGNN, center_positions
 from diffusion_jax.models.point_transformer import PointTransformer
 
@@ -152,12 +152,9 @@ def test_masked_loss_counts_present_entries_only():
     assert not np.allclose(np.asarray(aux_plain["mse_per_example"])[1:], expected[1:])
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim"])
-def test_centre_of_mass_of_the_state_never_reaches_the_projected_samples(method):
-    """A sampler's updates are linear, and the projected denoiser reads only the centred
-    state: a translation of the starting noise (as a stochastic step's fresh noise adds) leaves
-    the projected samples unchanged, so the samplers need no change for centred diffusion."""
-    x, mask, _, labels = _inputs()
+def _projected_sampling(method, x, mask, labels, junk_seed=None, **options):
+    """Samples of a perturbed EGNN by ``method`` from projected noise, and from the same noise
+    plus a component outside the subspace (a shift of every position and junk in absent rows)."""
     model = MODELS["egnn"]()
     params = _perturbed(model, x, mask, jnp.zeros(B), labels)
     schedule = "ddpm_linear"
@@ -168,14 +165,52 @@ def test_centre_of_mass_of_the_state_never_reaches_the_projected_samples(method)
     cond = {"label": labels, "node_mask": jnp.asarray(mask)}
     fn = lambda x_, t_: denoise(x_, t_, cond)
     noise = set_runs.project(jax.random.normal(jax.random.key(4), x.shape), mask)
-    shift = jnp.zeros_like(noise).at[..., :3].set(jnp.array([0.8, -1.1, 0.5]))
-    run = lambda z: np.asarray(samplers.sample(
-        fn, z, schedule=schedule, method=method, num_steps=8, key=jax.random.key(6)).samples)
-    plain, shifted = run(noise), run(noise + shift)
-    projected = lambda a: np.asarray(set_runs.project(jnp.asarray(a), mask))
-    assert np.isfinite(plain).all() and np.abs(plain).max() > 0.1
-    assert np.abs(projected(shifted) - projected(plain)).max() < 1e-4 * np.abs(plain).max()
-    # The projected clean-data estimate makes the state's own centre of mass decay with the
-    # noise level (unprojected, it would grow as 1 / alpha, to about 100x here).
-    centre = (shifted[..., :3] * mask[..., None]).sum(1) / mask.sum(1)[:, None]
-    assert np.abs(centre).max() < 0.05 * 1.1
+    outside = jnp.zeros_like(noise).at[..., :3].set(jnp.array([0.8, -1.1, 0.5]))
+    outside = jnp.where(jnp.asarray(mask)[..., None] > 0, outside, jax.random.normal(
+        jax.random.key(9), x.shape))
+    run = lambda z: samplers.sample(fn, z, schedule=schedule, method=method, num_steps=8,
+                                    key=jax.random.key(6), **options)
+    return run(noise), run(noise + outside)
+
+
+def _assert_same_projection(a, b, mask):
+    projected = lambda s: np.asarray(set_runs.project(jnp.asarray(s), mask))
+    scale = np.abs(projected(a)).max()
+    assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
+    assert scale > 0.1
+    assert np.abs(projected(b) - projected(a)).max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_a_state_outside_the_subspace_never_reaches_the_projected_samples(method):
+    """A sampler's updates are linear, and the projected denoiser reads only the centred
+    positions of present atoms: a component outside the subspace in the starting noise (as a
+    stochastic step's fresh noise adds) leaves the projected samples unchanged, so the samplers
+    need no change for centred diffusion."""
+    x, mask, _, labels = _inputs()
+    plain, moved = _projected_sampling(method, x, mask, labels)
+    _assert_same_projection(plain.samples, moved.samples, mask)
+
+
+@pytest.mark.slow  # every sampler compiles twice
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_every_sampler_keeps_the_projected_samples_of_any_start(method):
+    x, mask, _, labels = _inputs()
+    plain, moved = _projected_sampling(method, x, mask, labels)
+    _assert_same_projection(plain.samples, moved.samples, mask)
+
+
+def test_the_state_centre_of_mass_decays_with_the_noise_level():
+    """With the denoiser's x0 estimate projected, DDIM's update scales the centre of mass of
+    its state by sigma(s) / sigma(t) at each step (unprojected it would grow as 1 / alpha)."""
+    x, mask, _, labels = _inputs()
+    _, moved = _projected_sampling("ddim", x, mask, labels, return_trajectory=True)
+    states = np.asarray(moved.trajectory)
+    centres = (states[..., :3] * mask[..., None]).sum(2) / mask.sum(1)[None, :, None]
+    sigma = np.asarray(schedules.get("ddpm_linear").sigma(jnp.asarray(moved.times)))
+    expected = centres[0] * (sigma / sigma[0])[:, None, None]
+    assert np.abs(centres[0]).max() > 0.5  # the shift is there at the start
+    # (to float32 round-off of the projected estimate's mean, whose entries reach tens here)
+    np.testing.assert_allclose(centres[:-1], expected[:-1], rtol=2e-3, atol=1e-4)
+    # The end is the projected estimate: centred to round-off of its entries.
+    assert np.abs(centres[-1]).max() < 2e-6 * np.abs(states[-1]).max()

@@ -113,6 +113,8 @@ class EGNN(nn.Module):
         use a constant, so the sum still counts the neighbours).
       coordinate_range: the largest step one member's coordinate update may take per neighbour.
       num_classes: enables class conditioning; label ``num_classes`` is the null label.
+      remat: recompute each block in the backward pass (same parameters and results); the
+        edge messages, [batch, N, N, hidden] per block, are most of the activations.
     """
 
     hidden: int = 128
@@ -121,6 +123,7 @@ class EGNN(nn.Module):
     coordinate_range: float = 15.0
     num_classes: Optional[int] = None
     noise_scale: float = 1000.0
+    remat: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -142,9 +145,11 @@ class EGNN(nn.Module):
         edge_mask = (mask[:, :, None] * mask[:, None, :] * (1.0 - jnp.eye(n)))[..., None]
         initial_sq = _pair_geometry(positions)[1]
         moved = positions
+        # nn.remat keeps the block names: the parameter tree is the same with remat on or off.
+        block_class = nn.remat(EquivariantBlock) if self.remat else EquivariantBlock
         for i in range(self.depth):
-            h, moved = EquivariantBlock(self.hidden, self.normalization, self.coordinate_range,
-                                        dtype=self.dtype, name=f"block_{i}")(
+            h, moved = block_class(self.hidden, self.normalization, self.coordinate_range,
+                                   dtype=self.dtype, name=f"block_{i}")(
                 h, moved, edge_mask, initial_sq)
             h = h * mask[..., None].astype(h.dtype)
         out_features = nn.Dense(x.shape[-1] - POSITION_DIMS, dtype=self.dtype, kernel_init=_zeros,

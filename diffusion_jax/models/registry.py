@@ -178,7 +178,7 @@ def _build_egnn(group, example_shape, common):
     del example_shape
     return EGNN(hidden=group.hidden, depth=group.depth, normalization=group.normalization,
                 coordinate_range=group.coordinate_range, num_classes=common["num_classes"],
-                noise_scale=common["noise_scale"], dtype=common["dtype"])
+                noise_scale=common["noise_scale"], remat=common["remat"], dtype=common["dtype"])
 
 
 def _build_point_transformer(group, example_shape, common):
