@@ -150,6 +150,21 @@ def _smiles(Chem, mol) -> Optional[str]:
     return Chem.MolToSmiles(largest)
 
 
+def _connected(bond_matrix) -> bool:
+    """Whether the bonds join all atoms into one molecule (one fragment)."""
+    n = len(bond_matrix)
+    if n == 0:
+        return False
+    reached, frontier = {0}, [0]
+    while frontier:
+        i = frontier.pop()
+        for j in np.flatnonzero(bond_matrix[i]):
+            if int(j) not in reached:
+                reached.add(int(j))
+                frontier.append(int(j))
+    return len(reached) == n
+
+
 def molecule_smiles(symbols: Sequence[str], positions) -> Optional[str]:
     """A molecule's canonical SMILES (largest fragment, bonds inferred), or None if invalid."""
     from rdkit import rdBase
@@ -167,15 +182,18 @@ def evaluate(molecules: Sequence, reference_smiles: Optional[Sequence[str]] = No
     molecules whose atoms are all stable), ``validity`` (the share RDKit sanitizes),
     ``uniqueness`` (distinct SMILES / valid molecules), ``num_molecules`` and ``mean_atoms``;
     given ``reference_smiles`` (the training set's canonical SMILES, without stereochemistry),
-    also ``novelty``: the share of the distinct valid SMILES not among them. A molecule without
-    atoms counts as neither stable nor valid.
+    also ``novelty``: the share of the distinct valid SMILES not among them. Beyond EDM's
+    metrics, ``connected`` is the share of molecules whose bonds join all their atoms, and
+    ``valid_and_connected`` the share that are both: validity alone counts a cloud of unbonded
+    atoms as valid (its largest fragment, one atom, sanitizes). A molecule without atoms counts
+    as neither stable, valid nor connected.
     """
     from rdkit import rdBase
 
     Chem = _rdkit()
     if not len(molecules):
         raise ValueError("evaluate needs at least one molecule")
-    atoms = stable_atoms = stable_molecules = 0
+    atoms = stable_atoms = stable_molecules = valid_connected = connected = 0
     smiles = []
     with rdBase.BlockLogs():  # RDKit would log every failed sanitization on stderr
         for symbols, positions in molecules:
@@ -184,14 +202,19 @@ def evaluate(molecules: Sequence, reference_smiles: Optional[Sequence[str]] = No
             atoms, stable_atoms = atoms + len(symbols), stable_atoms + stable
             stable_molecules += bool(len(symbols)) and stable == len(symbols)
             found = _smiles(Chem, to_rdkit(symbols, positions, bond_matrix)) if symbols else None
+            whole = bool(len(symbols)) and _connected(bond_matrix)
+            connected += whole
             if found is not None:
                 smiles.append(found)
+                valid_connected += whole
     distinct = set(smiles)
     result = {
         "atom_stability": stable_atoms / max(atoms, 1),
         "molecule_stability": stable_molecules / len(molecules),
         "validity": len(smiles) / len(molecules),
         "uniqueness": len(distinct) / len(smiles) if smiles else 0.0,
+        "connected": connected / len(molecules),
+        "valid_and_connected": valid_connected / len(molecules),
         "num_molecules": len(molecules),
         "mean_atoms": atoms / len(molecules),
     }

@@ -205,6 +205,7 @@ def evaluate_sets(config, workdir: str, *, log: Callable[[str], None] = print,
         log(f"guidance {scale:g}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                   if isinstance(v, float)))
     results = {"step": int(step), "kind": kind, "num_samples": num,
+               "conditional": num_classes is not None,
                "sampler": {"method": s.method, "num_steps": s.num_steps, "grid": s.grid,
                            "use_ema": s.use_ema},
                "scales": per_scale, "real": real,
@@ -221,16 +222,18 @@ def evaluate_sets(config, workdir: str, *, log: Callable[[str], None] = print,
 
 
 def format_table(results: dict) -> str:
-    """One row per guidance scale, then the real held-out data's row."""
+    """One row per guidance scale (one "-" row for an unconditional run), then the real row."""
     rows = results["scales"] + [{"guidance_scale": "real", **results["real"]}]
-    names = [k for k, v in results["real"].items() if isinstance(v, float)]
+    names = list(dict.fromkeys(k for row in rows for k, v in row.items()
+                               if isinstance(v, float) and k != "guidance_scale"))
     sampler = results["sampler"]
     lines = [f"{results['kind']} of step {results['step']}: {sampler['method']}, "
              f"{sampler['num_steps']} steps, {results['num_samples']} samples per row",
              f"{'guidance':>9} " + " ".join(f"{n:>18}" for n in names)]
     for row in rows:
         scale = row["guidance_scale"]
-        label = scale if isinstance(scale, str) else f"{scale:g}"
+        label = (scale if isinstance(scale, str) else
+                 f"{scale:g}" if results["conditional"] else "-")
         lines.append(f"{label:>9} " + " ".join(
             f"{row[n]:>18.4f}" if isinstance(row.get(n), float) else f"{'-':>18}"
             for n in names))

@@ -196,3 +196,14 @@ def test_random_points_score_low(conformers):
     assert result["atom_stability"] < 0.4 and result["molecule_stability"] < 0.05
     assert result["validity"] < 0.4
     assert molecule_eval.BOND_MARGINS == (10, 5, 3)
+
+
+def test_connected_tells_one_molecule_from_scattered_atoms():
+    pytest.importorskip("rdkit")
+    water = (["O", "H", "H"], np.array([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], float))
+    apart = (["O", "H", "H"], np.array([[0, 0, 0], [5.0, 0, 0], [-5.0, 0, 0]], float))
+    result = molecule_eval.evaluate([water, apart])
+    # Validity forgives the scattered atoms (the largest fragment, one O, sanitizes) ...
+    assert result["validity"] == 1.0
+    # ... connectedness does not.
+    assert result["connected"] == 0.5 and result["valid_and_connected"] == 0.5
