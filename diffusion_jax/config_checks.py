@@ -155,7 +155,8 @@ def check_sets(given: dict, kind: str, set_family: bool) -> None:
         raise ConfigError(f"config.data.elements={given['data.elements']!r} must name each "
                           "element once by its symbol, comma separated (e.g. 'H,C,N,O,F')"
                           + (f"; {', '.join(map(repr, unknown))} is not one" if unknown else ""))
-    if given["data.name"] == "molecules" and given["data.max_heavy_atoms"] > given["data.max_atoms"]:
+    heavy, atoms = given["data.max_heavy_atoms"], given["data.max_atoms"]
+    if given["data.name"] == "molecules" and heavy > atoms:
         raise ConfigError(f"config.data.max_heavy_atoms={given['data.max_heavy_atoms']} is more "
                           f"than config.data.max_atoms={given['data.max_atoms']} (all atoms, "
                           "hydrogens included)")

@@ -487,8 +487,8 @@ def build_model(model_config, example_shape, num_classes=None) -> Any:
             raise ConfigError(f"config.model.{key} must be >= 0 (0 = off), got "
                               f"{model_config[key]!r}")
     if not family.takes(len(example_shape)):
-        fitting = tuple(f.name for f in registry.FAMILIES.values()
-                        if f.takes(len(example_shape)))
+        fitting = tuple(f.name for f in registry.FAMILIES.values()  # (sets: check_sets)
+                        if f.takes(len(example_shape)) and not f.sets)
         kinds = {1: "vectors", 2: "signals [length, channels]", 3: "images",
                  4: "videos [frames, height, width, channels]"}
         wanted = " or ".join(kinds[r] for r in sorted(kinds) if family.takes(r))

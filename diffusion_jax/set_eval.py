@@ -151,8 +151,9 @@ def _real_row(config, kind, test, num, reference, classify) -> dict:
 
 
 def _sizes(config, kind, test) -> int:
-    """Samples per row: ``evaluation.num_samples`` (point clouds: at most half the held-out
-    shapes, the other half being the real row)."""
+    """Samples per row: ``evaluation.num_samples`` (point clouds: half the held-out at most).
+
+    The other half of the held-out shapes is the point clouds' real row."""
     num = config.evaluation.num_samples
     if kind == "points":
         num = min(num, len(test) // 2)

@@ -191,7 +191,8 @@ def test_guidance_scales_are_checked_before_anything_loads(tmp_path):
     other = tiny.get_config()
     other.evaluation.guidance_scales = (1.0, 2.0)
     with pytest.raises(configuration.ConfigError,
-                       match=r"data.name in \('captions', 'tones', 'moving_shapes'\)"):
+                       match=r"data.name in \('captions', 'tones', 'moving_shapes', "
+                             r"'shape_points', 'molecules', 'molecule_folder'\)"):
         evaluate.evaluate(other, str(tmp_path))
 
 
