@@ -1,21 +1,26 @@
-"""The files and pictures of generated point clouds and molecules.
+"""The files and pictures of generated point clouds and molecules; .xyz and .sdf writers.
 
 A point cloud is written as a PLY file; a molecule as an XYZ file, and all of a batch's molecules
 as one SDF file whose bonds are those their interatomic distances give
 (:func:`~diffusion_jax.molecule_eval.bonds`). Either is drawn as a matplotlib 3-D scatter; a
 batch's drawings tile into one grid image, the ``--mode=sample`` grid and the training preview.
+Files are replaced only once whole (:func:`diffusion_jax.files.atomic_write`).
 """
 
 from __future__ import annotations
 
+import io
+from typing import Optional, Sequence
+
 import numpy as np
 
-from diffusion_jax import molecule_eval, point_eval
+from diffusion_jax import files, molecule_eval, point_eval
 from diffusion_jax.config_checks import comma_list
-from diffusion_jax.data import molecule_files
+from diffusion_jax.data.molecule_files import rdkit_chem
 from diffusion_jax.data.molecules import decode
 
-__all__ = ["present", "molecules_of", "render_sets", "write_sets"]
+__all__ = ["present", "molecules_of", "render_sets", "write_sets", "write_xyz",
+           "write_xyz_frames", "write_sdf"]
 
 _RENDER_SIZE = 128
 _RENDER_LIMIT = 64  # the most sets one grid draws
@@ -82,10 +87,73 @@ def write_sets(stem: str, samples, config) -> list:
     molecules = molecules_of(samples, config)
     mols = []
     for i, (symbols, positions) in enumerate(molecules):
-        molecule_files.write_xyz(f"{stem}_{i:03d}.xyz", symbols, positions,
+        write_xyz(f"{stem}_{i:03d}.xyz", symbols, positions,
                                  comment=f"generated sample {i}")
         written.append(f"{stem}_{i:03d}.xyz")
         mols.append(molecule_eval.to_rdkit(symbols, positions,
                                            molecule_eval.bonds(symbols, positions)))
-    molecule_files.write_sdf(stem + ".sdf", mols)
+    write_sdf(stem + ".sdf", mols)
     return written + [stem + ".sdf"]
+
+
+def _checked(symbols: Sequence[str], positions) -> tuple:
+    """``(symbols list, positions float64 [n, 3])``, or a ValueError when they do not match."""
+    positions = np.asarray(positions, np.float64)
+    symbols = [str(s) for s in symbols]
+    if positions.ndim != 2 or positions.shape[1] != 3 or len(positions) != len(symbols):
+        raise ValueError(f"a molecule needs positions of shape [atoms, 3] and one symbol per atom, "
+                         f"got positions {positions.shape} and {len(symbols)} symbols")
+    return symbols, positions
+
+
+def write_xyz_frames(path: str, molecules: Sequence, comments: Optional[Sequence] = None) -> None:
+    """Write ``molecules`` (each ``(symbols, positions)``) into one .xyz file, one after another.
+
+    ``comments`` gives each molecule's comment line (line breaks become spaces).
+    """
+    molecules = [_checked(symbols, positions) for symbols, positions in molecules]
+    comments = [""] * len(molecules) if comments is None else list(comments)
+    if len(comments) != len(molecules):
+        raise ValueError(f"{len(molecules)} molecules but {len(comments)} comments")
+
+    lines = []
+    for (symbols, positions), comment in zip(molecules, comments):
+        lines += [str(len(symbols)), " ".join(str(comment).splitlines())]
+        lines += [f"{symbol:<2} {x:15.8f} {y:15.8f} {z:15.8f}"
+                  for symbol, (x, y, z) in zip(symbols, positions)]
+    _write_text(path, "".join(line + "\n" for line in lines))
+
+
+def write_xyz(path: str, symbols: Sequence[str], positions, comment: str = "") -> None:
+    """Write one molecule (element symbols, positions [n, 3] in Ångström) as an .xyz file."""
+    write_xyz_frames(path, [(symbols, positions)], [comment])
+
+
+def write_sdf(path: str, molecules: Sequence) -> None:
+    """Write RDKit molecules (each with a conformer) into an .sdf file, one record each.
+
+    Molecules are written as they are, without sanitizing or kekulizing them, so that molecules
+    whose inferred bonds break the valence rules are written too (their name is the ``_Name``
+    property when they have one).
+    """
+    Chem = rdkit_chem("writing .sdf files")
+    buffer = io.StringIO()
+    writer = Chem.SDWriter(buffer)
+    writer.SetKekulize(False)
+    for index, mol in enumerate(molecules):
+        if mol.GetNumConformers() == 0:
+            raise ValueError(f"molecule {index} has no conformer: an .sdf record needs positions")
+        copy = Chem.Mol(mol)
+        copy.UpdatePropertyCache(strict=False)  # implicit hydrogens, without valence checks
+        writer.write(copy)
+    writer.close()
+    _write_text(path, buffer.getvalue())
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` as UTF-8 with Unix line ends, atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+    files.atomic_write(path, write)

@@ -15,9 +15,6 @@ from diffusion_jax.data.molecule_files import (
     read_molecules,
     read_sdf,
     read_xyz,
-    write_sdf,
-    write_xyz,
-    write_xyz_frames,
 )
 from diffusion_jax.data.molecules import (
     MoleculeFolder,
@@ -27,6 +24,7 @@ from diffusion_jax.data.molecules import (
     random_rotation,
 )
 from diffusion_jax.data.smiles import SMILES
+from diffusion_jax.set_files import write_sdf, write_xyz, write_xyz_frames
 from diffusion_jax.data.sources import DataError
 
 WATER = (["O", "H", "H"], np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692],

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import configuration, generate, modalities, run, samplers, set_eval, train
+from diffusion_jax import configuration, generate, modalities, run, samplers, set_eval, set_files
+from diffusion_jax import train
 from diffusion_jax.data import molecule_files
 from diffusion_jax.data.molecules import SmilesMolecules
 
@@ -146,8 +147,8 @@ def test_a_folder_of_molecules_trains_and_skips_unreadable_files(tmp_path, capsy
     methane = (["C", "H", "H", "H", "H"], np.array(
         [[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],
          [0.63, -0.63, -0.63]], float))
-    molecule_files.write_xyz(str(folder / "water.xyz"), *water)
-    molecule_files.write_xyz(str(folder / "methane.xyz"), *methane)
+    set_files.write_xyz(str(folder / "water.xyz"), *water)
+    set_files.write_xyz(str(folder / "methane.xyz"), *methane)
     (folder / "broken.xyz").write_text("3\nno atoms follow\nO 0 0\n")
     (folder / "argon.xyz").write_text("1\nan element the model lacks\nAr 0 0 0\n")
     config = molecule_config()

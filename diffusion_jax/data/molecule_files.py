@@ -1,4 +1,4 @@
-"""Molecule files: reading and writing .xyz and .sdf files of 3-D molecules.
+"""Molecule files: reading .xyz and .sdf files of 3-D molecules.
 
 A molecule is read as ``(symbols, positions)``: a list of element symbols ("C", "Cl", ...) and
 float64 positions ``[n, 3]`` in Ångström, hydrogens included as the file has them.
@@ -13,25 +13,22 @@ by record, without sanitizing, so that every record written with coordinates is 
 A damaged file raises :class:`~diffusion_jax.data.sources.DataError` naming the file and the
 line (or record) where reading stopped.
 
-The writers replace a file only once it is whole: they write a temporary file in the same
-folder and rename it. RDKit is an optional dependency, needed for .sdf files only.
+The writers of these files are in :mod:`diffusion_jax.set_files`. RDKit is an optional
+dependency, needed for .sdf files only.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from diffusion_jax.data.sources import DataError
 
 __all__ = ["ATOMIC_NUMBERS", "ELEMENTS", "MOLECULE_EXTENSIONS", "RDKIT_INSTALL", "element_symbol",
-           "rdkit_chem", "read_molecules", "read_sdf", "read_xyz", "write_sdf", "write_xyz",
-           "write_xyz_frames"]
+           "rdkit_chem", "read_molecules", "read_sdf", "read_xyz"]
 
 ELEMENTS = ("H", "C", "N", "O", "F")
 _SYMBOLS = (
@@ -177,72 +174,3 @@ def read_molecules(path: str) -> list:
     if extension == ".sdf":
         return read_sdf(path)
     raise DataError(f"{path} is not a molecule file: its name must end in .xyz or .sdf")
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-    """Call ``write(text file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".molecules-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _checked(symbols: Sequence[str], positions) -> tuple:
-    """``(symbols list, positions float64 [n, 3])``, or a ValueError when they do not match."""
-    positions = np.asarray(positions, np.float64)
-    symbols = [str(s) for s in symbols]
-    if positions.ndim != 2 or positions.shape[1] != 3 or len(positions) != len(symbols):
-        raise ValueError(f"a molecule needs positions of shape [atoms, 3] and one symbol per atom, "
-                         f"got positions {positions.shape} and {len(symbols)} symbols")
-    return symbols, positions
-
-
-def write_xyz_frames(path: str, molecules: Sequence, comments: Optional[Sequence] = None) -> None:
-    """Write ``molecules`` (each ``(symbols, positions)``) into one .xyz file, one after another.
-
-    ``comments`` gives each molecule's comment line (line breaks become spaces).
-    """
-    molecules = [_checked(symbols, positions) for symbols, positions in molecules]
-    comments = [""] * len(molecules) if comments is None else list(comments)
-    if len(comments) != len(molecules):
-        raise ValueError(f"{len(molecules)} molecules but {len(comments)} comments")
-
-    def write(f):
-        for (symbols, positions), comment in zip(molecules, comments):
-            f.write(f"{len(symbols)}\n{' '.join(str(comment).splitlines())}\n")
-            for symbol, (x, y, z) in zip(symbols, positions):
-                f.write(f"{symbol:<2} {x:15.8f} {y:15.8f} {z:15.8f}\n")
-
-    _atomic_write(path, write)
-
-
-def write_xyz(path: str, symbols: Sequence[str], positions, comment: str = "") -> None:
-    """Write one molecule (element symbols, positions [n, 3] in Ångström) as an .xyz file."""
-    write_xyz_frames(path, [(symbols, positions)], [comment])
-
-
-def write_sdf(path: str, molecules: Sequence) -> None:
-    """Write RDKit molecules (each with a conformer) into an .sdf file, one record each.
-
-    Molecules are written as they are, without sanitizing or kekulizing them, so that molecules
-    whose inferred bonds break the valence rules are written too (their name is the ``_Name``
-    property when they have one).
-    """
-    Chem = rdkit_chem("writing .sdf files")
-    buffer = io.StringIO()
-    writer = Chem.SDWriter(buffer)
-    writer.SetKekulize(False)
-    for index, mol in enumerate(molecules):
-        if mol.GetNumConformers() == 0:
-            raise ValueError(f"molecule {index} has no conformer: an .sdf record needs positions")
-        copy = Chem.Mol(mol)
-        copy.UpdatePropertyCache(strict=False)  # implicit hydrogens, without valence checks
-        writer.write(copy)
-    writer.close()
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
