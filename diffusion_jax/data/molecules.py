@@ -31,6 +31,7 @@ from diffusion_jax.data.molecule_files import (
     rdkit_chem,
     read_molecules,
 )
+from diffusion_jax.data.points import random_rotation  # (the same draw for shapes and molecules)
 from diffusion_jax.data.smiles import SMILES
 from diffusion_jax.data.sources import DataError, _rng
 
@@ -80,16 +81,6 @@ def _check_fits(symbols: Sequence[str], elements: tuple, max_atoms: int,
         raise DataError(f"{prefix}the molecule has {', '.join(foreign)} atoms, outside the atom "
                         f"types config.data.elements={elements!r}: add {', '.join(foreign)} to "
                         "config.data.elements, or leave the molecules holding them out")
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random proper rotation matrix float64 [3, 3], from a random unit quaternion."""
-    quaternion = rng.standard_normal(4)  # uniform on the unit sphere once normalised
-    w, x, y, z = quaternion / np.linalg.norm(quaternion)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
 def encode(symbols: Sequence[str], positions, elements: Sequence[str], max_atoms: int,
