@@ -135,12 +135,12 @@ def check_controlnet(given: dict) -> None:
                           "config.latent.precomputed=False")
 
 
-def check_sets(given: dict, kind: str, set_family: bool) -> None:
+def check_sets(given: dict, kind: str, sets: bool, set_family: bool) -> None:
     """Sets of points (point clouds, molecules) and the set networks go together, and only so.
 
-    ``kind`` is what the data's examples are; ``set_family`` whether ``model.name`` is a
+    ``kind`` is what the data's examples are and ``sets`` whether they are sets of 3-D points
+    (:data:`diffusion_jax.modalities.SET_KINDS`); ``set_family`` whether ``model.name`` is a
     family of set networks (``egnn``, ``point_transformer``)."""
-    sets = kind in ("points", "molecules")
     if sets and not set_family:
         raise ConfigError(f"data.name={given['data.name']!r} gives sets of 3-D points; its "
                           "denoiser must be a set network: config.model.name='egnn' (E(3)-"

@@ -406,7 +406,8 @@ def _check_combinations(given):
                               f"{tuple(_CHOICES[key][:-1])}")
     text = text or bool(given["pretrained.path"])
     check_editing(given, _kind_of(given["data.name"]))
-    check_sets(given, _kind_of(given["data.name"]), registry.get(given["model.name"]).sets)
+    kind = _kind_of(given["data.name"])
+    check_sets(given, kind, kind in modalities.SET_KINDS, registry.get(given["model.name"]).sets)
     check_lora(given)
     check_controlnet(given)
     if (given["sampling.prompt"] or given["sampling.negative_prompt"]) and not text:

@@ -31,7 +31,7 @@ import optax
 from diffusion_jax import audio_eval, classifier_store, configuration, controlnet_runs, data, files
 from diffusion_jax import generate, likelihood
 from diffusion_jax import latent, metrics, models, parallel, parameterization, prompt_eval, run
-from diffusion_jax import modalities, set_eval, train_state, video_eval, writers
+from diffusion_jax import modalities, set_eval, set_runs, train_state, video_eval, writers
 from diffusion_jax.classifier_store import EvaluationError
 from diffusion_jax.models import inception
 
@@ -265,7 +265,7 @@ def _data_specific_evaluation(config, workdir, log, step) -> Optional[dict]:
     if config.data.name == "moving_shapes":  # motion and attributes per guidance scale
         return video_eval.evaluate_video(config, workdir, video_eval.load_judge(config, workdir),
                                          log=log, step=step)
-    if modalities.KINDS.get(config.data.name) in ("points", "molecules"):  # distances, RDKit
+    if set_runs.is_set_data(config):  # set distances and the shape judge, or RDKit
         return set_eval.evaluate_sets(config, workdir, log=log, step=step)
     return None
 

@@ -31,10 +31,11 @@ from diffusion_jax.data.molecules import MoleculeFolder, SmilesMolecules
 from diffusion_jax.data.points import ShapePoints
 from diffusion_jax.data.video import MovingShapes, VideoFolder
 
-__all__ = ["MODALITIES", "modality", "preview", "write_samples", "CaptionsOnly", "SOURCES",
+__all__ = ["MODALITIES", "SET_KINDS", "modality", "preview", "write_samples", "CaptionsOnly", "SOURCES",
            "KINDS", "TEXT_SOURCES"]
 
 MODALITIES = {1: "vector", 2: "audio", 3: "image", 4: "video"}
+SET_KINDS = ("points", "molecules")  # the kinds of data that are sets of 3-D points
 
 
 def modality(example_shape, config=None) -> str:
@@ -42,7 +43,7 @@ def modality(example_shape, config=None) -> str:
 
     With a ``config`` whose data are sets of points, "points" or "molecules" (the rank of
     sets, [members, 3 + features], is that of audio)."""
-    if config is not None and KINDS.get(config.data.name) in ("points", "molecules"):
+    if config is not None and KINDS.get(config.data.name) in SET_KINDS:
         return KINDS[config.data.name]
     return MODALITIES.get(len(example_shape), "vector")
 
@@ -54,7 +55,7 @@ def preview(samples, config):
     frames per clip; point clouds and molecules a grid of 3-D scatter renders."""
     samples = np.asarray(samples, np.float32)
     kind = modality(samples.shape[1:], config)
-    if kind in ("points", "molecules"):
+    if kind in SET_KINDS:
         return set_files.render_sets(samples, config)
     if kind == "image":
         return files.make_grid(samples)
@@ -77,7 +78,7 @@ def write_samples(stem: str, samples, config) -> list:
     samples = np.asarray(samples, np.float32)
     kind = modality(samples.shape[1:], config)
     written = []
-    if kind in ("points", "molecules"):
+    if kind in SET_KINDS:
         written = set_files.write_sets(stem, samples, config)
     if kind == "audio":
         for i, wave in enumerate(samples):

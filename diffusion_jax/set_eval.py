@@ -180,7 +180,7 @@ def evaluate_sets(config, workdir: str, *, log: Callable[[str], None] = print,
     configuration.validate(config)
     s = config.sampling
     kind = modalities.KINDS.get(config.data.name)
-    if kind not in ("points", "molecules"):
+    if kind not in modalities.SET_KINDS:
         raise configuration.ConfigError(f"evaluate_sets measures point clouds and molecules; "
                                         f"data.name={config.data.name!r} is {kind or 'image'}")
     test = configuration.build_source(config.data, split="test")

@@ -32,7 +32,7 @@ from diffusion_jax.models.egnn import center_positions
 __all__ = ["SET_KINDS", "is_set_data", "has_masks", "loss_options", "project",
            "member_counts", "SetSampling"]
 
-SET_KINDS = ("points", "molecules")
+SET_KINDS = modalities.SET_KINDS
 MASK_KEY = "node_mask"
 
 
